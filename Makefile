@@ -1,0 +1,34 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+DEMO_OUT ?= results/data/demo
+
+.PHONY: venv test test-fast demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/pytest
+
+test-fast: $(STAMP)
+	$(BIN)/pytest -m "not slow and not cluster"
+
+demo: $(STAMP)
+	$(BIN)/evpretrain data build-demo --config config.yaml --out $(DEMO_OUT)
+	$(BIN)/evpretrain data info $(DEMO_OUT)/train.h5
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_voxel_grid.py
+	$(BIN)/python bench/bench_simulator.py
+	$(BIN)/python bench/bench_store.py
+
+clean:
+	rm -rf results .snakemake

@@ -1,0 +1,156 @@
+"""The ``evpretrain`` command line: thin wrappers that read the config, call the package, write to explicit paths.
+
+Heavy modules (torch, numba, h5py) are imported inside each command so that ``evpretrain --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _cmd_build_demo(args: argparse.Namespace) -> int:
+    from evpretrain.config import from_mapping, load_yaml, section
+    from evpretrain.data.demo import DemoConfig, build_demo
+
+    config = from_mapping(DemoConfig, section(load_yaml(args.config), "data.demo"), "data.demo")
+    written = build_demo(config, args.out, workers=args.workers, progress=not args.quiet)
+    for split, path in written.items():
+        print(f"{split}: {path}")
+    return 0
+
+
+def _cmd_build_ef(args: argparse.Namespace) -> int:
+    from evpretrain.config import from_mapping, load_yaml, section
+    from evpretrain.data.ef import EFConfig, build_ef
+
+    config = from_mapping(EFConfig, section(load_yaml(args.config), "data.ef"), "data.ef")
+    path = build_ef(config, args.images, args.out, workers=args.workers, progress=not args.quiet)
+    print(path)
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from evpretrain.data.info import describe_events, describe_store, format_description, is_store
+
+    for path in args.files:
+        if is_store(path):
+            from evpretrain.data.store import EventStore
+
+            with EventStore(path) as store:
+                description = describe_store(store)
+                if args.verify:
+                    store.verify()
+                    description["checksum"] = "verified"
+        else:
+            from evpretrain.events.readers import read_recording
+
+            recording = read_recording(path, format=args.format)
+            description = describe_events(recording.events, recording.sensor_size)
+            description["metadata"] = recording.metadata
+        print(json.dumps({str(path): description}, default=str) if args.json else format_description(path, description))
+    return 0
+
+
+def _cmd_formats(args: argparse.Namespace) -> int:
+    from evpretrain.events.readers import supported_formats
+
+    for name, text in supported_formats().items():
+        print(f"{name:14s} {text}")
+    return 0
+
+
+def _cmd_datasets(args: argparse.Namespace) -> int:
+    from evpretrain.data.registry import load_registry
+
+    for name, entry in load_registry().items():
+        print(f"{name:16s} {entry.task:15s} {entry.title}")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from evpretrain.data.registry import load_registry, verify_dataset
+
+    report = verify_dataset(load_registry()[args.dataset] if args.dataset in load_registry() else args.dataset, args.root, checksums=args.checksums)
+    print(report.format())
+    return 0 if report.ok else 1
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from evpretrain.data.registry import convert_dataset, load_registry
+
+    registry = load_registry()
+    if args.dataset not in registry:
+        raise SystemExit(f"evpretrain: unknown dataset {args.dataset!r}; known: {', '.join(registry)}")
+    for path in convert_dataset(registry[args.dataset], args.root, args.out, workers=args.workers, progress=not args.quiet):
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evpretrain", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="group", required=True)
+
+    data = commands.add_parser("data", help="build, inspect, verify and convert event datasets")
+    sub = data.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("build-demo", help="build the embedded demo study's stores (nothing downloaded)")
+    p.add_argument("--config", required=True, type=Path, help="study config (YAML) with a data.demo section")
+    p.add_argument("--out", required=True, type=Path, help="output folder: {train,val,test}.h5")
+    p.add_argument("--workers", type=int, help="processes (default: the cores this process may use)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_build_demo)
+
+    p = sub.add_parser("build-ef", help="EF-ImageNet recipe: an ImageNet-style image folder -> moving videos -> events")
+    p.add_argument("--config", required=True, type=Path, help="study config (YAML) with a data.ef section")
+    p.add_argument("--images", required=True, type=Path, help="image folder, one sub-folder a class")
+    p.add_argument("--out", required=True, type=Path, help="output store (.h5); shards are kept beside it until done")
+    p.add_argument("--workers", type=int, help="processes (default: the cores this process may use)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_build_ef)
+
+    p = sub.add_parser("info", help="what an event store or any readable event file holds")
+    p.add_argument("files", nargs="+", type=Path)
+    p.add_argument("--format", help="force a reader (see `evpretrain data formats`)")
+    p.add_argument("--verify", action="store_true", help="recompute a store's content checksum")
+    p.add_argument("--json", action="store_true", help="one JSON object per file")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("formats", help="list the event file formats that can be read")
+    p.set_defaults(func=_cmd_formats)
+
+    p = sub.add_parser("datasets", help="list the datasets of the registry")
+    p.set_defaults(func=_cmd_datasets)
+
+    p = sub.add_parser("verify", help="check a local copy of a registry dataset; say precisely what is missing")
+    p.add_argument("--dataset", required=True, help="registry name (see `evpretrain data datasets`)")
+    p.add_argument("--root", required=True, type=Path, help="the dataset's local folder")
+    p.add_argument("--checksums", action="store_true", help="also hash the files that have a known checksum")
+    p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("convert", help="turn a verified local copy of a registry dataset into event stores")
+    p.add_argument("--dataset", required=True, help="registry name")
+    p.add_argument("--root", required=True, type=Path, help="the dataset's local folder")
+    p.add_argument("--out", required=True, type=Path, help="output folder: one store per split")
+    p.add_argument("--workers", type=int, help="processes (default: the cores this process may use)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from evpretrain.config import ConfigError
+    from evpretrain.events.contract import EventFormatError
+
+    try:
+        return args.func(args)
+    except (ConfigError, EventFormatError, FileNotFoundError) as err:
+        print(f"evpretrain: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

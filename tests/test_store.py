@@ -1,0 +1,115 @@
+import h5py
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from evpretrain.data.store import EventStore, EventStoreWriter, StoreCompression, StoreError
+from evpretrain.events.contract import EVENT_DTYPE, EventFormatError
+
+
+def random_events(rng, n, height=32, width=48):
+    ev = np.empty(n, EVENT_DTYPE)
+    ev["t"] = np.sort(rng.integers(0, 1_000_000, n))
+    ev["x"] = rng.integers(0, width, n)
+    ev["y"] = rng.integers(0, height, n)
+    ev["p"] = rng.choice(np.array([-1, 1], np.int8), n)
+    return ev
+
+
+def write_store(path, samples, **kwargs):
+    with EventStoreWriter(path, sensor_size=(32, 48), source="test", builder_config={"seed": 1}, **kwargs) as writer:
+        for s in samples:
+            writer.add_sample(**s)
+    return path
+
+
+@settings(max_examples=25, deadline=None)
+@given(counts=st.lists(st.integers(0, 300), min_size=1, max_size=8), flush=st.integers(1, 500), seed=st.integers(0, 99))
+def test_round_trip_every_sample(tmp_path_factory, counts, flush, seed):
+    rng = np.random.default_rng(seed)
+    samples = [
+        dict(
+            events=random_events(rng, n),
+            clean_events=random_events(rng, n // 2),
+            label=i % 3,
+            frames=rng.random((3, 32, 48), dtype=np.float32),
+            masks=rng.integers(0, 11, (32, 48), dtype=np.uint8),
+            name=f"s{i}",
+        )
+        for i, n in enumerate(counts)
+    ]
+    path = tmp_path_factory.mktemp("store") / "split.h5"
+    write_store(path, samples, flush_events=flush)
+    with EventStore(path) as store:
+        assert len(store) == len(samples)
+        assert store.sensor_size == (32, 48)
+        assert store.labels.tolist() == [s["label"] for s in samples]
+        assert store.names == [s["name"] for s in samples]
+        for i, s in enumerate(samples):
+            got = store.sample(i)
+            np.testing.assert_array_equal(got["events"], s["events"])
+            np.testing.assert_array_equal(got["clean_events"], s["clean_events"])
+            np.testing.assert_array_equal(got["frames"], s["frames"])
+            np.testing.assert_array_equal(got["masks"], s["masks"])
+        assert store.attrs["num_events"] == sum(counts)
+        assert store.attrs["builder_config"] == {"seed": 1}
+        store.verify()
+
+
+def test_checksum_detects_changed_content(tmp_path):
+    rng = np.random.default_rng(0)
+    path = write_store(tmp_path / "a.h5", [dict(events=random_events(rng, 100), label=1)])
+    EventStore(path).verify()
+    with h5py.File(path, "r+") as f:
+        f["events/x"][5] = (f["events/x"][5] + 1) % 48
+    with pytest.raises(StoreError, match="checksum mismatch"):
+        EventStore(path).verify()
+
+
+def test_same_content_same_checksum_whatever_the_flush_size(tmp_path):
+    rng = np.random.default_rng(3)
+    samples = [dict(events=random_events(rng, n)) for n in (10, 0, 77, 5)]
+    a = write_store(tmp_path / "a.h5", samples, flush_events=1)
+    b = write_store(tmp_path / "b.h5", samples, flush_events=10_000, compression=StoreCompression(events="gzip"))
+    assert EventStore(a).attrs["content_sha256"] == EventStore(b).attrs["content_sha256"]
+
+
+def test_failure_leaves_no_file_and_keeps_the_old_one(tmp_path):
+    rng = np.random.default_rng(0)
+    path = write_store(tmp_path / "split.h5", [dict(events=random_events(rng, 10))])
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError):
+        with EventStoreWriter(path, sensor_size=(32, 48), source="test") as writer:
+            writer.add_sample(random_events(rng, 10))
+            raise RuntimeError("builder crashed")
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["split.h5"]
+
+
+def test_inconsistent_fields_and_bad_events_are_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    with EventStoreWriter(tmp_path / "s.h5", sensor_size=(32, 48), source="test") as writer:
+        writer.add_sample(random_events(rng, 5), label=0)
+        with pytest.raises(StoreError, match="fields"):
+            writer.add_sample(random_events(rng, 5))
+        outside = random_events(rng, 5)
+        outside["x"][2] = 48
+        with pytest.raises(EventFormatError, match="x=48"):
+            writer.add_sample(outside, label=0)
+        with pytest.raises(StoreError, match="unknown dense field"):
+            writer.add_sample(random_events(rng, 5), label=0, video=np.zeros(3))
+
+
+def test_opening_a_foreign_file_names_it(tmp_path):
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["x"] = 1
+    with pytest.raises(StoreError, match="not an event store"):
+        EventStore(other)
+    text = tmp_path / "text.h5"
+    text.write_text("hello")
+    with pytest.raises(StoreError, match="text.h5.*cannot open"):
+        EventStore(text)
+    with pytest.raises(StoreError, match="no such event store"):
+        EventStore(tmp_path / "missing.h5")
