@@ -71,20 +71,18 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from evpretrain.data.registry import load_registry, verify_dataset
+    from evpretrain.data.registry import get_dataset, verify_dataset
 
-    report = verify_dataset(load_registry()[args.dataset] if args.dataset in load_registry() else args.dataset, args.root, checksums=args.checksums)
+    report = verify_dataset(get_dataset(args.dataset), args.root, checksums=args.checksums)
     print(report.format())
     return 0 if report.ok else 1
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from evpretrain.data.registry import convert_dataset, load_registry
+    from evpretrain.data.registry import convert_dataset, get_dataset
 
-    registry = load_registry()
-    if args.dataset not in registry:
-        raise SystemExit(f"evpretrain: unknown dataset {args.dataset!r}; known: {', '.join(registry)}")
-    for path in convert_dataset(registry[args.dataset], args.root, args.out, workers=args.workers, progress=not args.quiet):
+    entry = get_dataset(args.dataset)
+    for path in convert_dataset(entry, args.root, args.out, workers=args.workers, progress=not args.quiet):
         print(path)
     return 0
 

@@ -1,0 +1,20 @@
+# evpretrain: the experiment pipeline. `make demo` runs it on the embedded demo study (config.yaml);
+# `snakemake --profile workflow/profiles/slurm all` runs it on a cluster.
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+
+
+rule all:
+    input:
+        demo_stores(),

@@ -1,0 +1,208 @@
+"""The dataset registry (registry.yaml): what each paper dataset is, how to check a local copy, how to convert it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import yaml
+
+from evpretrain.config import ConfigError, from_mapping
+from evpretrain.data.store import EventStoreWriter
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """At least ``min`` paths under the root match ``glob`` (a trailing ``/`` matches folders only)."""
+
+    glob: str
+    min: int = 1
+
+
+@dataclass(frozen=True)
+class RandomSplit:
+    """Cut the files of split ``from`` into train/test at random, per class, with ``seed``."""
+
+    train: float
+    test: float
+    seed: int
+    # ``from`` is a Python keyword: the YAML key is mapped to ``source`` in ``DatasetEntry.from_yaml``.
+    source: str = "all"
+
+
+@dataclass(frozen=True)
+class Layout:
+    kind: Literal["class_folders", "sequences"]
+    splits: dict[str, str] = field(default_factory=dict)
+    exclude_classes: list[str] = field(default_factory=list)
+    random_split: RandomSplit | None = None
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    name: str
+    title: str
+    task: Literal["classification", "segmentation", "flow"]
+    format: str
+    sensor_size: tuple[int, int]
+    obtain: str
+    layout: Layout
+    expect: list[Expectation]
+    checksums: dict[str, str] = field(default_factory=dict)
+
+
+def load_registry(path: str | Path | None = None) -> dict[str, DatasetEntry]:
+    """Read and validate the registry (the packaged registry.yaml by default), keyed by dataset name."""
+    text = Path(path).read_text() if path else resources.files("evpretrain.data").joinpath("registry.yaml").read_text()
+    raw = yaml.safe_load(text)
+    entries = {}
+    for name, values in raw.items():
+        values = dict(values)
+        layout = dict(values.get("layout", {}))
+        if isinstance(layout.get("random_split"), dict):
+            split = dict(layout["random_split"])
+            if "from" in split:
+                split["source"] = split.pop("from")
+            layout["random_split"] = split
+        values["layout"] = layout
+        entries[name] = from_mapping(DatasetEntry, {"name": name, **values}, f"registry.{name}")
+    return entries
+
+
+def get_dataset(name: str, registry: dict[str, DatasetEntry] | None = None) -> DatasetEntry:
+    registry = registry or load_registry()
+    if name not in registry:
+        raise ConfigError(f"unknown dataset {name!r}; the registry has {sorted(registry)}")
+    return registry[name]
+
+
+@dataclass
+class VerifyReport:
+    """What ``verify_dataset`` found: one line per check, ``problems`` listing what is missing or wrong."""
+
+    dataset: str
+    root: Path
+    checks: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    obtain: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def format(self) -> str:
+        head = f"{self.dataset} at {self.root}: " + ("complete" if self.ok else f"{len(self.problems)} problem(s)")
+        lines = [head, *(f"  ok       {c}" for c in self.checks), *(f"  MISSING  {p}" for p in self.problems)]
+        if not self.ok:
+            lines.append(f"  how to obtain it: {self.obtain}")
+        return "\n".join(lines)
+
+
+def verify_dataset(entry: DatasetEntry, root: str | Path, *, checksums: bool = False) -> VerifyReport:
+    """Check a local copy against the registry's expectations; never raises for a missing or partial copy."""
+    root = Path(root)
+    report = VerifyReport(entry.name, root, obtain=entry.obtain)
+    if not root.is_dir():
+        report.problems.append(f"{root} does not exist or is not a folder")
+        return report
+    for expectation in entry.expect:
+        folders_only = expectation.glob.endswith("/")
+        matches = [p for p in root.glob(expectation.glob.rstrip("/")) if not folders_only or p.is_dir()]
+        line = f"{expectation.glob}: {len(matches)} found, at least {expectation.min} expected"
+        (report.checks if len(matches) >= expectation.min else report.problems).append(line)
+    for split, folder in entry.layout.splits.items():
+        if not (root / folder).is_dir():
+            report.problems.append(f"split {split!r}: folder {root / folder} is missing")
+    if checksums:
+        for relative, expected in entry.checksums.items():
+            path = root / relative
+            if not path.is_file():
+                report.problems.append(f"{relative}: file missing (has a published checksum)")
+                continue
+            actual = _sha256(path)
+            (report.checks if actual == expected else report.problems).append(
+                f"{relative}: sha256 {'matches' if actual == expected else f'{actual} != published {expected}'}"
+            )
+    return report
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def class_folder_splits(entry: DatasetEntry, root: str | Path) -> tuple[dict[str, list[tuple[Path, int]]], list[str]]:
+    """Files and labels per output split for a ``class_folders`` dataset, and the class names (sorted)."""
+    root = Path(root)
+    layout = entry.layout
+    per_split: dict[str, list[tuple[Path, str]]] = {}
+    for split, folder in layout.splits.items():
+        base = root / folder
+        classes = sorted(p.name for p in base.iterdir() if p.is_dir() and p.name not in layout.exclude_classes)
+        per_split[split] = [(f, c) for c in classes for f in sorted(p for p in (base / c).iterdir() if p.is_file())]
+    class_names = sorted({c for files in per_split.values() for _, c in files})
+    if layout.random_split is not None:
+        cut = layout.random_split
+        files = per_split.pop(cut.source)
+        rng = np.random.default_rng(cut.seed)
+        train, test = [], []
+        for name in class_names:  # per class, so that every class keeps the 80/20 proportion
+            members = [f for f in files if f[1] == name]
+            order = rng.permutation(len(members))
+            n_train = int(round(cut.train * len(members)))
+            train += [members[i] for i in sorted(order[:n_train])]
+            test += [members[i] for i in sorted(order[n_train:])]
+        per_split |= {"train": train, "test": test}
+    index = {c: i for i, c in enumerate(class_names)}
+    return {s: [(f, index[c]) for f, c in files] for s, files in per_split.items()}, class_names
+
+
+def _read(args: tuple[Path, str]) -> np.ndarray:
+    from evpretrain.events.readers import read_events
+
+    path, fmt = args
+    return read_events(path, format=None if fmt == "auto" else fmt)
+
+
+def convert_dataset(
+    entry: DatasetEntry, root: str | Path, out: str | Path, *, workers: int | None = None, progress: bool = True
+) -> list[Path]:
+    """Convert a verified ``class_folders`` dataset into ``out/<split>.h5`` stores; return their paths."""
+    from tqdm import tqdm
+
+    if entry.layout.kind != "class_folders":
+        raise ConfigError(
+            f"{entry.name}: a '{entry.layout.kind}' dataset is not converted as a whole; its recordings are read "
+            "by time window where they are used (readers: evpretrain.events.readers)"
+        )
+    report = verify_dataset(entry, root)
+    if not report.ok:
+        raise FileNotFoundError(report.format())
+    splits, class_names = class_folder_splits(entry, root)
+    written = []
+    workers = workers or len(os.sched_getaffinity(0))
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for split, files in splits.items():
+            path = Path(out) / f"{split}.h5"
+            with EventStoreWriter(
+                path,
+                sensor_size=tuple(entry.sensor_size),
+                source=f"{entry.title}; converted from {Path(root).resolve()}",
+                builder_config={"dataset": entry.name, "split": split},
+                attrs={"split": split, "class_names": class_names, "dataset": entry.name},
+            ) as writer:
+                jobs = ((f, entry.format) for f, _ in files)
+                events = pool.map(_read, jobs, chunksize=16)
+                for (file, label), ev in tqdm(zip(files, events), total=len(files), desc=f"{entry.name}/{split}", disable=not progress):
+                    writer.add_sample(ev, label=label, name=str(file.relative_to(root)))
+            written.append(path)
+    return written
