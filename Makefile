@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
-DEMO_OUT ?= results/data/demo
 
 .PHONY: venv test test-fast demo bench clean
 
@@ -22,8 +21,8 @@ test-fast: $(STAMP)
 	$(BIN)/pytest -m "not slow and not cluster"
 
 demo: $(STAMP)
-	$(BIN)/evpretrain data build-demo --config config.yaml --out $(DEMO_OUT)
-	$(BIN)/evpretrain data info $(DEMO_OUT)/train.h5
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores 2 all
+	$(BIN)/evpretrain data info results/data/demo/train.h5
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_voxel_grid.py

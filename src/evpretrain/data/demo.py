@@ -13,11 +13,13 @@ optical flow (2, H, W): (dx, dy) in pixels from the first to the last frame, at 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -208,9 +210,12 @@ def build_demo(config: DemoConfig, out_dir: str | Path, *, workers: int | None =
     total = sum(config.samples.values())
     written: dict[str, Path] = {}
     size = config.image_size
-    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(config,)) as pool, tqdm(
-        total=total, desc="build-demo", unit="sample", disable=not progress
-    ) as bar:
+    if workers == 1:  # in-process: no pool start-up, and a debugger or profiler sees the work
+        _init_worker(config)
+        pool = contextlib.nullcontext(SimpleNamespace(map=lambda fn, jobs, chunksize: map(fn, jobs)))
+    else:
+        pool = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(config,))
+    with pool as pool, tqdm(total=total, desc="build-demo", unit="sample", disable=not progress) as bar:
         for split in SPLITS:
             if config.samples.get(split, 0) == 0:
                 continue

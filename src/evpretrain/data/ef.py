@@ -160,13 +160,14 @@ def build_ef(config: EFConfig, images: str | Path, out: str | Path, *, workers: 
     workers = workers or len(os.sched_getaffinity(0))
     with tqdm(total=len(paths), initial=len(paths) - sum(len(paths[s : s + config.shard_size]) for s, _ in todo),
               desc="build-ef", unit="image", disable=not progress) as bar:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = [
-                pool.submit(_shard_job, config, paths[s : s + config.shard_size], labels[s : s + config.shard_size], s, p, classes)
-                for s, p in todo
-            ]
-            for future in as_completed(futures):
-                bar.update(future.result())
+        jobs = [(config, paths[s : s + config.shard_size], labels[s : s + config.shard_size], s, p, classes) for s, p in todo]
+        if workers == 1:  # in-process: no pool start-up, and a debugger or profiler sees the work
+            for job in jobs:
+                bar.update(_shard_job(*job))
+        else:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                for future in as_completed([pool.submit(_shard_job, *job) for job in jobs]):
+                    bar.update(future.result())
 
     with EventStoreWriter(
         out,

@@ -1,0 +1,139 @@
+"""The demo and EF-ImageNet builders: real images in, complete and deterministic stores out."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from evpretrain.data.demo import DemoConfig, build_demo, load_background, load_digits_split, render_sample
+from evpretrain.data.ef import EFConfig, build_ef, list_images
+from evpretrain.data.store import EventStore, StoreError
+
+SMALL_DEMO = DemoConfig(samples={"train": 6, "val": 2, "test": 2}, image_size=48, digit_size=20, num_frames=5)
+
+
+def test_render_sample_moves_digit_and_background_as_the_flow_says():
+    config = SMALL_DEMO
+    (images, labels) = load_digits_split(0)["train"]
+    background = load_background("brick", (0.05, 0.5))
+    sample = render_sample(images[0], int(labels[0]), background, config, np.random.default_rng(1))
+    assert sample.frames.shape == (5, 48, 48) and sample.frames.min() >= 0 and sample.frames.max() <= 1
+    assert sample.timestamps_us.tolist() == [round(n * 1e6 / 120) for n in range(5)]
+    assert set(np.unique(sample.mask)) == {0, int(labels[0]) + 1}
+    # Two motions: background pixels share one displacement, digit pixels another.
+    flows = {tuple(np.round(v, 4)) for v in sample.flow.reshape(2, -1).T}
+    assert len(flows) == 2
+    # Warping the first frame by the background flow reproduces the last frame away from the digit.
+    dx, dy = sample.flow[:, 0, 0]
+    from scipy import ndimage
+
+    warped = ndimage.shift(sample.frames[0], (dy, dx), order=1)
+    far = (ndimage.distance_transform_edt(sample.mask == 0) > 6) & (
+        ndimage.distance_transform_edt(np.ones_like(sample.mask)) > 0
+    )
+    far[:6] = far[-6:] = False
+    far[:, :6] = far[:, -6:] = False
+    assert np.abs(warped - sample.frames[-1])[far].mean() < 0.02
+
+
+def test_build_demo_is_complete_and_deterministic(tmp_path):
+    a = build_demo(SMALL_DEMO, tmp_path / "a", workers=2, progress=False)
+    b = build_demo(SMALL_DEMO, tmp_path / "b", workers=1, progress=False)
+    assert sorted(a) == ["test", "train", "val"]
+    for split in a:
+        with EventStore(a[split]) as sa, EventStore(b[split]) as sb:
+            assert sa.attrs["content_sha256"] == sb.attrs["content_sha256"]  # worker count does not matter
+            sa.verify()
+            assert len(sa) == SMALL_DEMO.samples[split]
+            assert set(sa.fields) >= {"labels", "clean_events", "frames", "diff_maps", "flow", "masks"}
+            s = sa.sample(0)
+            assert s["frames"].shape == (5, 48, 48) and s["diff_maps"].shape == (4, 48, 48)
+            assert s["flow"].shape == (2, 48, 48) and s["masks"].shape == (48, 48)
+            assert len(s["events"]) >= len(s["clean_events"]) > 0
+            assert sa.attrs["builder_config"]["samples"] == SMALL_DEMO.samples
+
+
+def test_demo_config_rejects_a_digit_that_cannot_fit():
+    with pytest.raises(ValueError, match="does not fit"):
+        replace(SMALL_DEMO, image_size=32, digit_size=24)
+
+
+def _image_folder(root, per_class=3):
+    import skimage.data
+
+    sources = {"cat": skimage.data.chelsea(), "coffee": skimage.data.coffee()}
+    for name, image in sources.items():
+        (root / name).mkdir(parents=True)
+        for k in range(per_class):
+            crop = image[k * 20 : k * 20 + 200, k * 30 : k * 30 + 260]
+            Image.fromarray(crop).save(root / name / f"{name}_{k}.png")
+    (root / "cat" / "notes.txt").write_text("not an image")
+    return root
+
+
+EF_SMALL = EFConfig(image_size=32, num_frames=4, shard_size=2, keep_frames=True)
+
+
+def test_build_ef_writes_labelled_samples_and_resumes(tmp_path):
+    images = _image_folder(tmp_path / "images")
+    paths, labels, classes = list_images(images)
+    assert classes == ["cat", "coffee"] and labels == [0, 0, 0, 1, 1, 1] and len(paths) == 6
+
+    first = build_ef(EF_SMALL, images, tmp_path / "a.h5", workers=2, progress=False)
+    with EventStore(first) as store:
+        store.verify()
+        assert len(store) == 6 and store.labels.tolist() == labels
+        assert store.names[0] == "cat/cat_0.png"
+        sample = store.sample(5)
+        assert sample["frames"].dtype == np.uint8 and sample["frames"].shape == (4, 32, 32)
+        assert sample["diff_maps"].dtype == np.float16 and len(sample["events"]) > 0
+        checksum = store.attrs["content_sha256"]
+    assert not (tmp_path / "a.h5.shards").exists()
+
+    # An interrupted build: a finished shard survives, a rerun builds the rest and gives the same store.
+    shards = tmp_path / "b.h5.shards"
+    import evpretrain.data.ef as ef
+
+    calls = []
+    real_job = ef._shard_job
+
+    def crash_after_first(*args):
+        if calls:
+            raise KeyboardInterrupt("cancelled")
+        calls.append(args)
+        return real_job(*args)
+
+    ef._shard_job = crash_after_first  # workers=1 runs shards in-process, so the patch applies
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            build_ef(EF_SMALL, images, tmp_path / "b.h5", workers=1, progress=False)
+    finally:
+        ef._shard_job = real_job
+    assert (shards / "shard-000000.h5").exists() and not (tmp_path / "b.h5").exists()
+    rebuilt = []
+    ef._shard_job = lambda *args: rebuilt.append(args[3]) or real_job(*args)
+    try:
+        build_ef(EF_SMALL, images, tmp_path / "b.h5", workers=1, progress=False)
+    finally:
+        ef._shard_job = real_job
+    assert rebuilt == [2, 4]  # the finished shard (first image 0) was not built again
+    with EventStore(tmp_path / "b.h5") as store:
+        assert store.attrs["content_sha256"] == checksum
+
+
+def test_build_ef_refuses_to_mix_shards_of_another_config(tmp_path):
+    images = _image_folder(tmp_path / "images", per_class=1)
+    shards = tmp_path / "c.h5.shards"
+    shards.mkdir()
+    (shards / "manifest.json").write_text('{"config": {}, "images": "x", "num_images": 2}')
+    with pytest.raises(StoreError, match="another config or image list"):
+        build_ef(EF_SMALL, images, tmp_path / "c.h5", workers=1, progress=False)
+
+
+def test_list_images_names_what_is_wrong(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        list_images(tmp_path / "none")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no class sub-folders"):
+        list_images(tmp_path / "empty")

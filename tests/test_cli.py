@@ -1,0 +1,74 @@
+"""The command line: explicit paths, clear errors, exit codes."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from evpretrain.cli import main
+from evpretrain.data.store import EventStoreWriter
+from evpretrain.events.contract import make_events
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+
+
+def test_help_starts_without_heavy_imports():
+    code = "import sys; from evpretrain.cli import build_parser; build_parser(); print(sorted(m for m in ('torch', 'numba', 'h5py', 'mlflow') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_info_describes_a_store(tmp_path, capsys):
+    path = tmp_path / "s.h5"
+    with EventStoreWriter(path, sensor_size=(10, 20), source="test") as writer:
+        writer.add_sample(make_events([0, 500, 1000], [1, 2, 3], [4, 5, 6], [1, 0, 1]), label=3)
+        writer.add_sample(make_events([7], [0], [0], [0]), label=1)
+    assert main(["data", "info", str(path), "--json", "--verify"]) == 0
+    info = json.loads(capsys.readouterr().out)[str(path)]
+    assert info["samples"] == 2 and info["events"] == 4 and info["sensor_size"] == [10, 20]
+    assert info["label_counts"] == {"1": 1, "3": 1} and info["checksum"] == "verified"
+    assert info["on_fraction"] == pytest.approx(0.5)
+
+
+@pytest.mark.skipif(not REAL.is_dir(), reason="../shared/data/real (real recordings) is absent in this checkout")
+def test_info_describes_a_real_recording(capsys):
+    assert main(["data", "info", str(REAL / "gen4.dat"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)[str(REAL / "gen4.dat")]
+    assert info["events"] == 1_218_618 and info["sensor_size"] == [720, 1280]
+    assert info["on_fraction"] == pytest.approx(0.454, abs=1e-3)
+    assert info["span_s"] == pytest.approx(10.768, abs=1e-3)
+
+
+def test_config_errors_exit_2_and_name_the_key(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("data:\n  demo:\n    samples: {train: 2}\n    image_sise: 32\n")
+    assert main(["data", "build-demo", "--config", str(config), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "data.demo: unknown key(s) ['image_sise']" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_file_exits_2_naming_it(tmp_path, capsys):
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(40))
+    assert main(["data", "info", str(bad)]) == 2
+    assert "bad.h5" in capsys.readouterr().err
+
+
+def test_verify_lists_what_is_missing(tmp_path, capsys):
+    (tmp_path / "Train" / "0").mkdir(parents=True)
+    assert main(["data", "verify", "--dataset", "n-mnist", "--root", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "Train/*/*.bin: 0 found, at least 60000 expected" in out
+    assert "split 'test': folder" in out and "how to obtain it" in out
+    assert main(["data", "verify", "--dataset", "n-nothing", "--root", str(tmp_path)]) == 2
+    assert "unknown dataset 'n-nothing'" in capsys.readouterr().err
+
+
+def test_datasets_lists_the_registry(capsys):
+    assert main(["data", "datasets"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert {"n-caltech101", "n-cars", "n-imagenet", "cifar10-dvs", "es-imagenet", "dsec-semantic", "ddd17", "mvsec"} <= set(names)
