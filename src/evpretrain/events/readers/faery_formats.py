@@ -1,0 +1,107 @@
+"""Users' own recordings through ``faery``: AEDAT4, Prophesee RAW (EVT 2.0/2.1/3.0), Event Stream, DAT.
+
+faery decodes; this module turns its output (``t`` uint64 us, ``x``, ``y`` uint16, ``on`` bool) into the event
+contract and its errors into ``EventFormatError``.
+
+- RAW: ``sensor_size`` from the ``%`` header (``prophesee_header``), including the legacy plugins whose headers
+  have no geometry (e.g. Gen3 EVT 2.0, 640x480); None when nothing tells. Header fields go to ``metadata``.
+- Event Stream: faery flips y so that row 0 is the top, as in every other format here.
+- AEDAT4: faery 0.7.1 can abort the interpreter (a Rust panic inside a destructor) on some corrupt AEDAT4 headers,
+  e.g. a byte that is not UTF-8 in its XML description. The header is therefore opened first in a child process
+  (0.3 to 1.5 s, mostly importing faery there); only a header that opens cleanly is decoded here.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from evpretrain.events.contract import EventFormatError, Recording
+from evpretrain.events.readers._columns import make_recording
+from evpretrain.events.readers.prophesee_header import read_prophesee_header
+
+FILE_TYPES = {"aedat4": "aedat", "raw": "evt", "es": "es", "dat": "dat"}  # our name -> faery's
+# Larger than any EVT 2/3 (11-bit) or DAT (14-bit) coordinate: faery rejects events outside the dimensions it is
+# given, and a header without geometry must not make valid events fail.
+UNBOUNDED_DIMENSIONS = (1 << 14, 1 << 14)
+HEADER_PROBE_TIMEOUT_S = 120
+_HEADER_PROBE = "import sys, faery; faery.events_stream_from_file(sys.argv[1], file_type=sys.argv[2])"
+
+
+def read_with_faery(path: str | os.PathLike, file_type: str) -> Recording:
+    """Read ``path`` with faery as ``file_type`` (``"aedat4"``, ``"raw"``, ``"es"`` or ``"dat"``); t in us."""
+    if file_type not in FILE_TYPES:
+        raise ValueError(f"file_type must be one of {sorted(FILE_TYPES)}, got {file_type!r}")
+    os.stat(path)  # a missing file is FileNotFoundError, not a format error
+    metadata: dict = {"format": file_type, "decoder": "faery"}
+    sensor_size = None
+    if file_type in ("raw", "dat"):
+        with open(path, "rb") as file:
+            header = read_prophesee_header(file, source=path)
+        sensor_size = header.geometry(source=path)
+        metadata["header"] = dict(header.fields)
+    if file_type == "aedat4":
+        _probe_header_in_child(path, FILE_TYPES[file_type])
+    events, dimensions = _decode(path, FILE_TYPES[file_type])
+    if file_type in ("aedat4", "es"):
+        sensor_size = (dimensions[1], dimensions[0])
+    t = events["t"]
+    if t.size and t.max() > np.iinfo(np.int64).max:
+        raise EventFormatError(path, f"timestamp {t.max()} us does not fit int64")
+    polarity = np.where(events["on"], np.int8(1), np.int8(-1))
+    return make_recording(
+        t.astype(np.int64), events["x"], events["y"], polarity, source=path, sensor_size=sensor_size, metadata=metadata
+    )
+
+
+def read_aedat4(path: str | os.PathLike) -> Recording:
+    """Read an AEDAT4 file (the first event stream) through faery."""
+    return read_with_faery(path, "aedat4")
+
+
+def read_prophesee_raw(path: str | os.PathLike) -> Recording:
+    """Read a Prophesee RAW file (EVT 2.0, 2.1 or 3.0, version from its header) through faery."""
+    return read_with_faery(path, "raw")
+
+
+def read_event_stream(path: str | os.PathLike) -> Recording:
+    """Read an Event Stream (``.es``) file of DVS or ATIS events through faery."""
+    return read_with_faery(path, "es")
+
+
+def _decode(path: str | os.PathLike, faery_type: str) -> tuple[np.ndarray, tuple[int, int]]:
+    """faery's events and (width, height); any failure of faery becomes EventFormatError."""
+    import faery
+
+    try:
+        stream = faery.events_stream_from_file(
+            Path(path), file_type=faery_type, dimensions_fallback=UNBOUNDED_DIMENSIONS
+        )
+        return stream.to_array(), stream.dimensions()
+    except BaseException as error:
+        # faery raises bare Exception/RuntimeError, and pyo3's PanicException (a BaseException) on Rust panics.
+        if not isinstance(error, Exception) and type(error).__name__ != "PanicException":
+            raise
+        raise EventFormatError(path, f"faery could not decode it as {faery_type}: {error}") from error
+
+
+def _probe_header_in_child(path: str | os.PathLike, faery_type: str) -> None:
+    """Open the file's header with faery in a child process, so that an abort there cannot take us down."""
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", _HEADER_PROBE, os.fspath(path), faery_type],
+            capture_output=True,
+            text=True,
+            timeout=HEADER_PROBE_TIMEOUT_S,
+            env={**os.environ, "RUST_BACKTRACE": "0"},
+        )
+    except subprocess.TimeoutExpired as error:
+        raise EventFormatError(path, f"faery did not open its {faery_type} header within {error.timeout} s") from None
+    if result.returncode != 0:
+        lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+        reason = lines[-1] if lines else f"exit status {result.returncode}"
+        raise EventFormatError(path, f"faery could not open its {faery_type} header: {reason}")
