@@ -1,0 +1,82 @@
+"""The dataset registry: verify says what is missing; convert turns a class-folder dataset into stores."""
+
+import numpy as np
+import pytest
+
+from evpretrain.config import ConfigError
+from evpretrain.data.registry import class_folder_splits, convert_dataset, get_dataset, load_registry, verify_dataset
+from evpretrain.data.store import EventStore
+from test_readers_binary import encode_bin
+
+
+def test_registry_covers_the_papers_datasets():
+    registry = load_registry()
+    assert {"n-caltech101", "n-cars", "n-imagenet", "cifar10-dvs", "es-imagenet", "dsec-semantic", "ddd17", "mvsec"} <= set(registry)
+    assert registry["n-caltech101"].layout.random_split.seed == 123  # ECDP's split
+    assert all(entry.obtain and entry.expect for entry in registry.values())
+
+
+def test_a_broken_registry_names_the_entry_and_key(tmp_path):
+    path = tmp_path / "registry.yaml"
+    path.write_text("mine:\n  title: t\n  task: detection\n  format: bin\n  sensor_size: [1, 1]\n  obtain: o\n"
+                    "  layout: {kind: class_folders}\n  expect: []\n")
+    with pytest.raises(ConfigError, match=r"registry\.mine\.task: expected one of"):
+        load_registry(path)
+    with pytest.raises(ConfigError, match="unknown dataset 'nope'"):
+        get_dataset("nope")
+
+
+def _n_caltech_like(root, per_class):
+    """An N-Caltech101-shaped folder: class folders of ATIS .bin files (and the background class to drop)."""
+    rng = np.random.default_rng(0)
+    for name in ("airplanes", "Faces_easy", "BACKGROUND_Google"):
+        (root / name).mkdir(parents=True)
+        for k in range(per_class):
+            n = int(rng.integers(1, 50))
+            t = np.sort(rng.integers(0, 100_000, n))
+            data = encode_bin(rng.integers(0, 240, n), rng.integers(0, 180, n), rng.integers(0, 2, n), t)
+            (root / name / f"image_{k:04d}.bin").write_bytes(data)
+
+
+def test_random_split_is_per_class_seeded_and_drops_excluded_classes(tmp_path):
+    _n_caltech_like(tmp_path, per_class=10)
+    entry = get_dataset("n-caltech101")
+    splits, classes = class_folder_splits(entry, tmp_path)
+    assert classes == ["Faces_easy", "airplanes"]
+    assert {s: len(f) for s, f in splits.items()} == {"train": 16, "test": 4}
+    for label in (0, 1):
+        assert sum(1 for _, l in splits["train"] if l == label) == 8
+    assert not {f for f, _ in splits["train"]} & {f for f, _ in splits["test"]}
+    again, _ = class_folder_splits(entry, tmp_path)
+    assert again == splits
+
+
+def test_convert_refuses_an_incomplete_copy_and_converts_a_complete_one(tmp_path):
+    root = tmp_path / "ncaltech"
+    _n_caltech_like(root, per_class=5)
+    entry = get_dataset("n-caltech101")
+    with pytest.raises(FileNotFoundError, match=r"\*/\*\.bin: 15 found, at least 8000 expected"):
+        convert_dataset(entry, root, tmp_path / "out", workers=1, progress=False)
+
+    # The same entry with expectations this small copy meets.
+    from dataclasses import replace
+
+    from evpretrain.data.registry import Expectation
+
+    small = replace(entry, expect=[Expectation("*/*.bin", 15)])
+    assert verify_dataset(small, root).ok
+    written = convert_dataset(small, root, tmp_path / "out", workers=2, progress=False)
+    assert sorted(p.name for p in written) == ["test.h5", "train.h5"]
+    from evpretrain.events.readers import read_events
+
+    with EventStore(tmp_path / "out" / "train.h5") as store:
+        assert len(store) == 8 and store.attrs["class_names"] == ["Faces_easy", "airplanes"]
+        for i, name in enumerate(store.names):
+            np.testing.assert_array_equal(store.events(i), read_events(root / name))
+            assert store.labels[i] == (0 if name.startswith("Faces_easy") else 1)
+        store.verify()
+
+
+def test_sequence_datasets_are_not_converted_whole(tmp_path):
+    with pytest.raises(ConfigError, match="read by time window"):
+        convert_dataset(get_dataset("mvsec"), tmp_path, tmp_path / "out", progress=False)
