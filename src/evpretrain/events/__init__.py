@@ -14,6 +14,8 @@ _EXPORTS = {
     "read_events": "readers",
     "read_recording": "readers",
     "voxel_grid": "representations",
+    "voxel_grid_batch": "representations",
+    "EventTensors": "representations",
     "histogram_ecdp": "representations",
     "histogram_mem": "representations",
     "simulate": "simulator",
