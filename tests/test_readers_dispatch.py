@@ -15,6 +15,8 @@ EXPECTED_FORMATS = {
     "dsec",
     "ddd17",
     "mvsec",
+    "aedat2",
+    "aedat3",
     "raw",
     "aedat4",
     "es",
@@ -57,10 +59,10 @@ def test_unknown_names_and_undetectable_files_list_the_supported_formats(tmp_pat
         read_recording(path)
 
 
-def test_jaer_aedat_is_refused_with_a_way_out(tmp_path):
-    path = tmp_path / "cifar.aedat"
-    path.write_bytes(b"#!AER-DAT2.0\r\n# This is a raw AE data file\r\n" + bytes(8))
-    with pytest.raises(EventFormatError, match=r"AEDAT 2\.0 \(jAER\) is not supported: convert it to AEDAT4"):
+def test_unread_aedat_versions_are_refused_with_a_way_out(tmp_path):
+    path = tmp_path / "old.aedat"
+    path.write_bytes(b"#!AER-DAT1.0\r\n# This is a raw AE data file\r\n" + bytes(6))
+    with pytest.raises(EventFormatError, match=r"AEDAT 1\.0 is not supported \(2\.0, 3\.1 and 4\.0 are\): convert"):
         read_recording(path)
 
 

@@ -5,6 +5,7 @@ functions below document each layout, its units and its checks. Bad input raises
 file, the byte offset where one applies and what was expected. h5py, hdf5plugin and faery load on first use.
 """
 
+from evpretrain.events.readers.aedat_legacy import decode_aedat2, decode_aedat3, read_aedat2, read_aedat3
 from evpretrain.events.readers.atis_bin import decode_atis_bin, read_atis_bin
 from evpretrain.events.readers.ddd17 import Ddd17Events, read_ddd17
 from evpretrain.events.readers.dispatch import detect_format, read_events, read_recording, supported_formats
@@ -18,9 +19,13 @@ from evpretrain.events.readers.prophesee_dat import read_prophesee_dat
 __all__ = [
     "Ddd17Events",
     "DsecEvents",
+    "decode_aedat2",
+    "decode_aedat3",
     "decode_atis_bin",
     "detect_format",
     "load_rectify_map",
+    "read_aedat2",
+    "read_aedat3",
     "read_aedat4",
     "read_atis_bin",
     "read_ddd17",

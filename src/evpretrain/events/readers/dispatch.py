@@ -14,6 +14,7 @@ import numpy as np
 
 from evpretrain.events.contract import EventFormatError, Recording
 from evpretrain.events.readers import ddd17
+from evpretrain.events.readers.aedat_legacy import read_aedat2, read_aedat3
 from evpretrain.events.readers.atis_bin import read_atis_bin
 from evpretrain.events.readers.ddd17 import read_ddd17
 from evpretrain.events.readers.dsec import read_dsec
@@ -38,6 +39,8 @@ FORMATS: dict[str, EventFormat] = {
     "dsec": EventFormat(read_dsec, "DSEC events.h5, 640x480 (option rectify_map= for rectify_map.h5)"),
     "ddd17": EventFormat(read_ddd17, "DDD17 as repackaged by ESS: folder with events.dat.t/.xyp, 346x260"),
     "mvsec": EventFormat(read_mvsec, "MVSEC <sequence>_data.hdf5, 346x260 (option camera=left|right)"),
+    "aedat2": EventFormat(read_aedat2, "jAER AEDAT 2.0 .aedat of a DVS128: CIFAR10-DVS (option sensor_size=)"),
+    "aedat3": EventFormat(read_aedat3, "iniVation AEDAT 3.1 .aedat polarity events: DVS Gesture (option sensor_size=)"),
     "raw": EventFormat(partial(read_with_faery, file_type="raw"), "Prophesee RAW .raw, EVT 2.0/2.1/3.0 (faery)"),
     "aedat4": EventFormat(partial(read_with_faery, file_type="aedat4"), "AEDAT4 .aedat4 (faery)"),
     "es": EventFormat(partial(read_with_faery, file_type="es"), "Event Stream .es (faery)"),
@@ -47,6 +50,7 @@ FORMATS: dict[str, EventFormat] = {
 }
 
 SUFFIXES = {".bin": "bin", ".dat": "dat", ".raw": "raw", ".evt": "raw", ".aedat4": "aedat4", ".es": "es"}
+AEDAT_VERSIONS = {"2.0": "aedat2", "3.1": "aedat3", "4.0": "aedat4"}  # '#!AER-DAT<version>' -> format
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 ZIP_MAGIC = b"PK\x03\x04"
 
@@ -106,11 +110,13 @@ def detect_format(path: str | os.PathLike) -> str:
         raise EventFormatError(path, f"a folder is read only as a DDD17 sequence, and it holds no {ddd17.T_FILE}")
     with open(path, "rb") as file:
         magic = file.read(16)
-    if magic.startswith(b"#!AER-DAT4.0"):
-        return "aedat4"
     if magic.startswith(b"#!AER-DAT"):
-        version = magic[len(b"#!AER-DAT") :].split(b"\r")[0].decode("latin-1")
-        raise EventFormatError(path, f"AEDAT {version} (jAER) is not supported: convert it to AEDAT4 (dv, faery)")
+        version = magic[len(b"#!AER-DAT") :].split(b"\r")[0].split(b"\n")[0].decode("latin-1")
+        if version in AEDAT_VERSIONS:
+            return AEDAT_VERSIONS[version]
+        raise EventFormatError(
+            path, f"AEDAT {version} is not supported (2.0, 3.1 and 4.0 are): convert it to AEDAT4 (dv, faery)", offset=0
+        )
     if magic.startswith(b"Event Stream"):
         return "es"
     if magic.startswith(HDF5_MAGIC):
