@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 
 # What numpy, zipfile and h5py raise on corrupt or foreign bytes (EventFormatError is a ValueError, so code
 # that raises it must stay outside the ``try`` blocks that catch these).
-_NPZ_ERRORS = (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
+# zipfile raises NotImplementedError for an unknown compression method and RuntimeError for an "encrypted" flag,
+# both of which a flipped bit in a member header produces.
+_NPZ_ERRORS = (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError)
 _H5_ERRORS = (KeyError, OSError, ValueError, RuntimeError, TypeError)
 
 
