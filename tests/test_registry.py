@@ -77,6 +77,6 @@ def test_convert_refuses_an_incomplete_copy_and_converts_a_complete_one(tmp_path
         store.verify()
 
 
-def test_sequence_datasets_are_not_converted_whole(tmp_path):
-    with pytest.raises(ConfigError, match="read by time window"):
+def test_sequence_datasets_are_verified_before_conversion(tmp_path):
+    with pytest.raises(FileNotFoundError, match="outdoor_day1_data.hdf5: 0 found"):
         convert_dataset(get_dataset("mvsec"), tmp_path, tmp_path / "out", progress=False)

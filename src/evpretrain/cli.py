@@ -79,10 +79,16 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
+    from evpretrain.config import load_yaml
     from evpretrain.data.registry import convert_dataset, get_dataset
 
     entry = get_dataset(args.dataset)
-    for path in convert_dataset(entry, args.root, args.out, workers=args.workers, progress=not args.quiet):
+    settings = None
+    if args.config is not None:
+        settings = load_yaml(args.config).get("data", {}).get("convert", {}).get(args.dataset)
+    for path in convert_dataset(
+        entry, args.root, args.out, settings=settings, workers=args.workers, progress=not args.quiet
+    ):
         print(path)
     return 0
 
@@ -132,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="registry name")
     p.add_argument("--root", required=True, type=Path, help="the dataset's local folder")
     p.add_argument("--out", required=True, type=Path, help="output folder: one store per split")
+    p.add_argument("--config", type=Path, help="study config whose data.convert.<dataset> section sets the windows")
     p.add_argument("--workers", type=int, help="processes (default: the cores this process may use)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert)

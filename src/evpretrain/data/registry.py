@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 import os
 from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from importlib import resources
+from importlib import import_module, resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import yaml
@@ -166,6 +167,33 @@ def class_folder_splits(entry: DatasetEntry, root: str | Path) -> tuple[dict[str
     return {s: [(f, index[c]) for f, c in files] for s, files in per_split.items()}, class_names
 
 
+# Dataset name -> "module:function" of its window converter, imported on use. Each takes
+# (root, out, settings: Mapping | None, workers, progress) and returns the written store paths.
+SEQUENCE_CONVERTERS = {
+    "dsec-semantic": "evpretrain.data.sequences.dsec_semantic:convert",
+    "ddd17": "evpretrain.data.sequences.ddd17:convert",
+    "mvsec": "evpretrain.data.sequences.mvsec:convert",
+}
+
+
+def convert_sequences(
+    entry: DatasetEntry,
+    root: str | Path,
+    out: str | Path,
+    *,
+    settings: Mapping[str, Any] | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+) -> list[Path]:
+    """Cut a ``sequences`` dataset into labelled windows with its registered converter."""
+    if entry.name not in SEQUENCE_CONVERTERS:
+        raise ConfigError(f"{entry.name}: no window converter is registered for this dataset")
+    module, function = SEQUENCE_CONVERTERS[entry.name].split(":")
+    convert = getattr(import_module(module), function)
+    workers = workers or len(os.sched_getaffinity(0))
+    return convert(Path(root), Path(out), settings, workers=workers, progress=progress)
+
+
 def _read(args: tuple[Path, str]) -> np.ndarray:
     from evpretrain.events.readers import read_events
 
@@ -174,19 +202,26 @@ def _read(args: tuple[Path, str]) -> np.ndarray:
 
 
 def convert_dataset(
-    entry: DatasetEntry, root: str | Path, out: str | Path, *, workers: int | None = None, progress: bool = True
+    entry: DatasetEntry,
+    root: str | Path,
+    out: str | Path,
+    *,
+    settings: Mapping[str, Any] | None = None,
+    workers: int | None = None,
+    progress: bool = True,
 ) -> list[Path]:
-    """Convert a verified ``class_folders`` dataset into ``out/<split>.h5`` stores; return their paths."""
+    """Convert a verified copy into ``out/<split>.h5`` stores; return their paths.
+
+    ``class_folders`` datasets store one sample a file; ``sequences`` datasets are cut into labelled windows by
+    their converter (``SEQUENCE_CONVERTERS``), which takes ``settings`` (config section ``data.convert.<name>``).
+    """
     from tqdm import tqdm
 
-    if entry.layout.kind != "class_folders":
-        raise ConfigError(
-            f"{entry.name}: a '{entry.layout.kind}' dataset is not converted as a whole; its recordings are read "
-            "by time window where they are used (readers: evpretrain.events.readers)"
-        )
     report = verify_dataset(entry, root)
     if not report.ok:
         raise FileNotFoundError(report.format())
+    if entry.layout.kind == "sequences":
+        return convert_sequences(entry, root, out, settings=settings, workers=workers, progress=progress)
     splits, class_names = class_folder_splits(entry, root)
     written = []
     workers = workers or len(os.sched_getaffinity(0))

@@ -6,7 +6,8 @@ Layout (all optional groups share the sample axis):
   /samples/name               optional (N,) UTF-8 names (source file, image id)
   /clean_events/{t,x,y,p}     optional noise-free events, indexed by /samples/{clean_offset,clean_count}
   /labels                     optional int64 (N,)
-  /frames, /diff_maps, /flow, /masks   optional dense arrays (N, ...), one chunk per sample
+  /frames, /diff_maps, /flow, /masks, /valid   optional dense arrays (N, ...), one chunk per sample
+                              (valid: (H, W) uint8, 1 where the flow or mask ground truth is defined)
 File attributes: format, format_version, sensor_size (H, W), time_unit, source, builder_config (JSON),
 num_samples, num_events and content_sha256 (a digest of every dataset's bytes, see ``content_checksum``).
 
@@ -32,7 +33,7 @@ from evpretrain.events.contract import EVENT_DTYPE, EventFormatError, validate_e
 
 STORE_FORMAT = "evpretrain-event-store"
 STORE_VERSION = 1
-DENSE_KEYS = ("frames", "diff_maps", "flow", "masks")
+DENSE_KEYS = ("frames", "diff_maps", "flow", "masks", "valid")
 EVENT_CHUNK = 1 << 16  # events per HDF5 chunk: big enough for throughput, small enough for window reads
 
 
@@ -358,7 +359,7 @@ class EventStore:
         return out
 
     def dense(self, key: str, index: int) -> np.ndarray:
-        """Sample ``index``'s dense field (frames (T, H, W), diff_maps (T-1, H, W), flow (2, H, W), masks (H, W))."""
+        """Sample ``index``'s dense field: frames (T, H, W), diff_maps (T-1, H, W), flow (2, H, W), masks or valid (H, W)."""
         index = self._check_index(index)
         file = self._open()
         if key not in DENSE_KEYS or key not in file:

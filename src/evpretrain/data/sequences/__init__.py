@@ -1,0 +1,1 @@
+"""Window converters for the sequence datasets: recordings with dense labels or flow -> labelled event windows."""
