@@ -24,38 +24,11 @@ import torch
 from tonic.functional import to_voxel_grid_numpy
 
 from evpretrain.events.contract import make_events
+from evpretrain.events.paper_reference import paper_voxel_grid
 from evpretrain.events.representations import EventTensors, voxel_grid
 
 HEIGHT, WIDTH, NUM_BINS = 480, 640, 5
 PAPER = "paper (torch index_add_, Nx4)"
-
-
-def paper_voxel_grid(events_nx4: np.ndarray, num_bins: int, height: int, width: int) -> torch.Tensor:
-    """The paper's events_to_voxel_grid (BIT-Vision/EventPretrain): float (N, 4) [x, y, t, p in {0, 1}] in, two
-    torch index_add_."""
-    events = torch.from_numpy(events_nx4)
-    grid = torch.zeros(num_bins, height, width, dtype=torch.float32).flatten()
-    first, last = events[0, 2], events[-1, 2]
-    span = last - first
-    if span == 0:
-        span = 1.0
-    xs, ys = events[:, 0].long(), events[:, 1].long()
-    ts = (num_bins - 1) * (events[:, 2] - first) / span
-    ps = events[:, 3].float()
-    ps[ps == 0] = -1
-    tis = torch.floor(ts)
-    tis_long = tis.long()
-    dts = ts - tis
-    values_left, values_right = ps * (1.0 - dts.float()), ps * dts.float()
-    valid = tis < num_bins
-    valid &= tis >= 0
-    index = xs[valid] + ys[valid] * width + tis_long[valid] * width * height
-    grid.index_add_(0, index, values_left[valid])
-    valid = (tis + 1) < num_bins
-    valid &= tis >= 0
-    index = xs[valid] + ys[valid] * width + (tis_long[valid] + 1) * width * height
-    grid.index_add_(0, index, values_right[valid])
-    return grid.view(num_bins, height, width)
 
 
 @numba.njit(cache=True)

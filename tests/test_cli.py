@@ -3,16 +3,13 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
+from event_testing import REAL, needs_real
 
 from evpretrain.cli import main
 from evpretrain.data.store import EventStoreWriter
 from evpretrain.events.contract import make_events
-
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 
 
 def test_help_starts_without_heavy_imports():
@@ -33,7 +30,7 @@ def test_info_describes_a_store(tmp_path, capsys):
     assert info["on_fraction"] == pytest.approx(0.5)
 
 
-@pytest.mark.skipif(not REAL.is_dir(), reason="../shared/data/real (real recordings) is absent in this checkout")
+@needs_real
 def test_info_describes_a_real_recording(capsys):
     assert main(["data", "info", str(REAL / "gen4.dat"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)[str(REAL / "gen4.dat")]

@@ -4,10 +4,11 @@ import struct
 
 import numpy as np
 import pytest
+from event_testing import read_or_format_error
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from evpretrain.events.contract import EventFormatError, validate_events
+from evpretrain.events.contract import EventFormatError
 from evpretrain.events.readers import detect_format, read_aedat2, read_aedat3, read_recording
 
 # --- spec-level encoders -------------------------------------------------------------------------------------
@@ -62,14 +63,6 @@ def encode_aedat3(x, y, on, t, *, header=AEDAT3_HEADER, events_per_packet=3) -> 
     return header + END_HEADER + b"".join(packets)
 
 
-def read_or_format_error(read, path):
-    """Corrupt input may raise EventFormatError or give valid events; anything else fails the test."""
-    try:
-        recording = read(path)
-    except EventFormatError:
-        return None
-    validate_events(recording.events, sensor_size=recording.sensor_size)
-    return recording
 
 
 # --- AEDAT 2.0 -----------------------------------------------------------------------------------------------------

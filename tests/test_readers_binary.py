@@ -2,10 +2,11 @@
 
 import numpy as np
 import pytest
+from event_testing import read_or_format_error
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from evpretrain.events.contract import EventFormatError, validate_events
+from evpretrain.events.contract import EventFormatError
 from evpretrain.events.readers import read_atis_bin, read_prophesee_dat, read_recording
 
 # --- spec-level encoders -------------------------------------------------------------------------------------
@@ -26,14 +27,6 @@ def encode_dat(t, x, y, p, *, header=b"% Version 2\n% Width 640\n% Height 480\n"
     return header + bytes([event_type, 8]) + words.tobytes()
 
 
-def read_or_format_error(read, path):
-    """Corrupt input may raise EventFormatError or give valid events; anything else fails the test."""
-    try:
-        recording = read(path)
-    except EventFormatError:
-        return None
-    validate_events(recording.events, sensor_size=recording.sensor_size)
-    return recording
 
 
 # --- N-MNIST / N-Caltech101 .bin ------------------------------------------------------------------------------

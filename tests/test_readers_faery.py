@@ -2,19 +2,16 @@
 
 from pathlib import Path
 
+import event_testing
 import faery
 import numpy as np
 import pytest
+from event_testing import REAL, needs_real
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from evpretrain.events.contract import EventFormatError, validate_events
+from evpretrain.events.contract import EventFormatError
 from evpretrain.events.readers import read_prophesee_dat, read_recording, read_with_faery
-
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
-needs_real = pytest.mark.skipif(
-    not REAL.is_dir(), reason=f"real recordings not found at {REAL} (only in the shared workspace)"
-)
 
 
 def faery_events(t, x, y, on):
@@ -29,12 +26,7 @@ def write_with_faery(path, t, x, y, on, *, size=(640, 480), **options):
 
 
 def read_or_format_error(path, format):
-    try:
-        recording = read_recording(path, format=format)
-    except EventFormatError:
-        return None
-    validate_events(recording.events, sensor_size=recording.sensor_size)
-    return recording
+    return event_testing.read_or_format_error(lambda p: read_recording(p, format=format), path)
 
 
 # --- formats decoded by faery ------------------------------------------------------------------------------------

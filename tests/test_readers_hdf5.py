@@ -4,10 +4,11 @@ import h5py
 import hdf5plugin
 import numpy as np
 import pytest
+from event_testing import read_or_format_error
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from evpretrain.events.contract import EventFormatError, validate_events
+from evpretrain.events.contract import EventFormatError
 from evpretrain.events.readers import DsecEvents, detect_format, read_dsec, read_mvsec, read_recording
 
 T_OFFSET = 1_650_000_000_000_000  # an absolute DSEC-like start, microseconds
@@ -44,13 +45,6 @@ def write_mvsec(path, rows, *, camera="left"):
         file.create_dataset(f"davis/{camera}/events", data=np.asarray(rows, np.float64).reshape(-1, 4))
 
 
-def read_or_format_error(read, path):
-    try:
-        recording = read(path)
-    except EventFormatError:
-        return None
-    validate_events(recording.events, sensor_size=recording.sensor_size)
-    return recording
 
 
 # --- DSEC ------------------------------------------------------------------------------------------------------

@@ -2,10 +2,11 @@
 
 import numpy as np
 import pytest
+from event_testing import read_or_format_error
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from evpretrain.events.contract import EventFormatError, validate_events
+from evpretrain.events.contract import EventFormatError
 from evpretrain.events.readers import read_es_imagenet, read_n_imagenet, read_recording
 
 N_IMAGENET_DTYPE = np.dtype([("x", "<u2"), ("y", "<u2"), ("t", "<i8"), ("p", "?")])
@@ -34,13 +35,6 @@ def es_imagenet_npz(path, pos, neg):
     )
 
 
-def read_or_format_error(read, path):
-    try:
-        recording = read(path)
-    except EventFormatError:
-        return None
-    validate_events(recording.events, sensor_size=recording.sensor_size)
-    return recording
 
 
 # --- N-ImageNet ------------------------------------------------------------------------------------------------

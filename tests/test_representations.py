@@ -5,6 +5,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from evpretrain.events.contract import EVENT_DTYPE, EventFormatError, make_events
+from evpretrain.events.paper_reference import as_paper_array, paper_voxel_grid
 from evpretrain.events.representations import (
     EventTensors,
     histogram_ecdp,
@@ -14,40 +15,6 @@ from evpretrain.events.representations import (
 )
 
 # --- references, written the way the source papers' code is ------------------------------------------------------
-
-
-def paper_voxel_grid(events_nx4: np.ndarray, num_bins: int, height: int, width: int) -> torch.Tensor:
-    """The paper's events_to_voxel_grid (BIT-Vision/EventPretrain): float (N, 4) [x, y, t, p in {0, 1}] in, two
-    torch index_add_."""
-    events = torch.from_numpy(events_nx4)
-    grid = torch.zeros(num_bins, height, width, dtype=torch.float32).flatten()
-    first, last = events[0, 2], events[-1, 2]
-    span = last - first
-    if span == 0:
-        span = 1.0
-    xs, ys = events[:, 0].long(), events[:, 1].long()
-    ts = (num_bins - 1) * (events[:, 2] - first) / span
-    ps = events[:, 3].float()
-    ps[ps == 0] = -1
-    tis = torch.floor(ts)
-    tis_long = tis.long()
-    dts = ts - tis
-    values_left, values_right = ps * (1.0 - dts.float()), ps * dts.float()
-    valid = tis < num_bins
-    valid &= tis >= 0
-    index = xs[valid] + ys[valid] * width + tis_long[valid] * width * height
-    grid.index_add_(0, index, values_left[valid])
-    valid = (tis + 1) < num_bins
-    valid &= tis >= 0
-    index = xs[valid] + ys[valid] * width + (tis_long[valid] + 1) * width * height
-    grid.index_add_(0, index, values_right[valid])
-    return grid.view(num_bins, height, width)
-
-
-def as_paper_array(events: np.ndarray) -> np.ndarray:
-    """float64 [x, y, t, p in {0, 1}], t in microseconds: exact in float64. (The paper's loaders pass seconds, t / 1e6,
-    which at absolute times near 1e12 us is off by 1e-4 us: enough to move the weights of a 2 us window by 5e-5.)"""
-    return np.stack([events["x"], events["y"], events["t"], events["p"] > 0], axis=1).astype(np.float64)
 
 
 def ecdp_reference(events: np.ndarray, height: int, width: int, clip_hot_pixels: bool) -> torch.Tensor:
