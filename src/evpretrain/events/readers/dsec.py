@@ -10,14 +10,16 @@ Timestamps returned here are absolute: ``t + t_offset`` microseconds, and window
 
 ``rectify_map.h5`` (beside ``events.h5``) holds ``rectify_map`` (480, 640, 2) float: for a raw pixel (x, y), the
 rectified position ``rectify_map[y, x] = (x', y')``. DSEC-Semantic's labels live in the rectified frame. When a map
-is given, each event moves to ``(floor(x' + 0.5), floor(y' + 0.5))`` (nearest pixel, halves rounded up) and events
-landing outside the 640x480 frame (or on a non-finite map entry) are dropped.
+is given, each event moves to ``(floor(x' + 0.5), floor(y' + 0.5))`` (nearest pixel, halves rounded up; or, with
+``rounding="floor"``, to ``(floor(x'), floor(y'))`` as ESS-style loaders that cast rectified coordinates to integers do)
+and events landing outside the 640x480 frame (or on a non-finite map entry) are dropped.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -27,6 +29,7 @@ from evpretrain.events.readers._io import h5_dataset, h5_read, open_h5
 
 SENSOR_SIZE = (480, 640)
 EVENT_KEYS = ("events/x", "events/y", "events/t", "events/p")
+Rounding = Literal["nearest", "floor"]
 
 
 def load_rectify_map(path: str | os.PathLike) -> np.ndarray:
@@ -44,16 +47,26 @@ def load_rectify_map(path: str | os.PathLike) -> np.ndarray:
 class DsecEvents:
     """Time-window access to one DSEC ``events.h5``, optionally rectified; use as a context manager.
 
-    ``rectify_map``: None, a path to ``rectify_map.h5``, or the (480, 640, 2) array itself.
+    ``rectify_map``: None, a path to ``rectify_map.h5``, or the (480, 640, 2) array itself. ``rounding``: how a
+    rectified position becomes a pixel, ``"nearest"`` or ``"floor"`` (module docstring).
     """
 
     sensor_size = SENSOR_SIZE
 
-    def __init__(self, path: str | os.PathLike, *, rectify_map: str | os.PathLike | np.ndarray | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        rectify_map: str | os.PathLike | np.ndarray | None = None,
+        rounding: Rounding = "nearest",
+    ):
         import hdf5plugin  # noqa: F401  (registers the Blosc filter the DSEC files are compressed with)
 
+        if rounding not in ("nearest", "floor"):
+            raise ValueError(f"rounding is {rounding!r}, expected 'nearest' or 'floor'")
         self.path = Path(path)
         self.rectify_map = None if rectify_map is None else self._rectify_map_array(rectify_map)
+        self.rounding = rounding
         self._file = open_h5(path)
         try:
             self._columns = {key: h5_dataset(self._file, key, source=path) for key in EVENT_KEYS}
@@ -85,6 +98,24 @@ class DsecEvents:
         first = low + int(np.searchsorted(t, start, side="left"))
         last = low + int(np.searchsorted(t, end, side="left"))
         return self._events(low, first, last, t)
+
+    def last_events(self, t_end_us: int, count: int) -> np.ndarray:
+        """The last ``count`` events with ``t < t_end_us`` (absolute microseconds), fewer where the file has fewer.
+
+        The count is taken in the file, before rectification drops events leaving the frame (as ESS's
+        ``EventSlicer.get_events_fixed_num`` does). Only the millisecond around ``t_end_us`` and the events
+        selected are read from disk.
+        """
+        if count < 0:
+            raise ValueError(f"count is {count}, expected >= 0")
+        end = t_end_us - self.t_offset
+        low = self._index_at_ms(end // 1000)
+        high = self._index_at_ms(-(-end // 1000))
+        t_near_end = h5_read(self._columns["events/t"], np.s_[low:high], source=self.path).astype(np.int64)
+        last = low + int(np.searchsorted(t_near_end, end, side="left"))
+        first = max(0, last - count)
+        t = h5_read(self._columns["events/t"], np.s_[first:last], source=self.path).astype(np.int64)
+        return self._events(first, first, last, t)
 
     def read_all(self) -> np.ndarray:
         """Every event of the file, sorted, as ``EVENT_DTYPE``."""
@@ -122,7 +153,7 @@ class DsecEvents:
             raise EventFormatError(self.path, f"event {first + i} has x={x[i]}, y={y[i]}, outside the 640x480 sensor")
         polarity = signed_polarity(p, source=self.path)
         if self.rectify_map is not None:
-            t, x, y, polarity = _rectify(self.rectify_map, t, x, y, polarity)
+            t, x, y, polarity = _rectify(self.rectify_map, t, x, y, polarity, self.rounding)
         return pack_events(t, x, y, polarity, source=self.path, sensor_size=SENSOR_SIZE)
 
     def _index_at_ms(self, ms: int) -> int:
@@ -161,11 +192,12 @@ class DsecEvents:
         return load_rectify_map(rectify_map)
 
 
-def _rectify(rectify_map: np.ndarray, t, x, y, polarity):
-    """Move events to their rectified pixel (nearest, halves up); drop those leaving the frame."""
+def _rectify(rectify_map: np.ndarray, t, x, y, polarity, rounding: Rounding = "nearest"):
+    """Move events to their rectified pixel (nearest with halves up, or floor); drop those leaving the frame."""
     mapped = rectify_map[y, x]
-    x_rect = np.floor(mapped[:, 0] + 0.5)
-    y_rect = np.floor(mapped[:, 1] + 0.5)
+    shift = 0.5 if rounding == "nearest" else 0.0
+    x_rect = np.floor(mapped[:, 0] + shift)
+    y_rect = np.floor(mapped[:, 1] + shift)
     height, width = SENSOR_SIZE
     keep = np.isfinite(x_rect) & np.isfinite(y_rect)
     keep &= (x_rect >= 0) & (x_rect < width) & (y_rect >= 0) & (y_rect < height)
