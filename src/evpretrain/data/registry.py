@@ -194,6 +194,9 @@ def convert_sequences(
     return convert(Path(root), Path(out), settings, workers=workers, progress=progress)
 
 
+READ_BATCH = 4096  # files in flight at once while converting a class-folder dataset
+
+
 def _read(args: tuple[Path, str]) -> np.ndarray:
     from evpretrain.events.readers import read_events
 
@@ -235,9 +238,13 @@ def convert_dataset(
                 builder_config={"dataset": entry.name, "split": split},
                 attrs={"split": split, "class_names": class_names, "dataset": entry.name},
             ) as writer:
-                jobs = ((f, entry.format) for f, _ in files)
-                events = pool.map(_read, jobs, chunksize=16)
-                for (file, label), ev in tqdm(zip(files, events), total=len(files), desc=f"{entry.name}/{split}", disable=not progress):
-                    writer.add_sample(ev, label=label, name=str(file.relative_to(root)))
+                with tqdm(total=len(files), desc=f"{entry.name}/{split}", disable=not progress) as bar:
+                    # Bounded batches: Executor.map submits its whole input at once, and N-ImageNet has 1.8M files.
+                    for start in range(0, len(files), READ_BATCH):
+                        batch = files[start : start + READ_BATCH]
+                        events = pool.map(_read, [(f, entry.format) for f, _ in batch], chunksize=16)
+                        for (file, label), ev in zip(batch, events):
+                            writer.add_sample(ev, label=label, name=str(file.relative_to(root)))
+                            bar.update()
             written.append(path)
     return written
