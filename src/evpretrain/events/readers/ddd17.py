@@ -69,6 +69,14 @@ class Ddd17Events:
         first, last = np.searchsorted(self._t, [t_start_us * NS_PER_US, t_end_us * NS_PER_US], side="left")
         return self._events(int(first), int(last), require_sorted=True)
 
+    def rows(self, first: int, last: int) -> np.ndarray:
+        """Events of file rows ``first .. last - 1`` (clipped to the file), sorted, as ``EVENT_DTYPE``.
+
+        Rows are what the ESS image index counts (``event_index``), so windows defined by it are read exactly.
+        """
+        first, last = max(int(first), 0), min(int(last), self.num_events)
+        return self._events(first, last, require_sorted=True)
+
     def read_all(self) -> np.ndarray:
         """Every event of the sequence, sorted (stably, where the file is not), as ``EVENT_DTYPE``."""
         return self._events(0, self.num_events, require_sorted=False)
