@@ -12,13 +12,14 @@ from evpretrain.events.readers.dispatch import detect_format, read_events, read_
 from evpretrain.events.readers.dsec import DsecEvents, load_rectify_map, read_dsec
 from evpretrain.events.readers.es_imagenet import read_es_imagenet
 from evpretrain.events.readers.faery_formats import read_aedat4, read_event_stream, read_prophesee_raw, read_with_faery
-from evpretrain.events.readers.mvsec import read_mvsec
+from evpretrain.events.readers.mvsec import MvsecEvents, read_mvsec
 from evpretrain.events.readers.n_imagenet import read_n_imagenet
 from evpretrain.events.readers.prophesee_dat import read_prophesee_dat
 
 __all__ = [
     "Ddd17Events",
     "DsecEvents",
+    "MvsecEvents",
     "decode_aedat2",
     "decode_aedat3",
     "decode_atis_bin",
