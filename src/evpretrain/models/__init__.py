@@ -1,0 +1,16 @@
+"""Event backbones: ViT, ConvViT and Swin built from timm's layers, registered by name.
+
+    backbone = create_backbone("vit_small_patch16")          # in_chans=5, 224x224, 14x14 tokens
+    out = backbone(voxels, mask)                              # mask (B, 196) bool, True = hidden
+    out.tokens, out.levels, out.kept, backbone.pool(out)
+"""
+
+from evpretrain.models.base import Backbone, BackboneOutput
+from evpretrain.models.convvit import ConvViT
+from evpretrain.models.pos_embed import sincos_pos_embed_2d
+from evpretrain.models.registry import create_backbone, list_backbones
+from evpretrain.models.swin import SwinBackbone
+from evpretrain.models.vit import VisionTransformer
+
+__all__ = ["Backbone", "BackboneOutput", "ConvViT", "SwinBackbone", "VisionTransformer", "create_backbone",
+           "list_backbones", "sincos_pos_embed_2d"]
