@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_voxel_grid.py
 	$(BIN)/python bench/bench_simulator.py
 	$(BIN)/python bench/bench_store.py
+	$(BIN)/python bench/bench_data_loader.py
 
 clean:
 	rm -rf results .snakemake

@@ -42,7 +42,7 @@ class StoreCompression:
     """HDF5 filters. ``events`` applies to the event columns, ``dense`` to frames, maps, flow and masks.
 
     Measured by bench/bench_store.py (bench/README.md): on a real recording gzip-1 stores events in 3.5 instead of
-    13.3 bytes but reads them about 5x slower; rendered float32 frames shrink only by about 30% for a 3x slower
+    13.3 bytes but reads them about 2.3x slower; rendered float32 frames shrink only by about 30% for a 10x slower
     read. Reading is what every training epoch pays, so nothing is compressed by default; turn it on for archives.
     """
 
@@ -269,6 +269,7 @@ class EventStore:
         if not self.path.is_file():
             raise StoreError(self.path, "no such event store")
         self._file: h5py.File | None = None
+        self._datasets: dict[str, h5py.Dataset] = {}
         file = self._open()
         if file.attrs.get("format") != STORE_FORMAT:
             raise StoreError(self.path, f"not an event store: attribute 'format' is {file.attrs.get('format')!r}, expected {STORE_FORMAT!r}")
@@ -287,10 +288,18 @@ class EventStore:
                 self._file = h5py.File(self.path, "r")
             except OSError as err:
                 raise StoreError(self.path, f"cannot open as HDF5: {err}") from err
+            self._datasets = {}
         return self._file
 
+    def _dataset(self, name: str) -> h5py.Dataset:
+        # Looking a dataset up by name costs more than reading a sample's slice of it: keep the handles.
+        file = self._open()
+        if name not in self._datasets:
+            self._datasets[name] = file[name]
+        return self._datasets[name]
+
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "_file"} | {"_file": None}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_file", "_datasets")} | {"_file": None}
 
     def __enter__(self) -> EventStore:
         return self
@@ -300,6 +309,7 @@ class EventStore:
 
     def close(self) -> None:
         if self._file is not None:
+            self._datasets = {}
             self._file.close()
             self._file = None
 
@@ -348,14 +358,14 @@ class EventStore:
         if clean:
             if "clean_events" not in file:
                 raise StoreError(self.path, "this store holds no clean events")
-            group = file["clean_events"]
-            start, count = file["samples/clean_offset"][index], file["samples/clean_count"][index]
+            group = "clean_events"
+            start, count = self._dataset("samples/clean_offset")[index], self._dataset("samples/clean_count")[index]
         else:
-            group = file["events"]
+            group = "events"
             start, count = self._offset[index], self._count[index]
         out = np.empty(int(count), dtype=EVENT_DTYPE)
         for column in EVENT_DTYPE.names:
-            out[column] = group[column][start : start + count]
+            out[column] = self._dataset(f"{group}/{column}")[start : start + count]
         return out
 
     def dense(self, key: str, index: int) -> np.ndarray:
@@ -364,7 +374,7 @@ class EventStore:
         file = self._open()
         if key not in DENSE_KEYS or key not in file:
             raise StoreError(self.path, f"no dense field {key!r}; this store has {[k for k in DENSE_KEYS if k in file]}")
-        return file[key][index]
+        return self._dataset(key)[index]
 
     def sample(self, index: int) -> dict[str, Any]:
         """Everything stored for one sample, keyed by field name (``events`` always present)."""
@@ -373,10 +383,10 @@ class EventStore:
         if "clean_events" in file:
             out["clean_events"] = self.events(index, clean=True)
         if "labels" in file:
-            out["label"] = int(file["labels"][index])
+            out["label"] = int(self._dataset("labels")[index])
         for key in DENSE_KEYS:
             if key in file:
-                out[key] = file[key][index]
+                out[key] = self._dataset(key)[index]
         return out
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
