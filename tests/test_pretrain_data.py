@@ -1,0 +1,297 @@
+"""The pre-training dataset (voxel grids, targets, density, time flip, workers) and the stage-1 masks."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils.data import DataLoader
+
+from evpretrain.data.demo import DemoConfig, build_demo
+from evpretrain.data.store import EventStore, EventStoreWriter, StoreError
+from evpretrain.events.contract import EVENT_DTYPE
+from evpretrain.events.representations import voxel_grid
+from evpretrain.events.simulator import lin_log
+from evpretrain.pretrain.data import PretrainDataset, collate, event_density, time_flip
+from evpretrain.pretrain.masking import (
+    make_mask,
+    normalized_patch_target,
+    num_masked,
+    patch_density,
+    patchify,
+    unpatchify,
+)
+
+TINY_DEMO = DemoConfig(samples={"train": 6}, image_size=48, digit_size=20, num_frames=4)
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory):
+    return build_demo(TINY_DEMO, tmp_path_factory.mktemp("demo"), workers=1, progress=False)["train"]
+
+
+def random_events(rng, n, height, width, t_max=50_000):
+    events = np.empty(n, EVENT_DTYPE)
+    events["t"] = np.sort(rng.integers(0, t_max, n))
+    events["x"] = rng.integers(0, width, n)
+    events["y"] = rng.integers(0, height, n)
+    events["p"] = rng.choice(np.array([-1, 1], np.int8), n)
+    return events
+
+
+def reversed_in_time(events):
+    """The same events played backwards: times mirrored in the window, order reversed, polarity flipped."""
+    out = events[::-1].copy()
+    out["t"] = events["t"][0] + events["t"][-1] - out["t"]
+    out["p"] = -out["p"]
+    return out
+
+
+# --- the dataset ------------------------------------------------------------------------------------------------
+
+
+def test_sample_fields_shapes_and_dtypes(store_path):
+    dataset = PretrainDataset(store_path, with_image=True, image_size=(40, 56))
+    sample = dataset[2]
+    assert len(dataset) == 6
+    expected = {
+        "voxel": ((5, 48, 48), torch.float32),
+        "target_difference": ((1, 48, 48), torch.float32),
+        "target_frame": ((1, 48, 48), torch.float32),
+        "density": ((48, 48), torch.float32),
+        "label": ((), torch.int64),
+        "index": ((), torch.int64),
+        "image": ((3, 40, 56), torch.float32),
+    }
+    assert {k: (tuple(v.shape), v.dtype) for k, v in sample.items()} == expected
+    with EventStore(store_path) as store:
+        events, frames = store.events(2), store.dense("frames", 2)
+        assert int(sample["label"]) == int(store.labels[2]) and int(sample["index"]) == 2
+    np.testing.assert_array_equal(sample["voxel"].numpy(), voxel_grid(events, 5, height=48, width=48))
+    np.testing.assert_array_equal(sample["target_frame"][0].numpy(), frames[-1])
+    assert 0 <= float(sample["image"].min()) and float(sample["image"].max()) <= 1
+    assert torch.equal(sample["image"][0], sample["image"][2])  # grey in three channels
+
+
+def test_target_difference_is_the_log_intensity_change_over_the_window(store_path):
+    dataset = PretrainDataset(store_path)
+    with EventStore(store_path) as store:
+        threshold = store.attrs["builder_config"]["simulator"]["linear_threshold"]
+        for index in range(len(store)):
+            frames = store.dense("frames", index)
+            expected = lin_log(frames[-1], threshold) - lin_log(frames[0], threshold)
+            np.testing.assert_allclose(dataset[index]["target_difference"][0].numpy(), expected, atol=1e-5)
+
+
+def test_density_counts_every_event_at_its_pixel(store_path):
+    dataset = PretrainDataset(store_path)
+    with EventStore(store_path) as store:
+        for index in range(len(store)):
+            events = store.events(index)
+            density = dataset[index]["density"].numpy()
+            assert density.sum() == len(events) > 0
+            pixels = np.unique(np.stack([events["y"], events["x"]], axis=1), axis=0)
+            np.testing.assert_array_equal(np.argwhere(density > 0), pixels)
+
+
+def test_resized_input_interpolates_the_maps_and_keeps_the_event_count(store_path):
+    native = PretrainDataset(store_path)
+    for size in [(32, 24), (64, 64)]:
+        resized = PretrainDataset(store_path, input_size=size)
+        a, b = native[1], resized[1]
+        assert b["voxel"].shape == (5, *size) and b["density"].shape == size and b["target_frame"].shape == (1, *size)
+        for key in ("voxel", "target_difference", "target_frame"):
+            expected = F.interpolate(a[key][None], size=size, mode="bilinear", antialias=True)[0]
+            torch.testing.assert_close(b[key], expected)
+        assert float(b["density"].sum()) == float(a["density"].sum())
+        flipped = PretrainDataset(store_path, input_size=size, time_flip_p=1.0)[1]
+        torch.testing.assert_close(flipped["voxel"], time_flip(b["voxel"]))
+
+
+def test_event_density_maps_sensor_pixels_onto_the_grid():
+    events = np.zeros(4, EVENT_DTYPE)
+    events["x"] = [0, 1, 2, 5]
+    events["y"] = [0, 0, 3, 3]
+    density = event_density(events, sensor_size=(4, 6), size=(2, 3))
+    np.testing.assert_array_equal(density, [[2, 0, 0], [0, 1, 1]])
+
+
+def test_time_flip_reverses_bins_and_negates_voxel_and_difference(store_path):
+    plain = PretrainDataset(store_path, with_image=True, image_size=48)
+    flipped = PretrainDataset(store_path, time_flip_p=1.0, with_image=True, image_size=48)
+    with EventStore(store_path) as store:
+        for index in range(len(store)):
+            a, b = plain[index], flipped[index]
+            assert flipped.is_flipped(index) and not plain.is_flipped(index)
+            torch.testing.assert_close(b["voxel"], time_flip(a["voxel"]))
+            # The flipped grid is the grid of the window played backwards with flipped polarity.
+            backwards = voxel_grid(reversed_in_time(store.events(index)), 5, height=48, width=48)
+            np.testing.assert_allclose(b["voxel"].numpy(), backwards, atol=1e-5)
+            torch.testing.assert_close(b["target_difference"], -a["target_difference"])
+            np.testing.assert_array_equal(b["target_frame"][0].numpy(), store.dense("frames", index)[0])
+            for key in ("density", "image", "label", "index"):
+                assert torch.equal(a[key], b[key])
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), count=st.integers(2, 400), bins=st.integers(2, 7))
+def test_time_flip_equals_voxel_grid_of_reversed_events(seed, count, bins):
+    events = random_events(np.random.default_rng(seed), count, height=7, width=9)
+    grid = torch.from_numpy(voxel_grid(events, bins, height=7, width=9))
+    backwards = voxel_grid(reversed_in_time(events), bins, height=7, width=9)
+    np.testing.assert_allclose(time_flip(grid).numpy(), backwards, atol=1e-5)
+    assert torch.equal(time_flip(time_flip(grid)), grid)
+
+
+def test_time_flips_are_deterministic_per_seed_epoch_and_index(store_path):
+    def draws(dataset, epoch):
+        dataset.set_epoch(epoch)
+        return [dataset.is_flipped(i) for i in range(len(dataset))]
+
+    a = PretrainDataset(store_path, time_flip_p=0.5, seed=3)
+    b = PretrainDataset(store_path, time_flip_p=0.5, seed=3)
+    epochs = [draws(a, e) for e in range(8)]
+    assert epochs == [draws(b, e) for e in range(8)]
+    assert len({tuple(e) for e in epochs}) > 1  # the epoch changes the draws
+    assert epochs != [draws(PretrainDataset(store_path, time_flip_p=0.5, seed=4), e) for e in range(8)]
+    assert 0.2 < np.mean(epochs) < 0.8
+    a.set_epoch(5)
+    sample = a[4]
+    assert torch.equal(sample["voxel"], a[4]["voxel"])
+    plain = PretrainDataset(store_path)[4]["voxel"]
+    torch.testing.assert_close(sample["voxel"], time_flip(plain) if a.is_flipped(4) else plain)
+
+
+def test_data_loader_workers_give_the_in_process_batches(store_path):
+    dataset = PretrainDataset(store_path, time_flip_p=0.5, seed=1)
+    dataset[0]  # an open handle in the parent must not leak into the workers
+    loader = DataLoader(dataset, batch_size=3, num_workers=2, collate_fn=collate, persistent_workers=True)
+    draws = []
+    for epoch in range(2):
+        dataset.set_epoch(epoch)
+        draws.append([dataset.is_flipped(i) for i in range(len(dataset))])
+    assert draws[0] != draws[1]  # else a stale epoch in the workers would go unnoticed
+    for epoch in range(2):
+        dataset.set_epoch(epoch)  # reaches the persistent workers through shared memory
+        batches = list(loader)
+        expected = [collate([dataset[i] for i in range(s, s + 3)]) for s in (0, 3)]
+        assert [b["index"].tolist() for b in batches] == [[0, 1, 2], [3, 4, 5]]
+        assert batches[0]["voxel"].shape == (3, 5, 48, 48) and batches[0]["target_difference"].shape == (3, 1, 48, 48)
+        for got, want in zip(batches, expected):
+            assert got.keys() == want.keys()
+            for key in got:
+                assert torch.equal(got[key], want[key]), (epoch, key)
+
+
+def test_store_without_frames_or_labels(tmp_path):
+    path = tmp_path / "bare.h5"
+    rng = np.random.default_rng(0)
+    with EventStoreWriter(path, sensor_size=(16, 16), source="test") as writer:
+        writer.add_sample(random_events(rng, 50, 16, 16), diff_maps=np.zeros((2, 16, 16), np.float16))
+    sample = PretrainDataset(path)[0]
+    assert set(sample) == {"voxel", "target_difference", "density", "label", "index"}
+    assert int(sample["label"]) == -1 and sample["target_difference"].dtype == torch.float32
+    with pytest.raises(StoreError, match="needs frames"):
+        PretrainDataset(path, with_image=True)
+    with pytest.raises(IndexError):
+        PretrainDataset(path)[1]
+
+
+def test_uint8_frames_as_ef_stores_keep_them(tmp_path):
+    path = tmp_path / "ef.h5"
+    rng = np.random.default_rng(1)
+    frames = rng.integers(0, 256, (3, 16, 16), dtype=np.uint8)
+    with EventStoreWriter(path, sensor_size=(16, 16), source="test") as writer:
+        writer.add_sample(random_events(rng, 50, 16, 16), label=7, frames=frames)
+    sample = PretrainDataset(path, with_image=True, image_size=16, time_flip_p=1.0)[0]
+    assert int(sample["label"]) == 7 and "target_difference" not in sample
+    torch.testing.assert_close(sample["target_frame"][0], torch.from_numpy(frames[0] / 255.0).float())
+    torch.testing.assert_close(sample["image"][1], torch.from_numpy(frames[-1] / 255.0).float())
+
+
+# --- masks and patches ------------------------------------------------------------------------------------------
+
+
+def test_patch_density_sums_each_patch():
+    density = torch.arange(2 * 4 * 6, dtype=torch.float32).reshape(2, 4, 6)
+    per_patch = patch_density(density, 2)
+    assert per_patch.shape == (2, 6)
+    assert per_patch[0, 0] == 0 + 1 + 6 + 7 and per_patch[0, 5] == 16 + 17 + 22 + 23
+    assert torch.equal(per_patch.sum(1), density.sum((1, 2)))
+    with pytest.raises(ValueError, match="does not split"):
+        patch_density(density, 4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    kind=st.sampled_from(["random", "densest", "sparsest"]),
+    batch=st.integers(1, 4),
+    patches=st.integers(1, 50),
+    ratio=st.floats(0, 1),
+    levels=st.integers(1, 5),
+    seed=st.integers(0, 1000),
+)
+def test_masks_hide_exactly_their_share_and_the_right_patches(kind, batch, patches, ratio, levels, seed):
+    # Few distinct levels: many ties between equal densities.
+    density = torch.randint(0, levels, (batch, patches), generator=torch.Generator().manual_seed(seed)).float()
+    mask = make_mask(kind, density, ratio, torch.Generator().manual_seed(seed))
+    assert mask.dtype == torch.bool and mask.shape == (batch, patches)
+    assert (mask.sum(1) == num_masked(patches, ratio)).all()
+    for row, hidden in zip(density, mask):
+        if hidden.all() or not hidden.any():
+            continue
+        if kind == "densest":
+            assert row[hidden].min() >= row[~hidden].max()
+        elif kind == "sparsest":
+            assert row[hidden].max() <= row[~hidden].min()
+
+
+def test_mask_ties_are_random_but_reproducible():
+    flat = torch.zeros(64, 100)
+    first = make_mask("densest", flat, 0.5, torch.Generator().manual_seed(0))
+    assert torch.equal(first, make_mask("densest", flat, 0.5, torch.Generator().manual_seed(0)))
+    assert not torch.equal(first, make_mask("densest", flat, 0.5, torch.Generator().manual_seed(1)))
+    # Over many rows every patch is masked about half the time: no position is preferred.
+    frequency = first.float().mean(0)
+    assert 0.2 < float(frequency.min()) and float(frequency.max()) < 0.8
+    # The densest of a real density: the masked patches are those with the most events.
+    density = torch.tensor([[5.0, 0, 9, 1, 9, 2]])
+    assert make_mask("densest", density, 0.5).tolist() == [[True, False, True, False, True, False]]
+    assert make_mask("sparsest", density, 0.5).tolist() == [[False, True, False, True, False, True]]
+
+
+def test_make_mask_rejects_unknown_kind_and_ratio():
+    with pytest.raises(ValueError, match="mask kind"):
+        make_mask("dense", torch.zeros(1, 4), 0.5)
+    with pytest.raises(ValueError, match="mask ratio"):
+        make_mask("random", torch.zeros(1, 4), 1.5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    batch=st.integers(1, 3), channels=st.integers(1, 5), p=st.integers(1, 4), h=st.integers(1, 4), w=st.integers(1, 4)
+)
+def test_patchify_round_trip(batch, channels, p, h, w):
+    images = torch.randn(batch, channels, h * p, w * p)
+    patches = patchify(images, p)
+    assert patches.shape == (batch, h * w, p * p * channels)
+    assert torch.equal(unpatchify(patches, p, (h, w)), images)
+
+
+def test_patchify_layout_is_maes():
+    images = torch.arange(2 * 4 * 4, dtype=torch.float32).reshape(1, 2, 4, 4)
+    patches = patchify(images, 2)
+    # Patch 1 is the top-right 2x2 block; its vector runs over rows, then columns, then channels.
+    assert patches[0, 1].tolist() == [2, 18, 3, 19, 6, 22, 7, 23]
+    assert torch.equal(unpatchify(patches, 2), images)
+
+
+def test_normalized_patch_target_standardises_each_patch():
+    target = torch.randn(2, 1, 8, 8) * 3 + 5
+    target[0, 0, :4, :4] = 2.0  # a constant patch
+    normalised = normalized_patch_target(target, 4)
+    assert normalised.shape == (2, 4, 16) and normalised.dtype == torch.float32
+    assert torch.equal(normalised[0, 0], torch.zeros(16))
+    torch.testing.assert_close(normalised[:, 1:].mean(-1), torch.zeros(2, 3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(normalised[:, 1:].var(-1), torch.ones(2, 3), atol=1e-3, rtol=0)
