@@ -93,6 +93,32 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from evpretrain.config import load_yaml
+    from evpretrain.pretrain.run import pretrain_config, run_stage
+
+    config = pretrain_config(load_yaml(args.config))
+    metrics = run_stage(
+        args.stage,
+        config,
+        train_store=args.data,
+        val_store=args.val,
+        teacher_features=args.teacher_features,
+        init=args.init,
+        out=args.out,
+    )
+    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}, default=str))
+    return 0
+
+
+def _cmd_teacher_features(args: argparse.Namespace) -> int:
+    from evpretrain.config import load_yaml
+    from evpretrain.pretrain.run import pretrain_config, teacher_features_for
+
+    print(teacher_features_for(pretrain_config(load_yaml(args.config)), args.data, args.out, device=args.device))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evpretrain", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="group", required=True)
@@ -142,6 +168,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="processes (default: the cores this process may use)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert)
+
+    p = commands.add_parser("pretrain", help="run one pre-training stage (resumes from OUT/checkpoint.pt)")
+    p.add_argument("--stage", required=True, type=int, choices=(1, 2, 3))
+    p.add_argument("--config", required=True, type=Path, help="study config (YAML) with a pretrain section")
+    p.add_argument("--data", required=True, type=Path, help="training event store (.h5)")
+    p.add_argument("--val", type=Path, help="labelled validation store for the kNN monitor")
+    p.add_argument("--teacher-features", type=Path, help="cached teacher tokens of --data (stages 2 and 3)")
+    p.add_argument("--init", type=Path, help="checkpoint.pt of the previous stage")
+    p.add_argument("--out", required=True, type=Path, help="run folder: checkpoint.pt, metrics.json, figures")
+    p.set_defaults(func=_cmd_pretrain)
+
+    p = commands.add_parser("teacher-features", help="cache the frozen image teacher's tokens of a store")
+    p.add_argument("--config", required=True, type=Path, help="study config with pretrain.teacher and the backbone")
+    p.add_argument("--data", required=True, type=Path, help="event store with frames (.h5)")
+    p.add_argument("--out", required=True, type=Path, help="output features file (.h5)")
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    p.set_defaults(func=_cmd_teacher_features)
     return parser
 
 

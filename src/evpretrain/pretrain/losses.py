@@ -1,0 +1,102 @@
+"""Pre-training losses: masked reconstruction (stage 1) and token-level InfoNCE (stages 2 and 3)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def masked_reconstruction_loss(
+    pred: torch.Tensor, target_patches: torch.Tensor, mask: torch.Tensor, *, normalize_target: bool = True
+) -> torch.Tensor:
+    """MSE on the masked patches (MAE's loss).
+
+    pred, target_patches: (B, N, P) patch values; mask: (B, N) bool, True = masked (the loss counts only those; with
+    no masked patch every patch counts). ``normalize_target``: each target patch to zero mean, unit variance.
+    """
+    target = target_patches.float()
+    if normalize_target:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6).sqrt()
+    per_patch = ((pred.float() - target) ** 2).mean(dim=-1)
+    weights = mask.float() if mask.any() else torch.ones_like(per_patch)
+    return (per_patch * weights).sum() / weights.sum()
+
+
+class TokenInfoNCE(nn.Module):
+    """Token-level InfoNCE: a student token's positive is the teacher token at the same position.
+
+    Negatives: a queue per position of the last ``queue_length`` teacher tokens (MoCo-style, the paper's default
+    length 1024), or, with ``queue_length=0``, the other images' teacher tokens at that position in the batch,
+    gathered across ranks. ``forward`` returns the per-token loss (B, N) so that stage 3 can weight tokens by the
+    value of their region.
+    """
+
+    def __init__(self, dim: int, num_positions: int, queue_length: int = 1024, temperature: float = 0.07):
+        super().__init__()
+        self.temperature = temperature
+        self.queue_length = queue_length
+        if queue_length > 0:
+            queue = F.normalize(torch.randn(dim, num_positions, queue_length), dim=0)
+            self.register_buffer("queue", queue)
+            self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """student, teacher: (B, N, D) -> per-token cross-entropy (B, N)."""
+        q = F.normalize(student.float(), dim=-1)
+        k = F.normalize(teacher.float(), dim=-1)
+        if self.queue_length > 0:
+            positive = torch.einsum("bnc,bnc->bn", q, k).unsqueeze(-1)
+            negative = torch.einsum("bnc,cnk->bnk", q, self.queue.clone())
+            logits = torch.cat([positive, negative], dim=-1) / self.temperature
+            labels = torch.zeros(logits.shape[:2], dtype=torch.long, device=logits.device)
+            if self.training:
+                self._enqueue(_gather(k.detach()))
+        else:
+            keys = _gather_with_grad(k)
+            logits = torch.einsum("bnc,mnc->bnm", q, keys) / self.temperature
+            offset = dist.get_rank() * q.shape[0] if _distributed() else 0
+            labels = (torch.arange(q.shape[0], device=q.device) + offset).unsqueeze(-1).expand(-1, q.shape[1])
+        return F.cross_entropy(logits.permute(0, 2, 1), labels, reduction="none")
+
+    @torch.no_grad()
+    def _enqueue(self, keys: torch.Tensor) -> None:
+        # keys (B_all, N, D) -> queue slots [ptr, ptr + B_all) modulo the length, at every position.
+        count = keys.shape[0]
+        slots = (self.queue_ptr + torch.arange(count, device=keys.device)) % self.queue_length
+        self.queue[:, :, slots] = keys.permute(2, 1, 0).to(self.queue.dtype)
+        self.queue_ptr.copy_((self.queue_ptr + count) % self.queue_length)
+
+
+def weighted_token_mean(per_token: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean of a per-token loss (B, N), weighted by ``weights`` (B, N) >= 0 when given."""
+    if weights is None:
+        return per_token.mean()
+    weights = weights.to(per_token.dtype)
+    return (per_token * weights).sum() / weights.sum().clamp_min(1e-12)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@torch.no_grad()
+def _gather(tensor: torch.Tensor) -> torch.Tensor:
+    if not _distributed():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def _gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """All ranks' tensors concatenated; the local slice keeps its gradient (the others are constants)."""
+    if not _distributed():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.detach().contiguous())
+    parts[dist.get_rank()] = tensor
+    return torch.cat(parts)

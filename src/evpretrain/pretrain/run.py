@@ -1,0 +1,253 @@
+"""Run one pre-training stage from the study config: data, model, initialisation, training, figures.
+
+Stage 1 starts from scratch (or ``init``); stage 2 takes the backbone of a stage-1 checkpoint and new heads;
+stage 3 takes the whole stage-2 module (backbone and heads) and trains everything with a focus on informative
+regions. Every stage writes ``out/checkpoint.pt`` (resumable) and ``out/metrics.json``; stage 1 also writes
+``out/reconstructions.png``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, Subset
+
+from evpretrain.config import ConfigError, from_mapping, to_mapping
+from evpretrain.models import create_backbone
+from evpretrain.pretrain.data import PretrainDataset
+from evpretrain.pretrain.stages import ContrastConfig, FeatureTransition, MaskedModeling, MaskedModelingConfig
+from evpretrain.training import KnnMonitor, MlflowHook, TrainConfig, load_checkpoint, train
+from evpretrain.training.optim import param_groups, scales_for_layers
+
+
+@dataclass(frozen=True)
+class PretrainDataConfig:
+    """Input of every stage. ``input_size`` (H, W) pixels, None = the store's sensor size."""
+
+    num_bins: int = 5
+    input_size: tuple[int, int] | None = None
+    time_flip_p: float = 0.5
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class KnnConfig:
+    """The kNN monitor: ``memory`` labelled training samples, ``queries`` validation samples (0 = off)."""
+
+    every_steps: int = 100
+    memory: int = 600
+    queries: int = 150
+    k: int = 20
+    temperature: float = 0.07
+
+
+@dataclass(frozen=True)
+class LayerLrConfig:
+    """Stage 3's layer-wise learning-rate factors: ``none``, ``decay`` (``decay`` ** depth from the top) or
+    ``grafted`` (0.01 / 0.1 / 1.0 over the thirds of the blocks)."""
+
+    rule: Literal["none", "decay", "grafted"] = "none"
+    decay: float = 0.75
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """The frozen image teacher whose tokens stages 2 and 3 learn from (``weights``: a local file, for CLIP)."""
+
+    name: str = "efficientnet_lite0"
+    weights: str | None = None
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class Stage1Config:
+    train: TrainConfig
+    method: MaskedModelingConfig = field(default_factory=MaskedModelingConfig)
+
+
+@dataclass(frozen=True)
+class ContrastStageConfig:
+    train: TrainConfig
+    method: ContrastConfig = field(default_factory=ContrastConfig)
+    layer_lr: LayerLrConfig = field(default_factory=LayerLrConfig)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Config section ``pretrain``."""
+
+    backbone: str
+    stage1: Stage1Config
+    stage2: ContrastStageConfig
+    stage3: ContrastStageConfig
+    backbone_overrides: dict[str, Any] = field(default_factory=dict)
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    knn: KnnConfig = field(default_factory=KnnConfig)
+    mlflow: dict[str, str] = field(default_factory=dict)  # {tracking_uri, experiment}; empty = no MLflow
+
+
+def pretrain_config(study: dict[str, Any]) -> PretrainConfig:
+    """The validated ``pretrain`` section of a study config."""
+    if "pretrain" not in study:
+        raise ConfigError("config has no section 'pretrain'")
+    return from_mapping(PretrainConfig, study["pretrain"], "pretrain")
+
+
+def teacher_features_for(config: PretrainConfig, store: Path, out: Path, *, device: str | None = None) -> Path:
+    """Compute the teacher's tokens of every sample of ``store`` on the backbone's token grid into ``out``."""
+    from evpretrain.teachers import compute_teacher_features, create_teacher
+
+    backbone = create_backbone(config.backbone, in_chans=config.data.num_bins, **config.backbone_overrides)
+    options = {"weights": config.teacher.weights} if config.teacher.weights else {}
+    teacher = create_teacher(config.teacher.name, **options)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return compute_teacher_features(
+        store, teacher, out, grid_size=tuple(backbone.grid_size), batch_size=config.teacher.batch_size, device=device
+    )
+
+
+def build_stage_module(stage: int, config: PretrainConfig, teacher_dim: int | None) -> nn.Module:
+    """The stage's module around a fresh backbone (weights loaded separately by ``initialise``)."""
+    backbone = create_backbone(config.backbone, in_chans=config.data.num_bins, **config.backbone_overrides)
+    if stage == 1:
+        return MaskedModeling(backbone, config.stage1.method)
+    if teacher_dim is None:
+        raise ConfigError(f"stage {stage} needs teacher features (--teacher-features)")
+    method = (config.stage2 if stage == 2 else config.stage3).method
+    return FeatureTransition(backbone, teacher_dim, method)
+
+
+def initialise(module: nn.Module, stage: int, init: Path | None) -> dict[str, list[str]]:
+    """Load ``init`` (a checkpoint.pt of the previous stage) into ``module``; return the keys left out.
+
+    Stage 1 and 2 take its backbone only; stage 3 takes the whole stage-2 module (the same heads).
+    """
+    if init is None:
+        return {"missing": [], "unexpected": []}
+    state = load_checkpoint(init)["model"]
+    if stage == 3:
+        result = module.load_state_dict(state, strict=True)
+    else:
+        backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+        if not backbone:
+            raise ConfigError(f"{init}: holds no backbone weights (no 'backbone.' keys)")
+        result = module.backbone.load_state_dict(backbone, strict=True)
+    return {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys)}
+
+
+def stage_param_groups(module: nn.Module, stage: int, config: PretrainConfig, weight_decay: float) -> list[dict]:
+    """Optimizer groups: stage 2 freezes the backbone but its final norm; stage 3 applies the layer-lr rule."""
+    if stage == 2:
+        module.freeze_for_transition()
+    scales = None
+    if stage == 3 and config.stage3.layer_lr.rule != "none":
+        backbone = module.backbone
+        ids = {
+            name: backbone.layer_id(name.removeprefix("backbone.")) if name.startswith("backbone.")
+            else backbone.num_layers - 1
+            for name, _ in module.named_parameters()
+        }
+        rule = config.stage3.layer_lr
+        scales = scales_for_layers(ids, backbone.num_layers - 2, rule.rule, decay=rule.decay)
+    return param_groups(module, weight_decay, lr_scales=scales)
+
+
+class _WithTeacher(Dataset):
+    """Adds the cached teacher tokens of each sample to the pre-training batch (key ``teacher``)."""
+
+    def __init__(self, dataset: PretrainDataset, features: Any):
+        self.dataset, self.features = dataset, features
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.dataset[index] | {"teacher": self.features[index]}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+
+def _step(model: nn.Module, batch: dict[str, torch.Tensor]):
+    loss, metrics, _ = model(batch)
+    return loss, metrics
+
+
+def _embed(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    backbone = model.backbone
+    return backbone.pool(backbone(batch["voxel"]))
+
+
+def run_stage(
+    stage: int,
+    config: PretrainConfig,
+    *,
+    train_store: Path,
+    out: Path,
+    val_store: Path | None = None,
+    teacher_features: Path | None = None,
+    init: Path | None = None,
+    run_name: str | None = None,
+) -> dict[str, Any]:
+    """Train one stage into ``out``; return its final metrics (also in ``out/metrics.json``)."""
+    if stage not in (1, 2, 3):
+        raise ConfigError(f"--stage must be 1, 2 or 3, got {stage}")
+    stage_config = {1: config.stage1, 2: config.stage2, 3: config.stage3}[stage]
+    data = config.data
+    dataset: Dataset = PretrainDataset(
+        train_store, num_bins=data.num_bins, input_size=data.input_size, time_flip_p=data.time_flip_p, seed=data.seed
+    )
+    teacher_dim = None
+    if stage > 1:
+        from evpretrain.teachers import TeacherFeatures
+
+        if teacher_features is None:
+            raise ConfigError(f"stage {stage} needs --teacher-features (see `evpretrain teacher-features`)")
+        features = TeacherFeatures(teacher_features, store=train_store)  # refuses features of another store
+        teacher_dim = features.embed_dim
+        dataset = _WithTeacher(dataset, features)
+    torch.manual_seed(stage_config.train.seed)  # the initial weights of the new parts are part of the run's recipe
+    module = build_stage_module(stage, config, teacher_dim)
+    if stage > 1 and features.grid_size != tuple(module.backbone.grid_size):
+        raise ConfigError(
+            f"{teacher_features}: teacher tokens on a {features.grid_size} grid, the backbone's is "
+            f"{tuple(module.backbone.grid_size)}: compute them for the backbone's grid (`evpretrain teacher-features`)"
+        )
+    left_out = initialise(module, stage, init)
+    groups = stage_param_groups(module, stage, config, stage_config.train.weight_decay)
+    hooks = []
+    if val_store is not None and config.knn.memory > 0 and config.knn.queries > 0:
+        memory = PretrainDataset(train_store, num_bins=data.num_bins, input_size=data.input_size)
+        queries = PretrainDataset(val_store, num_bins=data.num_bins, input_size=data.input_size)
+        hooks.append(
+            KnnMonitor(
+                _embed,
+                Subset(memory, range(min(config.knn.memory, len(memory)))),
+                Subset(queries, range(min(config.knn.queries, len(queries)))),
+                every_steps=config.knn.every_steps,
+                k=config.knn.k,
+                temperature=config.knn.temperature,
+            )
+        )
+    if config.mlflow.get("tracking_uri"):
+        hooks.append(
+            MlflowHook(
+                config.mlflow["tracking_uri"],
+                config.mlflow.get("experiment", "evpretrain"),
+                run_name or f"stage{stage}",
+                {"stage": stage, **to_mapping(config)},
+            )
+        )
+    metrics = train(module, _step, dataset, stage_config.train, out, param_groups=groups, hooks=hooks)
+    metrics = dict(metrics) | {"init": str(init) if init else None, "init_left_out": left_out}
+    if stage == 1:
+        from evpretrain.pretrain.figures import reconstruction_figure
+
+        reconstruction_figure(module, PretrainDataset(val_store or train_store, num_bins=data.num_bins,
+                                                      input_size=data.input_size), out / "reconstructions.png")
+    return metrics

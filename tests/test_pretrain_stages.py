@@ -1,0 +1,137 @@
+"""The three stages: freezing, focus weights, initialisation from the previous stage, the CLI end to end."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from evpretrain.cli import main
+from evpretrain.data.demo import DemoConfig, build_demo
+from evpretrain.pretrain.run import PretrainConfig, build_stage_module, initialise, pretrain_config, stage_param_groups
+from evpretrain.pretrain.stages import focus_weights
+
+TINY = {
+    "backbone": "vit_demo",
+    "backbone_overrides": {"img_size": [32, 32], "depth": 2},
+    "data": {"input_size": [32, 32]},
+    "knn": {"every_steps": 2, "memory": 8, "queries": 4, "k": 3},
+    "stage1": {"method": {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2},
+               "train": {"epochs": 1, "batch_size": 4, "base_lr": 1e-3, "max_steps": 2}},
+    "stage2": {"method": {"hidden_dim": 32, "queue_length": 8},
+               "train": {"epochs": 1, "batch_size": 4, "base_lr": 1e-3, "max_steps": 2}},
+    "stage3": {"method": {"hidden_dim": 32, "queue_length": 8, "focus": "density"},
+               "layer_lr": {"rule": "grafted"},
+               "train": {"epochs": 1, "batch_size": 4, "base_lr": 1e-3, "max_steps": 2}},
+}
+
+
+def tiny_config(**changes) -> PretrainConfig:
+    return pretrain_config({"pretrain": TINY | changes})
+
+
+def random_batch(module, batch=4, teacher_dim=None):
+    backbone = module.backbone
+    h, w = backbone.img_size
+    out = {
+        "voxel": torch.randn(batch, backbone.in_chans, h, w),
+        "density": torch.rand(batch, h, w),
+        "target_difference": torch.randn(batch, 1, h, w),
+    }
+    if teacher_dim:
+        out["teacher"] = torch.randn(batch, backbone.num_tokens, teacher_dim)
+    return out
+
+
+def test_stage2_trains_only_the_final_norm_of_the_backbone_and_the_heads():
+    torch.manual_seed(0)
+    config = tiny_config()
+    module = build_stage_module(2, config, teacher_dim=12)
+    groups = stage_param_groups(module, 2, config, weight_decay=0.05)
+    optimizer = torch.optim.AdamW(groups, lr=1e-2)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    loss, _, _ = module(random_batch(module, teacher_dim=12))
+    loss.backward()
+    optimizer.step()
+    after = module.state_dict()
+    changed = {k for k in before if before[k].is_floating_point() and not torch.equal(before[k], after[k])}
+    backbone_changed = {k for k in changed if k.startswith("backbone.")}
+    assert backbone_changed == {"backbone.norm.weight", "backbone.norm.bias"}
+    assert any(k.startswith("projector.") for k in changed) and any(k.startswith("teacher_projection.") for k in changed)
+    trainable = {n for g in groups for p in g["params"] for n, q in module.named_parameters() if q is p}
+    assert {n for n in trainable if n.startswith("backbone.")} == {"backbone.norm.weight", "backbone.norm.bias"}
+
+
+def test_stage3_layer_rule_scales_the_backbone_by_depth():
+    config = tiny_config()
+    module = build_stage_module(3, config, teacher_dim=12)
+    groups = stage_param_groups(module, 3, config, weight_decay=0.05)
+    scale = {n: g["lr_scale"] for g in groups for p in g["params"] for n, q in module.named_parameters() if q is p}
+    assert scale["backbone.blocks.0.attn.qkv.weight"] == 0.01  # first third of the blocks (grafted)
+    assert scale["backbone.blocks.1.attn.qkv.weight"] == 0.1
+    assert scale["projector.layers.0.weight"] == 1.0
+    assert all(p.requires_grad for p in module.parameters())
+
+
+def test_focus_weights_follow_the_region_value_with_mean_one():
+    density = torch.zeros(1, 4, 4)
+    density[0, :2, :2] = 10.0  # all events in the top-left patch of a 2x2 grid of 2-pixel patches
+    weights = focus_weights("density", {"density": density}, patch_size=2)
+    assert weights.shape == (1, 4)
+    assert weights.mean().item() == pytest.approx(1.0)
+    assert weights[0, 0] > 3.5 and torch.all(weights[0, 1:] > 0)  # empty patches keep a floor
+    difference = torch.zeros(1, 1, 4, 4)
+    difference[0, 0, 2:, 2:] = 1.0
+    weights = focus_weights("difference", {"target_difference": difference}, patch_size=2)
+    assert weights.argmax().item() == 3
+    assert focus_weights("none", {}, 2) is None
+
+
+def test_each_stage_starts_from_the_previous_ones_weights(tmp_path):
+    config = tiny_config()
+    stage1 = build_stage_module(1, config, None)
+    torch.save({"model": stage1.state_dict()}, tmp_path / "s1.pt")
+    stage2 = build_stage_module(2, config, teacher_dim=12)
+    assert initialise(stage2, 2, tmp_path / "s1.pt") == {"missing": [], "unexpected": []}
+    for k, v in stage1.backbone.state_dict().items():
+        assert torch.equal(stage2.backbone.state_dict()[k], v)
+    torch.save({"model": stage2.state_dict()}, tmp_path / "s2.pt")
+    stage3 = build_stage_module(3, config, teacher_dim=12)
+    initialise(stage3, 3, tmp_path / "s2.pt")
+    for k, v in stage2.state_dict().items():
+        assert torch.equal(stage3.state_dict()[k], v)  # the same heads, the same queue
+
+
+def test_config_errors_name_the_key():
+    from evpretrain.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"pretrain\.stage1\.method\.masking: expected one of"):
+        tiny_config(stage1={"method": {"masking": "edges"}, "train": TINY["stage1"]["train"]})
+    with pytest.raises(ConfigError, match=r"pretrain\.stage2: missing required key\(s\) \['train'\]"):
+        tiny_config(stage2={})
+
+
+@pytest.mark.slow
+def test_three_stages_run_from_the_cli_and_resume(tmp_path):
+    stores = build_demo(DemoConfig(samples={"train": 8, "val": 4}, image_size=32, digit_size=12, num_frames=3,
+                                   pan_speed_px_per_frame=(0.5, 1.0), digit_drift_px_per_frame=0.3),
+                        tmp_path / "data", workers=1, progress=False)
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump({"pretrain": TINY}))
+    common = ["--config", str(config), "--data", str(stores["train"]), "--val", str(stores["val"])]
+    assert main(["pretrain", "--stage", "1", *common, "--out", str(tmp_path / "s1")]) == 0
+    assert (tmp_path / "s1" / "reconstructions.png").stat().st_size > 1000
+    assert main(["teacher-features", "--config", str(config), "--data", str(stores["train"]),
+                 "--out", str(tmp_path / "teacher.h5")]) == 0
+    features = ["--teacher-features", str(tmp_path / "teacher.h5")]
+    assert main(["pretrain", "--stage", "2", *common, *features, "--init", str(tmp_path / "s1" / "checkpoint.pt"),
+                 "--out", str(tmp_path / "s2")]) == 0
+    assert main(["pretrain", "--stage", "3", *common, *features, "--init", str(tmp_path / "s2" / "checkpoint.pt"),
+                 "--out", str(tmp_path / "s3")]) == 0
+    metrics = json.loads((tmp_path / "s3" / "metrics.json").read_text())
+    assert metrics["step"] == 2 and "knn_top1" in metrics and metrics["loss_con"] > 0
+    # A rerun finds the finished checkpoint and does not train again.
+    before = (tmp_path / "s3" / "checkpoint.pt").stat().st_mtime_ns
+    assert main(["pretrain", "--stage", "3", *common, *features, "--init", str(tmp_path / "s2" / "checkpoint.pt"),
+                 "--out", str(tmp_path / "s3")]) == 0
+    assert (tmp_path / "s3" / "checkpoint.pt").stat().st_mtime_ns == before
