@@ -1,0 +1,62 @@
+"""Settings of the training loop (config section ``<stage>.train``), shared by every stage that trains."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+# Settings that change how a run executes but not the weights it ends with: a run may resume under other values.
+EXECUTION_FIELDS = frozenset({"num_workers", "log_every_steps", "checkpoint_every_steps", "max_steps"})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to optimise: AdamW, a per-step cosine schedule with linear warm-up, checkpoints, precision.
+
+    The peak learning rate is ``base_lr * batch_size * world_size / 256`` (MAE's linear scaling rule), with
+    ``batch_size`` the batch of ONE process; ``min_lr`` is absolute (not scaled), as in MAE.
+    ``warmup_epochs`` may be fractional. ``clip_grad`` is the max global L2 norm of the gradients, None = no clipping.
+    ``amp``: "auto" = bf16 autocast on CUDA and full float32 on CPU; "bf16" = bf16 autocast on any device; "off".
+    ``max_steps`` stops the run early (tests, benchmarks) without changing the schedule, which always spans
+    ``epochs``; a later run with a larger cap (or none) resumes and continues on the same trajectory.
+    """
+
+    epochs: int
+    batch_size: int
+    base_lr: float
+    min_lr: float = 0.0
+    warmup_epochs: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip_grad: float | None = None
+    checkpoint_every_steps: int = 1000
+    seed: int = 0
+    amp: Literal["auto", "off", "bf16"] = "auto"
+    num_workers: int = 0
+    log_every_steps: int = 50
+    max_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "checkpoint_every_steps", "log_every_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.base_lr <= 0:
+            raise ValueError(f"base_lr must be > 0, got {self.base_lr}")
+        if not 0 <= self.min_lr <= self.base_lr:
+            raise ValueError(f"min_lr must lie in [0, base_lr], got {self.min_lr}")
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise ValueError(f"warmup_epochs must lie in [0, epochs], got {self.warmup_epochs}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise ValueError(f"clip_grad must be > 0 or None, got {self.clip_grad}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.amp not in ("auto", "off", "bf16"):
+            raise ValueError(f"amp must be one of auto, off, bf16, got {self.amp!r}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")

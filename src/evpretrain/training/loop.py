@@ -1,0 +1,374 @@
+"""The training loop every stage shares: AdamW on a per-step cosine schedule, checkpoints a preempted run resumes
+from exactly, a stop on a non-finite loss, DDP when launched with several processes, metrics.json, hooks.
+
+Exact resume: the weights after a run that was killed and rerun equal, bit for bit, those of an uninterrupted run.
+What each step sees is a function of the step alone: the data position is ``divmod(step, steps_per_epoch)``, the
+sampler's order depends on (seed, epoch), each sample's augmentation on (seed, epoch, index) (not on the loader's
+workers), and the checkpoint holds every rank's RNG states for what the step itself draws (dropout, masks).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from evpretrain.config import to_mapping
+from evpretrain.training.checkpoint import (
+    CHECKPOINT_NAME,
+    METRICS_NAME,
+    load_checkpoint,
+    save_checkpoint,
+    write_json,
+)
+from evpretrain.training.config import EXECUTION_FIELDS, TrainConfig
+from evpretrain.training.distributed import (
+    ProcessLayout,
+    gather_objects,
+    init_process_group,
+    mean_across_ranks,
+    process_layout,
+    resolve_device,
+    to_device,
+)
+from evpretrain.training.hooks import Hook, TrainState
+from evpretrain.training.optim import build_optimizer, cosine_schedule, peak_lr
+from evpretrain.training.rng import capture_rng_state, restore_rng_state, seed_all
+from evpretrain.training.sampling import EpochBatchSampler, SeededSamples
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+
+StepFn = Callable[[nn.Module, Any], tuple[torch.Tensor, Mapping[str, float | torch.Tensor]]]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the run stopped before the step and left its last checkpoint untouched.
+
+    ``step`` is the number (1-based, as in the log) of the step whose loss was not finite; ``checkpoint_step`` the
+    step the kept checkpoint holds (None when none was written).
+    """
+
+    def __init__(
+        self, step: int, loss: float, terms: Mapping[str, float], checkpoint: Path, checkpoint_step: int | None
+    ):
+        self.step = step
+        self.loss = loss
+        self.terms = dict(terms)
+        self.checkpoint = checkpoint
+        self.checkpoint_step = checkpoint_step
+        kept = (
+            f"the last good checkpoint {checkpoint} (step {checkpoint_step}) is kept"
+            if checkpoint_step is not None
+            else "no checkpoint had been written yet"
+        )
+        super().__init__(f"non-finite loss {loss} at step {step} (loss terms {self.terms}); {kept}")
+
+
+class ResumeError(ValueError):
+    """The checkpoint in the output folder belongs to a run with other settings: resuming would not continue it."""
+
+
+def train(
+    model: nn.Module,
+    step_fn: StepFn,
+    dataset: Dataset,
+    config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    param_groups: Sequence[Mapping[str, Any]] | None = None,
+    hooks: Sequence[Hook] = (),
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
+    """Train ``model`` in place and return the final metrics (also written to ``out_dir/metrics.json``).
+
+    ``step_fn(model, batch) -> (loss, {name: float})`` computes the scalar loss of one batch (already on the
+    device, under the run's autocast) and its terms for logging. Under several processes ``model`` is the
+    DistributedDataParallel wrapper: call its forward (``model(...)``), not a submodule, or gradients are not
+    synchronised. The logged ``loss`` is averaged over ranks; the terms are rank 0's.
+
+    ``param_groups`` (optional) are optimizer groups with ``lr_scale`` and ``weight_decay`` keys (see
+    ``optim.param_groups`` and ``optim.layer_scales``); by default, MAE's decay / no-decay split of ``model``.
+    ``device``: default ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU. A dataset with a
+    ``set_epoch(epoch)`` method (as for ``DistributedSampler``) is told each epoch before its batches are loaded.
+
+    ``out_dir/checkpoint.pt`` is written every ``config.checkpoint_every_steps`` steps and at the end; when it
+    exists, the run resumes from it (a finished run returns its metrics at once). Launched with several
+    processes (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT`` set), the loop joins the process group
+    (NCCL on GPUs, gloo on CPUs), shards the data, and rank 0 writes the files.
+    Raises NonFiniteLossError on a NaN or infinite loss, ResumeError on a checkpoint of other settings.
+    """
+    layout = process_layout()
+    device = resolve_device(device, layout)
+    joined = init_process_group(layout, device)
+    try:
+        return _train(model, step_fn, dataset, config, Path(out_dir), collate_fn, param_groups, hooks, device, layout)
+    finally:
+        if joined:
+            dist.destroy_process_group()
+
+
+def _train(
+    model: nn.Module,
+    step_fn: StepFn,
+    dataset: Dataset,
+    config: TrainConfig,
+    out_dir: Path,
+    collate_fn: Callable[[list[Any]], Any] | None,
+    param_groups: Sequence[Mapping[str, Any]] | None,
+    hooks: Sequence[Hook],
+    device: torch.device,
+    layout: ProcessLayout,
+) -> dict[str, Any]:
+    sampler = EpochBatchSampler(
+        len(dataset), config.batch_size, seed=config.seed, rank=layout.rank, world_size=layout.world_size
+    )
+    steps_per_epoch = sampler.batches_per_epoch
+    total_steps = config.epochs * steps_per_epoch
+    schedule = {
+        "peak_lr": peak_lr(config, layout.world_size),
+        "min_lr": config.min_lr,
+        "warmup_steps": round(config.warmup_epochs * steps_per_epoch),
+        "total_steps": total_steps,
+    }
+    stop_step = total_steps if config.max_steps is None else min(config.max_steps, total_steps)
+    model.to(device)
+    optimizer = build_optimizer(model if param_groups is None else param_groups, config, layout.world_size)
+    state = TrainState(
+        config=config,
+        out_dir=out_dir,
+        model=model,
+        device=device,
+        amp=config.amp == "bf16" or (config.amp == "auto" and device.type == "cuda"),
+        rank=layout.rank,
+        world_size=layout.world_size,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        stop_step=stop_step,
+        start_step=0,
+        peak_lr=schedule["peak_lr"],
+    )
+    checkpoint_path = out_dir / CHECKPOINT_NAME
+    window = _MeanWindow()
+    logged: dict[str, float] = {}
+    elapsed_before = 0.0
+    checkpoint_step = None
+    if checkpoint_path.exists():
+        checkpoint = load_checkpoint(checkpoint_path)
+        _check_resumable(checkpoint, config, schedule, layout.world_size, checkpoint_path)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        restore_rng_state(checkpoint["rng"][layout.rank])
+        if len(checkpoint["hooks"]) == len(hooks):
+            for hook, hook_state in zip(hooks, checkpoint["hooks"]):
+                hook.load_state_dict(hook_state)
+        else:
+            logger.warning(
+                "%s holds the state of %d hooks, this run has %d: hooks start afresh",
+                checkpoint_path,
+                len(checkpoint["hooks"]),
+                len(hooks),
+            )
+        window.load_state_dict(checkpoint["window"])
+        logged = dict(checkpoint["logged"])
+        elapsed_before = checkpoint["elapsed_s"]
+        state.step = state.start_step = checkpoint_step = checkpoint["step"]
+        if state.step >= stop_step:
+            if layout.is_main and not (out_dir / METRICS_NAME).exists():
+                write_json(checkpoint["metrics"], out_dir / METRICS_NAME)
+            return dict(checkpoint["metrics"])
+        if layout.is_main:
+            logger.info("resuming %s at step %d of %d", checkpoint_path, state.step, stop_step)
+    else:
+        # Seeds what the steps draw (dropout, masks); the caller seeds the model's initialisation.
+        seed_all(config.seed + layout.rank)
+
+    net = model
+    if layout.distributed:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    loader = DataLoader(
+        SeededSamples(dataset, config.seed),
+        batch_sampler=sampler,
+        num_workers=config.num_workers,
+        collate_fn=collate_fn,
+        pin_memory=device.type == "cuda",
+        persistent_workers=config.num_workers > 0,
+        generator=torch.Generator(),  # else starting an iterator draws a worker seed from the global RNG
+    )
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    global_batch = config.batch_size * layout.world_size
+    model.train()
+    for hook in hooks:
+        hook.on_train_start(state)
+    progress = tqdm(total=stop_step, initial=state.step, unit="step", disable=not layout.is_main, dynamic_ncols=True)
+    session_start = time.perf_counter()
+
+    def summary() -> dict[str, Any]:
+        session_s = time.perf_counter() - session_start
+        return {
+            **logged,
+            "step": state.step,
+            "epoch": state.epoch,
+            "samples": state.step * global_batch,
+            "samples_per_s": (state.step - state.start_step) * global_batch / max(session_s, 1e-9),
+            "wall_time_s": elapsed_before + session_s,
+            "peak_lr": schedule["peak_lr"],
+            "global_batch_size": global_batch,
+            "world_size": layout.world_size,
+        }
+
+    set_epoch = getattr(dataset, "set_epoch", None)
+    try:
+        while state.step < stop_step:
+            epoch, batch_in_epoch = divmod(state.step, steps_per_epoch)
+            sampler.set_position(epoch, batch_in_epoch)
+            if set_epoch is not None:
+                set_epoch(epoch)
+            for batch in loader:
+                lr = cosine_schedule(
+                    state.step, total_steps, schedule["warmup_steps"], schedule["peak_lr"], schedule["min_lr"]
+                )
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * group["lr_scale"]
+                with state.autocast():
+                    loss, terms = step_fn(net, to_device(batch, device))
+                loss_value = mean_across_ranks(loss.detach().float(), layout).item()
+                terms = {name: float(value) for name, value in terms.items()}
+                if not math.isfinite(loss_value):  # every rank sees the mean, so every rank stops here
+                    raise NonFiniteLossError(state.step + 1, loss_value, terms, checkpoint_path, checkpoint_step)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                scalars = {**terms, "loss": loss_value, "lr": lr}
+                if config.clip_grad is not None:
+                    scalars["grad_norm"] = float(nn.utils.clip_grad_norm_(params, config.clip_grad))
+                optimizer.step()
+                state.step += 1
+                progress.update()
+                for hook in hooks:
+                    hook.on_step_end(state, scalars)
+                window.add(scalars)
+                if state.step % config.log_every_steps == 0 or state.step == stop_step:
+                    logged = window.means()
+                    window.reset()
+                    if layout.is_main:
+                        progress.set_postfix(loss=f"{logged['loss']:.4g}", lr=f"{logged['lr']:.3g}")
+                        logger.info("step %d/%d %s", state.step, stop_step, _format(logged))
+                    for hook in hooks:
+                        hook.on_log(state, logged)
+                if state.step % config.checkpoint_every_steps == 0 or state.step == stop_step:
+                    metrics = summary()  # at the stop step, the final metrics: saved and returned alike
+                    _save(checkpoint_path, model, optimizer, state, schedule, window, logged, metrics, hooks, layout)
+                    checkpoint_step = state.step
+                if state.step >= stop_step:
+                    break
+    except BaseException as error:
+        for hook in hooks:
+            hook.on_train_failed(state, error)
+        raise
+    finally:
+        progress.close()
+    if layout.is_main:
+        write_json(metrics, out_dir / METRICS_NAME)
+    for hook in hooks:
+        hook.on_train_end(state, metrics)
+    return metrics
+
+
+def _check_resumable(
+    checkpoint: Mapping[str, Any], config: TrainConfig, schedule: Mapping[str, Any], world_size: int, path: Path
+) -> None:
+    """Raise ResumeError unless the checkpoint's run has the same trajectory-defining settings as this one."""
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ResumeError(f"{path}: checkpoint format {checkpoint.get('format')!r}, expected {CHECKPOINT_FORMAT}")
+    saved, current = checkpoint["config"], to_mapping(config)
+    differences = [
+        f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"
+        for key in sorted(saved.keys() | current.keys())
+        if key not in EXECUTION_FIELDS and saved.get(key) != current.get(key)
+    ]
+    if checkpoint["world_size"] != world_size:
+        differences.append(f"world_size: {checkpoint['world_size']} -> {world_size}")
+    if not differences and dict(checkpoint["schedule"]) != dict(schedule):
+        differences.append(f"schedule (dataset size?): {dict(checkpoint['schedule'])} -> {dict(schedule)}")
+    if differences:
+        raise ResumeError(
+            f"{path} was written by a run with other settings ({'; '.join(differences)}): resuming would not "
+            "continue it; remove the checkpoint to start over, or write to another output folder"
+        )
+
+
+def _save(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+    schedule: Mapping[str, Any],
+    window: _MeanWindow,
+    logged: Mapping[str, float],
+    metrics: Mapping[str, Any],
+    hooks: Sequence[Hook],
+    layout: ProcessLayout,
+) -> None:
+    rng = gather_objects(capture_rng_state(), layout)  # a collective: every rank takes part, rank 0 writes
+    if not layout.is_main:
+        return
+    epoch, batch_in_epoch = divmod(state.step, state.steps_per_epoch)
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "schedule": dict(schedule),
+        "step": state.step,
+        "epoch": epoch,
+        "batch_in_epoch": batch_in_epoch,
+        "world_size": layout.world_size,
+        "rng": rng,
+        "config": to_mapping(state.config),
+        "window": window.state_dict(),
+        "logged": dict(logged),
+        "elapsed_s": metrics["wall_time_s"],
+        "metrics": dict(metrics),
+        "hooks": [hook.state_dict() for hook in hooks],
+    }
+    save_checkpoint(checkpoint, path)
+
+
+class _MeanWindow:
+    """Running means of the step scalars since the last log (a key may be missing from some steps)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, metrics: Mapping[str, float]) -> None:
+        for name, value in metrics.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(value)
+            self.counts[name] = self.counts.get(name, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        return {name: total / self.counts[name] for name, total in self.sums.items()}
+
+    def reset(self) -> None:
+        self.sums, self.counts = {}, {}
+
+    def state_dict(self) -> dict[str, dict]:
+        return {"sums": dict(self.sums), "counts": dict(self.counts)}
+
+    def load_state_dict(self, state: Mapping[str, Mapping]) -> None:
+        self.sums, self.counts = dict(state["sums"]), dict(state["counts"])
+
+
+def _format(metrics: Mapping[str, float]) -> str:
+    return " ".join(f"{name} {value:.4g}" for name, value in metrics.items())

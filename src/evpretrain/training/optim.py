@@ -1,0 +1,173 @@
+"""AdamW with MAE's parameter groups, the linear lr scaling rule, layer-wise lr scales and the cosine schedule."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from evpretrain.training.config import TrainConfig
+
+# Fixed or learned position embeddings are a lookup table, not a weight to shrink (timm's ``no_weight_decay``).
+NO_WEIGHT_DECAY_NAMES = ("pos_embed",)
+EMBEDDING_NAMES = ("patch_embed", "pos_embed", "cls_token", "mask_token")
+BLOCK_PATTERN = r"blocks\.(\d+)\."
+GRAFTED_SCALES = (0.01, 0.1, 1.0)
+
+
+def peak_lr(config: TrainConfig, world_size: int = 1) -> float:
+    """``base_lr * batch_size * world_size / 256``: the linear scaling rule on the global batch."""
+    return config.base_lr * config.batch_size * world_size / 256
+
+
+def cosine_schedule(step: int, total_steps: int, warmup_steps: int, base: float, minimum: float) -> float:
+    """Learning rate of optimizer step ``step`` (0-based), as MAE's ``adjust_learning_rate`` but per step.
+
+    Linear warm-up from 0 to ``base`` over ``warmup_steps``, then a half cosine from ``base`` down to ``minimum``
+    at ``total_steps``.
+    """
+    if step < warmup_steps:
+        return base * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return minimum + (base - minimum) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    *,
+    lr_scales: Mapping[str, float] | None = None,
+    no_weight_decay: Iterable[str] = NO_WEIGHT_DECAY_NAMES,
+) -> list[dict[str, Any]]:
+    """Trainable parameters grouped by (lr scale, decayed or not), as timm's ``param_groups_weight_decay``.
+
+    No weight decay on biases, on 1-D parameters (norm weights) and on parameters whose full name or last name
+    component is in ``no_weight_decay`` (or in the model's own timm-style ``no_weight_decay()``).
+    ``lr_scales`` maps a parameter name to its learning-rate factor (missing: 1.0), e.g. from ``layer_scales``.
+    Frozen parameters (``requires_grad=False``) are left out.
+    """
+    skip = set(no_weight_decay)
+    if hasattr(model, "no_weight_decay"):
+        skip |= set(model.no_weight_decay())
+    groups: dict[tuple[float, bool], dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        decay = not (param.ndim <= 1 or name.endswith(".bias") or name in skip or name.rsplit(".", 1)[-1] in skip)
+        scale = float(lr_scales.get(name, 1.0)) if lr_scales is not None else 1.0
+        group = groups.setdefault(
+            (scale, decay), {"params": [], "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
+        )
+        group["params"].append(param)
+    return list(groups.values())
+
+
+def build_optimizer(
+    model_or_groups: nn.Module | Iterable[Mapping[str, Any]], config: TrainConfig, world_size: int = 1
+) -> torch.optim.AdamW:
+    """AdamW(``config.betas``) at the peak lr of ``world_size`` processes.
+
+    A module gets ``param_groups(model, config.weight_decay)``; explicit groups keep their own ``weight_decay``
+    and ``lr_scale`` (defaults: ``config.weight_decay`` and 1.0). Each group's lr is the schedule's value times
+    its ``lr_scale``; the ``lr_scale`` key stays in the group for the loop's schedule to read.
+    """
+    if isinstance(model_or_groups, nn.Module):
+        groups = param_groups(model_or_groups, config.weight_decay)
+    else:
+        groups = [dict(group) for group in model_or_groups]
+    base = peak_lr(config, world_size)
+    for group in groups:
+        group.setdefault("weight_decay", config.weight_decay)
+        group["lr_scale"] = float(group.get("lr_scale", 1.0))
+        group["lr"] = base * group["lr_scale"]
+    return torch.optim.AdamW(groups, lr=base, betas=config.betas, weight_decay=config.weight_decay)
+
+
+def layer_ids(
+    param_names: Iterable[str],
+    depth: int,
+    *,
+    prefix: str = "",
+    embedding_names: Iterable[str] = EMBEDDING_NAMES,
+    block_pattern: str = BLOCK_PATTERN,
+) -> dict[str, int]:
+    """Layer index of each parameter, MAE's ``get_layer_id_for_vit`` generalised to a name prefix.
+
+    0 for the embeddings (``prefix + name`` with ``name`` starting with one of ``embedding_names``),
+    ``i + 1`` for block ``i`` (``prefix`` followed by ``block_pattern``, whose one group is the block index),
+    ``depth + 1`` for everything else: the final norm, and heads or decoders outside ``prefix``.
+    """
+    embeddings = tuple(embedding_names)
+    block = re.compile(block_pattern)
+    ids = {}
+    for name in param_names:
+        if not name.startswith(prefix):
+            ids[name] = depth + 1
+            continue
+        local = name[len(prefix) :]
+        match = block.match(local)
+        if match:
+            index = int(match.group(1))
+            if not 0 <= index < depth:
+                raise ValueError(f"parameter {name!r} is in block {index}, outside a backbone of depth {depth}")
+            ids[name] = index + 1
+        elif local.startswith(embeddings):
+            ids[name] = 0
+        else:
+            ids[name] = depth + 1
+    return ids
+
+
+def layer_scales(
+    param_names: Iterable[str],
+    depth: int,
+    rule: Literal["none", "decay", "grafted"],
+    *,
+    decay: float = 0.75,
+    grafted: tuple[float, float, float] = GRAFTED_SCALES,
+    prefix: str = "",
+    embedding_names: Iterable[str] = EMBEDDING_NAMES,
+    block_pattern: str = BLOCK_PATTERN,
+) -> dict[str, float]:
+    """Learning-rate factor per parameter name, by its ``layer_ids`` layer ``l`` in ``[0, depth + 1]``.
+
+    - ``"none"``: 1.0 everywhere.
+    - ``"decay"`` (MAE's ``lr_decay.py``, fine-tuning): ``decay ** (depth + 1 - l)``: the embeddings get
+      ``decay ** (depth + 1)``, block ``i`` gets ``decay ** (depth - i)``, the final norm and heads 1.0.
+    - ``"grafted"`` (layer-grafted pre-training): the blocks split into thirds by depth, block ``i`` in third
+      ``floor(3 i / depth)`` (ViT-S, depth 12: blocks 0-3, 4-7, 8-11), which get ``grafted[0]``, ``grafted[1]``,
+      ``grafted[2]`` (0.01, 0.1, 1.0); the embeddings share the first third's factor, everything after the blocks
+      (final norm, heads) the last third's.
+    """
+    ids = layer_ids(param_names, depth, prefix=prefix, embedding_names=embedding_names, block_pattern=block_pattern)
+    return scales_for_layers(ids, depth, rule, decay=decay, grafted=grafted)
+
+
+def scales_for_layers(
+    ids: Mapping[str, int],
+    depth: int,
+    rule: Literal["none", "decay", "grafted"],
+    *,
+    decay: float = 0.75,
+    grafted: tuple[float, float, float] = GRAFTED_SCALES,
+) -> dict[str, float]:
+    """``layer_scales`` for layer ids given directly (e.g. by a backbone's own ``layer_id``), ids in [0, depth + 1]."""
+    if rule == "none":
+        return {name: 1.0 for name in ids}
+    if rule == "decay":
+        return {name: decay ** (depth + 1 - layer) for name, layer in ids.items()}
+    if rule == "grafted":
+
+        def third(layer: int) -> int:
+            if layer == 0:
+                return 0
+            if layer > depth:
+                return 2
+            return 3 * (layer - 1) // depth
+
+        return {name: float(grafted[third(layer)]) for name, layer in ids.items()}
+    raise ValueError(f"unknown layer-scale rule {rule!r}; expected 'none', 'decay' or 'grafted'")

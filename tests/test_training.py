@@ -1,0 +1,577 @@
+"""The shared training loop: optimizer groups and schedule, exact resume, the NaN stop, DDP, kNN, MLflow."""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import signal
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+from torch.utils.data import Dataset, Subset
+
+from evpretrain.config import ConfigError, from_mapping
+from evpretrain.training import (
+    CHECKPOINT_NAME,
+    METRICS_NAME,
+    Hook,
+    KnnMonitor,
+    MlflowHook,
+    NonFiniteLossError,
+    ResumeError,
+    TrainConfig,
+    build_optimizer,
+    cosine_schedule,
+    knn_accuracy,
+    layer_ids,
+    layer_scales,
+    load_checkpoint,
+    param_groups,
+    train,
+)
+from evpretrain.training.checkpoint import save_checkpoint
+from evpretrain.training.rng import capture_rng_state, restore_rng_state
+from evpretrain.training.sampling import EpochBatchSampler
+
+# 24 samples in batches of 4: 6 steps per epoch, 12 in all; checkpoints at 5 and 10 and 12 (the end).
+CONFIG = TrainConfig(
+    epochs=2,
+    batch_size=4,
+    base_lr=0.5,
+    min_lr=1e-4,
+    warmup_epochs=0.5,
+    clip_grad=1.0,
+    checkpoint_every_steps=5,
+    log_every_steps=4,
+    seed=3,
+)
+
+
+class TinyNet(nn.Module):
+    """An MLP with a norm, dropout and a (2-D) position embedding: every kind of parameter group."""
+
+    def __init__(self, dropout: float = 0.3):
+        super().__init__()
+        self.pos_embed = nn.Parameter(0.02 * torch.randn(1, 8))
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.GELU(), nn.Dropout(dropout))
+        self.head = nn.Linear(16, 3)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x + self.pos_embed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def tiny_net(seed: int = 0, dropout: float = 0.3) -> TinyNet:
+    torch.manual_seed(seed)
+    return TinyNet(dropout)
+
+
+class NoisyPoints(Dataset):
+    """Three classes of 8-D points, augmented with torch and numpy noise drawn from the global RNGs."""
+
+    def __init__(self, n: int = 24, seed: int = 1):
+        generator = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 8, generator=generator)
+        self.label = (self.x[:, 0] > 0).long() + (self.x[:, 1] > 0).long()
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        noise = 0.1 * torch.randn(8) + float(np.random.uniform(-0.05, 0.05))
+        return {"x": self.x[index] + noise, "label": self.label[index]}
+
+
+def cross_entropy_step(model, batch):
+    loss = F.cross_entropy(model(batch["x"]), batch["label"])
+    return loss, {"ce": loss.detach()}
+
+
+class StopAt(Hook):
+    """Simulates a preemption: the run dies after step ``step`` (with no checkpoint of that step)."""
+
+    def __init__(self, step: int, kill: bool = False):
+        self.step = step
+        self.kill = kill
+
+    def on_step_end(self, state, metrics):
+        if state.step == self.step:
+            if self.kill:
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise KeyboardInterrupt
+
+
+def run(out_dir: Path, config: TrainConfig = CONFIG, *, model: nn.Module | None = None, **kwargs):
+    model = tiny_net() if model is None else model
+    metrics = train(model, cross_entropy_step, NoisyPoints(), config, out_dir, device="cpu", **kwargs)
+    return model, metrics
+
+
+def assert_same_weights(a: nn.Module, b: nn.Module) -> None:
+    state_a, state_b = a.state_dict(), b.state_dict()
+    assert state_a.keys() == state_b.keys()
+    unequal = [name for name in state_a if not torch.equal(state_a[name], state_b[name])]
+    assert not unequal, f"tensors differ: {unequal}"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("uninterrupted")
+    model, metrics = run(out_dir)
+    return model, metrics
+
+
+# --- config, optimizer, schedule -------------------------------------------------------------------------------
+
+
+def test_config_builds_from_the_study_config_and_names_bad_keys():
+    built = from_mapping(TrainConfig, {"epochs": 3, "batch_size": 8, "base_lr": 1.5e-4, "betas": [0.9, 0.99]}, "t")
+    assert built.betas == (0.9, 0.99) and built.weight_decay == 0.05 and built.amp == "auto"
+    with pytest.raises(ConfigError, match=r"t\.amp: expected one of \['auto', 'off', 'bf16'\]"):
+        from_mapping(TrainConfig, {"epochs": 1, "batch_size": 8, "base_lr": 0.1, "amp": "fp16"}, "t")
+    with pytest.raises(ConfigError, match=r"t: warmup_epochs must lie in \[0, epochs\]"):
+        from_mapping(TrainConfig, {"epochs": 1, "batch_size": 8, "base_lr": 0.1, "warmup_epochs": 2}, "t")
+    with pytest.raises(ConfigError, match=r"t: missing required key\(s\) \['base_lr'\]"):
+        from_mapping(TrainConfig, {"epochs": 1, "batch_size": 8}, "t")
+
+
+def test_optimizer_is_adamw_with_scaled_lr_and_no_decay_on_biases_norms_and_position_embeddings():
+    model = tiny_net()
+    optimizer = build_optimizer(model, CONFIG, world_size=2)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_decay = {g["weight_decay"]: sorted(names[id(p)] for p in g["params"]) for g in optimizer.param_groups}
+    assert by_decay == {
+        0.05: ["body.0.weight", "head.weight"],
+        0.0: ["body.0.bias", "body.1.bias", "body.1.weight", "head.bias", "pos_embed"],
+    }
+    for group in optimizer.param_groups:
+        assert group["betas"] == (0.9, 0.95)
+        assert group["lr"] == pytest.approx(0.5 * 4 * 2 / 256)
+
+
+def test_lr_scales_give_each_group_its_factor_and_frozen_parameters_are_left_out():
+    model = tiny_net()
+    model.head.requires_grad_(False)
+    scales = {"body.0.weight": 0.1, "body.0.bias": 0.1, "pos_embed": 0.01}
+    optimizer = build_optimizer(param_groups(model, 0.05, lr_scales=scales), CONFIG)
+    names = {id(p): n for n, p in model.named_parameters()}
+    found = {names[id(p)]: (g["lr_scale"], g["lr"]) for g in optimizer.param_groups for p in g["params"]}
+    peak = 0.5 * 4 / 256
+    assert found == {
+        "pos_embed": (0.01, pytest.approx(0.01 * peak)),
+        "body.0.weight": (0.1, pytest.approx(0.1 * peak)),
+        "body.0.bias": (0.1, pytest.approx(0.1 * peak)),
+        "body.1.weight": (1.0, pytest.approx(peak)),
+        "body.1.bias": (1.0, pytest.approx(peak)),
+    }
+
+
+def test_cosine_schedule_warms_up_linearly_then_halves_at_midpoint_and_ends_at_min():
+    assert cosine_schedule(0, 110, 10, 1.0, 0.1) == 0.0
+    assert cosine_schedule(5, 110, 10, 1.0, 0.1) == pytest.approx(0.5)
+    assert cosine_schedule(10, 110, 10, 1.0, 0.1) == pytest.approx(1.0)
+    assert cosine_schedule(60, 110, 10, 1.0, 0.1) == pytest.approx(0.55)
+    assert cosine_schedule(110, 110, 10, 1.0, 0.1) == pytest.approx(0.1)
+    assert cosine_schedule(0, 100, 0, 2.0, 0.0) == 2.0
+
+
+@given(st.integers(1, 500), st.integers(0, 100), st.floats(1e-6, 1.0), st.floats(0, 1))
+def test_cosine_schedule_decreases_after_warmup_within_its_bounds(total, warmup, base, min_fraction):
+    warmup = min(warmup, total)
+    minimum = base * min_fraction
+    values = [cosine_schedule(s, total, warmup, base, minimum) for s in range(warmup, total + 1)]
+    assert all(minimum - 1e-12 <= v <= base + 1e-12 for v in values)
+    assert all(a >= b - 1e-12 for a, b in zip(values, values[1:]))
+
+
+VIT_NAMES = (
+    ["backbone.patch_embed.proj.weight", "backbone.pos_embed"]
+    + [f"backbone.blocks.{i}.attn.qkv.weight" for i in range(6)]
+    + ["backbone.norm.weight", "head.weight", "decoder.blocks.0.mlp.fc1.weight"]
+)
+
+
+def test_layer_ids_follow_mae_embeddings_zero_blocks_then_the_rest():
+    ids = layer_ids(VIT_NAMES, 6, prefix="backbone.")
+    assert [ids[n] for n in VIT_NAMES] == [0, 0, 1, 2, 3, 4, 5, 6, 7, 7, 7]
+    with pytest.raises(ValueError, match="block 6, outside a backbone of depth 6"):
+        layer_ids(["blocks.6.attn.qkv.weight"], 6)
+
+
+def test_layer_decay_scales_are_decay_to_the_distance_from_the_top():
+    scales = layer_scales(VIT_NAMES, 6, "decay", decay=0.5, prefix="backbone.")
+    expected = [0.5**7, 0.5**7, 0.5**6, 0.5**5, 0.5**4, 0.5**3, 0.5**2, 0.5, 1.0, 1.0, 1.0]
+    assert [scales[n] for n in VIT_NAMES] == pytest.approx(expected)
+
+
+def test_layer_grafted_scales_split_the_blocks_in_thirds():
+    scales = layer_scales(VIT_NAMES, 6, "grafted", prefix="backbone.")
+    expected = [0.01, 0.01, 0.01, 0.01, 0.1, 0.1, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert [scales[n] for n in VIT_NAMES] == expected
+    deep = layer_scales([f"blocks.{i}.w" for i in range(12)], 12, "grafted")
+    assert list(deep.values()) == [0.01] * 4 + [0.1] * 4 + [1.0] * 4
+    assert set(layer_scales(VIT_NAMES, 6, "none").values()) == {1.0}
+
+
+# --- data order and RNG ----------------------------------------------------------------------------------------
+
+
+def test_sampler_shards_add_up_to_the_single_process_batches_and_resume_mid_epoch():
+    single = EpochBatchSampler(26, 6, seed=7)
+    ranks = [EpochBatchSampler(26, 3, seed=7, rank=r, world_size=2) for r in range(2)]
+    for sampler in (single, *ranks):
+        sampler.set_position(1, 0)
+    whole = list(single)
+    shards = [list(s) for s in ranks]
+    assert len(whole) == 4 and all(len(s) == 4 for s in shards)
+    for b, batch in enumerate(whole):
+        assert sorted(batch) == sorted(shards[0][b] + shards[1][b])
+        assert {epoch for _, epoch in batch} == {1}
+    single.set_position(1, 3)
+    assert list(single) == whole[3:]
+    single.set_position(0, 0)
+    assert list(single) != whole  # another epoch, another order
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        EpochBatchSampler(5, 3, seed=0, world_size=2)
+
+
+class EpochAwarePoints(NoisyPoints):
+    def __init__(self):
+        super().__init__()
+        self.epochs = []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epochs.append(epoch)
+
+
+def test_a_dataset_with_set_epoch_is_told_each_epoch_also_on_resume(tmp_path):
+    first, second = EpochAwarePoints(), EpochAwarePoints()
+    train(tiny_net(), cross_entropy_step, first, replace(CONFIG, max_steps=8), tmp_path, device="cpu")
+    train(tiny_net(), cross_entropy_step, second, CONFIG, tmp_path, device="cpu")
+    assert (first.epochs, second.epochs) == ([0, 1], [1])
+
+
+def test_rng_states_survive_a_weights_only_checkpoint(tmp_path):
+    import random
+
+    save_checkpoint({"rng": capture_rng_state()}, tmp_path / "c.pt")
+    first = (random.random(), np.random.normal(), torch.randn(3))
+    restore_rng_state(load_checkpoint(tmp_path / "c.pt")["rng"])
+    second = (random.random(), np.random.normal(), torch.randn(3))
+    assert first[:2] == second[:2] and torch.equal(first[2], second[2])
+
+
+# --- checkpoints and exact resume ------------------------------------------------------------------------------
+
+
+def test_checkpoint_holds_the_whole_run_state_and_loads_weights_only(tmp_path):
+    _, metrics = run(tmp_path, replace(CONFIG, max_steps=5))
+    checkpoint = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert checkpoint["step"] == 5 and (checkpoint["epoch"], checkpoint["batch_in_epoch"]) == (0, 5)
+    assert {"model", "optimizer", "schedule", "rng", "config", "world_size"} <= checkpoint.keys()
+    assert checkpoint["schedule"] == {"peak_lr": 0.5 * 4 / 256, "min_lr": 1e-4, "warmup_steps": 3, "total_steps": 12}
+    assert checkpoint["config"]["max_steps"] == 5 and len(checkpoint["rng"]) == 1
+    assert json.loads((tmp_path / METRICS_NAME).read_text())["step"] == 5 == metrics["step"]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_run_stopped_between_checkpoints_resumes_to_exactly_the_uninterrupted_weights(
+    uninterrupted, tmp_path, num_workers
+):
+    config = replace(CONFIG, num_workers=num_workers)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, config, hooks=[StopAt(7)])  # dies at step 7, in epoch 1; last checkpoint at step 5
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["step"] == 5
+    assert not (tmp_path / METRICS_NAME).exists()
+    model, metrics = run(tmp_path, config)
+    reference, reference_metrics = uninterrupted
+    assert_same_weights(model, reference)
+    assert metrics["loss"] == reference_metrics["loss"] and metrics["step"] == 12
+
+
+def test_a_run_capped_by_max_steps_continues_on_the_same_trajectory(uninterrupted, tmp_path):
+    run(tmp_path, replace(CONFIG, max_steps=4))
+    model, _ = run(tmp_path)
+    assert_same_weights(model, uninterrupted[0])
+
+
+def in_forked_child(fn) -> int | None:
+    """Run ``fn`` in a forked process on one intra-op thread (the parent's thread pool does not survive a fork);
+    return its exit code."""
+
+    def target():
+        torch.set_num_threads(1)
+        fn()
+
+    child = multiprocessing.get_context("fork").Process(target=target)
+    child.start()
+    child.join(60)
+    return child.exitcode
+
+
+def test_a_process_killed_by_sigkill_resumes_to_exactly_the_uninterrupted_weights(tmp_path):
+    # All runs on one thread: a reduction split over another number of threads may round differently.
+    def save_run(out_dir, name):
+        model, _ = run(out_dir)
+        torch.save(model.state_dict(), tmp_path / name)
+
+    assert in_forked_child(lambda: save_run(tmp_path / "uninterrupted", "reference.pt")) == 0
+    assert in_forked_child(lambda: run(tmp_path / "killed", hooks=[StopAt(8, kill=True)])) == -signal.SIGKILL
+    assert load_checkpoint(tmp_path / "killed" / CHECKPOINT_NAME)["step"] == 5
+    assert in_forked_child(lambda: save_run(tmp_path / "killed", "resumed.pt")) == 0
+    reference, resumed = (torch.load(tmp_path / name, weights_only=True) for name in ("reference.pt", "resumed.pt"))
+    assert all(torch.equal(reference[name], resumed[name]) for name in reference)
+
+
+def test_rerunning_a_finished_run_loads_its_weights_and_returns_its_metrics(uninterrupted, tmp_path):
+    first_model, first_metrics = run(tmp_path)
+    (tmp_path / METRICS_NAME).unlink()
+    model, metrics = run(tmp_path, model=tiny_net(seed=9))
+    assert metrics == first_metrics == json.loads((tmp_path / METRICS_NAME).read_text())
+    assert_same_weights(model, first_model)
+
+
+def test_resuming_with_other_settings_is_refused_and_names_them(tmp_path):
+    run(tmp_path, replace(CONFIG, max_steps=2))
+    with pytest.raises(ResumeError, match=r"base_lr: 0\.5 -> 0\.25"):
+        run(tmp_path, replace(CONFIG, base_lr=0.25))
+    run(tmp_path, replace(CONFIG, num_workers=2, log_every_steps=1, max_steps=3))  # execution-only: fine
+
+
+def test_a_nan_loss_stops_with_the_step_and_terms_and_keeps_the_last_good_checkpoint(tmp_path):
+    calls = []
+
+    def poisoned_step(model, batch):
+        calls.append(None)
+        loss = F.cross_entropy(model(batch["x"]), batch["label"])
+        if len(calls) == 7:
+            loss = loss * float("nan")
+        return loss, {"ce": loss.detach(), "reg": 0.25}
+
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"non-finite loss nan at step 7 \(loss terms \{'ce': nan, 'reg': 0.25\}\)"
+        r".*checkpoint\.pt \(step 5\) is kept",
+    ) as error:
+        train(tiny_net(), poisoned_step, NoisyPoints(), CONFIG, tmp_path, device="cpu")
+    assert error.value.step == 7 and error.value.checkpoint_step == 5
+    saved = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    assert saved["step"] == 5
+    reference, _ = run(tmp_path / "five", replace(CONFIG, max_steps=5))
+    assert all(torch.equal(saved["model"][k], v) for k, v in reference.state_dict().items())
+    assert not (tmp_path / METRICS_NAME).exists()
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    path = tmp_path / CHECKPOINT_NAME
+    save_checkpoint({"step": 1}, path)
+
+    def broken_save(obj, file):
+        file.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint({"step": 2}, path)
+    assert load_checkpoint(path) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME]
+
+
+# --- the step: clipping, precision, metrics --------------------------------------------------------------------
+
+
+class GradientNorms(Hook):
+    def __init__(self):
+        self.norms = []
+
+    def on_step_end(self, state, metrics):
+        grads = [p.grad for p in state.model.parameters() if p.grad is not None]
+        self.norms.append(
+            (float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))), metrics["grad_norm"])
+        )
+
+
+def test_gradients_are_clipped_to_the_max_norm_and_the_raw_norm_is_logged(tmp_path):
+    norms = GradientNorms()
+    run(tmp_path, replace(CONFIG, clip_grad=0.05, max_steps=4), hooks=[norms])
+    assert all(clipped <= 0.05 * (1 + 1e-5) for clipped, _ in norms.norms)
+    assert all(raw > 0.05 for _, raw in norms.norms)
+
+
+@pytest.mark.parametrize("amp, dtype", [("auto", torch.float32), ("off", torch.float32), ("bf16", torch.bfloat16)])
+def test_autocast_is_bf16_only_when_asked_on_the_cpu(tmp_path, amp, dtype):
+    seen = set()
+
+    def step(model, batch):
+        logits = model(batch["x"])
+        seen.add(logits.dtype)
+        return F.cross_entropy(logits.float(), batch["label"]), {}
+
+    train(tiny_net(), step, NoisyPoints(), replace(CONFIG, amp=amp, max_steps=2), tmp_path, device="cpu")
+    assert seen == {dtype}
+
+
+def test_metrics_json_holds_the_final_loss_terms_and_throughput(uninterrupted):
+    _, metrics = uninterrupted
+    assert metrics["step"] == 12 and metrics["epoch"] == 2.0 and metrics["samples"] == 48
+    assert {"loss", "ce", "lr", "grad_norm", "samples_per_s", "wall_time_s", "peak_lr"} <= metrics.keys()
+    assert metrics["ce"] == pytest.approx(metrics["loss"])
+    assert metrics["samples_per_s"] > 0 and math.isfinite(metrics["loss"])
+
+
+# --- kNN ---------------------------------------------------------------------------------------------------------
+
+
+def test_knn_accuracy_weights_votes_by_exp_similarity_over_temperature():
+    train_features = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    train_labels = torch.tensor([0, 1, 1])
+    query, label = torch.tensor([[1.0, 0.0]]), torch.tensor([0])
+    # cosine similarities 1, 0, 0.7071. T = 1: class 0 e^1 = 2.72 < class 1 e^0 + e^0.7071 = 3.03.
+    assert knn_accuracy(train_features, train_labels, query, label, k=3, temperature=1.0) == 0.0
+    # T = 0.07: class 0 e^14.3 > class 1 1 + e^10.1.
+    assert knn_accuracy(train_features, train_labels, query, label, k=3, temperature=0.07) == 1.0
+    # k = 2 leaves the orthogonal sample out: e^1 > e^0.7071 at any temperature; k > N uses all N.
+    assert knn_accuracy(train_features, train_labels, query, label, k=2, temperature=1.0) == 1.0
+    assert knn_accuracy(5 * train_features, train_labels, query, label, k=20, temperature=1.0) == 0.0
+    queries = torch.tensor([[1.0, 0.0], [0.1, 1.0]])
+    assert knn_accuracy(train_features, train_labels, queries, torch.tensor([0, 1]), k=1, chunk_size=1) == 1.0
+    with pytest.raises(ValueError, match="labels >= 0"):
+        knn_accuracy(train_features, torch.tensor([0, -1, 1]), query, label)
+
+
+class PartlyLabelled(NoisyPoints):
+    def __getitem__(self, index):
+        return super().__getitem__(index) | {"label": torch.tensor(-1 if index % 2 else index % 3)}
+
+
+def test_knn_monitor_leaves_unlabelled_samples_out():
+    oracle = KnnMonitor(
+        lambda model, batch: F.one_hot(batch["label"].clamp(min=0), 3).float(),
+        PartlyLabelled(),
+        PartlyLabelled(),
+        every_steps=1,
+    )
+    assert oracle.evaluate(tiny_net(), torch.device("cpu")) == 1.0
+    unlabelled = KnnMonitor(
+        lambda model, batch: batch["x"], PartlyLabelled(), Subset(PartlyLabelled(), [1]), every_steps=1
+    )
+    with pytest.raises(ValueError, match="no labelled sample"):
+        unlabelled.evaluate(tiny_net(), torch.device("cpu"))
+
+
+def test_knn_monitor_logs_the_final_models_accuracy_without_changing_the_training(uninterrupted, tmp_path):
+    def monitor(embed_fn, name):
+        return KnnMonitor(
+            embed_fn, NoisyPoints(32, seed=5), NoisyPoints(16, seed=6), every_steps=4, batch_size=10, name=name
+        )
+
+    features = monitor(lambda model, batch: model.features(batch["x"]), "knn_top1")
+    oracle = monitor(lambda model, batch: F.one_hot(batch["label"], 3).float(), "knn_oracle")
+    model, metrics = run(tmp_path, hooks=[features, oracle])
+    assert_same_weights(model, uninterrupted[0])
+    assert metrics["knn_oracle"] == 1.0  # features that are the labels: the labels reach knn_accuracy aligned
+    torch.manual_seed(123)  # evaluate() seeds the subsets' augmentation itself
+    assert metrics["knn_top1"] == features.evaluate(model, torch.device("cpu"))
+    assert model.training
+
+
+# --- MLflow ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # importing mlflow and creating a sqlite store take seconds
+def test_mlflow_hook_logs_params_metrics_and_metrics_json_into_one_run_across_a_resume(tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    params = {"stage": 1, "train": {"base_lr": 0.5}}
+    run(tmp_path / "run", replace(CONFIG, max_steps=8), hooks=[MlflowHook(uri, "tests", "stage1", params)])
+    _, metrics = run(tmp_path / "run", hooks=[MlflowHook(uri, "tests", "stage1", params)])
+
+    mlflow.set_tracking_uri(uri)
+    try:
+        runs = mlflow.search_runs(experiment_names=["tests"])
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert len(runs) == 1
+    found = runs.iloc[0]
+    assert found["status"] == "FINISHED" and found["tags.mlflow.runName"] == "stage1"
+    assert found["params.stage"] == "1" and found["params.train.base_lr"] == "0.5"
+    assert found["metrics.loss"] == metrics["loss"] and found["metrics.samples"] == 48
+    client = mlflow.MlflowClient(uri)
+    assert [m.step for m in client.get_metric_history(found["run_id"], "loss")] == [4, 8, 12]
+    assert [a.path for a in client.list_artifacts(found["run_id"])] == [METRICS_NAME]
+    assert (tmp_path / "mlartifacts").is_dir()
+
+
+# --- DDP ---------------------------------------------------------------------------------------------------------
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, out_dir: Path, result_dir: Path) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    model = tiny_net(seed=rank, dropout=0.0)  # another init on rank 1: DDP must broadcast rank 0's
+    metrics = train(model, cross_entropy_step, NoisyPoints(), CONFIG, out_dir, device="cpu")
+    torch.save({"weights": model.state_dict(), "metrics": metrics}, result_dir / f"rank{rank}.pt")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow  # two fresh interpreters import torch
+def test_two_gloo_processes_match_one_process_with_their_global_batch(tmp_path):
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), tmp_path / "ddp", tmp_path), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for name, tensor in ranks[0]["weights"].items():
+        assert torch.equal(tensor, ranks[1]["weights"][name]), name
+    assert ranks[0]["metrics"]["peak_lr"] == 0.5 * 4 * 2 / 256 and ranks[0]["metrics"]["world_size"] == 2
+    assert load_checkpoint(tmp_path / "ddp" / CHECKPOINT_NAME)["world_size"] == 2
+    assert (tmp_path / "ddp" / METRICS_NAME).exists()
+
+    single, _ = run(tmp_path / "single", replace(CONFIG, batch_size=8), model=tiny_net(seed=0, dropout=0.0))
+    for name, tensor in single.state_dict().items():
+        torch.testing.assert_close(ranks[0]["weights"][name], tensor, rtol=0, atol=1e-6)
+
+
+# --- GPU ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_autocast_is_bf16_and_a_resumed_run_matches_exactly(tmp_path):
+    seen = set()
+
+    def step(model, batch):
+        logits = model(batch["x"])
+        seen.add(logits.dtype)
+        return F.cross_entropy(logits.float(), batch["label"]), {}
+
+    def cuda_run(out_dir, config, hooks=()):
+        model = tiny_net()
+        train(model, step, NoisyPoints(), config, out_dir, device="cuda", hooks=hooks)
+        return model
+
+    reference = cuda_run(tmp_path / "a", CONFIG)
+    with pytest.raises(KeyboardInterrupt):
+        cuda_run(tmp_path / "b", CONFIG, hooks=[StopAt(7)])
+    assert "cuda" in load_checkpoint(tmp_path / "b" / CHECKPOINT_NAME)["rng"][0]
+    resumed = cuda_run(tmp_path / "b", CONFIG)
+    assert seen == {torch.bfloat16}
+    assert_same_weights(resumed, reference)
