@@ -111,6 +111,16 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_knn(args: argparse.Namespace) -> int:
+    from evpretrain.config import load_yaml
+    from evpretrain.pretrain.run import knn_of_checkpoint, pretrain_config
+
+    config = pretrain_config(load_yaml(args.config))
+    accuracy = knn_of_checkpoint(config, args.checkpoint, args.data, args.val, seed=args.seed)
+    print(json.dumps({"checkpoint": str(args.checkpoint) if args.checkpoint else "random init", "knn_top1": accuracy}))
+    return 0
+
+
 def _cmd_teacher_features(args: argparse.Namespace) -> int:
     from evpretrain.config import load_yaml
     from evpretrain.pretrain.run import pretrain_config, teacher_features_for
@@ -178,6 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", type=Path, help="checkpoint.pt of the previous stage")
     p.add_argument("--out", required=True, type=Path, help="run folder: checkpoint.pt, metrics.json, figures")
     p.set_defaults(func=_cmd_pretrain)
+
+    p = commands.add_parser("knn", help="kNN top-1 of a checkpoint's backbone (or of a random init)")
+    p.add_argument("--config", required=True, type=Path, help="study config with a pretrain section")
+    p.add_argument("--data", required=True, type=Path, help="labelled training store: the kNN memory")
+    p.add_argument("--val", required=True, type=Path, help="labelled validation store: the queries")
+    p.add_argument("--checkpoint", type=Path, help="a stage's checkpoint.pt; without it, a random initialisation")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
+    p.set_defaults(func=_cmd_knn)
 
     p = commands.add_parser("teacher-features", help="cache the frozen image teacher's tokens of a store")
     p.add_argument("--config", required=True, type=Path, help="study config with pretrain.teacher and the backbone")

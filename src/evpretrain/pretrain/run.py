@@ -183,6 +183,32 @@ def _embed(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return backbone.pool(backbone(batch["voxel"]))
 
 
+def knn_monitor(config: PretrainConfig, train_store: Path, val_store: Path) -> KnnMonitor:
+    """kNN top-1 of the pooled backbone features: the first ``knn.memory`` training samples as the labelled
+    memory, the first ``knn.queries`` validation samples as queries."""
+    data = config.data
+    memory = PretrainDataset(train_store, num_bins=data.num_bins, input_size=data.input_size)
+    queries = PretrainDataset(val_store, num_bins=data.num_bins, input_size=data.input_size)
+    return KnnMonitor(
+        _embed,
+        Subset(memory, range(min(config.knn.memory, len(memory)))),
+        Subset(queries, range(min(config.knn.queries, len(queries)))),
+        every_steps=config.knn.every_steps,
+        k=config.knn.k,
+        temperature=config.knn.temperature,
+    )
+
+
+def knn_of_checkpoint(
+    config: PretrainConfig, checkpoint: Path | None, train_store: Path, val_store: Path, *, seed: int = 0
+) -> float:
+    """kNN top-1 of a stage checkpoint's backbone, or of a randomly initialised one (seeded) when None."""
+    torch.manual_seed(seed)
+    module = build_stage_module(1, config, None)
+    initialise(module, 1, checkpoint)
+    return knn_monitor(config, train_store, val_store).evaluate(module, torch.device("cpu"))
+
+
 def run_stage(
     stage: int,
     config: PretrainConfig,
@@ -222,18 +248,7 @@ def run_stage(
     groups = stage_param_groups(module, stage, config, stage_config.train.weight_decay)
     hooks = []
     if val_store is not None and config.knn.memory > 0 and config.knn.queries > 0:
-        memory = PretrainDataset(train_store, num_bins=data.num_bins, input_size=data.input_size)
-        queries = PretrainDataset(val_store, num_bins=data.num_bins, input_size=data.input_size)
-        hooks.append(
-            KnnMonitor(
-                _embed,
-                Subset(memory, range(min(config.knn.memory, len(memory)))),
-                Subset(queries, range(min(config.knn.queries, len(queries)))),
-                every_steps=config.knn.every_steps,
-                k=config.knn.k,
-                temperature=config.knn.temperature,
-            )
-        )
+        hooks.append(knn_monitor(config, train_store, val_store))
     if config.mlflow.get("tracking_uri"):
         hooks.append(
             MlflowHook(
