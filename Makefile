@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_simulator.py
 	$(BIN)/python bench/bench_store.py
 	$(BIN)/python bench/bench_data_loader.py
+	$(BIN)/python bench/bench_training.py
 
 clean:
 	rm -rf results .snakemake
