@@ -136,3 +136,15 @@ def space_to_depth_tokens(feature_map: Tensor, factor: int) -> Tensor:
 def upsample_mask(mask: Tensor, factor: int) -> Tensor:
     """(B, 1, gh * factor, gw * factor): each cell of ``mask`` (B, 1, gh, gw) repeated over factor x factor cells."""
     return mask.repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3)
+
+
+def init_xavier(module: nn.Module) -> None:
+    """MAE's and the paper's initialisation, for ``Module.apply``: xavier-uniform Linear weights, zero biases,
+    unit LayerNorms."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

@@ -14,8 +14,16 @@ from timm.layers import DropPath, LayerNorm2d, Mlp, calculate_drop_path_rates
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from evpretrain.models.base import (Backbone, BackboneOutput, gather_tokens, kept_indices, space_to_depth_tokens,
-                                    tokens_to_map, upsample_mask)
+from evpretrain.models.base import (
+    Backbone,
+    BackboneOutput,
+    gather_tokens,
+    init_xavier,
+    kept_indices,
+    space_to_depth_tokens,
+    tokens_to_map,
+    upsample_mask,
+)
 from evpretrain.models.pos_embed import sincos_pos_embed_2d
 
 
@@ -125,13 +133,7 @@ class ConvViT(Backbone):
         weight = self.patch_embed3.proj.weight.data
         nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
         for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+            init_xavier(module)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> BackboneOutput:
         """Encode x (B, in_chans, H, W); ``mask`` (B, N) bool on the last-level grid, True = hidden."""

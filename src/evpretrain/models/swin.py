@@ -13,8 +13,14 @@ from timm.layers import trunc_normal_
 from timm.models.swin_transformer import SwinTransformer, WindowAttention
 from torch import Tensor, nn
 
-from evpretrain.models.base import (Backbone, BackboneOutput, check_mask, kept_indices, space_to_depth_tokens,
-                                    upsample_mask)
+from evpretrain.models.base import (
+    Backbone,
+    BackboneOutput,
+    check_mask,
+    kept_indices,
+    space_to_depth_tokens,
+    upsample_mask,
+)
 
 
 class SwinBackbone(Backbone):

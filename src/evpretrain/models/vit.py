@@ -8,7 +8,7 @@ from timm.layers import PatchEmbed, calculate_drop_path_rates
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from evpretrain.models.base import Backbone, BackboneOutput, gather_tokens, kept_indices, tokens_to_map
+from evpretrain.models.base import Backbone, BackboneOutput, gather_tokens, init_xavier, kept_indices, tokens_to_map
 from evpretrain.models.pos_embed import sincos_pos_embed_2d
 
 
@@ -75,13 +75,7 @@ class VisionTransformer(Backbone):
         weight = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
         for module in self.blocks.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+            init_xavier(module)
 
     def embed(self, x: Tensor) -> Tensor:
         """(B, N, D) patch tokens with their position embedding, from x (B, in_chans, H, W)."""

@@ -11,6 +11,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from evpretrain.models.base import init_xavier
 from evpretrain.models.pos_embed import sincos_pos_embed_2d
 
 
@@ -65,7 +66,7 @@ class ReconstructionDecoder(nn.Module):
         )
         self.norm = _layer_norm(dim)
         self.pred = nn.Linear(dim, patch_size**2 * out_chans)
-        self.apply(_init_xavier)
+        self.apply(init_xavier)
         nn.init.normal_(self.mask_token, std=0.02)
 
     def forward(self, tokens: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
@@ -81,17 +82,6 @@ class ReconstructionDecoder(nn.Module):
 
 def _layer_norm(dim: int, **factory) -> nn.LayerNorm:
     return nn.LayerNorm(dim, eps=1e-6, **factory)
-
-
-def _init_xavier(module: nn.Module) -> None:
-    # As MAE and the paper's code: xavier-uniform linear layers, unit LayerNorms.
-    if isinstance(module, nn.Linear):
-        nn.init.xavier_uniform_(module.weight)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
 
 
 class TokenMLP(nn.Module):
