@@ -98,11 +98,16 @@ def pretrain_config(study: dict[str, Any]) -> PretrainConfig:
     return from_mapping(PretrainConfig, study["pretrain"], "pretrain")
 
 
+def build_backbone(config: PretrainConfig) -> nn.Module:
+    """A fresh backbone of the study: ``config.backbone`` with the voxel bins as input channels and the overrides."""
+    return create_backbone(config.backbone, in_chans=config.data.num_bins, **config.backbone_overrides)
+
+
 def teacher_features_for(config: PretrainConfig, store: Path, out: Path, *, device: str | None = None) -> Path:
     """Compute the teacher's tokens of every sample of ``store`` on the backbone's token grid into ``out``."""
     from evpretrain.teachers import compute_teacher_features, create_teacher
 
-    backbone = create_backbone(config.backbone, in_chans=config.data.num_bins, **config.backbone_overrides)
+    backbone = build_backbone(config)
     options = {"weights": config.teacher.weights} if config.teacher.weights else {}
     teacher = create_teacher(config.teacher.name, **options)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -113,7 +118,7 @@ def teacher_features_for(config: PretrainConfig, store: Path, out: Path, *, devi
 
 def build_stage_module(stage: int, config: PretrainConfig, teacher_dim: int | None) -> nn.Module:
     """The stage's module around a fresh backbone (weights loaded separately by ``initialise``)."""
-    backbone = create_backbone(config.backbone, in_chans=config.data.num_bins, **config.backbone_overrides)
+    backbone = build_backbone(config)
     if stage == 1:
         return MaskedModeling(backbone, config.stage1.method)
     if teacher_dim is None:
