@@ -57,6 +57,25 @@ def test_queue_negatives_are_the_last_teacher_tokens_per_position():
     assert loss[0, 2].item() == pytest.approx(F.cross_entropy(logits[None], torch.tensor([0])).item(), rel=1e-5)
 
 
+def test_queue_leaves_out_keys_of_the_same_sample():
+    # A cached teacher gives a sample the same key every epoch: its queued copy must not be its own negative.
+    torch.manual_seed(4)
+    criterion = TokenInfoNCE(8, 4, queue_length=6, temperature=0.1)
+    teacher = torch.randn(3, 4, 8)
+    criterion(torch.randn(3, 4, 8), teacher, torch.tensor([10, 11, 12]))  # epoch 1 enqueues samples 10-12
+    assert criterion.queue_ids.tolist() == [10, 11, 12, -1, -1, -1]
+    criterion.eval()
+    student = teacher.clone()  # a perfect student: only a copy of its own key can rival the positive
+    with_ids = criterion(student, teacher, torch.tensor([10, 11, 12]))
+    without_ids = criterion(student, teacher)
+    q = F.normalize(student, dim=-1)
+    queue = criterion.queue[:, 1]  # position 1: (D, K); sample 11 may not see slot 1
+    kept = [0, 2, 3, 4, 5]
+    logits = torch.cat([(q[1, 1] @ q[1, 1])[None], q[1, 1] @ queue[:, kept]]) / 0.1
+    assert with_ids[1, 1].item() == pytest.approx(F.cross_entropy(logits[None], torch.tensor([0])).item(), rel=1e-5)
+    assert (without_ids > with_ids + 0.5).all()  # its own copy costs at least log 2 - a little
+
+
 def test_weighted_token_mean():
     loss = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     assert weighted_token_mean(loss, None).item() == 2.5

@@ -33,6 +33,11 @@ class TokenInfoNCE(nn.Module):
     length 1024), or, with ``queue_length=0``, the other images' teacher tokens at that position in the batch,
     gathered across ranks. ``forward`` returns the per-token loss (B, N) so that stage 3 can weight tokens by the
     value of their region.
+
+    False negatives: the teacher is frozen and its tokens cached, so a sample's key is the same every epoch, and a
+    queue longer than the dataset (the demo: 1024 > 600 samples) or spanning an epoch boundary holds the positive's
+    own key as a negative; the loss then rises as training goes on. Given ``ids`` (B,) (the samples' dataset
+    indices), queue entries of the same sample are left out of its negatives.
     """
 
     def __init__(self, dim: int, num_positions: int, queue_length: int = 1024, temperature: float = 0.07):
@@ -43,18 +48,24 @@ class TokenInfoNCE(nn.Module):
             queue = F.normalize(torch.randn(dim, num_positions, queue_length), dim=0)
             self.register_buffer("queue", queue)
             self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+            self.register_buffer("queue_ids", torch.full((queue_length,), -1, dtype=torch.long))  # -1: no sample
 
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        """student, teacher: (B, N, D) -> per-token cross-entropy (B, N)."""
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """student, teacher: (B, N, D); ids: (B,) sample indices or None -> per-token cross-entropy (B, N)."""
         q = F.normalize(student.float(), dim=-1)
         k = F.normalize(teacher.float(), dim=-1)
         if self.queue_length > 0:
             positive = torch.einsum("bnc,bnc->bn", q, k).unsqueeze(-1)
+            # A copy: the enqueue below writes the queue in place, and autograd keeps it for the backward pass.
             negative = torch.einsum("bnc,cnk->bnk", q, self.queue.clone())
+            if ids is not None:
+                same_sample = ids.view(-1, 1) == self.queue_ids.view(1, -1)  # (B, K)
+                negative = negative.masked_fill(same_sample.unsqueeze(1), float("-inf"))
             logits = torch.cat([positive, negative], dim=-1) / self.temperature
             labels = torch.zeros(logits.shape[:2], dtype=torch.long, device=logits.device)
             if self.training:
-                self._enqueue(_gather(k.detach()))
+                gathered_ids = _gather(ids) if ids is not None else torch.full((k.shape[0],), -1, device=k.device)
+                self._enqueue(_gather(k.detach()), gathered_ids.view(-1))
         else:
             keys = _gather_with_grad(k)
             logits = torch.einsum("bnc,mnc->bnm", q, keys) / self.temperature
@@ -63,11 +74,12 @@ class TokenInfoNCE(nn.Module):
         return F.cross_entropy(logits.permute(0, 2, 1), labels, reduction="none")
 
     @torch.no_grad()
-    def _enqueue(self, keys: torch.Tensor) -> None:
-        # keys (B_all, N, D) -> queue slots [ptr, ptr + B_all) modulo the length, at every position.
+    def _enqueue(self, keys: torch.Tensor, ids: torch.Tensor) -> None:
+        # keys (B_all, N, D), ids (B_all,) -> queue slots [ptr, ptr + B_all) modulo the length, at every position.
         count = keys.shape[0]
         slots = (self.queue_ptr + torch.arange(count, device=keys.device)) % self.queue_length
         self.queue[:, :, slots] = keys.permute(2, 1, 0).to(self.queue.dtype)
+        self.queue_ids[slots] = ids.to(self.queue_ids.dtype)
         self.queue_ptr.copy_((self.queue_ptr + count) % self.queue_length)
 
 

@@ -110,7 +110,7 @@ class FeatureTransition(nn.Module):
         out = self.backbone(batch["voxel"])
         student = self.predictor(self.projector(out.tokens))
         teacher = self.teacher_projection(batch["teacher"].to(student.dtype))
-        per_token = self.criterion(student, teacher)
+        per_token = self.criterion(student, teacher, batch.get("index"))
         weights = focus_weights(self.config.focus, batch, self.backbone.patch_size)
         loss = weighted_token_mean(per_token, weights)
         return loss, {"loss_con": loss.item()}, {}
