@@ -1,0 +1,1 @@
+"""Downstream evaluation: foreign-checkpoint import, classification, segmentation and optical flow."""
