@@ -37,6 +37,30 @@ def test_render_sample_moves_digit_and_background_as_the_flow_says():
     assert np.abs(warped - sample.frames[-1])[far].mean() < 0.02
 
 
+def _digit_path_midpoints(config, seeds):
+    """(len(seeds), 2) midpoints (x, y) of one digit's path: its last-frame ink centroid minus half its travel."""
+    (images, labels) = load_digits_split(0)["train"]
+    background = load_background("brick", (0.05, 0.5))
+    midpoints = []
+    for seed in seeds:
+        sample = render_sample(images[0], int(labels[0]), background, config, np.random.default_rng(seed))
+        rows, cols = np.nonzero(sample.mask)  # the digit at the last frame
+        # The flow holds two displacements; the digit's (dx, dy) since the first frame covers fewer pixels.
+        values, counts = np.unique(sample.flow.reshape(2, -1).T, axis=0, return_counts=True)
+        travel = values[counts.argmin()]
+        midpoints.append((cols.mean() - travel[0] / 2, rows.mean() - travel[1] / 2))
+    return np.array(midpoints)
+
+
+@pytest.mark.parametrize("jitter", [0.0, 2.0])
+def test_digit_jitter_bounds_where_the_digit_path_lies(jitter):
+    seeds = range(12)
+    spread = np.ptp(_digit_path_midpoints(replace(SMALL_DEMO, digit_jitter_px=jitter), seeds), axis=0)
+    assert (spread <= 2 * jitter + 1).all(), spread  # 1 px: the mask's threshold moves the ink centroid
+    anywhere = np.ptp(_digit_path_midpoints(SMALL_DEMO, seeds), axis=0)
+    assert (anywhere > 2 * 2.0 + 1).all(), anywhere  # without a jitter the digit goes anywhere in the frame
+
+
 def test_build_demo_is_complete_and_deterministic(tmp_path):
     a = build_demo(SMALL_DEMO, tmp_path / "a", workers=2, progress=False)
     b = build_demo(SMALL_DEMO, tmp_path / "b", workers=1, progress=False)

@@ -50,6 +50,7 @@ class DemoConfig:
     digit_intensity: float = 0.95
     pan_speed_px_per_frame: tuple[float, float] = (0.5, 1.5)
     digit_drift_px_per_frame: float = 0.6
+    digit_jitter_px: float | None = None
     simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
     compression: StoreCompression = field(default_factory=StoreCompression)
 
@@ -62,6 +63,8 @@ class DemoConfig:
             raise ValueError("samples: counts must be >= 0")
         if not 8 <= self.digit_size <= self.image_size // 2 + 8:
             raise ValueError(f"digit_size {self.digit_size} must lie in [8, image_size / 2 + 8]")
+        if self.digit_jitter_px is not None and self.digit_jitter_px < 0:
+            raise ValueError(f"digit_jitter_px must be >= 0 (or null: anywhere in the frame), got {self.digit_jitter_px}")
         if self.num_frames < 2:
             raise ValueError("num_frames must be >= 2")
         low, high = self.pan_speed_px_per_frame
@@ -125,10 +128,15 @@ def render_sample(digit: np.ndarray, label: int, background: np.ndarray, config:
     reach = np.abs(u_bg) * steps + 1
     bg_h, bg_w = background.shape
     origin = np.array([rng.uniform(reach[0], bg_w - size - reach[0]), rng.uniform(reach[1], bg_h - size - reach[1])])
-    # Digit start (top-left, x and y) such that its whole path stays inside the frame.
+    # Digit start (top-left, x and y) such that its whole path stays inside the frame; with a jitter, the path's
+    # midpoint lies within that many pixels of the frame centre (N-MNIST's digits are centred).
     travel = u_digit * steps
     low = np.maximum(0, -travel) + 1
     high = size - config.digit_size - np.maximum(0, travel) - 1
+    if config.digit_jitter_px is not None:
+        centred = (size - config.digit_size - travel) / 2
+        low = np.maximum(low, centred - config.digit_jitter_px)
+        high = np.minimum(high, centred + config.digit_jitter_px)
     start = np.array([rng.uniform(low[0], high[0]), rng.uniform(low[1], high[1])])
 
     glyph = ndimage.zoom(digit, config.digit_size / digit.shape[0], order=1, grid_mode=True, mode="nearest")
