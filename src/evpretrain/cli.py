@@ -129,6 +129,39 @@ def _cmd_teacher_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from evpretrain.config import load_yaml
+    from evpretrain.downstream.run import run_downstream
+
+    metrics = run_downstream(
+        args.task,
+        load_yaml(args.config),
+        train_store=args.train,
+        eval_store=args.eval,
+        out=args.out,
+        checkpoint=args.checkpoint,
+        mode=getattr(args, "mode", None),
+        seed=args.seed,
+        device=args.device,
+        checkpoint_source=args.checkpoint_source,
+        allow_partial=args.allow_partial,
+    )
+    if "init_report" in metrics:
+        print(metrics["init_report"], file=sys.stderr)
+    print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and k != "init_report"}))
+    return 0
+
+
+def _cmd_robustness(args: argparse.Namespace) -> int:
+    from evpretrain.config import load_yaml
+    from evpretrain.downstream.robustness import evaluate_robustness
+
+    rows = evaluate_robustness(load_yaml(args.config), args.run, args.eval, args.out, seed=args.seed, device=args.device)
+    for row in rows:
+        print(json.dumps(row))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evpretrain", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="group", required=True)
@@ -203,6 +236,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output features file (.h5)")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.set_defaults(func=_cmd_teacher_features)
+
+    finetune = commands.add_parser("finetune", help="fine-tune and evaluate a backbone on a downstream task")
+    tasks = finetune.add_subparsers(dest="task", required=True)
+    for task, text in (("classify", "object recognition: linear probe or full fine-tuning"),
+                       ("segment", "semantic segmentation: UPerNet + FCN auxiliary head; mIoU, mAcc"),
+                       ("flow", "optical flow: dense flow head; AEE, outlier %")):
+        p = tasks.add_parser(task, help=text)
+        if task == "classify":
+            p.add_argument("--mode", required=True, choices=("linear", "finetune"),
+                           help="linear: frozen backbone + linear head; finetune: every parameter trains")
+        p.add_argument("--config", required=True, type=Path, help="study config with pretrain and downstream sections")
+        p.add_argument("--train", required=True, type=Path, help="training event store (.h5)")
+        p.add_argument("--eval", required=True, type=Path, help="evaluation event store (.h5), scored every epoch")
+        p.add_argument("--checkpoint", type=Path, help="a pre-training checkpoint.pt; without it, random init")
+        p.add_argument("--checkpoint-source", help="the project a foreign --checkpoint comes from (eventpretrain_vit, "
+                                                   "eventpretrain_convvit, eventpretrain_swin, ecdp_vit, mem_vit)")
+        p.add_argument("--allow-partial", action="store_true",
+                       help="load what fits of a foreign checkpoint that our backbone cannot hold in full")
+        p.add_argument("--seed", required=True, type=int, help="seed of the head, the data order, the augmentation")
+        p.add_argument("--out", required=True, type=Path, help="run folder: metrics.json, checkpoint.pt, figure")
+        p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+        p.set_defaults(func=_cmd_finetune)
+
+    p = commands.add_parser("evaluate-robustness",
+                            help="accuracy of a fine-tuned classifier under shot noise and dropped events")
+    p.add_argument("--config", required=True, type=Path, help="study config (downstream.robustness sets the levels)")
+    p.add_argument("--run", required=True, type=Path, help="an `evpretrain finetune classify` run folder")
+    p.add_argument("--eval", required=True, type=Path, help="evaluation event store (.h5)")
+    p.add_argument("--seed", required=True, type=int, help="seed of the corruptions")
+    p.add_argument("--out", required=True, type=Path, help="output folder: robustness.{csv,md,png}, metrics.json")
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    p.set_defaults(func=_cmd_robustness)
     return parser
 
 

@@ -1,0 +1,293 @@
+"""Downstream samples of one event store: an event window in, the voxel grid and the task's target out.
+
+A sample becomes a dict of tensors (``default_collate`` stacks them):
+
+- ``voxel`` (num_bins, H, W) float32: the voxel grid of the sample's event window at the input size (H, W).
+- ``classify``: ``label`` () int64.
+- ``segment``: ``mask`` (H, W) int64, class ids, ``ignore_index`` (255) where a pixel has no label.
+- ``flow``: ``flow`` (2, H, W) float32, (dx, dy) in INPUT pixels, and ``valid`` (H, W) bool (all True when the
+  store holds no ``valid`` field).
+- ``index`` () int64: the sample's index in the store.
+
+Event window (classification only; the paper's ``get_random_index``, BIT-Vision/EventPretrain
+dataset/augmentation/events_augment.py): training takes ``train_events`` consecutive events at a random start,
+evaluation ``eval_events`` at a fixed start (the middle of the sample, where the paper's code draws it at random with
+a fixed seed); None or a sample with fewer events takes them all. Segmentation and flow samples are windows already
+(their labels belong to the window's end), so they always take every event.
+
+Augmentation (training only, each draw a function of (seed, epoch, index) as in ``PretrainDataset``):
+event level, the paper's ``erase_and_add_events``: a fraction of the events in ``erase_add_fraction`` is erased and
+as many again are added as copies of random events moved by N(0, ``jitter_px``) pixels; view level, the paper's
+``evg_augment``: a random crop of ``crop_scale`` of the area (aspect 3/4 to 4/3), resized to the input size, and a
+horizontal flip with probability ``hflip_p`` (0 for digits and text, where a mirror changes the class). Masks are
+cropped and resized with nearest neighbours; flow is resized with nearest neighbours and scaled by the resize factors
+(and dx negated under the flip), so it stays a displacement in input pixels.
+
+``corruption`` (robustness evaluation): applied to the window's events before anything else, with a stream given
+by ``corruption_seed(seed, index, corruption)``: the same noise whatever the evaluation order or worker count.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from evpretrain.data.store import EventStore, StoreError
+from evpretrain.events.corruption import Corruption, apply_corruption, corruption_seed
+from evpretrain.events.representations import voxel_grid
+from evpretrain.pretrain.data import resize_maps
+
+__all__ = ["AugmentConfig", "DownstreamDataset", "IGNORE_INDEX", "TASKS", "WindowConfig", "erase_and_add_events"]
+
+TASKS = ("classify", "segment", "flow")
+IGNORE_INDEX = 255
+Task = Literal["classify", "segment", "flow"]
+
+
+@dataclass(frozen=True)
+class WindowConfig:
+    """Events per classification sample: ``train_events`` at a random start, ``eval_events`` in the middle."""
+
+    train_events: int | None = None
+    eval_events: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("train_events", "eval_events"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"window.{name} must be >= 1 or null (every event), got {value}")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training-time augmentation (see the module docstring). Fractions of events; pixels of the sensor."""
+
+    erase_add_fraction: tuple[float, float] = (0.0, 0.0)
+    jitter_px: float = 1.5
+    crop_scale: tuple[float, float] = (1.0, 1.0)
+    hflip_p: float = 0.0
+
+    def __post_init__(self) -> None:
+        low, high = self.erase_add_fraction
+        if not 0.0 <= low <= high <= 0.5:
+            raise ValueError(f"augment.erase_add_fraction must be [low, high] with 0 <= low <= high <= 0.5, got "
+                             f"{list(self.erase_add_fraction)}")
+        low, high = self.crop_scale
+        if not 0.0 < low <= high <= 1.0:
+            raise ValueError(f"augment.crop_scale must be [low, high] with 0 < low <= high <= 1, got "
+                             f"{list(self.crop_scale)}")
+        if not 0.0 <= self.hflip_p <= 1.0:
+            raise ValueError(f"augment.hflip_p must lie in [0, 1], got {self.hflip_p}")
+        if self.jitter_px < 0:
+            raise ValueError(f"augment.jitter_px must be >= 0, got {self.jitter_px}")
+
+
+def erase_and_add_events(
+    events: np.ndarray, fraction: float, jitter_px: float, sensor_size: tuple[int, int], rng: np.random.Generator
+) -> np.ndarray:
+    """Erase ``round(fraction N)`` random events and add as many copies of random events moved by N(0, jitter_px)
+    pixels (clipped to the sensor), sorted by time. ``events`` follow the event contract; a new array is returned."""
+    count = int(round(fraction * len(events)))
+    if count == 0:
+        return events
+    kept = np.delete(events, rng.choice(len(events), size=count, replace=False))
+    added = events[rng.choice(len(events), size=count, replace=False)].copy()
+    height, width = sensor_size
+    for axis, size in (("x", width), ("y", height)):
+        moved = np.rint(added[axis] + rng.normal(0.0, jitter_px, count))
+        added[axis] = np.clip(moved, 0, size - 1)
+    merged = np.concatenate([kept, added])
+    return merged[np.argsort(merged["t"], kind="stable")]
+
+
+class DownstreamDataset(Dataset):
+    """Samples of ``task`` from one event store; see the module docstring for the fields, windows and augmentation.
+
+    Args:
+        store_path: an event store (``evpretrain.data.store``) holding labels, masks or flow as ``task`` needs.
+        task: "classify", "segment" or "flow".
+        train: draw windows and augmentations (True) or use the fixed evaluation window (False).
+        num_bins: temporal bins of the voxel grid.
+        input_size: (H, W) of the network input, or one int for a square; None keeps the sensor size.
+        window, augment: see ``WindowConfig`` and ``AugmentConfig`` (augment applies only when ``train``).
+        corruption: a robustness corruption of the events, or None.
+        seed: seed of every random draw (windows, augmentation, corruption).
+    """
+
+    def __init__(
+        self,
+        store_path: str | Path,
+        task: Task,
+        *,
+        train: bool,
+        num_bins: int = 5,
+        input_size: tuple[int, int] | int | None = None,
+        window: WindowConfig = WindowConfig(),
+        augment: AugmentConfig = AugmentConfig(),
+        corruption: Corruption | None = None,
+        seed: int = 0,
+    ):
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        self.store_path = Path(store_path)
+        with EventStore(self.store_path) as store:
+            self.sensor_size: tuple[int, int] = tuple(store.sensor_size)
+            self._num_samples = len(store)
+            fields = set(store.fields)
+            self._labels = store.labels
+            self.attrs = store.attrs
+        needed = {"classify": "labels", "segment": "masks", "flow": "flow"}[task]
+        if needed not in fields:
+            raise StoreError(self.store_path, f"task {task!r} needs the field {needed!r}; this store holds "
+                                              f"{sorted(fields)}")
+        self.task = task
+        self.train = train
+        self.num_bins = num_bins
+        self.input_size = _pair(input_size) if input_size is not None else self.sensor_size
+        self.window = window
+        self.augment = augment
+        self.corruption = corruption
+        self.seed = int(seed)
+        self.has_valid = "valid" in fields
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # reaches persistent workers
+        self._store: EventStore | None = None
+        self._store_pid: int | None = None
+
+    def __len__(self) -> int:
+        return self._num_samples
+
+    @property
+    def num_classes(self) -> int | None:
+        """Classes of the task from the store's attributes (``class_names`` / ``mask_class_names``), else None."""
+        names = self.attrs.get({"classify": "class_names", "segment": "mask_class_names"}.get(self.task, ""))
+        return len(names) if names is not None else None
+
+    @property
+    def deterministic(self) -> bool:
+        """Whether every epoch reads the same inputs: no random window, augmentation or corruption."""
+        if not self.train:
+            return self.corruption is None
+        random_window = self.task == "classify" and self.window.train_events is not None
+        return self.corruption is None and not random_window and self.augment == AugmentConfig()
+
+    def with_corruption(self, corruption: Corruption | None) -> DownstreamDataset:
+        """This dataset reading its samples under ``corruption`` (a shallow copy; the store handle is not shared)."""
+        other = copy.copy(self)  # through __getstate__: without the open handle
+        other.corruption = corruption
+        return other
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the random draws of ``epoch``; call before iterating over each epoch."""
+        self._epoch.fill_(int(epoch))
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"{self.store_path}: sample {index} out of range for {len(self)} samples")
+        store = self._open()
+        rng = np.random.default_rng((self.seed, int(self._epoch) if self.train else 0, int(index)))
+        events = self._window(store.events(index), rng)
+        if self.corruption is not None:
+            events = apply_corruption(events, self.sensor_size, self.corruption,
+                                      corruption_seed(self.seed, index, self.corruption))
+        if self.train and self.augment.erase_add_fraction[1] > 0:
+            fraction = rng.uniform(*self.augment.erase_add_fraction)
+            events = erase_and_add_events(events, fraction, self.augment.jitter_px, self.sensor_size, rng)
+        height, width = self.sensor_size
+        voxel = torch.from_numpy(voxel_grid(events, self.num_bins, height=height, width=width))
+        sample: dict[str, Any] = {"index": torch.tensor(index, dtype=torch.int64)}
+        if self.task == "classify":
+            sample["label"] = torch.tensor(int(self._labels[index]), dtype=torch.int64)
+        elif self.task == "segment":
+            sample["mask"] = torch.from_numpy(store.dense("masks", index).astype(np.int64))
+        else:
+            sample["flow"] = torch.from_numpy(np.asarray(store.dense("flow", index), dtype=np.float32))
+            valid = store.dense("valid", index) if self.has_valid else np.ones(self.sensor_size, bool)
+            sample["valid"] = torch.from_numpy(np.asarray(valid, dtype=bool))
+        sample["voxel"] = voxel
+        return self._view(sample, rng)
+
+    def _window(self, events: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        length = self.window.train_events if self.train else self.window.eval_events
+        if self.task != "classify" or length is None or len(events) <= length:
+            return events
+        start = int(rng.integers(0, len(events) - length + 1)) if self.train else (len(events) - length) // 2
+        return events[start : start + length]
+
+    def _view(self, sample: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        """Crop (training), resize to the input size and flip (training) the voxel grid and the dense targets."""
+        height, width = self.sensor_size
+        top, left, crop_h, crop_w = 0, 0, height, width
+        flip = False
+        if self.train:
+            top, left, crop_h, crop_w = _random_crop(self.sensor_size, self.augment.crop_scale, rng)
+            flip = bool(rng.random() < self.augment.hflip_p)
+        crop = (slice(None), slice(top, top + crop_h), slice(left, left + crop_w))
+        sample["voxel"] = resize_maps(sample["voxel"][crop].contiguous(), self.input_size)
+        scale_y, scale_x = self.input_size[0] / crop_h, self.input_size[1] / crop_w
+        if "mask" in sample:
+            sample["mask"] = _resize_nearest(sample["mask"][crop[1:]], self.input_size)
+        if "flow" in sample:
+            flow = _resize_nearest(sample["flow"][crop], self.input_size)
+            sample["flow"] = flow * torch.tensor([scale_x, scale_y]).view(2, 1, 1)
+            sample["valid"] = _resize_nearest(sample["valid"][crop[1:]], self.input_size)
+        if flip:
+            for key in ("voxel", "mask", "flow", "valid"):
+                if key in sample:
+                    sample[key] = sample[key].flip(-1)
+            if "flow" in sample:
+                sample["flow"][0].neg_()
+        return sample
+
+    def _open(self) -> EventStore:
+        # One HDF5 handle per process: a handle inherited through fork shares the parent's library state.
+        if self._store is None or self._store_pid != os.getpid():
+            self._store = EventStore(self.store_path)
+            self._store_pid = os.getpid()
+        return self._store
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__ | {"_store": None, "_store_pid": None}
+
+
+def _random_crop(
+    size: tuple[int, int], scale: tuple[float, float], rng: np.random.Generator
+) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of torchvision's RandomResizedCrop draw (10 tries, else the whole view)."""
+    height, width = size
+    if scale == (1.0, 1.0):
+        return 0, 0, height, width
+    area = height * width
+    for _ in range(10):
+        target = rng.uniform(*scale) * area
+        aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        crop_w = int(round(math.sqrt(target * aspect)))
+        crop_h = int(round(math.sqrt(target / aspect)))
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            return int(rng.integers(0, height - crop_h + 1)), int(rng.integers(0, width - crop_w + 1)), crop_h, crop_w
+    return 0, 0, height, width
+
+
+def _resize_nearest(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(..., H, W) labels, flow or masks resized with nearest neighbours ('nearest-exact': half-pixel centres)."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    dtype = maps.dtype
+    lead = maps.shape[:-2]
+    flat = maps.reshape(1, -1, *maps.shape[-2:]).float()
+    return F.interpolate(flat, size=size, mode="nearest-exact")[0].reshape(*lead, *size).to(dtype)
+
+
+def _pair(size: tuple[int, int] | int) -> tuple[int, int]:
+    height, width = (size, size) if isinstance(size, int) else size
+    if height < 1 or width < 1:
+        raise ValueError(f"expected a positive size, got {size}")
+    return int(height), int(width)

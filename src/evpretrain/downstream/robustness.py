@@ -1,0 +1,110 @@
+"""Accuracy of a fine-tuned classifier under corrupted events: background shot noise at several rates and a
+fraction of events dropped (``downstream.robustness`` in the study config).
+
+The paper claims robustness to noisy, sparse events; this measures it. Each level re-reads the evaluation store
+with the corruption applied to every sample's events (``evpretrain.events.corruption``), each sample's noise a
+function of (seed, sample index, kind), so a table is the same for a seed whatever the batch size or worker count,
+and the levels of one kind share each sample's random stream (the curves are smoother than independent draws).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from evpretrain.config import ConfigError, from_mapping
+from evpretrain.downstream.data import DownstreamDataset
+from evpretrain.downstream.run import build_model, evaluate, task_config
+from evpretrain.events.corruption import Corruption
+from evpretrain.pretrain.run import build_backbone, pretrain_config
+from evpretrain.training.checkpoint import CHECKPOINT_NAME, METRICS_NAME, load_checkpoint, write_json
+
+__all__ = ["RobustnessConfig", "evaluate_robustness", "robustness_config"]
+
+
+@dataclass(frozen=True)
+class RobustnessConfig:
+    """Levels to evaluate: shot-noise rates in events per pixel per second (Hz), drop fractions in [0, 1]."""
+
+    shot_noise_hz: tuple[float, ...] = (0.0, 10.0, 30.0, 100.0)
+    drop: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 0.9)
+    batch_size: int = 64
+
+    def corruptions(self) -> list[Corruption]:
+        return ([Corruption("shot_noise", float(level)) for level in self.shot_noise_hz]
+                + [Corruption("drop", float(level)) for level in self.drop])
+
+
+def robustness_config(study: Mapping[str, Any]) -> RobustnessConfig:
+    section = study.get("downstream", {}).get("robustness", {})
+    return from_mapping(RobustnessConfig, section, "downstream.robustness")
+
+
+def evaluate_robustness(study: Mapping[str, Any], run_dir: Path, eval_store: Path, out: Path, *, seed: int = 0,
+                        device: str | None = None) -> list[dict[str, Any]]:
+    """Score the classifier of ``run_dir`` (an ``evpretrain finetune classify`` run folder) on ``eval_store`` under
+    each corruption; write ``out/robustness.{csv,md,png}`` and ``out/metrics.json``; return the table's rows."""
+    run_dir, out = Path(run_dir), Path(out)
+    try:
+        run = json.loads((run_dir / METRICS_NAME).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{run_dir}: no {METRICS_NAME}; expected a finished `evpretrain finetune classify` run "
+                          "folder") from None
+    if run.get("task") != "classify":
+        raise ConfigError(f"{run_dir / METRICS_NAME}: task is {run.get('task')!r}; robustness evaluates a classifier")
+    config = robustness_config(study)
+    pretrain = pretrain_config(study)
+    task = task_config(study, "classify", run["mode"])
+    model = build_model("classify", run["mode"], build_backbone(pretrain), run["num_classes"], task)
+    model.load_state_dict(load_checkpoint(run_dir / CHECKPOINT_NAME)["model"])
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
+    base = DownstreamDataset(eval_store, "classify", train=False, num_bins=pretrain.data.num_bins,
+                             input_size=tuple(model.backbone.img_size), window=task.window, seed=seed)
+    rows = []
+    for corruption in config.corruptions():
+        loader = DataLoader(base.with_corruption(corruption), batch_size=config.batch_size, shuffle=False)
+        scores = evaluate("classify", model, loader, device, run["num_classes"])
+        rows.append({"corruption": corruption.kind, "level": corruption.level, "top1": scores["top1"],
+                     "top5": scores["top5"]})
+    out.mkdir(parents=True, exist_ok=True)
+    _write_tables(rows, out)
+    _plot(rows, out / "robustness.png")
+    write_json({"run": str(run_dir), "eval_store": str(eval_store), "seed": seed, "rows": rows}, out / METRICS_NAME)
+    return rows
+
+
+def _write_tables(rows: list[dict[str, Any]], out: Path) -> None:
+    import pandas as pd
+
+    table = pd.DataFrame(rows)
+    table.to_csv(out / "robustness.csv", index=False)
+    shown = table.assign(top1=(100 * table["top1"]).round(2), top5=(100 * table["top5"]).round(2))
+    (out / "robustness.md").write_text(shown.to_markdown(index=False) + "\n")
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, kind, label in ((axes[0], "shot_noise", "shot noise (events / pixel / s)"),
+                            (axes[1], "drop", "fraction of events dropped")):
+        points = [(r["level"], 100 * r["top1"]) for r in rows if r["corruption"] == kind]
+        if points:
+            ax.plot(*zip(*points), marker="o")
+        ax.set_xlabel(label)
+        ax.set_ylabel("top-1 (%)")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

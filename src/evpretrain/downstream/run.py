@@ -1,0 +1,324 @@
+"""Fine-tune and evaluate a backbone on one downstream task: classification (linear probe or full fine-tuning),
+semantic segmentation or optical flow; metrics per epoch, metrics.json and a figure in the run folder.
+
+Settings come from the study config: the backbone from ``pretrain`` (its name, bins and overrides, so a checkpoint
+of any stage loads), the task from ``downstream.<task>`` (classification: ``downstream.classify.<mode>``). The input
+size is the backbone's ``img_size``.
+
+Metrics: the evaluation split is scored after every ``eval_every_epochs`` epochs and at the end. ``*_last`` is the
+final model's score, the honest figure; ``*_best`` the best over the evaluations, which is what the paper's code
+reports (it scores the test split every epoch and keeps the maximum, an optimistic protocol: report both).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from evpretrain.config import ConfigError, from_mapping, to_mapping
+from evpretrain.downstream.data import IGNORE_INDEX, AugmentConfig, DownstreamDataset, WindowConfig
+from evpretrain.downstream.heads import FlowModel, SegmentationModel
+from evpretrain.downstream.losses import flow_loss, segmentation_loss
+from evpretrain.downstream.metrics import (
+    ConfusionMatrix,
+    FlowMetrics,
+    per_class_accuracy,
+    segmentation_scores,
+    topk_accuracy,
+)
+from evpretrain.downstream.models import Classifier, LinearProbe, load_backbone
+from evpretrain.pretrain.run import PretrainConfig, build_backbone, pretrain_config
+from evpretrain.training import TrainConfig, train
+from evpretrain.training.checkpoint import METRICS_NAME, write_json
+from evpretrain.training.distributed import process_layout, resolve_device, to_device
+from evpretrain.training.hooks import Hook, TrainState
+from evpretrain.training.optim import param_groups, scales_for_layers
+
+__all__ = ["CLASSIFY_MODES", "DownstreamTaskConfig", "EpochEvaluator", "run_downstream", "task_config"]
+
+CLASSIFY_MODES = ("linear", "finetune")
+Task = Literal["classify", "segment", "flow"]
+
+
+@dataclass(frozen=True)
+class DownstreamTaskConfig:
+    """One task's settings (``downstream.classify.<mode>``, ``downstream.segment`` or ``downstream.flow``).
+
+    ``layer_decay``: MAE's layer-wise lr decay for the backbone (None: one lr). ``drop_path_rate``: the backbone's
+    stochastic depth. ``label_smoothing``: classification. ``channels``, ``aux_weight``, ``dice_weight``: the dense
+    heads (UPerNet decoder width, the FCN auxiliary loss weight, the Dice term's weight). ``eval_every_epochs``:
+    how often the evaluation split is scored. ``num_classes``: overrides the count the store's attributes give
+    (``class_names``, ``mask_class_names``).
+    """
+
+    train: TrainConfig
+    window: WindowConfig = field(default_factory=WindowConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    layer_decay: float | None = None
+    drop_path_rate: float = 0.0
+    label_smoothing: float = 0.0
+    channels: int = 256
+    aux_weight: float = 0.4
+    dice_weight: float = 1.0
+    eval_batch_size: int = 64
+    eval_every_epochs: int = 1
+    num_classes: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"layer_decay must lie in (0, 1] or be null, got {self.layer_decay}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must lie in [0, 1), got {self.drop_path_rate}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
+        for name in ("channels", "eval_batch_size", "eval_every_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def task_config(study: Mapping[str, Any], task: Task, mode: str | None = None) -> DownstreamTaskConfig:
+    """The validated settings of ``task`` (and classification ``mode``) from a study config."""
+    section = study.get("downstream", {}).get(task)
+    path = f"downstream.{task}"
+    if task == "classify":
+        if mode not in CLASSIFY_MODES:
+            raise ConfigError(f"classification mode must be one of {CLASSIFY_MODES}, got {mode!r}")
+        section, path = (section or {}).get(mode), f"{path}.{mode}"
+    if section is None:
+        raise ConfigError(f"config has no section '{path}'")
+    return from_mapping(DownstreamTaskConfig, section, path)
+
+
+# --- models and steps ------------------------------------------------------------------------------------------
+
+
+def build_model(task: Task, mode: str | None, backbone: nn.Module, num_classes: int | None,
+                config: DownstreamTaskConfig) -> nn.Module:
+    if task == "classify":
+        return (LinearProbe if mode == "linear" else Classifier)(backbone, num_classes)
+    if task == "segment":
+        return SegmentationModel(backbone, num_classes, channels=config.channels, aux_channels=config.channels // 2)
+    return FlowModel(backbone, channels=config.channels)
+
+
+class CachedFeatures(Dataset):
+    """A linear probe's pooled features (N, D), computed once, with the labels (N,): ``{"features", "label"}``."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor):
+        self.features, self.labels = features, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"features": self.features[index], "label": self.labels[index]}
+
+
+def cache_probe_features(probe: LinearProbe, dataset: Dataset, batch_size: int, device: torch.device) -> CachedFeatures:
+    """Every sample of ``dataset`` through the probe's frozen backbone, once."""
+    probe.to(device)
+    features, labels = [], []
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        features.append(probe.features(batch["voxel"].to(device)).cpu())
+        labels.append(batch["label"])
+    return CachedFeatures(torch.cat(features), torch.cat(labels))
+
+
+def _inputs(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return batch["features"] if "features" in batch else batch["voxel"]
+
+
+def step_function(task: Task, config: DownstreamTaskConfig) -> Callable:
+    """``step_fn(model, batch) -> (loss, terms)`` of the training loop for ``task``."""
+    if task == "classify":
+        def step(model, batch):
+            loss = F.cross_entropy(model(_inputs(batch)), batch["label"], label_smoothing=config.label_smoothing)
+            return loss, {}
+    elif task == "segment":
+        def step(model, batch):
+            out = model(batch["voxel"])
+            loss, terms = segmentation_loss(out["logits"], batch["mask"], IGNORE_INDEX, config.dice_weight)
+            if "aux_logits" in out:
+                aux, _ = segmentation_loss(out["aux_logits"], batch["mask"], IGNORE_INDEX, config.dice_weight)
+                loss = loss + config.aux_weight * aux
+                terms = {**terms, "aux": aux.detach()}
+            return loss, terms
+    else:
+        def step(model, batch):
+            return flow_loss(model(batch["voxel"])["flow"], batch["flow"], batch["valid"]), {}
+    return step
+
+
+def optimizer_groups(model: nn.Module, config: DownstreamTaskConfig) -> list[dict[str, Any]]:
+    """Decay / no-decay groups; with ``layer_decay``, the backbone's layer-wise scales (heads at 1.0)."""
+    scales = None
+    if config.layer_decay is not None:
+        backbone = model.backbone
+        ids = {name: backbone.layer_id(name.removeprefix("backbone.")) if name.startswith("backbone.")
+               else backbone.num_layers - 1 for name, _ in model.named_parameters()}
+        scales = scales_for_layers(ids, backbone.num_layers - 2, "decay", decay=config.layer_decay)
+    return param_groups(model, config.train.weight_decay, lr_scales=scales)
+
+
+# --- evaluation ------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(task: Task, model: nn.Module, loader: DataLoader, device: torch.device, num_classes: int | None,
+             autocast: Callable = contextlib.nullcontext) -> dict[str, Any]:
+    """Scores of ``model`` on every sample of ``loader`` (see ``evpretrain.downstream.metrics``)."""
+    was_training = model.training
+    model.eval()
+    try:
+        if task == "classify":
+            logits, labels = [], []
+            for batch in loader:
+                batch = to_device(batch, device)
+                with autocast():
+                    logits.append(model(_inputs(batch)).float())
+                labels.append(batch["label"])
+            logits, labels = torch.cat(logits), torch.cat(labels)
+            confusion = ConfusionMatrix(num_classes, ignore_index=None)
+            confusion.update(logits.argmax(1), labels)
+            matrix = confusion.compute()
+            per_class = per_class_accuracy(matrix)
+            return {**topk_accuracy(logits, labels, (1, 5)),
+                    "per_class_accuracy": [None if math.isnan(v) else v for v in per_class.tolist()],
+                    "confusion": matrix.tolist()}
+        if task == "segment":
+            confusion = ConfusionMatrix(num_classes, ignore_index=IGNORE_INDEX)
+            for batch in loader:
+                batch = to_device(batch, device)
+                with autocast():
+                    logits = model(batch["voxel"])["logits"]
+                confusion.update(logits.argmax(1), batch["mask"])
+            return {**segmentation_scores(confusion.compute()).as_dict(), "confusion": confusion.compute().tolist()}
+        flow = FlowMetrics()
+        for batch in loader:
+            batch = to_device(batch, device)
+            with autocast():
+                pred = model(batch["voxel"])["flow"]
+            flow.update(pred.float(), batch["flow"], batch["valid"])
+        return flow.compute()
+    finally:
+        model.train(was_training)
+
+
+PRIMARY = {"classify": ("top1", max), "segment": ("miou", max), "flow": ("aee", min)}
+
+
+class EpochEvaluator(Hook):
+    """Scores the evaluation split every ``every_epochs`` epochs and at the last step; keeps the history (it travels
+    in the checkpoint, so a resumed run keeps the scores of the epochs before its interruption)."""
+
+    def __init__(self, task: Task, loader: DataLoader, num_classes: int | None, every_epochs: int = 1):
+        self.task, self.loader, self.num_classes, self.every_epochs = task, loader, num_classes, every_epochs
+        self.history: list[dict[str, Any]] = []
+
+    def on_step_end(self, state: TrainState, metrics: dict[str, float]) -> None:
+        epoch_end = state.step % (state.steps_per_epoch * self.every_epochs) == 0
+        if state.is_main and (epoch_end or state.step == state.stop_step):
+            scores = evaluate(self.task, state.model, self.loader, state.device, self.num_classes, state.autocast)
+            self.history.append({"step": state.step, "epoch": state.epoch,
+                                 **{k: v for k, v in scores.items() if isinstance(v, (int, float))}})
+            name = PRIMARY[self.task][0]
+            metrics[f"eval_{name}"] = float(scores[name])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = list(state["history"])
+
+
+# --- the run ---------------------------------------------------------------------------------------------------
+
+
+def run_downstream(
+    task: Task,
+    study: Mapping[str, Any],
+    *,
+    train_store: Path,
+    eval_store: Path,
+    out: Path,
+    checkpoint: Path | None = None,
+    mode: str | None = None,
+    seed: int = 0,
+    device: str | None = None,
+    checkpoint_source: str | None = None,
+    allow_partial: bool = False,
+) -> dict[str, Any]:
+    """Fine-tune on ``train_store``, score ``eval_store``; write ``out/{metrics.json, checkpoint.pt, figure}``.
+
+    ``checkpoint``: a pre-training stage's checkpoint (its backbone is loaded) or None for a random initialisation
+    (the "scratch" baseline); with ``checkpoint_source``, another project's checkpoint through its importer
+    (``evpretrain.downstream.importers``), so any published backbone is evaluated under this protocol.
+    ``seed`` seeds the head's initialisation, the data order and the augmentation.
+    Returns the metrics written to ``out/metrics.json``.
+    """
+    pretrain: PretrainConfig = pretrain_config(study)
+    config = task_config(study, task, mode)
+    config = replace(config, train=replace(config.train, seed=seed))
+    torch.manual_seed(seed)
+    backbone = build_backbone(replace(pretrain, backbone_overrides={**pretrain.backbone_overrides,
+                                                                    "drop_path_rate": config.drop_path_rate}))
+    init = load_backbone(backbone, checkpoint, source=checkpoint_source, allow_partial=allow_partial)
+    common = dict(num_bins=pretrain.data.num_bins, input_size=tuple(backbone.img_size), window=config.window,
+                  seed=seed)
+    train_set = DownstreamDataset(train_store, task, train=True, augment=config.augment, **common)
+    eval_set = DownstreamDataset(eval_store, task, train=False, **common)
+    num_classes = config.num_classes or _num_classes(task, train_set, eval_set)
+    class_names = _class_names(task, eval_set)
+    model = build_model(task, mode, backbone, num_classes, config)
+    if mode == "linear" and train_set.deterministic:
+        # A frozen backbone and fixed inputs: the features are the same every epoch, so compute them once.
+        run_device = resolve_device(device, process_layout())
+        train_set, eval_set = (cache_probe_features(model, data, config.eval_batch_size, run_device)
+                               for data in (train_set, eval_set))
+    eval_loader = DataLoader(eval_set, batch_size=config.eval_batch_size, shuffle=False,
+                             num_workers=config.train.num_workers)
+    evaluator = EpochEvaluator(task, eval_loader, num_classes, config.eval_every_epochs)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = train(model, step_function(task, config), train_set, config.train, out,
+                    param_groups=optimizer_groups(model, config), hooks=[evaluator], device=device)
+    final = evaluate(task, model, eval_loader, next(model.parameters()).device, num_classes)
+    name, better = PRIMARY[task]
+    best = better(evaluator.history, key=lambda row: row[name])
+    metrics = {
+        "task": task, "mode": mode, "seed": seed, "train_store": str(train_store), "eval_store": str(eval_store),
+        **init, **{f"train_{k}": v for k, v in summary.items() if isinstance(v, (int, float))},
+        **{f"{k}_last": v for k, v in final.items() if k != "confusion"},
+        f"{name}_best": best[name], "best_epoch": best["epoch"],
+        "history": evaluator.history, "num_classes": num_classes, "config": to_mapping(config),
+    }
+    write_json(metrics, out / METRICS_NAME)
+    from evpretrain.downstream.figures import write_task_figure
+
+    write_task_figure(task, model, eval_set, final, out, class_names=class_names)
+    return metrics
+
+
+def _num_classes(task: Task, train_set: DownstreamDataset, eval_set: DownstreamDataset) -> int | None:
+    if task == "flow":
+        return None
+    known = train_set.num_classes or eval_set.num_classes
+    if known is not None:
+        return known
+    raise ConfigError(f"{train_set.store_path}: the store does not name its classes (attribute "
+                      f"{'class_names' if task == 'classify' else 'mask_class_names'}); set "
+                      f"downstream.{task}{'.<mode>' if task == 'classify' else ''}.num_classes")
+
+
+def _class_names(task: Task, dataset: DownstreamDataset) -> list[str] | None:
+    key = {"classify": "class_names", "segment": "mask_class_names"}.get(task)
+    names = dataset.attrs.get(key) if key else None
+    return list(names) if names is not None else None

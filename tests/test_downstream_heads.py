@@ -1,0 +1,216 @@
+"""Dense heads and their losses: output shapes on every demo backbone, the ViT neck, gradients into the backbone,
+the map the auxiliary head reads, flow upsampling, a tiny overfit, and the losses against hand computation."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from evpretrain.downstream.heads import (
+    FCNHead,
+    FlowModel,
+    MultiLevelNeck,
+    SegmentationModel,
+    UPerHead,
+    upsample_flow,
+    upsample_to,
+)
+from evpretrain.downstream.losses import flow_loss, segmentation_loss, soft_dice_loss
+from evpretrain.models import create_backbone
+
+DEMO = ["vit_demo", "convvit_demo", "swin_demo"]
+NUM_CLASSES = 3
+
+
+@pytest.fixture(autouse=True)
+def one_intra_op_thread():
+    """These tensors are too small to gain from threads, and on a shared 2-core machine two spinning intra-op
+    threads made the overfit test 40x slower (37 s against 0.9 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def seeded_backbone(name):
+    torch.manual_seed(0)
+    return create_backbone(name)
+
+
+def voxels(batch_size=2, seed=0):
+    return torch.randn(batch_size, 5, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+# --- heads -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", DEMO)
+def test_models_predict_at_input_resolution(name):
+    backbone = seeded_backbone(name)
+    model = SegmentationModel(backbone, NUM_CLASSES, channels=16, aux_channels=8).eval()
+    # The ViT's single-stride maps become a pyramid; the others already are one. Every head ends at stride 2.
+    assert isinstance(model.neck, MultiLevelNeck) == (name == "vit_demo")
+    assert model.decode_head.out_stride == 2
+    flow_model = FlowModel(backbone, channels=16).eval()
+    with torch.no_grad():
+        out = model(voxels())
+        flow = flow_model(voxels())["flow"]
+    assert set(out) == {"logits", "aux_logits"}
+    assert out["logits"].shape == out["aux_logits"].shape == (2, NUM_CLASSES, 64, 64)
+    assert flow.shape == (2, 2, 64, 64) and torch.isfinite(flow).all()
+
+
+@pytest.mark.parametrize("name", DEMO)
+def test_gradients_reach_every_backbone_parameter_that_builds_the_maps(name):
+    torch.manual_seed(0)
+    model = SegmentationModel(create_backbone(name, img_size=32), NUM_CLASSES, channels=8, aux_channels=8)
+    out = model(torch.randn(2, 5, 32, 32))
+    (out["logits"].square().mean() + out["aux_logits"].square().mean()).backward()
+    # Dense maps are taken before the final norm; the mask token only serves pre-training.
+    untouched = {"norm.weight", "norm.bias", "mask_token"}
+    no_gradient = [n for n, p in model.backbone.named_parameters()
+                   if n not in untouched and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert no_gradient == []
+
+
+def test_segmentation_model_without_aux_returns_only_logits():
+    model = SegmentationModel(seeded_backbone("swin_demo"), NUM_CLASSES, channels=8, aux=False).eval()
+    assert set(model(voxels(1))) == {"logits"}
+
+
+def test_vit_neck_rescales_four_maps_to_quarter_half_same_and_double_stride():
+    neck = MultiLevelNeck([6] * 4, stride=16)
+    maps = [torch.randn(2, 6, 8, 10) for _ in range(4)]
+    out = neck(maps)
+    assert [tuple(m.shape) for m in out] == [(2, 6, 32, 40), (2, 6, 16, 20), (2, 6, 8, 10), (2, 6, 4, 5)]
+    assert neck.out_strides == [4, 8, 16, 32]
+    assert torch.equal(out[2], maps[2])
+    assert torch.equal(out[3], F.max_pool2d(maps[3], 2))
+    with pytest.raises(ValueError, match="takes 4 maps"):
+        MultiLevelNeck([6] * 3, stride=16)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        MultiLevelNeck([6] * 4, stride=6)
+
+
+def test_uper_head_outputs_logits_at_its_finest_stride():
+    head = UPerHead([4, 8, 16], [4, 8, 16], channels=8, num_classes=5).eval()
+    maps = [torch.randn(2, 4, 16, 12), torch.randn(2, 8, 8, 6), torch.randn(2, 16, 4, 3)]
+    assert head(maps).shape == (2, 5, 16, 12) and head.out_stride == 4
+    with pytest.raises(ValueError, match=r"expected maps with channels \[4, 8, 16\]"):
+        head([maps[0], maps[1], torch.randn(2, 8, 4, 3)])
+
+
+def test_fcn_head_reads_only_the_map_it_names():
+    maps = [torch.randn(2, 4, 16, 16), torch.randn(2, 6, 8, 8), torch.randn(2, 8, 4, 4)]
+    head = FCNHead(in_channels=6, channels=5, num_classes=3).eval()  # default in_index -2: the 8x8 map
+    out = head(maps)
+    assert out.shape == (2, 3, 8, 8)
+    changed_others = [torch.randn_like(maps[0]), maps[1], torch.randn_like(maps[2])]
+    assert torch.equal(head(changed_others), out)
+    assert not torch.allclose(head([maps[0], torch.randn_like(maps[1]), maps[2]]), out)
+    first = FCNHead(in_channels=4, channels=5, num_classes=3, in_index=0).eval()
+    assert first(maps).shape == (2, 3, 16, 16)
+
+
+def test_upsampling_keeps_logits_in_place_and_scales_flow_to_input_pixels_per_axis():
+    logits = torch.randn(1, 2, 5, 5)
+    assert upsample_to(logits, (5, 5)) is logits
+    coarse = torch.ones(1, 2, 4, 8)  # one grid cell in x and in y
+    flow = upsample_flow(coarse, (16, 64))  # stride 4 in y, 8 in x
+    assert flow.shape == (1, 2, 16, 64)
+    assert torch.allclose(flow[:, 0], torch.full((1, 16, 64), 8.0))
+    assert torch.allclose(flow[:, 1], torch.full((1, 16, 64), 4.0))
+
+
+def test_segmentation_overfits_two_fixed_samples():
+    torch.manual_seed(0)
+    model = SegmentationModel(create_backbone("swin_demo", img_size=32), NUM_CLASSES, channels=16, aux_channels=16)
+    x = torch.randn(2, 5, 32, 32, generator=torch.Generator().manual_seed(0))
+    target = torch.zeros(2, 32, 32, dtype=torch.long)
+    target[0, :, 16:] = 1
+    target[1, 16:, :] = 2
+    target[1, :8, :8] = 1
+    target[0, :2] = 255
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(25):
+        out = model(x)
+        loss = segmentation_loss(out["logits"], target)[0] + 0.4 * segmentation_loss(out["aux_logits"], target)[0]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 4
+
+
+# --- losses ----------------------------------------------------------------------------------------------------
+
+
+def test_segmentation_loss_matches_cross_entropy_and_dice_by_hand():
+    logits = torch.tensor([[[[2.0, 0.0, 1.0]], [[0.0, 1.0, 1.0]], [[-1.0, 0.5, 3.0]]]])  # (1, 3, 1, 3)
+    target = torch.tensor([[[0, 1, 255]]])  # class 2 absent, last pixel ignored
+    loss, terms = segmentation_loss(logits, target, dice_weight=0.5)
+    p = logits.softmax(dim=1)[0, :, 0]  # (3 classes, 3 pixels)
+    ce = -(math.log(p[0, 0]) + math.log(p[1, 1])) / 2
+    dice_0 = 2 * p[0, 0] / (p[0, 0] + p[0, 1] + 1)
+    dice_1 = 2 * p[1, 1] / (p[1, 0] + p[1, 1] + 1)
+    dice = 1 - (dice_0 + dice_1) / 2
+    assert terms["ce"].item() == pytest.approx(ce, rel=1e-6)
+    assert terms["dice"].item() == pytest.approx(dice.item(), rel=1e-6)
+    assert loss.item() == pytest.approx(ce + 0.5 * dice.item(), rel=1e-6)
+
+
+def test_a_perfect_prediction_has_near_zero_dice_and_cross_entropy():
+    target = torch.tensor([[[0, 1], [2, 255]]])
+    logits = 50.0 * F.one_hot(target.clamp(max=2), 3).permute(0, 3, 1, 2).float()
+    loss, terms = segmentation_loss(logits, target)
+    assert terms["dice"].item() == pytest.approx(0.0, abs=1e-6)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_ignored_pixels_change_neither_term_and_an_all_ignored_batch_costs_zero():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 5, 6)
+    target = torch.randint(0, 4, (2, 5, 6))
+    target[:, :, 4:] = 255
+    loss, _ = segmentation_loss(logits, target)
+    changed = logits.clone()
+    changed[:, :, :, 4:] = torch.randn(2, 4, 5, 2) * 100
+    assert segmentation_loss(changed, target)[0].item() == pytest.approx(loss.item(), rel=1e-6)
+    cropped, _ = segmentation_loss(logits[..., :4], target[..., :4])
+    assert cropped.item() == pytest.approx(loss.item(), rel=1e-6)
+
+    logits.requires_grad_(True)
+    empty, terms = segmentation_loss(logits, torch.full((2, 5, 6), 255))
+    empty.backward()
+    assert empty.item() == 0.0 and terms["dice"].item() == 0.0
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_dice_leaves_out_classes_absent_from_the_target():
+    logits = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    target = torch.zeros(1, 4, 4, dtype=torch.long)  # only class 0
+    p = logits.softmax(dim=1)[0, 0]
+    expected = 1 - 2 * p.sum() / (p.sum() + 16)
+    assert soft_dice_loss(logits, target).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_flow_loss_is_l1_over_valid_pixels_and_ignores_whatever_invalid_ones_hold():
+    pred = torch.tensor([[[[1.0, 2.0, 0.0]], [[0.0, -1.0, 5.0]]]], requires_grad=True)  # (1, 2, 1, 3)
+    target = torch.tensor([[[[0.0, 0.0, math.nan]], [[2.0, 1.0, math.inf]]]])
+    valid = torch.tensor([[[True, True, False]]])
+    loss = flow_loss(pred, target, valid)
+    assert loss.item() == pytest.approx(((1 + 2) + (2 + 2)) / 2)
+    loss.backward()
+    assert torch.isfinite(pred.grad).all()
+    assert torch.equal(pred.grad[..., 2], torch.zeros(1, 2, 1))
+    other_target = target.clone()
+    other_target[..., 2] = 123.0
+    assert flow_loss(pred, other_target, valid).item() == loss.item()
+
+
+def test_flow_loss_without_mask_averages_every_pixel_and_with_no_valid_pixel_is_zero():
+    pred, target = torch.ones(2, 2, 3, 3), torch.zeros(2, 2, 3, 3)
+    assert flow_loss(pred, target).item() == pytest.approx(2.0)
+    assert flow_loss(pred, target, torch.zeros(2, 3, 3, dtype=torch.bool)).item() == 0.0

@@ -1,0 +1,233 @@
+"""Downstream metrics against independent computations: confusion matrices and mIoU / mAcc by numpy loops,
+flow errors by hand, top-k with ties."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from evpretrain.downstream.metrics import (
+    ConfusionMatrix,
+    FlowMetrics,
+    confusion_matrix,
+    flow_errors,
+    per_class_accuracy,
+    segmentation_scores,
+    topk_accuracy,
+)
+
+IGNORE = 255
+
+
+def confusion_by_loops(pred, target, num_classes, ignore_index=IGNORE):
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    for p, t in zip(pred.ravel().tolist(), target.ravel().tolist()):
+        if t != ignore_index:
+            matrix[t, p] += 1
+    return matrix
+
+
+def scores_by_loops(pred, target, num_classes, ignore_index=IGNORE):
+    """Per-class IoU and accuracy straight from the label maps, NaN where the denominator is 0, and their nanmeans."""
+    valid = target != ignore_index
+    iou, acc = [], []
+    for c in range(num_classes):
+        tp = np.sum((pred == c) & (target == c) & valid)
+        fp = np.sum((pred == c) & (target != c) & valid)
+        fn = np.sum((pred != c) & (target == c) & valid)
+        iou.append(tp / (tp + fp + fn) if tp + fp + fn else math.nan)
+        acc.append(tp / (tp + fn) if tp + fn else math.nan)
+    return np.array(iou), np.array(acc), np.nanmean(iou), np.nanmean(acc)
+
+
+def label_maps(num_classes, shape=(2, 5, 7)):
+    """(pred, target) int arrays; the target may hold the ignore label."""
+    pred = hnp.arrays(np.int64, shape, elements=st.integers(0, num_classes - 1))
+    target = hnp.arrays(np.int64, shape, elements=st.sampled_from([*range(num_classes), IGNORE]))
+    return st.tuples(pred, target)
+
+
+# --- confusion matrix and segmentation scores ---------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(maps=label_maps(4), split=st.integers(0, 2))
+def test_confusion_matrix_matches_loops_and_accumulates_in_parts(maps, split):
+    pred, target = maps
+    expected = confusion_by_loops(pred, target, 4)
+    once = confusion_matrix(torch.from_numpy(pred), torch.from_numpy(target), 4)
+    assert once.dtype == torch.int64
+    np.testing.assert_array_equal(once.numpy(), expected)
+    accumulator = ConfusionMatrix(4)
+    accumulator.update(torch.from_numpy(pred[:split]), torch.from_numpy(target[:split]))
+    accumulator.update(torch.from_numpy(pred[split:]), torch.from_numpy(target[split:]))
+    np.testing.assert_array_equal(accumulator.compute().numpy(), expected)
+
+
+@settings(max_examples=60, deadline=None)
+@given(maps=label_maps(5))
+def test_miou_and_macc_match_loops_over_the_label_maps_and_stay_in_the_unit_interval(maps):
+    pred, target = maps
+    if np.all(target == IGNORE):
+        with pytest.raises(ValueError, match="counts no pixel"):
+            segmentation_scores(confusion_matrix(torch.from_numpy(pred), torch.from_numpy(target), 5))
+        return
+    scores = segmentation_scores(confusion_matrix(torch.from_numpy(pred), torch.from_numpy(target), 5))
+    iou, acc, miou, macc = scores_by_loops(pred, target, 5)
+    np.testing.assert_allclose(scores.iou.numpy(), iou, equal_nan=True)
+    np.testing.assert_allclose(scores.accuracy.numpy(), acc, equal_nan=True)
+    assert scores.miou == pytest.approx(miou) and scores.macc == pytest.approx(macc)
+    valid = target != IGNORE
+    assert scores.pixel_accuracy == pytest.approx(np.mean(pred[valid] == target[valid]))
+    for value in (scores.miou, scores.macc, scores.pixel_accuracy):
+        assert 0.0 <= value <= 1.0
+
+
+def test_an_empty_class_and_ignored_pixels_are_left_out_as_mmsegmentation_does():
+    # 4 classes. Class 2 is predicted only on an ignored pixel, class 3 never appears: both IoU NaN.
+    target = torch.tensor([0, 0, 1, 1, IGNORE, 1])
+    pred = torch.tensor([0, 1, 1, 1, 2, 0])
+    confusion = confusion_matrix(pred, target, 4)
+    assert confusion.tolist() == [[1, 1, 0, 0], [1, 2, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    scores = segmentation_scores(confusion)
+    # IoU_0 = 1 / (1 + 1 + 1), IoU_1 = 2 / (2 + 1 + 1); acc_0 = 1 / 2, acc_1 = 2 / 3.
+    np.testing.assert_allclose(scores.iou.numpy(), [1 / 3, 1 / 2, math.nan, math.nan], equal_nan=True)
+    np.testing.assert_allclose(scores.accuracy.numpy(), [1 / 2, 2 / 3, math.nan, math.nan], equal_nan=True)
+    assert scores.miou == pytest.approx((1 / 3 + 1 / 2) / 2)
+    assert scores.macc == pytest.approx((1 / 2 + 2 / 3) / 2)
+    assert scores.pixel_accuracy == pytest.approx(3 / 5)
+    assert scores.as_dict()["iou_per_class"] == [pytest.approx(1 / 3), pytest.approx(1 / 2), None, None]
+
+
+def test_a_class_predicted_but_never_true_counts_in_miou_with_zero_but_not_in_macc():
+    target = torch.tensor([0, 0, 0, 0])
+    pred = torch.tensor([0, 0, 1, 1])
+    scores = segmentation_scores(confusion_matrix(pred, target, 2))
+    assert scores.iou.tolist() == [0.5, 0.0]
+    assert scores.miou == pytest.approx(0.25)
+    assert math.isnan(scores.accuracy[1]) and scores.macc == pytest.approx(0.5)
+
+
+def test_a_perfect_prediction_scores_one():
+    target = torch.tensor([[0, 1, 2], [2, IGNORE, 0]])
+    scores = segmentation_scores(confusion_matrix(target.clamp(max=2), target, 3))
+    assert (scores.miou, scores.macc, scores.pixel_accuracy) == (1.0, 1.0, 1.0)
+
+
+def test_indices_outside_the_classes_are_refused_rather_than_dropped():
+    with pytest.raises(ValueError, match=r"pred holds class indices outside \[0, 3\)"):
+        confusion_matrix(torch.tensor([0, 3]), torch.tensor([0, 1]), 3)
+    with pytest.raises(ValueError, match=r"target holds class indices outside \[0, 3\) other than the ignore label"):
+        confusion_matrix(torch.tensor([0, 1]), torch.tensor([0, 7]), 3)
+    with pytest.raises(ValueError, match="argmax"):
+        confusion_matrix(torch.rand(2), torch.tensor([0, 1]), 3)
+    # Ignored targets are dropped whatever their prediction.
+    assert confusion_matrix(torch.tensor([0, 2]), torch.tensor([0, IGNORE]), 2).sum() == 1
+
+
+def test_per_class_accuracy_is_nan_for_classes_absent_from_the_labels():
+    confusion = torch.tensor([[3, 1, 0], [0, 0, 0], [1, 1, 2]])
+    np.testing.assert_allclose(per_class_accuracy(confusion).numpy(), [0.75, math.nan, 0.5], equal_nan=True)
+
+
+# --- top-k -----------------------------------------------------------------------------------------------------
+
+
+def test_topk_by_hand_with_ties_broken_by_class_index_and_k_clamped():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0],
+                           [5.0, 5.0, 5.0, 5.0],
+                           [5.0, 5.0, 5.0, 5.0],
+                           [0.0, 2.0, 2.0, 1.0]])
+    labels = torch.tensor([2, 0, 3, 2])
+    # Ranks of the labels: 1 (3 > 2); 0 (tie, smallest index); 3 (three equal logits at smaller indices);
+    # 1 (equal to class 1, which has the smaller index).
+    assert topk_accuracy(logits, labels, ks=(1, 2, 3, 4, 10)) == {
+        "top1": 0.25, "top2": 0.75, "top3": 0.75, "top4": 1.0, "top10": 1.0}
+
+
+@settings(max_examples=50, deadline=None)
+@given(data=st.data(), num_classes=st.integers(1, 6), num_samples=st.integers(1, 12))
+def test_top1_is_argmax_and_topk_counts_a_stable_descending_sort(data, num_classes, num_samples):
+    # Small integer logits force ties.
+    logits = data.draw(hnp.arrays(np.float32, (num_samples, num_classes), elements=st.integers(-2, 2)))
+    labels = data.draw(hnp.arrays(np.int64, num_samples, elements=st.integers(0, num_classes - 1)))
+    result = topk_accuracy(torch.from_numpy(logits), torch.from_numpy(labels), ks=(1, 3, 5))
+    assert result["top1"] == pytest.approx(np.mean(logits.argmax(axis=1) == labels))
+    order = np.argsort(-logits, axis=1, kind="stable")  # descending, equal logits by class index
+    rank = np.argmax(order == labels[:, None], axis=1)
+    for k in (3, 5):
+        assert result[f"top{k}"] == pytest.approx(np.mean(rank < k))
+
+
+def test_topk_refuses_nan_logits_out_of_range_labels_and_empty_input():
+    with pytest.raises(ValueError, match="NaN"):
+        topk_accuracy(torch.tensor([[math.nan, 0.0]]), torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
+        topk_accuracy(torch.zeros(1, 2), torch.tensor([2]))
+    with pytest.raises(ValueError, match="empty"):
+        topk_accuracy(torch.zeros(0, 2), torch.zeros(0, dtype=torch.long))
+
+
+# --- optical flow ----------------------------------------------------------------------------------------------
+
+
+def flow_pixels(vectors):
+    """(1, 2, 1, N) flow from a list of N (x, y) vectors."""
+    return torch.tensor(vectors, dtype=torch.float32).T.reshape(1, 2, 1, -1)
+
+
+def test_flow_errors_by_hand_with_strict_outlier_thresholds_and_invalid_pixels_ignored():
+    target = flow_pixels([(100, 0), (100, 0), (0, 0), (10, 0), (math.nan, 1), (0, 0)])
+    pred = flow_pixels([(103, 0), (100, 3.5), (3, 4), (14, 0), (0, 0), (1e6, 0)])
+    valid = torch.tensor([[[True, True, True, True, False, False]]])
+    # Errors 3 (not > 3), 3.5 (> 3 but not > 5 % of 100), 5 (> 3 and > 0), 4 (> 3 and > 0.5).
+    sums = flow_errors(pred, target, valid)
+    assert (sums.endpoint_error_sum, sums.outlier_count, sums.valid_pixels) == (15.5, 2, 4)
+    metrics = FlowMetrics()
+    metrics.update(pred, target, valid)
+    assert metrics.compute() == {"aee": pytest.approx(15.5 / 4), "outlier_pct": 50.0, "valid_pixels": 4}
+
+
+def test_aee_is_the_mean_over_all_valid_pixels_of_the_dataset_not_of_per_sample_means():
+    metrics = FlowMetrics()
+    sparse_target = torch.zeros(1, 2, 2, 2)
+    metrics.update(sparse_target + 10.0, sparse_target, torch.tensor([[[True, False], [False, False]]]))
+    metrics.update(torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 2, 2), torch.ones(1, 2, 2, dtype=torch.bool))
+    # One pixel with error 10 * sqrt(2), four with 0: the dataset mean is 10 * sqrt(2) / 5 (per-sample: / 2).
+    assert metrics.compute()["aee"] == pytest.approx(10 * math.sqrt(2) / 5)
+    assert metrics.compute()["valid_pixels"] == 5
+
+
+def test_flow_metrics_refuse_to_report_without_valid_pixels():
+    metrics = FlowMetrics()
+    with pytest.raises(ValueError, match="no valid flow pixel"):
+        metrics.compute()
+    metrics.update(torch.ones(2, 2, 3, 3), torch.zeros(2, 2, 3, 3), torch.zeros(2, 3, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="no valid flow pixel"):
+        metrics.compute()
+    with pytest.raises(ValueError, match=r"valid must be bool \(B, H, W\)"):
+        flow_errors(torch.zeros(2, 2, 3, 3), torch.zeros(2, 2, 3, 3), torch.ones(2, 3, 3))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), split=st.integers(0, 3))
+def test_flow_metrics_accumulated_in_parts_equal_all_at_once(seed, split):
+    generator = torch.Generator().manual_seed(seed)
+    target = torch.randn(3, 2, 4, 5, generator=generator) * 20
+    pred = target + torch.randn(3, 2, 4, 5, generator=generator) * 4
+    valid = torch.rand(3, 4, 5, generator=generator) > 0.3
+    valid[0, 0, 0] = True
+    whole, parts = FlowMetrics(), FlowMetrics()
+    whole.update(pred, target, valid)
+    parts.update(pred[:split], target[:split], valid[:split])
+    parts.update(pred[split:], target[split:], valid[split:])
+    a, b = whole.compute(), parts.compute()
+    assert a["valid_pixels"] == b["valid_pixels"] == int(valid.sum())
+    assert a["aee"] == pytest.approx(b["aee"], rel=1e-9) and a["outlier_pct"] == b["outlier_pct"]
+    assert 0.0 <= a["outlier_pct"] <= 100.0
+    error = (pred - target).norm(dim=1)[valid]
+    assert a["aee"] == pytest.approx(error.mean().item(), rel=1e-5)
