@@ -46,7 +46,17 @@ class MaskedModelingConfig:
 
 @dataclass(frozen=True)
 class ContrastConfig:
-    """Stages 2 and 3 (config sections ``pretrain.stage2.method`` and ``pretrain.stage3.method``)."""
+    """Stages 2 and 3 (config sections ``pretrain.stage2.method`` and ``pretrain.stage3.method``).
+
+    ``teacher_projection``: whether the teacher side's LayerNorm + Linear trains ("trained", the paper's code) or
+    keeps its initialisation ("frozen"). With a queue, its negatives are detached, so the only gradient the keys
+    get is the pull of the positive towards the student: a trained projection drifts towards what every student
+    token already matches, the queue fills with ever more similar keys, and the loss climbs back to
+    log(queue_length + 1) (measured on the demo: 4.1 -> 6.5 over stage 3). MoCo keeps its queue consistent with a
+    momentum key encoder instead; a frozen random projection keeps it consistent at no cost (a random linear map
+    preserves the teacher tokens' angles closely, Johnson-Lindenstrauss). In-batch negatives (``queue_length: 0``)
+    repel the keys too, so a trained projection is safe there.
+    """
 
     projector_layers: int = 3
     predictor_layers: int = 2
@@ -54,6 +64,7 @@ class ContrastConfig:
     queue_length: int = 1024
     temperature: float = 0.07
     focus: Literal["none", "density", "difference"] = "none"
+    teacher_projection: Literal["trained", "frozen"] = "frozen"
 
 
 class MaskedModeling(nn.Module):
@@ -97,6 +108,8 @@ class FeatureTransition(nn.Module):
         self.projector = TokenMLP(config.projector_layers, dim, config.hidden_dim, dim)
         self.predictor = TokenMLP(config.predictor_layers, dim, config.hidden_dim, dim)
         self.teacher_projection = TeacherProjection(teacher_dim, dim)
+        if config.teacher_projection == "frozen":
+            self.teacher_projection.requires_grad_(False)
         self.criterion = TokenInfoNCE(dim, backbone.num_tokens, config.queue_length, config.temperature)
 
     def freeze_for_transition(self) -> None:
