@@ -113,3 +113,27 @@ def test_opening_a_foreign_file_names_it(tmp_path):
         EventStore(text)
     with pytest.raises(StoreError, match="no such event store"):
         EventStore(tmp_path / "missing.h5")
+
+
+def _events_in_child(store, index, queue):
+    import os
+
+    events = store.events(index)
+    queue.put((events.tobytes(), store._pid == os.getpid()))
+
+
+def test_a_store_open_before_fork_reads_in_the_child_through_its_own_handle(tmp_path):
+    import multiprocessing
+
+    rng = np.random.default_rng(0)
+    store = EventStore(write_store(tmp_path / "s.h5", [{"events": random_events(rng, 50)} for _ in range(3)]))
+    expected = store.events(2).tobytes()  # the parent's handle is open and holds cached dataset handles
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_events_in_child, args=(store, 2, queue))
+    child.start()
+    events, own_handle = queue.get(timeout=60)
+    child.join(timeout=60)
+    assert child.exitcode == 0 and events == expected
+    assert own_handle  # the child opened the file itself rather than use the inherited HDF5 state
+    assert store.events(2).tobytes() == expected  # and the parent's handle still reads

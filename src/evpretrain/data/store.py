@@ -262,13 +262,15 @@ def _combine(hashes: Mapping[str, Any]) -> str:
 
 
 class EventStore:
-    """Read access to a store, per sample. Safe to pickle into DataLoader workers (each opens its own handle)."""
+    """Read access to a store, per sample. Safe to pickle into DataLoader workers and to use across ``fork``: each
+    process opens its own handle (one inherited through fork shares the parent's HDF5 library state)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.is_file():
             raise StoreError(self.path, "no such event store")
         self._file: h5py.File | None = None
+        self._pid: int | None = None
         self._datasets: dict[str, h5py.Dataset] = {}
         file = self._open()
         if file.attrs.get("format") != STORE_FORMAT:
@@ -283,11 +285,12 @@ class EventStore:
         self.sensor_size: tuple[int, int] = tuple(int(v) for v in file.attrs["sensor_size"])
 
     def _open(self) -> h5py.File:
-        if self._file is None:
+        if self._file is None or self._pid != os.getpid():
             try:
                 self._file = h5py.File(self.path, "r")
             except OSError as err:
                 raise StoreError(self.path, f"cannot open as HDF5: {err}") from err
+            self._pid = os.getpid()
             self._datasets = {}
         return self._file
 
@@ -299,7 +302,7 @@ class EventStore:
         return self._datasets[name]
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_file", "_datasets")} | {"_file": None}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_file", "_datasets")} | {"_file": None, "_datasets": {}}
 
     def __enter__(self) -> EventStore:
         return self

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -139,12 +138,12 @@ class DownstreamDataset(Dataset):
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
         self.store_path = Path(store_path)
-        with EventStore(self.store_path) as store:
-            self.sensor_size: tuple[int, int] = tuple(store.sensor_size)
-            self._num_samples = len(store)
-            fields = set(store.fields)
-            self._labels = store.labels
-            self.attrs = store.attrs
+        self._store = store = EventStore(self.store_path)  # opens a handle per process, as workers need
+        self.sensor_size: tuple[int, int] = tuple(store.sensor_size)
+        self._num_samples = len(store)
+        fields = set(store.fields)
+        self._labels = store.labels
+        self.attrs = store.attrs
         needed = {"classify": "labels", "segment": "masks", "flow": "flow"}[task]
         if needed not in fields:
             raise StoreError(self.store_path, f"task {task!r} needs the field {needed!r}; this store holds "
@@ -159,8 +158,6 @@ class DownstreamDataset(Dataset):
         self.seed = int(seed)
         self.has_valid = "valid" in fields
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # reaches persistent workers
-        self._store: EventStore | None = None
-        self._store_pid: int | None = None
 
     def __len__(self) -> int:
         return self._num_samples
@@ -180,8 +177,8 @@ class DownstreamDataset(Dataset):
         return self.corruption is None and not random_window and self.augment == AugmentConfig()
 
     def with_corruption(self, corruption: Corruption | None) -> DownstreamDataset:
-        """This dataset reading its samples under ``corruption`` (a shallow copy; the store handle is not shared)."""
-        other = copy.copy(self)  # through __getstate__: without the open handle
+        """This dataset reading its samples under ``corruption`` (a shallow copy)."""
+        other = copy.copy(self)
         other.corruption = corruption
         return other
 
@@ -192,7 +189,7 @@ class DownstreamDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not 0 <= index < len(self):
             raise IndexError(f"{self.store_path}: sample {index} out of range for {len(self)} samples")
-        store = self._open()
+        store = self._store
         rng = np.random.default_rng((self.seed, int(self._epoch) if self.train else 0, int(index)))
         events = self._window(store.events(index), rng)
         if self.corruption is not None:
@@ -246,16 +243,6 @@ class DownstreamDataset(Dataset):
             if "flow" in sample:
                 sample["flow"][0].neg_()
         return sample
-
-    def _open(self) -> EventStore:
-        # One HDF5 handle per process: a handle inherited through fork shares the parent's library state.
-        if self._store is None or self._store_pid != os.getpid():
-            self._store = EventStore(self.store_path)
-            self._store_pid = os.getpid()
-        return self._store
-
-    def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__ | {"_store": None, "_store_pid": None}
 
 
 def _random_crop(

@@ -34,9 +34,7 @@ epoch, as with ``DistributedSampler``; the epoch lives in shared memory, so it a
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -106,11 +104,11 @@ class PretrainDataset(Dataset):
         if not 0.0 <= time_flip_p <= 1.0:
             raise ValueError(f"time_flip_p must lie in [0, 1], got {time_flip_p}")
         self.store_path = Path(store_path)
-        with EventStore(self.store_path) as store:
-            self.sensor_size: tuple[int, int] = store.sensor_size
-            fields = set(store.fields)
-            labels = store.labels
-            self._num_samples = len(store)
+        self._store = store = EventStore(self.store_path)  # opens a handle per process, as workers need
+        self.sensor_size: tuple[int, int] = store.sensor_size
+        fields = set(store.fields)
+        labels = store.labels
+        self._num_samples = len(store)
         self.num_bins = num_bins
         self.input_size = _pair(input_size) if input_size is not None else self.sensor_size
         self.image_size = _pair(image_size)
@@ -124,8 +122,6 @@ class PretrainDataset(Dataset):
         self._labels = labels if labels is not None else np.full(self._num_samples, -1, np.int64)
         # Shared memory: set_epoch in the main process reaches the workers, persistent ones included.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
-        self._store: EventStore | None = None
-        self._store_pid: int | None = None
 
     def __len__(self) -> int:
         return self._num_samples
@@ -148,7 +144,7 @@ class PretrainDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not 0 <= index < len(self):
             raise IndexError(f"{self.store_path}: sample {index} out of range for {len(self)} samples")
-        store = self._open()
+        store = self._store
         events = store.events(index)
         height, width = self.sensor_size
         voxel = torch.from_numpy(voxel_grid(events, self.num_bins, height=height, width=width))
@@ -175,21 +171,9 @@ class PretrainDataset(Dataset):
                 sample["image"] = image.expand(3, -1, -1)  # a view: collating makes the copy
         return sample
 
-    def _open(self) -> EventStore:
-        # One HDF5 handle per process: a handle inherited through fork shares the parent's library state.
-        if self._store is None or self._store_pid != os.getpid():
-            self._store = EventStore(self.store_path)
-            self._store_pid = os.getpid()
-        return self._store
-
-    def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__ | {"_store": None, "_store_pid": None}
-
     def close(self) -> None:
         """Close this process's store handle (it reopens on the next read)."""
-        if self._store is not None:
-            self._store.close()
-            self._store = None
+        self._store.close()
 
 
 def _intensity(frame: np.ndarray) -> torch.Tensor:
