@@ -105,6 +105,14 @@ def test_each_stage_starts_from_the_previous_ones_weights(tmp_path):
     initialise(stage3, 3, tmp_path / "s2.pt")
     for k, v in stage2.state_dict().items():
         assert torch.equal(stage3.state_dict()[k], v)  # the same heads, the same queue
+    # Without stage 2 (an ablation), stage 3 starts from stage 1's backbone with fresh heads.
+    torch.manual_seed(5)
+    fresh = build_stage_module(3, config, teacher_dim=12)
+    heads = {k: v.clone() for k, v in fresh.state_dict().items() if not k.startswith("backbone.")}
+    initialise(fresh, 3, tmp_path / "s1.pt")
+    for k, v in stage1.backbone.state_dict().items():
+        assert torch.equal(fresh.backbone.state_dict()[k], v)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in heads.items())
 
 
 def test_config_errors_name_the_key():

@@ -128,14 +128,16 @@ def build_stage_module(stage: int, config: PretrainConfig, teacher_dim: int | No
 
 
 def initialise(module: nn.Module, stage: int, init: Path | None) -> dict[str, list[str]]:
-    """Load ``init`` (a checkpoint.pt of the previous stage) into ``module``; return the keys left out.
+    """Load ``init`` (a checkpoint.pt of an earlier stage) into ``module``; return the keys left out.
 
-    Stage 1 and 2 take its backbone only; stage 3 takes the whole stage-2 module (the same heads).
+    Stages 1 and 2 take its backbone only. Stage 3 takes the whole stage-2 module (the same heads, queue included)
+    when ``init`` is a stage-2 checkpoint, else (a stage-1 checkpoint: the "without stage 2" ablation) its backbone,
+    the heads starting afresh.
     """
     if init is None:
         return {"missing": [], "unexpected": []}
     state = load_checkpoint(init)["model"]
-    if stage == 3:
+    if stage == 3 and any(key.startswith("projector.") for key in state):
         result = module.load_state_dict(state, strict=True)
     else:
         backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
