@@ -17,10 +17,9 @@ import torch
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
-from evpretrain.config import ConfigError
-from evpretrain.training.checkpoint import load_checkpoint
+from evpretrain.training.checkpoint import backbone_entries, load_checkpoint
 
-__all__ = ["Classifier", "LinearProbe", "backbone_state", "load_backbone"]
+__all__ = ["Classifier", "LinearProbe", "load_backbone"]
 
 
 class LinearProbe(nn.Module):
@@ -66,17 +65,6 @@ class Classifier(nn.Module):
         return self.head(self.backbone.pool(self.backbone(voxel)))
 
 
-def backbone_state(path: str | Path) -> dict[str, Tensor]:
-    """The backbone weights of a checkpoint this project wrote: a pre-training stage's (``backbone.*`` keys of its
-    module) or a downstream run's. Foreign checkpoints go through ``evpretrain.downstream.importers``."""
-    state = load_checkpoint(Path(path))["model"]
-    backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
-    if not backbone:
-        raise ConfigError(f"{path}: holds no backbone weights (no 'backbone.' keys); a checkpoint of another project "
-                          "needs an importer (evpretrain.downstream.importers)")
-    return backbone
-
-
 def load_backbone(backbone: nn.Module, path: str | Path | None, *, source: str | None = None,
                   allow_partial: bool = False) -> dict[str, Any]:
     """Load ``path``'s backbone weights into ``backbone``; None keeps the random initialisation.
@@ -93,5 +81,5 @@ def load_backbone(backbone: nn.Module, path: str | Path | None, *, source: str |
         report = import_checkpoint(path, source, backbone, allow_partial=allow_partial)
         return {"init": str(path), "init_source": source, "init_complete": report.complete,
                 "init_report": report.summary()}
-    backbone.load_state_dict(backbone_state(path), strict=True)
+    backbone.load_state_dict(backbone_entries(load_checkpoint(Path(path))["model"], path), strict=True)
     return {"init": str(path), "init_source": "evpretrain", "init_complete": True}

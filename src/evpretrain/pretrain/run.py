@@ -21,6 +21,7 @@ from evpretrain.models import create_backbone
 from evpretrain.pretrain.data import PretrainDataset
 from evpretrain.pretrain.stages import ContrastConfig, FeatureTransition, MaskedModeling, MaskedModelingConfig
 from evpretrain.training import KnnMonitor, MlflowHook, TrainConfig, load_checkpoint, train
+from evpretrain.training.checkpoint import backbone_entries
 from evpretrain.training.optim import param_groups, scales_for_layers
 
 
@@ -78,12 +79,13 @@ class ContrastStageConfig:
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    """Config section ``pretrain``."""
+    """Config section ``pretrain``. A stage's section may be absent where that stage does not run (the pipeline
+    gives each stage a config holding its own section only, so that another stage's change does not touch it)."""
 
     backbone: str
-    stage1: Stage1Config
-    stage2: ContrastStageConfig
-    stage3: ContrastStageConfig
+    stage1: Stage1Config | None = None
+    stage2: ContrastStageConfig | None = None
+    stage3: ContrastStageConfig | None = None
     backbone_overrides: dict[str, Any] = field(default_factory=dict)
     data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -140,10 +142,7 @@ def initialise(module: nn.Module, stage: int, init: Path | None) -> dict[str, li
     if stage == 3 and any(key.startswith("projector.") for key in state):
         result = module.load_state_dict(state, strict=True)
     else:
-        backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
-        if not backbone:
-            raise ConfigError(f"{init}: holds no backbone weights (no 'backbone.' keys)")
-        result = module.backbone.load_state_dict(backbone, strict=True)
+        result = module.backbone.load_state_dict(backbone_entries(state, init), strict=True)
     return {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys)}
 
 
@@ -211,9 +210,11 @@ def knn_of_checkpoint(
 ) -> float:
     """kNN top-1 of a stage checkpoint's backbone, or of a randomly initialised one (seeded) when None."""
     torch.manual_seed(seed)
-    module = build_stage_module(1, config, None)
-    initialise(module, 1, checkpoint)
-    return knn_monitor(config, train_store, val_store).evaluate(module, torch.device("cpu"))
+    holder = nn.Module()  # what the monitor embeds with: a module with a ``backbone``
+    holder.backbone = build_backbone(config)
+    if checkpoint is not None:
+        holder.backbone.load_state_dict(backbone_entries(load_checkpoint(checkpoint)["model"], checkpoint))
+    return knn_monitor(config, train_store, val_store).evaluate(holder, torch.device("cpu"))
 
 
 def run_stage(
@@ -231,6 +232,8 @@ def run_stage(
     if stage not in (1, 2, 3):
         raise ConfigError(f"--stage must be 1, 2 or 3, got {stage}")
     stage_config = {1: config.stage1, 2: config.stage2, 3: config.stage3}[stage]
+    if stage_config is None:
+        raise ConfigError(f"config has no section 'pretrain.stage{stage}'")
     data = config.data
     dataset: Dataset = PretrainDataset(
         train_store, num_bins=data.num_bins, input_size=data.input_size, time_flip_p=data.time_flip_p, seed=data.seed

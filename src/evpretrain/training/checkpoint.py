@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -49,3 +49,15 @@ def write_json(data: Any, path: str | Path) -> Path:
     """JSON with sorted keys, atomically."""
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     return write_atomic(path, lambda file: file.write(text.encode()))
+
+
+def backbone_entries(state: Mapping[str, torch.Tensor], path: str | Path) -> dict[str, torch.Tensor]:
+    """The ``backbone.*`` entries of a model state dict, without the prefix: the backbone of any of this project's
+    stage or downstream modules. Raises ConfigError naming ``path`` when there are none."""
+    from evpretrain.config import ConfigError
+
+    backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    if not backbone:
+        raise ConfigError(f"{path}: holds no backbone weights (no 'backbone.' keys); a checkpoint of another project "
+                          "needs an importer (evpretrain.downstream.importers)")
+    return backbone
