@@ -1,0 +1,205 @@
+"""The study's plan: which pre-training stages and downstream evaluations each variant needs, keyed by content.
+
+A variant (ablation) is a named list of stages plus overrides of the study config (dotted keys). Each stage it runs
+is a node whose key hashes everything its weights depend on: its own config section, the settings every stage shares
+(backbone, input, teacher for stages 2 and 3, kNN monitor), the identity of the training data, and the key of the
+stage it starts from. Variants whose upstream configs coincide thus share nodes, and the plan trains no stage twice;
+a change to a stage's settings changes its key and the keys of everything downstream of it, nothing else.
+
+Evaluations are keyed the same way: the downstream task's config, the backbone settings, the dataset, the seed and
+the checkpoint's node. Settings that only change how a job runs (``execution``: executor, partition, GPUs) are in no
+key, so they never invalidate an output.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from evpretrain.config import ConfigError
+from evpretrain.training.config import EXECUTION_FIELDS
+
+__all__ = ["Evaluation", "StageNode", "StudyPlan", "Variant", "apply_overrides", "content_key", "plan_study"]
+
+SHARED_PRETRAIN_KEYS = ("backbone", "backbone_overrides", "data", "knn")
+KEY_LENGTH = 10
+
+
+def content_key(content: Any) -> str:
+    """A short, stable hash of JSON-able ``content`` (sorted keys): 10 hex digits of its SHA-256."""
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:KEY_LENGTH]
+
+
+def apply_overrides(study: Mapping[str, Any], overrides: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """A deep copy of ``study`` with each dotted key of ``overrides`` set; the parent of each key must exist (a
+    typo names itself instead of silently adding a setting nothing reads)."""
+    result = copy.deepcopy(dict(study))
+    for dotted, value in overrides.items():
+        keys = dotted.split(".")
+        node = result
+        for depth, key in enumerate(keys[:-1]):
+            if not isinstance(node.get(key), Mapping):
+                raise ConfigError(f"{where}: override {dotted!r}: the study has no section "
+                                  f"{'.'.join(keys[:depth + 1])!r}")
+            node = node[key]
+        node[keys[-1]] = copy.deepcopy(value)
+    return result
+
+
+@dataclass(frozen=True)
+class StageNode:
+    """One pre-training stage run: ``name`` (its folder) = ``stage{N}-{key}``; ``init`` the upstream node's name."""
+
+    stage: int
+    key: str
+    init: str | None
+    config: dict[str, Any]  # the study config the stage's command reads: the shared settings and its own stage
+
+    @property
+    def name(self) -> str:
+        return f"stage{self.stage}-{self.key}"
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One downstream run: ``task`` (classify, segment, flow), ``mode`` (classification), ``dataset``, its train and
+    eval splits, ``seed``, the ``checkpoint`` node name (None: random initialisation). ``name`` is its folder."""
+
+    label: str
+    task: str
+    mode: str | None
+    dataset: str
+    train_split: str
+    eval_split: str
+    seed: int
+    checkpoint: str | None
+    key: str
+    config: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return f"{self.label}-{self.key}/seed{self.seed}"
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    stages: tuple[int, ...]
+    nodes: tuple[str, ...]
+    evaluations: tuple[str, ...]
+
+    @property
+    def checkpoint(self) -> str | None:
+        return self.nodes[-1] if self.nodes else None
+
+
+@dataclass
+class StudyPlan:
+    """Every node, evaluation and variant of a study, by name."""
+
+    nodes: dict[str, StageNode] = field(default_factory=dict)
+    evaluations: dict[str, Evaluation] = field(default_factory=dict)
+    variants: dict[str, Variant] = field(default_factory=dict)
+    teacher_key: str | None = None
+    pretrain_dataset: str = "demo"
+
+    def manifest(self) -> dict[str, Any]:
+        """What the tables need: per variant, its stages and each evaluation's folder and description."""
+        return {
+            name: {
+                "stages": list(variant.stages),
+                "checkpoint": variant.checkpoint,
+                "evaluations": [
+                    {k: getattr(self.evaluations[e], k) for k in ("label", "task", "mode", "dataset", "eval_split",
+                                                                   "seed")} | {"folder": e}
+                    for e in variant.evaluations
+                ],
+            }
+            for name, variant in self.variants.items()
+        }
+
+
+def _data_identity(study: Mapping[str, Any], dataset: str) -> Any:
+    """What a dataset's stores are a function of: the builder's section for the demo and EF stores, else the
+    dataset's name and its conversion settings."""
+    data = study.get("data", {})
+    if dataset in ("demo", "ef"):
+        return {"dataset": dataset, "builder": data.get(dataset)}
+    return {"dataset": dataset, "convert": data.get("convert", {}).get(dataset)}
+
+
+def _weights_content(section: Mapping[str, Any] | None) -> Any:
+    """A stage's or task's section without the settings that only change how it runs (``EXECUTION_FIELDS``)."""
+    if section is None:
+        return None
+    section = dict(section)
+    if isinstance(section.get("train"), Mapping):
+        section["train"] = {k: v for k, v in section["train"].items() if k not in EXECUTION_FIELDS}
+    return section
+
+
+def plan_study(study: Mapping[str, Any]) -> StudyPlan:
+    """The plan of ``study`` (a validated study config with ``study`` and ``variants`` sections)."""
+    spec = study.get("study")
+    variants = study.get("variants")
+    if not spec or not variants:
+        raise ConfigError("config needs the sections 'study' and 'variants' to plan a study")
+    plan = StudyPlan(pretrain_dataset=spec["pretrain_dataset"])
+    data_identity = _data_identity(study, plan.pretrain_dataset)
+    for name, variant in variants.items():
+        where = f"variants.{name}"
+        stages = tuple(variant.get("stages", ()))
+        if list(stages) != sorted(set(stages)) or not set(stages) <= {1, 2, 3}:
+            raise ConfigError(f"{where}.stages: expected increasing stage numbers among 1, 2, 3, got {list(stages)}")
+        resolved = apply_overrides(study, variant.get("overrides", {}), where)
+        pretrain = resolved.get("pretrain", {})
+        shared = {k: pretrain[k] for k in SHARED_PRETRAIN_KEYS if k in pretrain}
+        upstream, names = None, []
+        for stage in stages:
+            section = pretrain.get(f"stage{stage}")
+            if section is None:
+                raise ConfigError(f"{where}: stage {stage} runs, but the study has no section 'pretrain.stage{stage}'")
+            config = {"pretrain": {**shared, f"stage{stage}": section}}
+            if stage > 1:
+                config["pretrain"]["teacher"] = pretrain.get("teacher", {})
+            content = {"stage": stage, "config": {**config["pretrain"], f"stage{stage}": _weights_content(section)},
+                       "data": data_identity, "init": upstream}
+            node = StageNode(stage, content_key(content), upstream, config)
+            plan.nodes.setdefault(node.name, node)
+            upstream = node.name
+            names.append(node.name)
+        if any(stage > 1 for stage in stages):
+            plan.teacher_key = content_key({"teacher": pretrain.get("teacher", {}), "backbone": shared,
+                                            "data": data_identity})
+        evaluations = [_evaluation(resolved, spec, entry, seed, upstream, f"study.evaluations[{i}]")
+                       for i, entry in enumerate(spec.get("evaluations", [])) for seed in spec.get("seeds", [0])]
+        for evaluation in evaluations:
+            plan.evaluations.setdefault(evaluation.name, evaluation)
+        plan.variants[name] = Variant(name, stages, tuple(names), tuple(e.name for e in evaluations))
+    return plan
+
+
+def _evaluation(study: Mapping[str, Any], spec: Mapping[str, Any], entry: Mapping[str, Any], seed: int,
+                checkpoint: str | None, where: str) -> Evaluation:
+    task, mode = entry["task"], entry.get("mode")
+    downstream = study.get("downstream", {})
+    section = downstream.get(task, {})
+    if task == "classify":
+        section = section.get(mode) if mode else None
+    if section is None:
+        raise ConfigError(f"{where}: no section 'downstream.{task}{'.' + mode if mode else ''}' for this evaluation")
+    pretrain = study.get("pretrain", {})
+    shared = {k: pretrain[k] for k in ("backbone", "backbone_overrides", "data") if k in pretrain}
+    task_section = {task: {mode: section}} if task == "classify" else {task: section}
+    config = {"pretrain": shared, "downstream": task_section}
+    label = entry.get("name") or (f"{task}-{mode}" if mode else task) + f"-{entry['dataset']}"
+    content = {"task": task, "mode": mode, "backbone": shared, "task_config": _weights_content(section),
+               "data": _data_identity(study, entry["dataset"]), "splits": [entry["train"], entry["eval"]],
+               "checkpoint": checkpoint}
+    return Evaluation(label, task, mode, entry["dataset"], entry["train"], entry["eval"], int(seed), checkpoint,
+                      content_key(content), config)

@@ -1,0 +1,101 @@
+"""The study plan: variants share stages with identical upstream settings; a change reaches exactly its dependants."""
+
+import copy
+
+import pytest
+
+from evpretrain.config import ConfigError
+from evpretrain.pipeline.plan import apply_overrides, plan_study
+
+TRAIN = {"epochs": 1, "batch_size": 4, "base_lr": 1e-3}
+STUDY = {
+    "data": {"demo": {"seed": 0, "samples": {"train": 8}}},
+    "pretrain": {
+        "backbone": "vit_demo",
+        "data": {"num_bins": 5},
+        "knn": {"every_steps": 10},
+        "teacher": {"name": "efficientnet_lite0"},
+        "stage1": {"method": {"target": "difference", "masking": "random"}, "train": dict(TRAIN)},
+        "stage2": {"method": {"queue_length": 16}, "train": dict(TRAIN)},
+        "stage3": {"method": {"queue_length": 16, "focus": "density"}, "train": dict(TRAIN)},
+    },
+    "downstream": {"classify": {"linear": {"train": dict(TRAIN)}, "finetune": {"train": dict(TRAIN)}}},
+    "study": {
+        "name": "demo",
+        "pretrain_dataset": "demo",
+        "seeds": [0, 1],
+        "evaluations": [{"task": "classify", "mode": "linear", "dataset": "demo", "train": "train", "eval": "test"}],
+    },
+    "variants": {
+        "full": {"stages": [1, 2, 3]},
+        "no_stage1": {"stages": [2, 3]},
+        "no_stage2": {"stages": [1, 3]},
+        "no_stage3": {"stages": [1, 2]},
+        "stage1_only": {"stages": [1]},
+        "scratch": {"stages": []},
+        "voxel_target": {"stages": [1, 2, 3], "overrides": {"pretrain.stage1.method.target": "voxel"}},
+        "no_focus": {"stages": [1, 2, 3], "overrides": {"pretrain.stage3.method.focus": "none"}},
+    },
+}
+
+
+def changed(path, value):
+    study = copy.deepcopy(STUDY)
+    return apply_overrides(study, {path: value}, "test")
+
+
+def test_variants_share_every_stage_whose_upstream_settings_coincide():
+    plan = plan_study(STUDY)
+    v = plan.variants
+    assert v["full"].nodes[:2] == v["no_stage3"].nodes == (v["stage1_only"].nodes[0], v["full"].nodes[1])
+    assert v["no_stage2"].nodes[0] == v["full"].nodes[0] and v["no_stage2"].nodes[1] != v["full"].nodes[2]
+    assert v["no_focus"].nodes[:2] == v["full"].nodes[:2] and v["no_focus"].nodes[2] != v["full"].nodes[2]
+    assert v["voxel_target"].nodes[0] != v["full"].nodes[0]  # a stage-1 change reaches every later stage
+    assert set(v["voxel_target"].nodes).isdisjoint(v["full"].nodes)
+    assert v["scratch"].checkpoint is None and v["no_stage1"].nodes[0].startswith("stage2-")
+    # 3 stage-1 runs would be 8 variants' worth without sharing: here difference + voxel targets only.
+    assert sorted(n.split("-")[0] for n in plan.nodes) == ["stage1"] * 2 + ["stage2"] * 3 + ["stage3"] * 5
+    assert len(plan.evaluations) == 2 * len(set(x.checkpoint for x in v.values()))  # 2 seeds each
+
+
+def test_a_stage3_change_replans_exactly_stage3_and_its_evaluations():
+    before, after = plan_study(STUDY), plan_study(changed("pretrain.stage3.train.base_lr", 2e-3))
+    new_nodes = set(after.nodes) - set(before.nodes)
+    assert {n.split("-")[0] for n in new_nodes} == {"stage3"} and len(new_nodes) == 5
+    new_evaluations = set(after.evaluations) - set(before.evaluations)
+    assert {after.evaluations[e].checkpoint for e in new_evaluations} == new_nodes
+
+
+def test_a_downstream_change_replans_only_evaluations():
+    before, after = plan_study(STUDY), plan_study(changed("downstream.classify.linear.train.base_lr", 5e-3))
+    assert set(after.nodes) == set(before.nodes)
+    assert set(after.evaluations).isdisjoint(before.evaluations)
+
+
+def test_execution_settings_and_unused_sections_change_no_key():
+    before = plan_study(STUDY)
+    for path, value in [("pretrain.stage1.train.num_workers", 4), ("pretrain.stage2.train.checkpoint_every_steps", 7),
+                        ("downstream.classify.finetune.train.base_lr", 1.0)]:  # finetune: no evaluation uses it
+        after = plan_study(changed(path, value))
+        assert set(after.nodes) == set(before.nodes) and set(after.evaluations) == set(before.evaluations), path
+
+
+def test_a_change_of_the_demo_data_replans_everything():
+    before, after = plan_study(STUDY), plan_study(changed("data.demo.seed", 1))
+    assert set(after.nodes).isdisjoint(before.nodes) and set(after.evaluations).isdisjoint(before.evaluations)
+
+
+def test_a_stage_reads_only_its_own_section():
+    plan = plan_study(STUDY)
+    node = plan.nodes[plan.variants["full"].nodes[0]]
+    assert set(node.config["pretrain"]) == {"backbone", "data", "knn", "stage1"}
+    assert set(plan.nodes[plan.variants["full"].nodes[2]].config["pretrain"]) == {"backbone", "data", "knn", "teacher",
+                                                                                  "stage3"}
+
+
+def test_overrides_and_stages_are_checked():
+    with pytest.raises(ConfigError, match=r"variants.bad: override 'pretrain.stage9.x': the study has no section "
+                                          r"'pretrain.stage9'"):
+        plan_study({**STUDY, "variants": {"bad": {"stages": [1], "overrides": {"pretrain.stage9.x": 1}}}})
+    with pytest.raises(ConfigError, match=r"variants.bad.stages: expected increasing stage numbers"):
+        plan_study({**STUDY, "variants": {"bad": {"stages": [3, 1]}}})
