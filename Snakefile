@@ -13,8 +13,11 @@ validate(config, "workflow/schemas/config.schema.yaml")
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/downstream.smk"
 
 
 rule all:
     input:
         demo_stores(),
+        table_outputs(),

@@ -162,6 +162,16 @@ def _cmd_robustness(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from evpretrain.pipeline.tables import collect_runs, summarise, write_tables
+
+    manifest = json.loads(args.manifest.read_text())
+    summary = summarise(collect_runs(manifest, args.results))
+    paths = write_tables(summary, args.out)
+    print(paths["md"].read_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evpretrain", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="group", required=True)
@@ -268,6 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder: robustness.{csv,md,png}, metrics.json")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.set_defaults(func=_cmd_robustness)
+
+    p = commands.add_parser("report", help="paper-style tables (md, tex, csv) from a study's metrics.json files")
+    p.add_argument("--manifest", required=True, type=Path, help="the study's manifest.json (written by the pipeline)")
+    p.add_argument("--results", required=True, type=Path, help="the study's results folder")
+    p.add_argument("--out", required=True, type=Path, help="output folder for ablation.{md,tex,csv}")
+    p.set_defaults(func=_cmd_report)
     return parser
 
 

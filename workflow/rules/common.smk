@@ -1,14 +1,32 @@
-# Helpers shared by the rules: paths and config lookups live here, so that rules stay thin.
+# Helpers shared by the rules: paths, the study's plan and config lookups live here, so that rules stay thin.
+import json
 from pathlib import Path
 
 import yaml
 
+from evpretrain.pipeline.plan import plan_study
+
 RESULTS = Path(config.get("results", "results"))
 DEMO_SPLITS = [split for split, n in config["data"]["demo"]["samples"].items() if n > 0]
+PLAN = plan_study(config) if "study" in config else None
+
+wildcard_constraints:
+    node=r"stage[123]-[0-9a-f]+",
+    teacher=r"[0-9a-f]+",
+    evaluation=r"[A-Za-z0-9_.-]+-[0-9a-f]+/seed\d+",
 
 
 def demo_stores():
     return expand(RESULTS / "data/demo/{split}.h5", split=DEMO_SPLITS)
+
+
+def store(dataset, split):
+    """A dataset's event store for one split: the demo's are built, the others converted (`data convert`)."""
+    return RESULTS / f"data/{dataset}/{split}.h5"
+
+
+def yaml_text(mapping):
+    return yaml.safe_dump(mapping, sort_keys=True)
 
 
 def config_section_yaml(dotted):
@@ -19,4 +37,44 @@ def config_section_yaml(dotted):
         node = node[key]
     for key in reversed(keys):
         node = {key: node}
-    return yaml.safe_dump(node, sort_keys=True)
+    return yaml_text(node)
+
+
+def stage_inputs(wildcards):
+    node = PLAN.nodes[wildcards.node]
+    inputs = {
+        # ancient: the folder is content-keyed, so a rewritten config differs in execution-only settings alone
+        "config": ancient(RESULTS / f"pretrain/{node.name}/study.yaml"),
+        "train": store(PLAN.pretrain_dataset, "train"),
+        "val": store(PLAN.pretrain_dataset, "val"),
+    }
+    if node.teacher is not None:
+        inputs["teacher"] = RESULTS / f"teacher/{node.teacher}.h5"
+    if node.init is not None:
+        inputs["init"] = RESULTS / f"pretrain/{node.init}/checkpoint.pt"
+    return inputs
+
+
+def evaluation_inputs(wildcards):
+    evaluation = PLAN.evaluations[wildcards.evaluation]
+    inputs = {
+        "config": ancient(RESULTS / f"downstream/{evaluation.name}/study.yaml"),
+        "train": store(evaluation.dataset, evaluation.train_split),
+        "eval": store(evaluation.dataset, evaluation.eval_split),
+    }
+    if evaluation.checkpoint is not None:
+        inputs["checkpoint"] = RESULTS / f"pretrain/{evaluation.checkpoint}/checkpoint.pt"
+    return inputs
+
+
+def option(flag, inputs, name):
+    """``flag path`` when the rule has input ``name``, else nothing: optional paths of a command."""
+    return f"{flag} {inputs[name]}" if name in inputs.keys() else ""
+
+
+def all_evaluation_metrics():
+    return [RESULTS / f"downstream/{name}/metrics.json" for name in PLAN.evaluations] if PLAN else []
+
+
+def table_outputs():
+    return expand(RESULTS / "tables/ablation.{ext}", ext=["md", "tex", "csv"]) if PLAN else []

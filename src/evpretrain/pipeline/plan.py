@@ -53,12 +53,14 @@ def apply_overrides(study: Mapping[str, Any], overrides: Mapping[str, Any], wher
 
 @dataclass(frozen=True)
 class StageNode:
-    """One pre-training stage run: ``name`` (its folder) = ``stage{N}-{key}``; ``init`` the upstream node's name."""
+    """One pre-training stage run: ``name`` (its folder) = ``stage{N}-{key}``; ``init`` the upstream node's name;
+    ``teacher`` the key of the cached teacher features it learns from (stages 2 and 3)."""
 
     stage: int
     key: str
     init: str | None
     config: dict[str, Any]  # the study config the stage's command reads: the shared settings and its own stage
+    teacher: str | None = None
 
     @property
     def name(self) -> str:
@@ -105,7 +107,7 @@ class StudyPlan:
     nodes: dict[str, StageNode] = field(default_factory=dict)
     evaluations: dict[str, Evaluation] = field(default_factory=dict)
     variants: dict[str, Variant] = field(default_factory=dict)
-    teacher_key: str | None = None
+    teachers: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> the config teacher-features reads
     pretrain_dataset: str = "demo"
 
     def manifest(self) -> dict[str, Any]:
@@ -160,6 +162,12 @@ def plan_study(study: Mapping[str, Any]) -> StudyPlan:
         pretrain = resolved.get("pretrain", {})
         shared = {k: pretrain[k] for k in SHARED_PRETRAIN_KEYS if k in pretrain}
         upstream, names = None, []
+        teacher = None
+        if any(stage > 1 for stage in stages):
+            teacher_config = {"pretrain": {**{k: shared[k] for k in ("backbone", "backbone_overrides", "data")
+                                              if k in shared}, "teacher": pretrain.get("teacher", {})}}
+            teacher = content_key({"config": teacher_config, "data": data_identity})
+            plan.teachers.setdefault(teacher, teacher_config)
         for stage in stages:
             section = pretrain.get(f"stage{stage}")
             if section is None:
@@ -169,13 +177,10 @@ def plan_study(study: Mapping[str, Any]) -> StudyPlan:
                 config["pretrain"]["teacher"] = pretrain.get("teacher", {})
             content = {"stage": stage, "config": {**config["pretrain"], f"stage{stage}": _weights_content(section)},
                        "data": data_identity, "init": upstream}
-            node = StageNode(stage, content_key(content), upstream, config)
+            node = StageNode(stage, content_key(content), upstream, config, teacher if stage > 1 else None)
             plan.nodes.setdefault(node.name, node)
             upstream = node.name
             names.append(node.name)
-        if any(stage > 1 for stage in stages):
-            plan.teacher_key = content_key({"teacher": pretrain.get("teacher", {}), "backbone": shared,
-                                            "data": data_identity})
         evaluations = [_evaluation(resolved, spec, entry, seed, upstream, f"study.evaluations[{i}]")
                        for i, entry in enumerate(spec.get("evaluations", [])) for seed in spec.get("seeds", [0])]
         for evaluation in evaluations:

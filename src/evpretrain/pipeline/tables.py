@@ -1,0 +1,98 @@
+"""Paper-style tables from the runs' metrics.json files (the source of truth): one row per variant, one column per
+evaluation, mean +/- std over seeds, as Markdown, LaTeX and CSV.
+
+Figures per evaluation: classification top-1 (last epoch; the best over epochs is the paper's optimistic figure and
+goes to the long table), segmentation mIoU and mAcc, flow AEE and outlier %, all in percent except AEE (pixels).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from evpretrain.config import ConfigError
+
+__all__ = ["FIGURES", "collect_runs", "summarise", "write_tables"]
+
+# (metrics.json key, column name, scale, higher is better) per task.
+FIGURES: dict[str, list[tuple[str, str, float, bool]]] = {
+    "classify": [("top1_last", "top-1", 100.0, True), ("top1_best", "top-1 best", 100.0, True),
+                 ("top5_last", "top-5", 100.0, True)],
+    "segment": [("miou_last", "mIoU", 100.0, True), ("macc_last", "mAcc", 100.0, True)],
+    "flow": [("aee_last", "AEE", 1.0, False), ("outlier_pct_last", "outliers %", 1.0, False)],
+}
+
+
+def collect_runs(manifest: Mapping[str, Any], results: Path) -> pd.DataFrame:
+    """One row per (variant, evaluation, seed, figure) from ``results/downstream/<folder>/metrics.json``."""
+    rows = []
+    for variant, entry in manifest.items():
+        for evaluation in entry["evaluations"]:
+            path = Path(results) / "downstream" / evaluation["folder"] / "metrics.json"
+            try:
+                metrics = json.loads(path.read_text())
+            except FileNotFoundError:
+                raise ConfigError(f"{path}: missing; the tables need every evaluation of the manifest") from None
+            for key, figure, scale, higher in FIGURES[evaluation["task"]]:
+                if key not in metrics:
+                    raise ConfigError(f"{path}: no {key!r}, expected the metrics of an `evpretrain finetune "
+                                      f"{evaluation['task']}` run")
+                rows.append({"variant": variant, "evaluation": evaluation["label"], "seed": evaluation["seed"],
+                             "figure": figure, "value": scale * float(metrics[key]), "higher_is_better": higher})
+    return pd.DataFrame(rows)
+
+
+def summarise(runs: pd.DataFrame) -> pd.DataFrame:
+    """Mean, std (sample, ddof 1; 0 for one seed) and seed count per (variant, evaluation, figure), in the
+    manifest's variant order."""
+    grouped = runs.groupby(["variant", "evaluation", "figure"], sort=False)["value"]
+    summary = grouped.agg(mean="mean", std="std", seeds="count").reset_index()
+    summary["std"] = summary["std"].fillna(0.0)
+    return summary
+
+
+def _cell(mean: float, std: float, seeds: int, digits: int) -> str:
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if seeds > 1 else f"{mean:.{digits}f}"
+
+
+def wide_table(summary: pd.DataFrame, figures: list[str] | None = None) -> pd.DataFrame:
+    """Variants as rows, "<evaluation> <figure>" as columns, cells "mean ± std"."""
+    table = summary if figures is None else summary[summary["figure"].isin(figures)]
+    cells = table.assign(
+        column=table["evaluation"] + " " + table["figure"],
+        cell=[_cell(m, s, n, 3 if f == "AEE" else 2) for m, s, n, f in
+              zip(table["mean"], table["std"], table["seeds"], table["figure"])],
+    )
+    wide = cells.pivot(index="variant", columns="column", values="cell")
+    order = list(dict.fromkeys(cells["variant"]))
+    return wide.loc[order, list(dict.fromkeys(cells["column"]))]
+
+
+def write_tables(summary: pd.DataFrame, out_dir: Path, name: str = "ablation",
+                 figures: list[str] | None = None) -> dict[str, Path]:
+    """Write ``out_dir/<name>.{md,tex,csv}``: the wide table (md, tex) and the long summary (csv)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    wide = wide_table(summary, figures)
+    paths = {"md": out_dir / f"{name}.md", "tex": out_dir / f"{name}.tex", "csv": out_dir / f"{name}.csv"}
+    paths["md"].write_text(wide.to_markdown(disable_numparse=True) + "\n")  # keep "1.250" as written
+    paths["tex"].write_text(_latex(wide, caption=f"{name}: mean $\\pm$ std over seeds") + "\n")
+    summary.to_csv(paths["csv"], index=False)
+    return paths
+
+
+def _latex(wide: pd.DataFrame, caption: str) -> str:
+    """``wide`` as a LaTeX tabular: labels escaped (variant names hold underscores), ± as $\\pm$."""
+    def escape(text: str) -> str:
+        for char in "&%$#_{}":
+            text = text.replace(char, "\\" + char)
+        return text
+
+    table = wide.map(lambda cell: escape(cell).replace("±", r"$\pm$") if isinstance(cell, str) else cell)
+    table.index = [escape(str(label)) for label in table.index]
+    table.index.name = "variant"
+    table.columns = [escape(str(label)) for label in table.columns]
+    return table.to_latex(escape=False, caption=caption)

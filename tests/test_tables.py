@@ -1,0 +1,72 @@
+"""Tables from metrics.json files: mean and std over seeds, one row a variant, Markdown, LaTeX and CSV."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from evpretrain.cli import main
+from evpretrain.config import ConfigError
+from evpretrain.pipeline.tables import collect_runs, summarise, write_tables
+
+TOP1 = {"full": [0.9, 0.8, 0.85], "no_stage2": [0.5, 0.7, 0.6]}
+
+
+def write_study(results, flow_aee=1.25):
+    manifest = {}
+    for variant, values in TOP1.items():
+        evaluations = []
+        for seed, top1 in enumerate(values):
+            folder = f"classify-linear-demo-k{variant}/seed{seed}"
+            path = results / "downstream" / folder
+            path.mkdir(parents=True)
+            (path / "metrics.json").write_text(json.dumps({"top1_last": top1, "top1_best": top1 + 0.01,
+                                                           "top5_last": 1.0}))
+            evaluations.append({"label": "linear", "task": "classify", "mode": "linear", "dataset": "demo",
+                                "eval_split": "test", "seed": seed, "folder": folder})
+        folder = f"flow-demo-k{variant}/seed0"
+        (results / "downstream" / folder).mkdir(parents=True)
+        (results / "downstream" / folder / "metrics.json").write_text(json.dumps({"aee_last": flow_aee,
+                                                                                 "outlier_pct_last": 3.0}))
+        evaluations.append({"label": "flow", "task": "flow", "mode": None, "dataset": "demo", "eval_split": "test",
+                            "seed": 0, "folder": folder})
+        manifest[variant] = {"stages": [1, 2, 3], "checkpoint": None, "evaluations": evaluations}
+    (results / "manifest.json").write_text(json.dumps(manifest))
+    return manifest
+
+
+def test_summary_is_the_mean_and_sample_std_over_seeds(tmp_path):
+    summary = summarise(collect_runs(write_study(tmp_path), tmp_path))
+    row = summary[(summary["variant"] == "no_stage2") & (summary["figure"] == "top-1")].iloc[0]
+    assert row["mean"] == pytest.approx(100 * np.mean(TOP1["no_stage2"]))
+    assert row["std"] == pytest.approx(100 * np.std(TOP1["no_stage2"], ddof=1)) and row["seeds"] == 3
+    flow = summary[(summary["variant"] == "full") & (summary["figure"] == "AEE")].iloc[0]
+    assert flow["mean"] == 1.25 and flow["std"] == 0.0 and flow["seeds"] == 1
+    assert list(dict.fromkeys(summary["variant"])) == ["full", "no_stage2"]  # the manifest's order
+
+
+def test_tables_are_written_in_three_formats_from_the_cli(tmp_path):
+    write_study(tmp_path / "results")
+    assert main(["report", "--manifest", str(tmp_path / "results" / "manifest.json"),
+                 "--results", str(tmp_path / "results"), "--out", str(tmp_path / "tables")]) == 0
+    markdown = (tmp_path / "tables" / "ablation.md").read_text()
+    assert "| full " in markdown and "85.00 ± 5.00" in markdown and "1.250" in markdown
+    latex = (tmp_path / "tables" / "ablation.tex").read_text()
+    assert r"no\_stage2" in latex and r"60.00 $\pm$ 10.00" in latex and r"\begin{tabular}" in latex
+    csv = pd.read_csv(tmp_path / "tables" / "ablation.csv")
+    assert set(csv.columns) >= {"variant", "evaluation", "figure", "mean", "std", "seeds"} and len(csv) == 2 * 5
+
+
+def test_a_missing_run_is_named(tmp_path):
+    manifest = write_study(tmp_path)
+    (tmp_path / "downstream" / manifest["full"]["evaluations"][1]["folder"] / "metrics.json").unlink()
+    with pytest.raises(ConfigError, match=r"classify-linear-demo-kfull/seed1/metrics.json: missing"):
+        collect_runs(manifest, tmp_path)
+
+
+def test_write_tables_keeps_the_column_order(tmp_path):
+    summary = summarise(collect_runs(write_study(tmp_path), tmp_path))
+    paths = write_tables(summary, tmp_path / "t", name="main", figures=["top-1", "AEE"])
+    header = paths["md"].read_text().splitlines()[0]
+    assert header.index("linear top-1") < header.index("flow AEE") and "top-5" not in header

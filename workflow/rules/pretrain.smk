@@ -1,0 +1,49 @@
+# Pre-training: the teacher's tokens once per (teacher, backbone grid, data), then each stage node of the plan.
+
+
+rule teacher_config:
+    output:
+        RESULTS / "teacher/{teacher}.yaml",
+    params:
+        text=lambda wildcards: yaml_text(PLAN.teachers[wildcards.teacher]),
+    run:
+        Path(output[0]).write_text(params.text)
+
+
+rule teacher_features:
+    input:
+        config=RESULTS / "teacher/{teacher}.yaml",
+        train=lambda wildcards: store(PLAN.pretrain_dataset, "train"),
+    output:
+        RESULTS / "teacher/{teacher}.h5",
+    log:
+        RESULTS / "logs/teacher/{teacher}.log",
+    shell:
+        "evpretrain teacher-features --config {input.config} --data {input.train} --out {output} > {log} 2>&1"
+
+
+rule stage_config:
+    output:
+        RESULTS / "pretrain/{node}/study.yaml",
+    params:
+        text=lambda wildcards: yaml_text(PLAN.nodes[wildcards.node].config),
+    run:
+        Path(output[0]).write_text(params.text)
+
+
+rule pretrain_stage:
+    input:
+        unpack(stage_inputs),
+    output:
+        checkpoint=RESULTS / "pretrain/{node}/checkpoint.pt",
+        metrics=RESULTS / "pretrain/{node}/metrics.json",
+    params:
+        stage=lambda wildcards: PLAN.nodes[wildcards.node].stage,
+        out=lambda wildcards, output: Path(output.checkpoint).parent,
+        teacher=lambda wildcards, input: option("--teacher-features", input, "teacher"),
+        init=lambda wildcards, input: option("--init", input, "init"),
+    log:
+        RESULTS / "logs/pretrain/{node}.log",
+    shell:
+        "evpretrain pretrain --stage {params.stage} --config {input.config} --data {input.train} --val {input.val}"
+        " {params.teacher} {params.init} --out {params.out} > {log} 2>&1"
