@@ -22,7 +22,7 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores 2 all
-	$(BIN)/evpretrain data info results/data/demo/train.h5
+	cat results/tables/ablation.md
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_voxel_grid.py
