@@ -21,3 +21,4 @@ rule all:
     input:
         demo_stores(),
         table_outputs(),
+        tracking_outputs(),

@@ -1,5 +1,6 @@
 """End to end: the Snakemake workflow on a small demo study, and its rerun semantics."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -113,6 +114,9 @@ def test_the_study_runs_to_its_tables_and_replans_only_what_a_change_invalidates
     assert all(f"| {variant}" in markdown for variant in ("full", "stage1_only", "scratch"))
     pretrained = sorted(p.parent.name for p in (tmp_path / "results" / "pretrain").glob("*/checkpoint.pt"))
     assert [name.split("-")[0] for name in pretrained] == ["stage1", "stage2", "stage3"]  # stage 1 trained once
+    logged = json.loads((tmp_path / "results" / "mlflow" / "logged.json").read_text())
+    assert logged["experiment"] == "tiny" and logged["logged"] == 3 + (3 + 1) + 3 * 2  # parents, stages, evaluations
+    assert logged["tracking_uri"] == f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}"
 
     nothing = snakemake("--configfile", str(study), "-n", cwd=tmp_path)
     assert "Nothing to be done" in nothing.stdout + nothing.stderr
@@ -120,12 +124,12 @@ def test_the_study_runs_to_its_tables_and_replans_only_what_a_change_invalidates
     stage3 = snakemake("--configfile", str(tiny_study(tmp_path, **{"pretrain.stage3.train.base_lr": 2e-3})), "-n",
                        cwd=tmp_path)
     assert planned_jobs(stage3.stdout) == {"stage_config": 1, "pretrain_stage": 1, "evaluation_config": 2,
-                                           "finetune": 2, "manifest": 1, "tables": 1, "all": 1}
+                                           "finetune": 2, "manifest": 1, "tables": 1, "track": 1, "all": 1}
 
     downstream = snakemake("--configfile", str(tiny_study(
         tmp_path, **{"downstream.classify.linear.train": {**TRAIN, "epochs": 3}})), "-n", cwd=tmp_path)
     assert planned_jobs(downstream.stdout) == {"evaluation_config": 6, "finetune": 6, "manifest": 1, "tables": 1,
-                                               "all": 1}
+                                               "track": 1, "all": 1}
 
     # Execution-only settings rewrite the stage's config file but retrain nothing.
     execution = snakemake("--configfile", str(tiny_study(

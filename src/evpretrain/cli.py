@@ -172,6 +172,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_track(args: argparse.Namespace) -> int:
+    from evpretrain.pipeline.tracking import log_study
+
+    tags = dict(tag.split("=", 1) for tag in args.tag)
+    counts = log_study(json.loads(args.manifest.read_text()), args.results, args.tracking_uri, args.experiment,
+                       tags=tags)
+    print(json.dumps(counts))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"tracking_uri": args.tracking_uri, "experiment": args.experiment, **counts}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evpretrain", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="group", required=True)
@@ -284,6 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", required=True, type=Path, help="the study's results folder")
     p.add_argument("--out", required=True, type=Path, help="output folder for ablation.{md,tex,csv}")
     p.set_defaults(func=_cmd_report)
+
+    p = commands.add_parser("track", help="mirror a study's runs into MLflow: a parent run per variant, nested runs")
+    p.add_argument("--manifest", required=True, type=Path, help="the study's manifest.json (written by the pipeline)")
+    p.add_argument("--results", required=True, type=Path, help="the study's results folder")
+    p.add_argument("--tracking-uri", required=True, help="MLflow tracking URI (sqlite:///results/mlflow.db, http://...)")
+    p.add_argument("--experiment", required=True, help="MLflow experiment (one per study)")
+    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="a tag for every run (repeatable)")
+    p.add_argument("--out", type=Path, help="write what was logged here (a file the pipeline tracks)")
+    p.set_defaults(func=_cmd_track)
     return parser
 
 

@@ -1,5 +1,7 @@
 # Helpers shared by the rules: paths, the study's plan and config lookups live here, so that rules stay thin.
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import yaml
@@ -78,3 +80,22 @@ def all_evaluation_metrics():
 
 def table_outputs():
     return expand(RESULTS / "tables/ablation.{ext}", ext=["md", "tex", "csv"]) if PLAN else []
+
+
+def tracking_uri():
+    """config tracking.uri, else $MLFLOW_TRACKING_URI, else the study's sqlite store beside its results."""
+    uri = config.get("tracking", {}).get("uri") or os.environ.get("MLFLOW_TRACKING_URI")
+    return uri or f"sqlite:///{RESULTS.resolve() / 'mlflow.db'}"
+
+
+def git_commit():
+    result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=workflow.basedir, capture_output=True, text=True)
+    return result.stdout.strip() or "unknown"
+
+
+def all_stage_metrics():
+    return [RESULTS / f"pretrain/{name}/metrics.json" for name in PLAN.nodes] if PLAN else []
+
+
+def tracking_outputs():
+    return [RESULTS / "mlflow/logged.json"] if PLAN else []

@@ -51,3 +51,22 @@ rule tables:
         RESULTS / "logs/tables.log",
     shell:
         "evpretrain report --manifest {input.manifest} --results {RESULTS} --out {params.out} > {log} 2>&1"
+
+
+rule track:
+    """Mirror the study into MLflow (the metrics.json files stay the source of truth)."""
+    input:
+        manifest=RESULTS / "manifest.json",
+        stages=all_stage_metrics(),
+        metrics=all_evaluation_metrics(),
+    output:
+        RESULTS / "mlflow/logged.json",
+    params:
+        uri=tracking_uri(),
+        experiment=config["study"]["name"] if PLAN else None,
+        commit=git_commit(),
+    log:
+        RESULTS / "logs/track.log",
+    shell:
+        "evpretrain track --manifest {input.manifest} --results {RESULTS} --tracking-uri '{params.uri}'"
+        " --experiment '{params.experiment}' --tag git_commit={params.commit} --out {output} > {log} 2>&1"

@@ -297,7 +297,7 @@ def run_downstream(
         "task": task, "mode": mode, "seed": seed, "train_store": str(train_store), "eval_store": str(eval_store),
         **init, **{f"train_{k}": v for k, v in summary.items() if isinstance(v, (int, float))},
         **{f"{k}_last": v for k, v in final.items() if k != "confusion"},
-        f"{name}_best": best[name], "best_epoch": best["epoch"],
+        f"{name}_best": best[name], "best_epoch": best["epoch"], "slurm_job_id": summary.get("slurm_job_id"),
         "history": evaluator.history, "num_classes": num_classes, "config": to_mapping(config),
     }
     write_json(metrics, out / METRICS_NAME)

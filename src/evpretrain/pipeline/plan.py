@@ -115,6 +115,7 @@ class StudyPlan:
         return {
             name: {
                 "stages": list(variant.stages),
+                "nodes": list(variant.nodes),
                 "checkpoint": variant.checkpoint,
                 "evaluations": [
                     {k: getattr(self.evaluations[e], k) for k in ("label", "task", "mode", "dataset", "eval_split",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -227,6 +228,7 @@ def _train(
             "peak_lr": schedule["peak_lr"],
             "global_batch_size": global_batch,
             "world_size": layout.world_size,
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),  # the job that finished the run (None outside SLURM)
         }
 
     set_epoch = getattr(dataset, "set_epoch", None)

@@ -1,0 +1,69 @@
+"""MLflow mirror of a study: a parent run per variant, nested stage and evaluation runs, logged once."""
+
+import json
+
+import pytest
+import yaml
+
+from evpretrain.cli import main
+
+mlflow = pytest.importorskip("mlflow")
+
+
+def write_study(results, top1=0.8):
+    """Two variants sharing stage 1; one evaluation each (a seed), with figures."""
+    for node, loss in (("stage1-aaa", 0.9), ("stage3-bbb", 4.2)):
+        folder = results / "pretrain" / node
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "metrics.json").write_text(json.dumps({"loss": loss, "step": 10, "slurm_job_id": "4242"}))
+        (folder / "study.yaml").write_text(yaml.safe_dump({"pretrain": {"backbone": "vit_demo",
+                                                                         "stage1": {"train": {"base_lr": 0.01}}}}))
+    manifest = {}
+    for variant, nodes in (("full", ["stage1-aaa", "stage3-bbb"]), ("stage1_only", ["stage1-aaa"])):
+        folder = f"classify-linear-demo-k{variant}/seed0"
+        path = results / "downstream" / folder
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "metrics.json").write_text(json.dumps({"top1_last": top1, "step": 20, "history": [
+            {"step": 10, "epoch": 1.0, "top1": 0.5}, {"step": 20, "epoch": 2.0, "top1": top1}]}))
+        (path / "confusion.png").write_bytes(b"\x89PNG fake")
+        manifest[variant] = {"stages": [1, 3][: len(nodes)], "nodes": nodes, "checkpoint": nodes[-1],
+                             "evaluations": [{"label": "linear", "task": "classify", "mode": "linear",
+                                              "dataset": "demo", "eval_split": "test", "seed": 0, "folder": folder}]}
+    (results / "manifest.json").write_text(json.dumps(manifest))
+
+
+def track(tmp_path, uri):
+    args = ["track", "--manifest", str(tmp_path / "results" / "manifest.json"), "--results", str(tmp_path / "results"),
+            "--tracking-uri", uri, "--experiment", "demo", "--tag", "git_commit=abc123",
+            "--out", str(tmp_path / "logged.json")]
+    assert main(args) == 0
+    logged = json.loads((tmp_path / "logged.json").read_text())
+    assert logged.pop("tracking_uri") == uri and logged.pop("experiment") == "demo"
+    return logged
+
+
+def test_a_study_is_mirrored_once_with_parents_children_tags_and_artifacts(tmp_path):
+    write_study(tmp_path / "results")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert track(tmp_path, uri) == {"logged": 2 + 5, "skipped": 0, "replaced": 0}  # 2 parents, 3 + 2 children
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("demo").experiment_id
+    parents = client.search_runs([experiment], filter_string="tags.stage = 'variant'")
+    assert sorted(run.info.run_name for run in parents) == ["full", "stage1_only"]
+    full = next(run for run in parents if run.info.run_name == "full")
+    assert full.data.metrics["mean/linear/top1_last"] == pytest.approx(0.8)
+    children = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{full.info.run_id}'")
+    assert sorted(run.data.tags["stage"] for run in children) == ["1", "3", "eval"]
+    stage1 = next(run for run in children if run.data.tags["stage"] == "1")
+    assert stage1.data.params["pretrain.stage1.train.base_lr"] == "0.01"
+    assert stage1.data.tags["git_commit"] == "abc123" and stage1.data.tags["slurm_job_id"] == "4242"
+    evaluation = next(run for run in children if run.data.tags["stage"] == "eval")
+    assert [m.value for m in client.get_metric_history(evaluation.info.run_id, "eval/top1")] == [0.5, 0.8]
+    assert {a.path for a in client.list_artifacts(evaluation.info.run_id)} == {"metrics.json", "confusion.png"}
+
+    assert track(tmp_path, uri) == {"logged": 0, "skipped": 7, "replaced": 0}  # nothing new: nothing logged
+    write_study(tmp_path / "results", top1=0.9)  # new evaluation results: those runs and their parents replaced
+    counts = track(tmp_path, uri)
+    assert counts["replaced"] == 2 and counts["logged"] == 2 + 5
+    parents = client.search_runs([experiment], filter_string="tags.stage = 'variant'")
+    assert len(parents) == 2 and all(run.data.metrics["mean/linear/top1_last"] == pytest.approx(0.9) for run in parents)
