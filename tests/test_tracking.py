@@ -60,6 +60,7 @@ def test_a_study_is_mirrored_once_with_parents_children_tags_and_artifacts(tmp_p
     evaluation = next(run for run in children if run.data.tags["stage"] == "eval")
     assert [m.value for m in client.get_metric_history(evaluation.info.run_id, "eval/top1")] == [0.5, 0.8]
     assert {a.path for a in client.list_artifacts(evaluation.info.run_id)} == {"metrics.json", "confusion.png"}
+    assert (tmp_path / "mlartifacts").is_dir()  # beside the database, not ./mlruns wherever the command ran
 
     assert track(tmp_path, uri) == {"logged": 0, "skipped": 7, "replaced": 0}  # nothing new: nothing logged
     write_study(tmp_path / "results", top1=0.9)  # new evaluation results: those runs and their parents replaced

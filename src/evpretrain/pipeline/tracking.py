@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from evpretrain.training.mlflow_hook import flatten
+from evpretrain.training.mlflow_hook import default_artifact_location, flatten
 
 __all__ = ["log_study"]
 
@@ -35,7 +35,8 @@ class _Logger:
 
         self.client = MlflowClient(tracking_uri=tracking_uri)
         found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(
+            experiment, artifact_location=default_artifact_location(tracking_uri))
         self.tags = dict(tags)
         self.counts = {"logged": 0, "skipped": 0, "replaced": 0}
 

@@ -37,7 +37,7 @@ class MlflowHook(Hook):
         self.run_name = run_name
         self.params = dict(params or {})
         self.tags = dict(tags or {})
-        self.artifact_location = artifact_location or _default_artifact_location(tracking_uri)
+        self.artifact_location = artifact_location or default_artifact_location(tracking_uri)
         self.run_id: str | None = None
         self._client = None
         self._logged_keys: set[str] = set()
@@ -120,7 +120,9 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _default_artifact_location(tracking_uri: str) -> str | None:
+def default_artifact_location(tracking_uri: str) -> str | None:
+    """``mlartifacts/`` beside a ``sqlite:///`` store's database (MLflow would use ``./mlruns`` under the current
+    folder); None (the server's choice) for any other store."""
     prefix = "sqlite:///"
     if not tracking_uri.startswith(prefix):
         return None
