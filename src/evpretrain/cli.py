@@ -185,6 +185,19 @@ def _cmd_track(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from evpretrain.pipeline.submit import JobResources, submit_command
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        print("evpretrain: error: submit needs a command after --, e.g. -- pretrain --stage 1 ...", file=sys.stderr)
+        return 2
+    resources = JobResources(gpus=args.gpus, cpus=args.cpus, mem_gb=args.mem_gb, time_min=args.time_min,
+                             nodes=args.nodes, partition=args.partition, account=args.account, qos=args.qos)
+    submit_command(command, resources, args.folder, name=args.name or f"evpretrain-{command[0]}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evpretrain", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="group", required=True)
@@ -306,6 +319,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="a tag for every run (repeatable)")
     p.add_argument("--out", type=Path, help="write what was logged here (a file the pipeline tracks)")
     p.set_defaults(func=_cmd_track)
+
+    p = commands.add_parser("submit", help="run an evpretrain command as a checkpointable SLURM job and wait for it")
+    p.add_argument("--folder", required=True, type=Path, help="submitit's folder (job logs, pickles)")
+    p.add_argument("--gpus", type=int, default=0, help="GPUs per node, one task each (DDP across them)")
+    p.add_argument("--cpus", type=int, default=2, help="CPUs per task")
+    p.add_argument("--mem-gb", type=float, default=8.0, help="memory per node, GB")
+    p.add_argument("--time-min", type=int, default=60, help="time limit, minutes (SIGUSR2 before it: requeue)")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--partition")
+    p.add_argument("--account")
+    p.add_argument("--qos")
+    p.add_argument("--name", help="job name (default evpretrain-<command>)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the evpretrain command and its arguments")
+    p.set_defaults(func=_cmd_submit)
     return parser
 
 

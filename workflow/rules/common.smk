@@ -99,3 +99,20 @@ def all_stage_metrics():
 
 def tracking_outputs():
     return [RESULTS / "mlflow/logged.json"] if PLAN else []
+
+
+# How heavy rules run evpretrain: here, or as checkpointable SLURM jobs through submitit (`executor: slurm`, which
+# the slurm profile sets). A global rather than params: switching executor must not invalidate any output.
+ON_SLURM = config.get("executor", "local") == "slurm"
+HEAVY_THREADS = 1 if ON_SLURM else workflow.cores  # under SLURM a rule only waits for its job
+
+
+def launcher(kind):
+    if not ON_SLURM:
+        return "evpretrain"
+    resources = config.get("execution", {}).get("resources", {}).get(kind, {})
+    flags = " ".join(f"--{key.replace('_', '-')} {value}" for key, value in resources.items() if value is not None)
+    return f"evpretrain submit --folder {RESULTS / 'slurm'} --name {kind} {flags} --"
+
+
+LAUNCH_TEACHER, LAUNCH_PRETRAIN, LAUNCH_FINETUNE = (launcher(kind) for kind in ("teacher", "pretrain", "finetune"))

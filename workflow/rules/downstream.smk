@@ -24,9 +24,9 @@ rule finetune:
         out=lambda wildcards, output: Path(output[0]).parent,
     log:
         RESULTS / "logs/downstream/{evaluation}.log",
-    threads: workflow.cores  # torch's threads: two jobs sharing cores run 10x slower, not 2x
+    threads: HEAVY_THREADS  # torch's threads: two jobs sharing cores run 10x slower, not 2x
     shell:
-        "OMP_NUM_THREADS={threads} evpretrain finetune {params.task} {params.mode} --config {input.config} --train {input.train}"
+        "OMP_NUM_THREADS={threads} {LAUNCH_FINETUNE} finetune {params.task} {params.mode} --config {input.config} --train {input.train}"
         " --eval {input.eval} {params.checkpoint} --seed {params.seed} --out {params.out} > {log} 2>&1"
 
 

@@ -18,9 +18,9 @@ rule teacher_features:
         RESULTS / "teacher/{teacher}.h5",
     log:
         RESULTS / "logs/teacher/{teacher}.log",
-    threads: workflow.cores  # torch's threads: two jobs sharing cores run 10x slower, not 2x
+    threads: HEAVY_THREADS  # torch's threads: two jobs sharing cores run 10x slower, not 2x
     shell:
-        "OMP_NUM_THREADS={threads} evpretrain teacher-features --config {input.config} --data {input.train} --out {output} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {LAUNCH_TEACHER} teacher-features --config {input.config} --data {input.train} --out {output} > {log} 2>&1"
 
 
 rule stage_config:
@@ -45,7 +45,7 @@ rule pretrain_stage:
         init=lambda wildcards, input: option("--init", input, "init"),
     log:
         RESULTS / "logs/pretrain/{node}.log",
-    threads: workflow.cores  # torch's threads: two jobs sharing cores run 10x slower, not 2x
+    threads: HEAVY_THREADS  # torch's threads: two jobs sharing cores run 10x slower, not 2x
     shell:
-        "OMP_NUM_THREADS={threads} evpretrain pretrain --stage {params.stage} --config {input.config} --data {input.train} --val {input.val}"
+        "OMP_NUM_THREADS={threads} {LAUNCH_PRETRAIN} pretrain --stage {params.stage} --config {input.config} --data {input.train} --val {input.val}"
         " {params.teacher} {params.init} --out {params.out} > {log} 2>&1"

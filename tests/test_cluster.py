@@ -1,0 +1,100 @@
+"""The pipeline on a real SLURM cluster (workflow/scripts/slurm-local.sh starts one): jobs go through submitit, show
+in sacct, give the local profile's results, and a job pre-empted with SIGUSR2 requeues and resumes to the same end."""
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+from test_pipeline import ROOT, snakemake, tiny_study
+
+pytestmark = pytest.mark.cluster
+
+
+def _cluster_up() -> str | None:
+    if shutil.which("sinfo") is None:
+        return "SLURM is not installed (workflow/scripts/slurm-local.sh install)"
+    state = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], capture_output=True, text=True, timeout=30)
+    if state.returncode != 0 or not any(s in state.stdout for s in ("idle", "mix", "alloc")):
+        return "no SLURM node answers (workflow/scripts/slurm-local.sh start)"
+    return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster():
+    reason = _cluster_up()
+    if reason:
+        pytest.skip(reason)
+
+
+def sacct(job_ids, timeout_s=60):
+    """[(id, name, state)] of the jobs once accounting has them all finished (it lags the jobs by seconds)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,JobName,State", "-j", ",".join(job_ids)],
+                             capture_output=True, text=True, timeout=60).stdout
+        rows = [line.split("|") for line in out.splitlines()]
+        finished = len(rows) == len(job_ids) and all(state not in ("PENDING", "RUNNING") for _, _, state in rows)
+        if finished or time.monotonic() > deadline:
+            return rows
+        time.sleep(1)
+
+
+def evaluation_metrics(results):
+    return {p.parent.parent.name + "/" + p.parent.name: json.loads(p.read_text())["top1_last"]
+            for p in sorted((results / "downstream").glob("*/seed*/metrics.json"))}
+
+
+def test_the_slurm_profile_gives_the_local_profiles_results_through_sacct_visible_jobs(tmp_path):
+    local, slurm = tmp_path / "local", tmp_path / "slurm"
+    local.mkdir(), slurm.mkdir()
+    run = snakemake("--configfile", str(tiny_study(local)), cwd=local)
+    assert run.returncode == 0, run.stderr[-3000:]
+    run = snakemake("--configfile", str(tiny_study(slurm)), "--profile", str(ROOT / "workflow/profiles/slurm"),
+                    cwd=slurm)
+    assert run.returncode == 0, run.stderr[-3000:]
+    job_ids = sorted(p.name for p in (slurm / "results" / "slurm").iterdir() if p.name.isdigit())
+    # teacher features, 3 stages, 3 variants x 2 seeds of evaluations
+    assert len(job_ids) == 1 + 3 + 6
+    states = sacct(job_ids)
+    assert len(states) == len(job_ids) and all(state == "COMPLETED" for _, _, state in states), states
+    assert {name for _, name, _ in states} == {"teacher", "pretrain", "finetune"}
+    assert evaluation_metrics(slurm / "results") == evaluation_metrics(local / "results")
+
+
+def test_a_job_preempted_with_usr2_requeues_and_resumes_to_the_same_end(tmp_path):
+    from evpretrain.data.demo import DemoConfig, build_demo
+
+    stores = build_demo(DemoConfig(samples={"train": 48, "val": 8}, image_size=32, digit_size=12, num_frames=3,
+                                   pan_speed_px_per_frame=(0.5, 1.0), digit_drift_px_per_frame=0.3),
+                        tmp_path / "data", workers=1, progress=False)
+    study = tiny_study(tmp_path, **{"pretrain.stage1.train": {"epochs": 8, "batch_size": 4, "base_lr": 1e-3,
+                                                              "checkpoint_every_steps": 4}})
+    stage = ["pretrain", "--stage", "1", "--config", str(study), "--data", str(stores["train"]), "--val",
+             str(stores["val"])]
+    reference = subprocess.run([sys.executable, "-m", "evpretrain.cli", *stage, "--out", str(tmp_path / "local")],
+                               capture_output=True, text=True)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    submit = subprocess.Popen([sys.executable, "-m", "evpretrain.cli", "submit", "--folder", str(tmp_path / "jobs"),
+                               "--cpus", "2", "--mem-gb", "4", "--time-min", "10", "--", *stage,
+                               "--out", str(tmp_path / "slurm")], stdout=subprocess.PIPE, text=True)
+    job_id = submit.stdout.readline().split()[3].rstrip(":")
+    checkpoint = tmp_path / "slurm" / "checkpoint.pt"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and time.monotonic() < deadline:  # pre-empt once the run has a checkpoint
+        time.sleep(0.5)
+    assert checkpoint.exists(), "the job wrote no checkpoint"
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    time.sleep(5)
+    # submitit requeues under the same id; SLURM would hold it about 2 minutes (BeginTime): start it now.
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True)
+    assert submit.wait(timeout=600) == 0
+    log = "".join(p.read_text() for p in (tmp_path / "jobs").glob(f"{job_id}/*_log.*"))
+    assert log.count("Starting with JobEnvironment") == 2  # the job ran, was requeued, and ran again
+    final = json.loads((tmp_path / "slurm" / "metrics.json").read_text())
+    expected = json.loads((tmp_path / "local" / "metrics.json").read_text())
+    assert final["step"] == expected["step"] and final["loss"] == expected["loss"]
+    assert sacct([job_id])[0][2] == "COMPLETED"
