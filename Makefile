@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: venv test test-fast demo ui bench clean
+.PHONY: venv profiles test test-fast demo ui bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,14 +14,25 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# `snakemake --profile slurm` looks in ~/.config/snakemake: link the repo's profiles there, never over a user's own.
+PROFILE_HOME := $(HOME)/.config/snakemake
+profiles:
+	@mkdir -p $(PROFILE_HOME)
+	@for name in local slurm; do \
+	  target=$(PROFILE_HOME)/$$name; \
+	  if [ -L $$target ] && [ "$$(readlink $$target)" = "$(abspath workflow/profiles)/$$name" ]; then :; \
+	  elif [ -e $$target ] || [ -L $$target ]; then echo "warning: $$target exists and is not this repo's profile; left as is (use --profile workflow/profiles/$$name)"; \
+	  else ln -s $(abspath workflow/profiles)/$$name $$target && echo "linked $$target"; fi; \
+	done
+
 test: $(STAMP)
 	$(BIN)/pytest
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -m "not slow and not cluster"
 
-demo: $(STAMP)
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores 2 all
+demo: $(STAMP) profiles
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --profile local all
 	cat results/tables/ablation.md
 
 ui: $(STAMP)  # the MLflow UI on the demo study's store, http://127.0.0.1:5000
