@@ -68,3 +68,46 @@ def test_a_study_is_mirrored_once_with_parents_children_tags_and_artifacts(tmp_p
     assert counts["replaced"] == 2 and counts["logged"] == 2 + 5
     parents = client.search_runs([experiment], filter_string="tags.stage = 'variant'")
     assert len(parents) == 2 and all(run.data.metrics["mean/linear/top1_last"] == pytest.approx(0.9) for run in parents)
+
+
+@pytest.mark.slow
+def test_a_study_is_mirrored_into_a_real_mlflow_server(tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:  # a free port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    pytest.fail("the MLflow server did not answer /health")
+                time.sleep(0.5)
+        write_study(tmp_path / "results")
+        assert track(tmp_path, uri) == {"logged": 7, "skipped": 0, "replaced": 0}
+        runs = mlflow.MlflowClient(tracking_uri=uri).search_runs(
+            [mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name("demo").experiment_id],
+            filter_string="tags.stage = 'eval'")
+        assert len(runs) == 2 and all(run.data.metrics["top1_last"] == 0.8 for run in runs)
+        assert (tmp_path / "server-artifacts").is_dir()  # artifacts went through the server
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
