@@ -136,3 +136,22 @@ def test_the_study_runs_to_its_tables_and_replans_only_what_a_change_invalidates
         tmp_path, **{"pretrain.stage1.train": {**TRAIN, "num_workers": 0, "checkpoint_every_steps": 5}})), "-n",
         cwd=tmp_path)
     assert planned_jobs(execution.stdout) == {"stage_config": 1}
+
+
+def test_the_paper_preset_plans_without_any_data(tmp_path):
+    plan = snakemake("-n", "--configfile", str(ROOT / "workflow/presets/paper.yaml"), cwd=tmp_path)
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    jobs = planned_jobs(plan.stdout)
+    assert jobs["pretrain_stage"] == 13 and jobs["teacher_features"] == 1 and jobs["build_ef"] == 2
+    assert jobs["finetune"] == 9 * 8 * 3  # variants x evaluations x seeds
+    assert {name for name in jobs if name.startswith("convert_")} == {
+        "convert_n_caltech101", "convert_n_cars", "convert_n_imagenet", "convert_cifar10_dvs",
+        "convert_dsec_semantic", "convert_ddd17", "convert_mvsec"}
+    assert "build_demo" not in jobs
+    on_slurm = snakemake("-n", "--profile", str(ROOT / "workflow/profiles/slurm"), "--configfile",
+                         str(ROOT / "workflow/presets/paper.yaml"), cwd=tmp_path)
+    assert on_slurm.returncode == 0, on_slurm.stderr[-3000:]
+    # The same plan, with the heavy jobs submitted under the preset's resources.
+    assert planned_jobs(on_slurm.stdout) == jobs
+    submission = "evpretrain submit --folder results/paper/slurm --name pretrain --gpus 8 --cpus 8 --mem-gb 480"
+    assert submission in on_slurm.stdout

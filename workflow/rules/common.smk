@@ -9,7 +9,7 @@ import yaml
 from evpretrain.pipeline.plan import plan_study
 
 RESULTS = Path(config.get("results", "results"))
-DEMO_SPLITS = [split for split, n in config["data"]["demo"]["samples"].items() if n > 0]
+DEMO_SPLITS = [split for split, n in config["data"].get("demo", {}).get("samples", {}).items() if n > 0]
 PLAN = plan_study(config) if "study" in config else None
 
 wildcard_constraints:
@@ -116,3 +116,18 @@ def launcher(kind):
 
 
 LAUNCH_TEACHER, LAUNCH_PRETRAIN, LAUNCH_FINETUNE = (launcher(kind) for kind in ("teacher", "pretrain", "finetune"))
+
+
+def datasets_to_convert():
+    """{dataset: [splits]} of the registry datasets the study reads (the demo and EF stores are built instead)."""
+    if PLAN is None:
+        return {}
+    needed = {PLAN.pretrain_dataset: {"train", "val"}}
+    for evaluation in PLAN.evaluations.values():
+        needed.setdefault(evaluation.dataset, set()).update({evaluation.train_split, evaluation.eval_split})
+    return {name: sorted(splits) for name, splits in needed.items() if name not in ("demo", "ef")}
+
+
+def raw_root(dataset):
+    """The local copy of a dataset (``data.roots``); a placeholder that names the missing key lets `-n` plan."""
+    return config["data"].get("roots", {}).get(dataset) or f"MISSING-data.roots.{dataset}"

@@ -23,3 +23,44 @@ rule build_demo:
     threads: workflow.cores
     shell:
         "evpretrain data build-demo --config {input.config} --out {params.out} --workers {threads} --quiet > {log} 2>&1"
+
+
+for _dataset, _splits in datasets_to_convert().items():
+
+    rule:
+        name:
+            f"convert_{_dataset.replace('-', '_')}"
+        input:
+            # the window settings, when the study gives some: a change re-converts
+            [RESULTS / "config/data.convert.yaml"] if config["data"].get("convert") else [],
+        output:
+            [store(_dataset, split) for split in _splits],
+        params:
+            dataset=_dataset,
+            root=raw_root(_dataset),
+            out=RESULTS / f"data/{_dataset}",
+            config=lambda wildcards, input: f"--config {input[0]}" if len(input) else "",
+        log:
+            RESULTS / f"logs/convert_{_dataset}.log",
+        threads: workflow.cores
+        shell:
+            "evpretrain data verify --dataset {params.dataset} --root {params.root} > {log} 2>&1 && "
+            "evpretrain data convert --dataset {params.dataset} --root {params.root} --out {params.out}"
+            " {params.config} --workers {threads} --quiet >> {log} 2>&1"
+
+
+rule build_ef:
+    """EF-ImageNet (the paper's pre-training data) from an ImageNet-style image folder per split."""
+    input:
+        config=RESULTS / "config/data.ef.yaml",
+    output:
+        RESULTS / "data/ef/{split}.h5",
+    params:
+        images=lambda wildcards: config["data"].get("ef_images", {}).get(wildcards.split)
+        or f"MISSING-data.ef_images.{wildcards.split}",
+    log:
+        RESULTS / "logs/build_ef_{split}.log",
+    threads: workflow.cores
+    shell:
+        "evpretrain data build-ef --config {input.config} --images {params.images} --out {output}"
+        " --workers {threads} --quiet > {log} 2>&1"
