@@ -43,7 +43,7 @@ from torch.utils.data import Dataset
 from evpretrain.data.store import EventStore, StoreError
 from evpretrain.events.corruption import Corruption, apply_corruption, corruption_seed
 from evpretrain.events.representations import voxel_grid
-from evpretrain.pretrain.data import resize_maps
+from evpretrain.pretrain.data import as_size, resize_maps
 
 __all__ = ["AugmentConfig", "DownstreamDataset", "IGNORE_INDEX", "TASKS", "WindowConfig", "erase_and_add_events"]
 
@@ -151,7 +151,7 @@ class DownstreamDataset(Dataset):
         self.task = task
         self.train = train
         self.num_bins = num_bins
-        self.input_size = _pair(input_size) if input_size is not None else self.sensor_size
+        self.input_size = as_size(input_size) if input_size is not None else self.sensor_size
         self.window = window
         self.augment = augment
         self.corruption = corruption
@@ -271,10 +271,3 @@ def _resize_nearest(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     lead = maps.shape[:-2]
     flat = maps.reshape(1, -1, *maps.shape[-2:]).float()
     return F.interpolate(flat, size=size, mode="nearest-exact")[0].reshape(*lead, *size).to(dtype)
-
-
-def _pair(size: tuple[int, int] | int) -> tuple[int, int]:
-    height, width = (size, size) if isinstance(size, int) else size
-    if height < 1 or width < 1:
-        raise ValueError(f"expected a positive size, got {size}")
-    return int(height), int(width)

@@ -25,7 +25,8 @@ from evpretrain.training.config import EXECUTION_FIELDS
 
 __all__ = ["Evaluation", "StageNode", "StudyPlan", "Variant", "apply_overrides", "content_key", "plan_study"]
 
-SHARED_PRETRAIN_KEYS = ("backbone", "backbone_overrides", "data", "knn")
+BACKBONE_KEYS = ("backbone", "backbone_overrides", "data")  # what builds the backbone and its input
+SHARED_PRETRAIN_KEYS = (*BACKBONE_KEYS, "knn")
 KEY_LENGTH = 10
 
 
@@ -165,8 +166,8 @@ def plan_study(study: Mapping[str, Any]) -> StudyPlan:
         upstream, names = None, []
         teacher = None
         if any(stage > 1 for stage in stages):
-            teacher_config = {"pretrain": {**{k: shared[k] for k in ("backbone", "backbone_overrides", "data")
-                                              if k in shared}, "teacher": pretrain.get("teacher", {})}}
+            teacher_config = {"pretrain": {**{k: shared[k] for k in BACKBONE_KEYS if k in shared},
+                                           "teacher": pretrain.get("teacher", {})}}
             teacher = content_key({"config": teacher_config, "data": data_identity})
             plan.teachers.setdefault(teacher, teacher_config)
         for stage in stages:
@@ -200,7 +201,7 @@ def _evaluation(study: Mapping[str, Any], spec: Mapping[str, Any], entry: Mappin
     if section is None:
         raise ConfigError(f"{where}: no section 'downstream.{task}{'.' + mode if mode else ''}' for this evaluation")
     pretrain = study.get("pretrain", {})
-    shared = {k: pretrain[k] for k in ("backbone", "backbone_overrides", "data") if k in pretrain}
+    shared = {k: pretrain[k] for k in BACKBONE_KEYS if k in pretrain}
     task_section = {task: {mode: section}} if task == "classify" else {task: section}
     config = {"pretrain": shared, "downstream": task_section}
     label = entry.get("name") or (f"{task}-{mode}" if mode else task) + f"-{entry['dataset']}"

@@ -44,7 +44,7 @@ from torch.utils.data import Dataset, default_collate
 from evpretrain.data.store import EventStore, StoreError
 from evpretrain.events.representations import voxel_grid
 
-__all__ = ["PretrainDataset", "collate", "event_density", "resize_maps", "time_flip"]
+__all__ = ["PretrainDataset", "as_size", "collate", "event_density", "resize_maps", "time_flip"]
 
 # Every field has one shape per dataset, so stacking is all a batch needs.
 collate = default_collate
@@ -110,8 +110,8 @@ class PretrainDataset(Dataset):
         labels = store.labels
         self._num_samples = len(store)
         self.num_bins = num_bins
-        self.input_size = _pair(input_size) if input_size is not None else self.sensor_size
-        self.image_size = _pair(image_size)
+        self.input_size = as_size(input_size) if input_size is not None else self.sensor_size
+        self.image_size = as_size(image_size)
         self.time_flip_p = float(time_flip_p)
         self.with_image = with_image
         self.seed = int(seed)
@@ -183,7 +183,8 @@ def _intensity(frame: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(frame, dtype=np.float32))
 
 
-def _pair(size: tuple[int, int] | int) -> tuple[int, int]:
+def as_size(size: tuple[int, int] | int) -> tuple[int, int]:
+    """(H, W) from a pair or one int for a square; a non-positive side raises."""
     height, width = (size, size) if isinstance(size, int) else size
     if height < 1 or width < 1:
         raise ValueError(f"expected a positive size, got {size}")
