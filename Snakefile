@@ -8,6 +8,9 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
+report: "workflow/report/workflow.rst"  # `snakemake --report report.html`: the tables and figures of the study
+
+
 validate(config, "workflow/schemas/config.schema.yaml")
 
 
@@ -21,4 +24,5 @@ rule all:
     input:
         demo_stores() if PLAN is None else [],  # a study builds the stores it reads
         table_outputs(),
+        figure_outputs(),
         tracking_outputs(),

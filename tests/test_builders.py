@@ -4,9 +4,18 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
 
-from evpretrain.data.demo import DemoConfig, build_demo, load_background, load_digits_split, render_sample
+from evpretrain.data.demo import (
+    DemoConfig,
+    build_demo,
+    load_background,
+    load_digits_split,
+    render_sample,
+    saccade_path,
+)
 from evpretrain.data.ef import EFConfig, build_ef, list_images
 from evpretrain.data.store import EventStore, StoreError
 
@@ -35,6 +44,28 @@ def test_render_sample_moves_digit_and_background_as_the_flow_says():
     far[:6] = far[-6:] = False
     far[:, :6] = far[:, -6:] = False
     assert np.abs(warped - sample.frames[-1])[far].mean() < 0.02
+
+
+@given(legs=st.integers(1, 3), frames=st.integers(4, 9), seed=st.integers(0, 2**32 - 1))
+def test_a_saccade_runs_its_legs_at_one_speed_turning_120_degrees(legs, frames, seed):
+    config = replace(SMALL_DEMO, num_frames=frames, saccade_legs=legs, pan_speed_px_per_frame=(0.5, 1.0))
+    pan, digit = saccade_path(config, np.random.default_rng(seed))
+    assert pan.shape == digit.shape == (frames, 2) and not pan[0].any() and not digit[0].any()
+    velocity = np.diff(pan, axis=0)
+    speed = np.linalg.norm(velocity, axis=1)
+    assert np.allclose(speed, speed[0]) and 0.5 <= speed[0] <= 1.0
+    angles = np.arctan2(velocity[:, 1], velocity[:, 0])
+    leg_of_step = np.arange(frames - 1) * legs // (frames - 1)
+    turns = np.angle(np.exp(1j * (angles - angles[0])))  # wrapped to (-pi, pi]
+    assert np.allclose(np.exp(1j * turns), np.exp(1j * leg_of_step * 2 * np.pi / 3))
+    assert len(set(leg_of_step)) == legs  # every leg gets steps
+    drift = np.diff(digit - pan, axis=0)  # the digit's own motion: one constant drift
+    assert np.allclose(drift, drift[0]) and np.linalg.norm(drift[0]) == pytest.approx(config.digit_drift_px_per_frame)
+
+
+def test_demo_config_rejects_more_legs_than_steps():
+    with pytest.raises(ValueError, match="saccade_legs"):
+        replace(SMALL_DEMO, num_frames=3, saccade_legs=3)
 
 
 def _digit_path_midpoints(config, seeds):

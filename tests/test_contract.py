@@ -4,7 +4,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from evpretrain.events.contract import EVENT_DTYPE, EventFormatError, make_events, polarity_to_signed, sort_events, validate_events
+from evpretrain.events.contract import (
+    EVENT_DTYPE,
+    EventFormatError,
+    make_events,
+    polarity_to_signed,
+    sort_events,
+    validate_events,
+)
 
 
 def test_make_events_packs_columns_and_maps_polarity():

@@ -231,3 +231,25 @@ def test_flow_metrics_accumulated_in_parts_equal_all_at_once(seed, split):
     assert 0.0 <= a["outlier_pct"] <= 100.0
     error = (pred - target).norm(dim=1)[valid]
     assert a["aee"] == pytest.approx(error.mean().item(), rel=1e-5)
+
+
+def test_the_trivial_baselines_score_the_best_constant_prediction_and_zero_flow():
+    from evpretrain.downstream.metrics import constant_prediction_confusion
+    from evpretrain.downstream.run import trivial_baseline
+
+    # Masks: 5 background pixels, 2 of class 1, 1 of class 2, one ignored. Predicting 0 everywhere:
+    # IoU_0 = 5 / 8, IoU_1 = IoU_2 = 0; acc_0 = 1, acc_1 = acc_2 = 0; class 3 absent: left out.
+    masks = torch.tensor([[[0, 0, 1], [0, 2, IGNORE]], [[0, 0, 1], [IGNORE, IGNORE, IGNORE]]])
+    assert constant_prediction_confusion(torch.tensor([5, 2, 1, 0])).tolist() == [
+        [5, 0, 0, 0], [2, 0, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
+    loader = [{"mask": masks[:1]}, {"mask": masks[1:]}]  # batches as a DataLoader yields them
+    segment = trivial_baseline("segment", loader, 4)
+    assert segment["miou"] == pytest.approx(5 / 8 / 3) and segment["macc"] == pytest.approx(1 / 3)
+    assert segment["name"].startswith("class 0 everywhere")
+    classify = trivial_baseline("classify", [{"label": torch.tensor([2, 2, 1])}, {"label": torch.tensor([2])}], 3)
+    assert classify["top1"] == pytest.approx(3 / 4) and classify["name"].startswith("class 2")
+    # Zero flow: the error is the true magnitude. (3, 4) -> 5 px, an outlier; (0, 0) -> 0; invalid pixel left out.
+    flow = torch.tensor([[[[3.0, 0.0, 9.0]], [[4.0, 0.0, 9.0]]]])  # (1, 2, 1, 3)
+    valid = torch.tensor([[[True, True, False]]])
+    zero = trivial_baseline("flow", [{"flow": flow, "valid": valid}], None)
+    assert zero["name"] == "zero flow" and zero["aee"] == pytest.approx(2.5) and zero["outlier_pct"] == 50.0

@@ -16,7 +16,7 @@ from evpretrain.models.base import kept_indices, space_to_depth_tokens
 from evpretrain.models.pos_embed import sincos_pos_embed_2d
 
 PAPER_SIZE = ["vit_small_patch16", "vit_base_patch16", "convvit_small", "convvit_base", "swin_tiny"]
-DEMO = ["vit_demo", "convvit_demo", "swin_demo"]
+DEMO = ["vit_demo", "vit_tiny_demo", "convvit_demo", "swin_demo"]
 TRACED_ONLY = ["vit_base_patch16", "convvit_base"]  # slow to initialise and run on a CPU: shapes on the meta device
 
 

@@ -73,10 +73,11 @@ def tiny_study(tmp_path, **changes):
             "stage2": {"method": {"hidden_dim": 32, "queue_length": 8}, "train": dict(TRAIN)},
             "stage3": {"method": {"hidden_dim": 32, "queue_length": 8, "focus": "density"}, "train": dict(TRAIN)},
         },
-        "downstream": {"classify": {"linear": {"train": {**TRAIN, "epochs": 2}}}},
+        "downstream": {"classify": {"linear": {"train": {**TRAIN, "epochs": 2}}},
+                       "robustness": {"shot_noise_hz": [0.0, 30.0], "drop": [0.5]}},
         "study": {"name": "tiny", "pretrain_dataset": "demo", "seeds": [0, 1],
                   "evaluations": [{"task": "classify", "mode": "linear", "dataset": "demo", "train": "train",
-                                   "eval": "test"}]},
+                                   "eval": "test", "robustness": True}]},
         "variants": {"full": {"stages": [1, 2, 3]}, "stage1_only": {"stages": [1]}, "scratch": {"stages": []}},
     }
     for dotted, value in changes.items():
@@ -114,6 +115,10 @@ def test_the_study_runs_to_its_tables_and_replans_only_what_a_change_invalidates
     assert all(f"| {variant}" in markdown for variant in ("full", "stage1_only", "scratch"))
     pretrained = sorted(p.parent.name for p in (tmp_path / "results" / "pretrain").glob("*/checkpoint.pt"))
     assert [name.split("-")[0] for name in pretrained] == ["stage1", "stage2", "stage3"]  # stage 1 trained once
+    robustness = (tables / "robustness.md").read_text()  # each variant's seed-0 classifier under corruption
+    assert all(f"| {variant} / classify-linear-demo" in robustness for variant in ("full", "stage1_only", "scratch"))
+    figures = {p.name for p in (tmp_path / "results" / "figures").iterdir()}
+    assert {"loss_curves.png", "robustness.png", f"{pretrained[0]}-reconstructions.png"} <= figures
     logged = json.loads((tmp_path / "results" / "mlflow" / "logged.json").read_text())
     assert logged["experiment"] == "tiny" and logged["logged"] == 3 + (3 + 1) + 3 * 2  # parents, stages, evaluations
     assert logged["tracking_uri"] == f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}"
@@ -124,12 +129,18 @@ def test_the_study_runs_to_its_tables_and_replans_only_what_a_change_invalidates
     stage3 = snakemake("--configfile", str(tiny_study(tmp_path, **{"pretrain.stage3.train.base_lr": 2e-3})), "-n",
                        cwd=tmp_path)
     assert planned_jobs(stage3.stdout) == {"stage_config": 1, "pretrain_stage": 1, "evaluation_config": 2,
-                                           "finetune": 2, "manifest": 1, "tables": 1, "track": 1, "all": 1}
+                                           "finetune": 2, "robustness": 1, "manifest": 1, "tables": 1, "track": 1,
+                                           "all": 1}
 
     downstream = snakemake("--configfile", str(tiny_study(
         tmp_path, **{"downstream.classify.linear.train": {**TRAIN, "epochs": 3}})), "-n", cwd=tmp_path)
-    assert planned_jobs(downstream.stdout) == {"evaluation_config": 6, "finetune": 6, "manifest": 1, "tables": 1,
-                                               "track": 1, "all": 1}
+    assert planned_jobs(downstream.stdout) == {"evaluation_config": 6, "finetune": 6, "robustness": 3, "manifest": 1,
+                                               "tables": 1, "track": 1, "all": 1}
+
+    # Other corruption levels: the seed-0 configs are rewritten and only the robustness scores rerun.
+    levels = snakemake("--configfile", str(tiny_study(tmp_path, **{"downstream.robustness.drop": [0.25]})), "-n",
+                       cwd=tmp_path)
+    assert planned_jobs(levels.stdout) == {"evaluation_config": 3, "robustness": 3, "tables": 1, "all": 1}
 
     # Execution-only settings rewrite the stage's config file but retrain nothing.
     execution = snakemake("--configfile", str(tiny_study(

@@ -99,3 +99,20 @@ def test_overrides_and_stages_are_checked():
         plan_study({**STUDY, "variants": {"bad": {"stages": [1], "overrides": {"pretrain.stage9.x": 1}}}})
     with pytest.raises(ConfigError, match=r"variants.bad.stages: expected increasing stage numbers"):
         plan_study({**STUDY, "variants": {"bad": {"stages": [3, 1]}}})
+
+
+def test_robustness_is_planned_for_the_first_seed_of_a_classification_only():
+    study = copy.deepcopy(STUDY)
+    study["downstream"]["robustness"] = {"shot_noise_hz": [0.0, 10.0]}
+    study["study"]["evaluations"][0]["robustness"] = True
+    plan, reference = plan_study(study), plan_study(STUDY)
+    stressed = sorted(name for name, e in plan.evaluations.items() if e.robustness)
+    assert stressed and all(name.endswith("/seed0") for name in stressed) and len(stressed) == len(plan.variants)
+    assert plan.evaluations.keys() == reference.evaluations.keys()  # the runs themselves are unchanged
+    assert plan.evaluations[stressed[0]].config["downstream"]["robustness"] == {"shot_noise_hz": [0.0, 10.0]}
+    assert all(e["robustness"] == e["folder"].endswith("/seed0") for e in plan.manifest()["full"]["evaluations"])
+    study["study"]["evaluations"].append({"task": "flow", "dataset": "demo", "train": "train", "eval": "test",
+                                          "robustness": True})
+    study["downstream"]["flow"] = {"train": dict(TRAIN)}
+    with pytest.raises(ConfigError, match=r"study.evaluations\[1\].robustness: only a classification"):
+        plan_study(study)

@@ -2,11 +2,11 @@
 
 import numpy as np
 import pytest
+from test_readers_binary import encode_bin
 
 from evpretrain.config import ConfigError
 from evpretrain.data.registry import class_folder_splits, convert_dataset, get_dataset, load_registry, verify_dataset
 from evpretrain.data.store import EventStore
-from test_readers_binary import encode_bin
 
 
 def test_registry_covers_the_papers_datasets():

@@ -8,7 +8,13 @@ import pytest
 
 from evpretrain.cli import main
 from evpretrain.config import ConfigError
-from evpretrain.pipeline.tables import collect_runs, summarise, write_tables
+from evpretrain.pipeline.tables import (
+    collect_robustness,
+    collect_runs,
+    summarise,
+    write_robustness_tables,
+    write_tables,
+)
 
 TOP1 = {"full": [0.9, 0.8, 0.85], "no_stage2": [0.5, 0.7, 0.6]}
 
@@ -70,3 +76,47 @@ def test_write_tables_keeps_the_column_order(tmp_path):
     paths = write_tables(summary, tmp_path / "t", name="main", figures=["top-1", "AEE"])
     header = paths["md"].read_text().splitlines()[0]
     assert header.index("linear top-1") < header.index("flow AEE") and "top-5" not in header
+
+
+def test_robustness_tables_gather_the_marked_evaluations_one_row_a_variant(tmp_path):
+    manifest = write_study(tmp_path / "results")
+    for variant, clean in (("full", 0.8), ("no_stage2", 0.6)):
+        evaluation = manifest[variant]["evaluations"][0]
+        evaluation["robustness"] = True
+        folder = tmp_path / "results" / "downstream" / evaluation["folder"] / "robustness"
+        folder.mkdir()
+        pd.DataFrame({"corruption": ["shot_noise", "shot_noise", "drop", "drop"], "level": [0.0, 10.0, 0.0, 0.5],
+                      "top1": [clean, clean / 2, clean, clean / 4], "top5": 1.0}).to_csv(folder / "robustness.csv")
+    robustness = collect_robustness(manifest, tmp_path / "results")
+    assert len(robustness) == 8 and set(robustness["variant"]) == {"full", "no_stage2"}
+    paths = write_robustness_tables(robustness, tmp_path / "tables")
+    lines = paths["md"].read_text().splitlines()
+    assert "clean" in lines[0] and "10 Hz shot noise" in lines[0] and "50% dropped" in lines[0]
+    assert [cell.strip() for cell in lines[2].split("|")[1:-1]] == ["full / linear", "80.0", "40.0", "20.0"]  # one clean
+    manifest["full"]["evaluations"][-1]["robustness"] = True  # marked, but never run: named
+    with pytest.raises(ConfigError, match="flow-demo-kfull/seed0 for robustness"):
+        collect_robustness(manifest, tmp_path / "results")
+
+
+def test_the_report_draws_loss_curves_and_copies_stage_figures(tmp_path):
+    from evpretrain.pipeline.curves import stage_curves
+    from evpretrain.pipeline.report import write_report
+
+    results = tmp_path / "results"
+    manifest = write_study(results)
+    for variant, nodes in (("full", ["stage1-a", "stage3-b"]), ("no_stage2", ["stage1-a"])):
+        manifest[variant]["nodes"] = nodes
+    for node, losses in (("stage1-a", [1.0, 0.5]), ("stage3-b", [6.9, 6.0])):
+        (results / "pretrain" / node).mkdir(parents=True)
+        log = [{"step": 10 * (i + 1), "epoch": i + 1.0, "loss": loss} for i, loss in enumerate(losses)]
+        (results / "pretrain" / node / "metrics.json").write_text(json.dumps({"loss": losses[-1], "log": log}))
+    (results / "pretrain" / "stage1-a" / "reconstructions.png").write_bytes(b"\x89PNG")
+    curves = stage_curves(manifest, results)
+    assert curves["stage1-a"] == {"stage": "1", "variants": ["full", "no_stage2"], "steps": [10, 20],
+                                  "loss": [1.0, 0.5]}
+    paths = write_report(manifest, results, tmp_path / "tables", tmp_path / "figures")
+    assert (tmp_path / "figures" / "stage1-a-reconstructions.png").read_bytes() == b"\x89PNG"
+    assert paths["loss_curves"].stat().st_size > 10_000 and "robustness" not in paths
+    (results / "pretrain" / "stage3-b" / "metrics.json").unlink()
+    with pytest.raises(FileNotFoundError, match="stage3-b"):
+        stage_curves(manifest, results)

@@ -15,7 +15,8 @@ def write_study(results, top1=0.8):
     for node, loss in (("stage1-aaa", 0.9), ("stage3-bbb", 4.2)):
         folder = results / "pretrain" / node
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "metrics.json").write_text(json.dumps({"loss": loss, "step": 10, "slurm_job_id": "4242"}))
+        (folder / "metrics.json").write_text(json.dumps({"loss": loss, "step": 10, "slurm_job_id": "4242", "log": [
+            {"step": 5, "epoch": 0.5, "loss": 2 * loss}, {"step": 10, "epoch": 1.0, "loss": loss}]}))
         (folder / "study.yaml").write_text(yaml.safe_dump({"pretrain": {"backbone": "vit_demo",
                                                                          "stage1": {"train": {"base_lr": 0.01}}}}))
     manifest = {}
@@ -57,6 +58,9 @@ def test_a_study_is_mirrored_once_with_parents_children_tags_and_artifacts(tmp_p
     stage1 = next(run for run in children if run.data.tags["stage"] == "1")
     assert stage1.data.params["pretrain.stage1.train.base_lr"] == "0.01"
     assert stage1.data.tags["git_commit"] == "abc123" and stage1.data.tags["slurm_job_id"] == "4242"
+    curve = client.get_metric_history(stage1.info.run_id, "train/loss")  # the loss curve, per logged step
+    assert [(m.step, m.value) for m in curve] == [(5, pytest.approx(1.8)), (10, pytest.approx(0.9))]
+    assert "log" not in stage1.data.metrics and stage1.data.metrics["loss"] == pytest.approx(0.9)
     evaluation = next(run for run in children if run.data.tags["stage"] == "eval")
     assert [m.value for m in client.get_metric_history(evaluation.info.run_id, "eval/top1")] == [0.5, 0.8]
     assert {a.path for a in client.list_artifacts(evaluation.info.run_id)} == {"metrics.json", "confusion.png"}

@@ -301,6 +301,7 @@ def test_a_run_stopped_between_checkpoints_resumes_to_exactly_the_uninterrupted_
     reference, reference_metrics = uninterrupted
     assert_same_weights(model, reference)
     assert metrics["loss"] == reference_metrics["loss"] and metrics["step"] == 12
+    assert metrics["log"] == reference_metrics["log"]  # the loss curve too: rows before the checkpoint kept
 
 
 def test_a_run_capped_by_max_steps_continues_on_the_same_trajectory(uninterrupted, tmp_path):
@@ -431,6 +432,10 @@ def test_metrics_json_holds_the_final_loss_terms_and_throughput(uninterrupted):
     assert {"loss", "ce", "lr", "grad_norm", "samples_per_s", "wall_time_s", "peak_lr"} <= metrics.keys()
     assert metrics["ce"] == pytest.approx(metrics["loss"])
     assert metrics["samples_per_s"] > 0 and math.isfinite(metrics["loss"])
+    # The loss curve: one row of means every log_every_steps (4) and at the last step, the last being the final.
+    assert [row["step"] for row in metrics["log"]] == [4, 8, 12]
+    assert [row["epoch"] for row in metrics["log"]] == [pytest.approx(4 / 6), pytest.approx(8 / 6), 2.0]
+    assert metrics["log"][-1]["loss"] == metrics["loss"] and metrics["log"][0]["loss"] > metrics["loss"]
 
 
 # --- kNN ---------------------------------------------------------------------------------------------------------

@@ -163,11 +163,9 @@ def _cmd_robustness(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from evpretrain.pipeline.tables import collect_runs, summarise, write_tables
+    from evpretrain.pipeline.report import write_report
 
-    manifest = json.loads(args.manifest.read_text())
-    summary = summarise(collect_runs(manifest, args.results))
-    paths = write_tables(summary, args.out)
+    paths = write_report(json.loads(args.manifest.read_text()), args.results, args.out, args.figures)
     print(paths["md"].read_text())
     return 0
 
@@ -309,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", required=True, type=Path, help="the study's manifest.json (written by the pipeline)")
     p.add_argument("--results", required=True, type=Path, help="the study's results folder")
     p.add_argument("--out", required=True, type=Path, help="output folder for ablation.{md,tex,csv}")
+    p.add_argument("--figures", type=Path,
+                   help="output folder for loss_curves.png (the stages' logged losses) and each stage's figures")
     p.set_defaults(func=_cmd_report)
 
     p = commands.add_parser("track", help="mirror a study's runs into MLflow: a parent run per variant, nested runs")

@@ -78,8 +78,19 @@ def all_evaluation_metrics():
     return [RESULTS / f"downstream/{name}/metrics.json" for name in PLAN.evaluations] if PLAN else []
 
 
+def all_robustness_tables():
+    if not PLAN:
+        return []
+    return [RESULTS / f"downstream/{name}/robustness/robustness.csv" for name, e in PLAN.evaluations.items()
+            if e.robustness]
+
+
 def table_outputs():
     return expand(RESULTS / "tables/ablation.{ext}", ext=["md", "tex", "csv"]) if PLAN else []
+
+
+def figure_outputs():
+    return [RESULTS / "figures"] if PLAN else []
 
 
 def tracking_uri():
@@ -104,7 +115,9 @@ def tracking_outputs():
 # How heavy rules run evpretrain: here, or as checkpointable SLURM jobs through submitit (`executor: slurm`, which
 # the slurm profile sets). A global rather than params: switching executor must not invalidate any output.
 ON_SLURM = config.get("executor", "local") == "slurm"
-HEAVY_THREADS = 1 if ON_SLURM else workflow.cores  # under SLURM a rule only waits for its job
+# Torch threads of a local training job (execution.threads_per_job): on 2 cores, two 1-thread jobs side by side
+# finish a demo stage 1.5x sooner than one 2-thread job after another. Under SLURM a rule only waits for its job.
+HEAVY_THREADS = 1 if ON_SLURM else min(config.get("execution", {}).get("threads_per_job", 1), workflow.cores)
 
 
 def launcher(kind):

@@ -6,8 +6,9 @@ rule evaluation_config:
         RESULTS / "downstream/{evaluation}/study.yaml",
     params:
         text=lambda wildcards: yaml_text(PLAN.evaluations[wildcards.evaluation].config),
-    run:
-        Path(output[0]).write_text(params.text)
+    # shell, not run: Snakemake runs a run: block in a new process that parses the workflow again (~4 s)
+    shell:
+        "printf '%s' {params.text:q} > {output}"
 
 
 rule finetune:
@@ -30,27 +31,55 @@ rule finetune:
         " --eval {input.eval} {params.checkpoint} --seed {params.seed} --out {params.out} > {log} 2>&1"
 
 
+rule robustness:
+    """The classifier of an evaluation under shot noise and dropped events (downstream.robustness)."""
+    input:
+        config=RESULTS / "downstream/{evaluation}/study.yaml",
+        run=RESULTS / "downstream/{evaluation}/metrics.json",
+        eval=lambda wildcards: evaluation_inputs(wildcards)["eval"],
+    output:
+        RESULTS / "downstream/{evaluation}/robustness/robustness.csv",
+    params:
+        seed=lambda wildcards: PLAN.evaluations[wildcards.evaluation].seed,
+        run=lambda wildcards, input: Path(input.run).parent,
+        out=lambda wildcards, output: Path(output[0]).parent,
+    log:
+        RESULTS / "logs/robustness/{evaluation}.log",
+    threads: HEAVY_THREADS
+    shell:
+        "OMP_NUM_THREADS={threads} {LAUNCH_FINETUNE} evaluate-robustness --config {input.config} --run {params.run}"
+        " --eval {input.eval} --seed {params.seed} --out {params.out} > {log} 2>&1"
+
+
 rule manifest:
     output:
         RESULTS / "manifest.json",
     params:
-        text=lambda wildcards: json.dumps(PLAN.manifest(), indent=1, sort_keys=True),
-    run:
-        Path(output[0]).write_text(params.text)
+        text=lambda wildcards: json.dumps(PLAN.manifest(), indent=1),  # variants in the config's order: the tables' rows
+    # shell, not run: Snakemake runs a run: block in a new process that parses the workflow again (~4 s)
+    shell:
+        "printf '%s' {params.text:q} > {output}"
 
 
 rule tables:
     input:
         manifest=RESULTS / "manifest.json",
+        stages=all_stage_metrics(),
         metrics=all_evaluation_metrics(),
+        robustness=all_robustness_tables(),
     output:
-        table_outputs(),
+        RESULTS / "tables/ablation.md",
+        RESULTS / "tables/ablation.tex",
+        report(RESULTS / "tables/ablation.csv", caption="../report/ablation.rst", category="Tables"),
+        figures=report(directory(RESULTS / "figures"), patterns=["{name}.png"], caption="../report/figures.rst",
+                       category="Figures"),
     params:
         out=RESULTS / "tables",
     log:
         RESULTS / "logs/tables.log",
     shell:
-        "evpretrain report --manifest {input.manifest} --results {RESULTS} --out {params.out} > {log} 2>&1"
+        "evpretrain report --manifest {input.manifest} --results {RESULTS} --out {params.out}"
+        " --figures {output.figures} > {log} 2>&1"
 
 
 rule track:

@@ -1,9 +1,10 @@
 """The embedded demo study: real handwritten digits moving over a real texture, simulated into events.
 
 Nothing is downloaded: the digits are scikit-learn's (1,797 real 8x8 scans, 10 classes) and the background is a
-texture that scikit-image ships. Each sample is one N-MNIST-style saccade: the view pans over the texture in one of
-three directions 120 degrees apart (the legs of N-MNIST's triangle, jittered), and the digit drifts a little on top of
-that motion, so the scene holds two motions. Frames are rendered at a fixed rate and simulated into events.
+texture that scikit-image ships. Each sample is an N-MNIST-style saccade: the view pans over the texture along
+``saccade_legs`` consecutive legs of N-MNIST's triangle (directions 120 degrees apart, the first one random among the
+three, jittered), and the digit drifts a little on top of that motion, so the scene holds two motions. One leg hides
+the strokes that lie along its direction (a moving edge fires only across its motion); two legs show every stroke. Frames are rendered at a fixed rate and simulated into events.
 
 Per sample the store holds: noisy and clean events, frames (T, H, W) in [0, 1], difference maps (T-1, H, W)
 (log-intensity change between consecutive frames), the digit label, a mask (H, W) with 11 classes (0 background,
@@ -51,6 +52,7 @@ class DemoConfig:
     pan_speed_px_per_frame: tuple[float, float] = (0.5, 1.5)
     digit_drift_px_per_frame: float = 0.6
     digit_jitter_px: float | None = None
+    saccade_legs: int = 1
     simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
     compression: StoreCompression = field(default_factory=StoreCompression)
 
@@ -67,6 +69,8 @@ class DemoConfig:
             raise ValueError(f"digit_jitter_px must be >= 0 (or null: anywhere in the frame), got {self.digit_jitter_px}")
         if self.num_frames < 2:
             raise ValueError("num_frames must be >= 2")
+        if not 1 <= self.saccade_legs <= min(3, self.num_frames - 1):
+            raise ValueError(f"saccade_legs must lie in [1, min(3, num_frames - 1)], got {self.saccade_legs}")
         low, high = self.pan_speed_px_per_frame
         if not 0 <= low <= high:
             raise ValueError("pan_speed_px_per_frame must be [low, high] with 0 <= low <= high")
@@ -112,29 +116,41 @@ def load_background(name: str, intensity: tuple[float, float]) -> np.ndarray:
     return (low + (high - low) * image).astype(np.float32)
 
 
+def saccade_path(config: DemoConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Displacements (T, 2), (dx, dy) pixels from the first frame, of the panned content and of the digit.
+
+    The pan runs at one speed along ``config.saccade_legs`` legs of equal step counts (step n on leg
+    ``n * legs // (T - 1)``), each leg turned 120 degrees from the last; the digit adds a constant drift.
+    """
+    steps = config.num_frames - 1
+    first = rng.integers(3) * 2 * np.pi / 3 + rng.uniform(-np.pi / 12, np.pi / 12)
+    angles = first + (np.arange(steps) * config.saccade_legs // steps) * 2 * np.pi / 3
+    speed = rng.uniform(*config.pan_speed_px_per_frame)
+    velocity = speed * np.stack([np.cos(angles), np.sin(angles)], axis=1)  # (steps, 2) per frame
+    drift_angle = rng.uniform(0, 2 * np.pi)
+    drift = config.digit_drift_px_per_frame * np.array([np.cos(drift_angle), np.sin(drift_angle)])
+    pan = np.concatenate([np.zeros((1, 2)), np.cumsum(velocity, axis=0)])
+    return pan, pan + drift * np.arange(config.num_frames)[:, None]
+
+
 def render_sample(digit: np.ndarray, label: int, background: np.ndarray, config: DemoConfig, rng: np.random.Generator) -> DemoSample:
-    """Render one saccade: the texture pans at velocity u_bg, the digit moves at u_bg + drift.
+    """Render one saccade: the texture pans along ``config.saccade_legs`` legs, the digit moves with it plus a drift.
 
     ``digit`` is (8, 8) in [0, 1]. All velocities are (dx, dy) pixels per frame in image coordinates.
     """
-    size, steps = config.image_size, config.num_frames - 1
-    angle = rng.integers(3) * 2 * np.pi / 3 + rng.uniform(-np.pi / 12, np.pi / 12)
-    speed = rng.uniform(*config.pan_speed_px_per_frame)
-    u_bg = speed * np.array([np.cos(angle), np.sin(angle)])
-    drift_angle = rng.uniform(0, 2 * np.pi)
-    u_digit = u_bg + config.digit_drift_px_per_frame * np.array([np.cos(drift_angle), np.sin(drift_angle)])
+    size = config.image_size
+    pan, digit_path = saccade_path(config, rng)
 
     # Texture origin such that the panned window never leaves the texture.
-    reach = np.abs(u_bg) * steps + 1
+    reach = np.abs(pan).max(axis=0) + 1
     bg_h, bg_w = background.shape
     origin = np.array([rng.uniform(reach[0], bg_w - size - reach[0]), rng.uniform(reach[1], bg_h - size - reach[1])])
     # Digit start (top-left, x and y) such that its whole path stays inside the frame; with a jitter, the path's
-    # midpoint lies within that many pixels of the frame centre (N-MNIST's digits are centred).
-    travel = u_digit * steps
-    low = np.maximum(0, -travel) + 1
-    high = size - config.digit_size - np.maximum(0, travel) - 1
+    # centre lies within that many pixels of the frame centre (N-MNIST's digits are centred).
+    low = -digit_path.min(axis=0) + 1
+    high = size - config.digit_size - digit_path.max(axis=0) - 1
     if config.digit_jitter_px is not None:
-        centred = (size - config.digit_size - travel) / 2
+        centred = (size - config.digit_size - digit_path.min(axis=0) - digit_path.max(axis=0)) / 2
         low = np.maximum(low, centred - config.digit_jitter_px)
         high = np.minimum(high, centred + config.digit_jitter_px)
     start = np.array([rng.uniform(low[0], high[0]), rng.uniform(low[1], high[1])])
@@ -145,15 +161,15 @@ def render_sample(digit: np.ndarray, label: int, background: np.ndarray, config:
     frames = np.empty((config.num_frames, size, size), np.float32)
     alphas = np.empty_like(frames)
     for n in range(config.num_frames):
-        bx, by = origin - u_bg * n  # content moves by +u_bg, so pixel (x, y) shows texture point (x - u n)
+        bx, by = origin - pan[n]  # content moves by +pan, so pixel (x, y) shows texture point (x - pan)
         texture = ndimage.map_coordinates(background, [yy + by, xx + bx], order=1, mode="reflect")
-        dx, dy = start + u_digit * n
+        dx, dy = start + digit_path[n]
         alpha = ndimage.map_coordinates(glyph, [yy - dy, xx - dx], order=1, mode="constant", cval=0.0)
         alphas[n] = alpha
         frames[n] = texture * (1 - alpha) + config.digit_intensity * alpha
 
     on_digit_first = alphas[0] > 0.5
-    flow = np.where(on_digit_first, (u_digit * steps)[:, None, None], (u_bg * steps)[:, None, None]).astype(np.float32)
+    flow = np.where(on_digit_first, digit_path[-1][:, None, None], pan[-1][:, None, None]).astype(np.float32)
     mask = np.where(alphas[-1] > 0.5, label + 1, 0).astype(np.uint8)
     timestamps = np.round(np.arange(config.num_frames) * 1e6 / config.frame_rate_hz).astype(np.int64)
     return DemoSample(np.clip(frames, 0.0, 1.0), timestamps, mask, flow)

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import Conv2dNormActivation
 
 from evpretrain.models.base import Backbone
 
@@ -36,9 +35,12 @@ def upsample_flow(flow: Tensor, size: Sequence[int]) -> Tensor:
     return upsample_to(flow, size) * scale
 
 
-def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> Conv2dNormActivation:
-    """Conv (no bias), BatchNorm, ReLU; 'same' padding (mmcv's ConvModule as mmsegmentation's heads use it)."""
-    return Conv2dNormActivation(in_channels, out_channels, kernel_size)
+def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> nn.Sequential:
+    """Conv (no bias), BatchNorm, ReLU; 'same' padding (mmcv's ConvModule as mmsegmentation's heads use it).
+    Written out rather than torchvision's Conv2dNormActivation (same layout): importing torchvision.ops costs a
+    job 2 s of start-up."""
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+                         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
 
 
 def _init_dense_head(module: nn.Module) -> None:

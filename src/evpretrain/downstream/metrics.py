@@ -106,6 +106,14 @@ class ConfusionMatrix:
         self.matrix.zero_()
 
 
+def constant_prediction_confusion(counts: Tensor) -> Tensor:
+    """The (C, C) confusion matrix (rows = true) of predicting the most frequent class of ``counts`` (C,) — the
+    per-class target counts — for every sample or pixel: the best any constant prediction scores."""
+    confusion = torch.zeros(len(counts), len(counts), dtype=torch.int64)
+    confusion[:, int(counts.argmax())] = counts.to(torch.int64)
+    return confusion
+
+
 @dataclass(frozen=True)
 class SegmentationScores:
     """Scores of one confusion matrix. iou, accuracy: (C,) float64, NaN where undefined (see

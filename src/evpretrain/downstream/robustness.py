@@ -25,7 +25,7 @@ from evpretrain.events.corruption import Corruption
 from evpretrain.pretrain.run import build_backbone, pretrain_config
 from evpretrain.training.checkpoint import CHECKPOINT_NAME, METRICS_NAME, load_checkpoint, write_json
 
-__all__ = ["RobustnessConfig", "evaluate_robustness", "robustness_config"]
+__all__ = ["RobustnessConfig", "evaluate_robustness", "robustness_config", "robustness_figure"]
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def evaluate_robustness(study: Mapping[str, Any], run_dir: Path, eval_store: Pat
                      "top5": scores["top5"]})
     out.mkdir(parents=True, exist_ok=True)
     _write_tables(rows, out)
-    _plot(rows, out / "robustness.png")
+    robustness_figure({"": rows}, out / "robustness.png")
     write_json({"run": str(run_dir), "eval_store": str(eval_store), "seed": seed, "rows": rows}, out / METRICS_NAME)
     return rows
 
@@ -89,7 +89,9 @@ def _write_tables(rows: list[dict[str, Any]], out: Path) -> None:
     (out / "robustness.md").write_text(shown.to_markdown(index=False) + "\n")
 
 
-def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+def robustness_figure(curves: Mapping[str, list[dict[str, Any]]], path: Path) -> Path:
+    """Top-1 against shot noise and against dropped events, one line per entry of ``curves`` (name -> this
+    module's table rows: corruption, level, top1); write ``path`` (.png)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,13 +100,18 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     figure, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for ax, kind, label in ((axes[0], "shot_noise", "shot noise (events / pixel / s)"),
                             (axes[1], "drop", "fraction of events dropped")):
-        points = [(r["level"], 100 * r["top1"]) for r in rows if r["corruption"] == kind]
-        if points:
-            ax.plot(*zip(*points), marker="o")
+        for name, rows in curves.items():
+            points = [(r["level"], 100 * r["top1"]) for r in rows if r["corruption"] == kind]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=name or None)
         ax.set_xlabel(label)
         ax.set_ylabel("top-1 (%)")
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
+        if any(curves):
+            ax.legend(fontsize=7)
     figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
     plt.close(figure)
+    return path

@@ -31,6 +31,7 @@ from evpretrain.downstream.losses import flow_loss, segmentation_loss
 from evpretrain.downstream.metrics import (
     ConfusionMatrix,
     FlowMetrics,
+    constant_prediction_confusion,
     per_class_accuracy,
     segmentation_scores,
     topk_accuracy,
@@ -112,6 +113,8 @@ def build_model(task: Task, mode: str | None, backbone: nn.Module, num_classes: 
 
 class CachedFeatures(Dataset):
     """A linear probe's pooled features (N, D), computed once, with the labels (N,): ``{"features", "label"}``."""
+
+    deterministic = True  # no augmentation: SeededSamples need not seed each read
 
     def __init__(self, features: torch.Tensor, labels: torch.Tensor):
         self.features, self.labels = features, labels
@@ -213,6 +216,29 @@ def evaluate(task: Task, model: nn.Module, loader: DataLoader, device: torch.dev
         model.train(was_training)
 
 
+def trivial_baseline(task: Task, loader: DataLoader, num_classes: int | None) -> dict[str, Any]:
+    """What a model must beat on ``loader``'s split, through the same metrics: for classification and segmentation
+    the split's own most frequent class predicted everywhere (the best constant prediction; all-background for
+    segmentation), for flow zero flow."""
+    if task == "flow":
+        flow = FlowMetrics()
+        for batch in loader:
+            flow.update(torch.zeros_like(batch["flow"]), batch["flow"], batch["valid"])
+        return {"name": "zero flow", **flow.compute()}
+    key = "label" if task == "classify" else "mask"
+    counts = torch.zeros(num_classes, dtype=torch.int64)
+    for batch in loader:
+        targets = batch[key].flatten()
+        targets = targets[targets != IGNORE_INDEX] if task == "segment" else targets
+        counts += torch.bincount(targets, minlength=num_classes)[:num_classes]
+    confusion = constant_prediction_confusion(counts)
+    name = f"class {int(counts.argmax())} everywhere (the split's most frequent)"
+    if task == "classify":
+        return {"name": name, "top1": float(counts.max() / counts.sum())}
+    scores = segmentation_scores(confusion)
+    return {"name": name, "miou": scores.miou, "macc": scores.macc, "pixel_accuracy": scores.pixel_accuracy}
+
+
 PRIMARY = {"classify": ("top1", max), "segment": ("miou", max), "flow": ("aee", min)}
 
 
@@ -298,7 +324,9 @@ def run_downstream(
         **init, **{f"train_{k}": v for k, v in summary.items() if isinstance(v, (int, float))},
         **{f"{k}_last": v for k, v in final.items() if k != "confusion"},
         f"{name}_best": best[name], "best_epoch": best["epoch"], "slurm_job_id": summary.get("slurm_job_id"),
-        "history": evaluator.history, "num_classes": num_classes, "config": to_mapping(config),
+        "baseline": trivial_baseline(task, eval_loader, num_classes),
+        "history": evaluator.history, "train_log": summary.get("log", []), "num_classes": num_classes,
+        "config": to_mapping(config),
     }
     write_json(metrics, out / METRICS_NAME)
     from evpretrain.downstream.figures import write_task_figure

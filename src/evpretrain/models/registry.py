@@ -25,6 +25,8 @@ _PRESETS: dict[str, tuple[type[Backbone], dict[str, Any]]] = {
                                      num_heads=(3, 6, 12, 24), window_size=7)),
     # Demo / CPU presets on 64x64 voxel grids.
     "vit_demo": (VisionTransformer, dict(img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3)),
+    "vit_tiny_demo": (VisionTransformer, dict(img_size=64, patch_size=8, embed_dim=128, depth=4, num_heads=4,
+                                              levels=(0, 1, 3), feature_blocks=(0, 1, 2, 3))),
     "convvit_demo": (ConvViT, dict(img_size=64, embed_dims=(64, 96, 192), depths=(1, 1, 4), strides=(2, 2, 2),
                                    num_heads=3)),
     "swin_demo": (SwinBackbone, dict(img_size=64, patch_size=2, embed_dim=32, depths=(1, 1, 2, 1),

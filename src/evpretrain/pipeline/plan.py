@@ -83,6 +83,7 @@ class Evaluation:
     checkpoint: str | None
     key: str
     config: dict[str, Any]
+    robustness: bool = False  # also stress the classifier with noise and dropped events (the first seed only)
 
     @property
     def name(self) -> str:
@@ -120,7 +121,7 @@ class StudyPlan:
                 "checkpoint": variant.checkpoint,
                 "evaluations": [
                     {k: getattr(self.evaluations[e], k) for k in ("label", "task", "mode", "dataset", "eval_split",
-                                                                   "seed")} | {"folder": e}
+                                                                   "seed", "robustness")} | {"folder": e}
                     for e in variant.evaluations
                 ],
             }
@@ -203,10 +204,15 @@ def _evaluation(study: Mapping[str, Any], spec: Mapping[str, Any], entry: Mappin
     pretrain = study.get("pretrain", {})
     shared = {k: pretrain[k] for k in BACKBONE_KEYS if k in pretrain}
     task_section = {task: {mode: section}} if task == "classify" else {task: section}
+    robustness = bool(entry.get("robustness", False)) and seed == spec.get("seeds", [0])[0]
+    if entry.get("robustness") and task != "classify":
+        raise ConfigError(f"{where}.robustness: only a classification is stressed with noise, not {task}")
+    if robustness:  # the levels live beside the run's config; they are no part of the run's key
+        task_section["robustness"] = downstream.get("robustness", {})
     config = {"pretrain": shared, "downstream": task_section}
     label = entry.get("name") or (f"{task}-{mode}" if mode else task) + f"-{entry['dataset']}"
     content = {"task": task, "mode": mode, "backbone": shared, "task_config": _weights_content(section),
                "data": _data_identity(study, entry["dataset"]), "splits": [entry["train"], entry["eval"]],
                "checkpoint": checkpoint}
     return Evaluation(label, task, mode, entry["dataset"], entry["train"], entry["eval"], int(seed), checkpoint,
-                      content_key(content), config)
+                      content_key(content), config, robustness)

@@ -46,6 +46,42 @@ def collect_runs(manifest: Mapping[str, Any], results: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def collect_robustness(manifest: Mapping[str, Any], results: Path) -> pd.DataFrame:
+    """One row per (variant, evaluation, corruption, level) with top-1 (a fraction), from the robustness tables of the
+    evaluations that the manifest marks ``robustness`` (``<folder>/robustness/robustness.csv``)."""
+    frames = []
+    for variant, entry in manifest.items():
+        for evaluation in entry["evaluations"]:
+            if not evaluation.get("robustness"):
+                continue
+            path = Path(results) / "downstream" / evaluation["folder"] / "robustness" / "robustness.csv"
+            if not path.exists():
+                raise ConfigError(f"{path}: missing; the manifest marks {evaluation['folder']} for robustness")
+            table = pd.read_csv(path)
+            frames.append(table.assign(variant=variant, evaluation=evaluation["label"])
+                          [["variant", "evaluation", "corruption", "level", "top1"]])
+    columns = ["variant", "evaluation", "corruption", "level", "top1"]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+
+
+def write_robustness_tables(robustness: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
+    """Write ``out_dir/robustness.{md,csv}``: top-1 (%) per variant (rows) and corruption level (columns)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    units = {"shot_noise": "Hz shot noise", "drop": "dropped"}
+    labels = robustness.apply(lambda row: "clean" if row["level"] == 0 else
+                              (f"{row['level']:g} {units['shot_noise']}" if row["corruption"] == "shot_noise"
+                               else f"{100 * row['level']:g}% {units['drop']}"), axis=1)
+    clean = robustness.assign(column=labels).drop_duplicates(["variant", "evaluation", "column"])
+    clean = clean.assign(row=clean["variant"] + " / " + clean["evaluation"], cell=(100 * clean["top1"]).map("{:.1f}".format))
+    wide = clean.pivot(index="row", columns="column", values="cell")
+    wide = wide.loc[list(dict.fromkeys(clean["row"])), list(dict.fromkeys(clean["column"]))]
+    wide.index.name = "variant / evaluation (top-1 %)"
+    paths = {"md": out_dir / "robustness.md", "csv": out_dir / "robustness.csv"}
+    paths["md"].write_text(wide.to_markdown(disable_numparse=True) + "\n")
+    robustness.to_csv(paths["csv"], index=False)
+    return paths
+
+
 def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     """Mean, std (sample, ddof 1; 0 for one seed) and seed count per (variant, evaluation, figure), in the
     manifest's variant order."""

@@ -48,7 +48,8 @@ class _Logger:
         return runs[0] if runs else None
 
     def run(self, folder: str, name: str, *, parent: str | None, params: Mapping[str, Any],
-            metrics: Mapping[str, Any], history: list[Mapping[str, Any]] = (), artifacts: list[Path] = (),
+            metrics: Mapping[str, Any], curves: Mapping[str, list[Mapping[str, Any]]] | None = None,
+            artifacts: list[Path] = (),
             tags: Mapping[str, str] | None = None) -> str:
         """Log one run (or find it already logged with the same metrics); return its id."""
         from mlflow.entities import Metric, Param
@@ -73,9 +74,10 @@ class _Logger:
         for start in range(0, len(entries), MAX_BATCH):
             self.client.log_batch(run_id, params=entries[start : start + MAX_BATCH])
         points = [Metric(k, v, 0, int(metrics.get("step", 0) or 0)) for k, v in _scalars(metrics).items()]
-        for row in history:
-            step = int(row.get("step", 0))
-            points += [Metric(f"eval/{k}", v, 0, step) for k, v in _scalars(row).items() if k not in ("step",)]
+        for prefix, rows in (curves or {}).items():  # e.g. train/loss per log step, eval/top1 per epoch
+            for row in rows:
+                step = int(row.get("step", 0))
+                points += [Metric(f"{prefix}/{k}", v, 0, step) for k, v in _scalars(row).items() if k != "step"]
         for start in range(0, len(points), MAX_BATCH):
             self.client.log_batch(run_id, metrics=points[start : start + MAX_BATCH])
         for path in artifacts:
@@ -106,15 +108,17 @@ def log_study(manifest: Mapping[str, Any], results: Path, tracking_uri: str, exp
         children = []
         for node in entry.get("nodes", []):
             metrics, params, artifacts = _folder_run(results, "pretrain", node)
-            children.append(("pretrain", node, node, params, metrics, [], artifacts,
+            curves = {"train": metrics.get("log", [])}
+            scalars = {k: v for k, v in metrics.items() if k != "log"}
+            children.append(("pretrain", node, node, params, scalars, curves, artifacts,
                              {"variant": variant, "stage": node.split("-")[0].removeprefix("stage"),
                               "slurm_job_id": str(metrics.get("slurm_job_id") or "")}))
         for evaluation in entry["evaluations"]:
             metrics, params, artifacts = _folder_run(results, "downstream", evaluation["folder"])
-            history = metrics.get("history", [])
-            scalars = {k: v for k, v in metrics.items() if k != "history"}
+            curves = {"train": metrics.get("train_log", []), "eval": metrics.get("history", [])}
+            scalars = {k: v for k, v in metrics.items() if k not in ("history", "train_log")}
             children.append(("downstream", evaluation["folder"], f"{evaluation['label']} seed {evaluation['seed']}",
-                             params, scalars, history, artifacts,
+                             params, scalars, curves, artifacts,
                              {"variant": variant, "stage": "eval", "task": evaluation["task"],
                               "dataset": evaluation["dataset"], "seed": str(evaluation["seed"]),
                               "slurm_job_id": str(metrics.get("slurm_job_id") or "")}))
@@ -126,7 +130,7 @@ def log_study(manifest: Mapping[str, Any], results: Path, tracking_uri: str, exp
                             params={"stages": entry["stages"], "checkpoint": entry["checkpoint"]},
                             metrics={f"mean/{k}": v for k, v in means.items()}, tags={"variant": variant,
                                                                                      "stage": "variant"})
-        for kind, folder, name, params, metrics, history, artifacts, child_tags in children:
-            logger.run(f"{kind}/{folder}", name, parent=parent, params=params, metrics=metrics, history=history,
+        for kind, folder, name, params, metrics, curves, artifacts, child_tags in children:
+            logger.run(f"{kind}/{folder}", name, parent=parent, params=params, metrics=metrics, curves=curves,
                        artifacts=artifacts, tags=child_tags)
     return logger.counts

@@ -164,6 +164,7 @@ def _train(
     checkpoint_path = out_dir / CHECKPOINT_NAME
     window = _MeanWindow()
     logged: dict[str, float] = {}
+    log_rows: list[dict[str, float]] = []
     elapsed_before = 0.0
     checkpoint_step = None
     if checkpoint_path.exists():
@@ -184,6 +185,7 @@ def _train(
             )
         window.load_state_dict(checkpoint["window"])
         logged = dict(checkpoint["logged"])
+        log_rows = list(checkpoint["metrics"].get("log", []))  # the rows up to the checkpoint's step
         elapsed_before = checkpoint["elapsed_s"]
         state.step = state.start_step = checkpoint_step = checkpoint["step"]
         if state.step >= stop_step:
@@ -229,6 +231,7 @@ def _train(
             "global_batch_size": global_batch,
             "world_size": layout.world_size,
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"),  # the job that finished the run (None outside SLURM)
+            "log": list(log_rows),  # the logged means, one row per log_every_steps: the loss curves
         }
 
     set_epoch = getattr(dataset, "set_epoch", None)
@@ -264,6 +267,7 @@ def _train(
                 if state.step % config.log_every_steps == 0 or state.step == stop_step:
                     logged = window.means()
                     window.reset()
+                    log_rows.append({"step": state.step, "epoch": state.epoch, **logged})
                     if layout.is_main:
                         progress.set_postfix(loss=f"{logged['loss']:.4g}", lr=f"{logged['lr']:.3g}")
                         logger.info("step %d/%d %s", state.step, stop_step, _format(logged))

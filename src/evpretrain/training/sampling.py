@@ -71,7 +71,8 @@ class SeededSamples(Dataset):
     A dataset that augments with Python's ``random``, numpy's global RNG or torch's CPU RNG thus gets the same
     randomness in the main process and in any worker, on every run; in the main process the caller's own streams
     are restored after each sample. (A dataset that makes its own generator, e.g. ``np.random.default_rng()``, is
-    not covered: seed that from the sample's index and the epoch, as ``PretrainDataset`` does.)
+    not covered: seed that from the sample's index and the epoch, as ``PretrainDataset`` does.) A dataset whose
+    ``deterministic`` attribute is true draws nothing and is read directly.
     """
 
     def __init__(self, dataset: Dataset, seed: int):
@@ -83,6 +84,8 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         index, epoch = key
+        if getattr(self.dataset, "deterministic", False):
+            return self.dataset[index]
         seed = sample_seed(self.seed, epoch, index)
         if get_worker_info() is not None:  # a worker's streams serve data alone: no need to restore them (~70 us)
             seed_all(seed, cuda=False)
