@@ -119,6 +119,10 @@ def test_the_study_runs_to_its_tables_and_replans_only_what_a_change_invalidates
     assert all(f"| {variant} / classify-linear-demo" in robustness for variant in ("full", "stage1_only", "scratch"))
     figures = {p.name for p in (tmp_path / "results" / "figures").iterdir()}
     assert {"loss_curves.png", "robustness.png", f"{pretrained[0]}-reconstructions.png"} <= figures
+    report = snakemake("--configfile", str(study), "--report", str(tmp_path / "report.html"), cwd=tmp_path)
+    assert report.returncode == 0, report.stderr[-3000:]
+    html = (tmp_path / "report.html").read_text()
+    assert "ablation.csv" in html and "loss_curves.png" in html and "robustness.png" in html
     logged = json.loads((tmp_path / "results" / "mlflow" / "logged.json").read_text())
     assert logged["experiment"] == "tiny" and logged["logged"] == 3 + (3 + 1) + 3 * 2  # parents, stages, evaluations
     assert logged["tracking_uri"] == f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}"

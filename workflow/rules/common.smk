@@ -117,7 +117,10 @@ def tracking_outputs():
 ON_SLURM = config.get("executor", "local") == "slurm"
 # Torch threads of a local training job (execution.threads_per_job): on 2 cores, two 1-thread jobs side by side
 # finish a demo stage 1.5x sooner than one 2-thread job after another. Under SLURM a rule only waits for its job.
-HEAVY_THREADS = 1 if ON_SLURM else min(config.get("execution", {}).get("threads_per_job", 1), workflow.cores)
+HEAVY_THREADS = 1 if ON_SLURM else config.get("execution", {}).get("threads_per_job", 1)
+# Data builders use every core: Snakemake scales a rule's threads down to --cores (and `snakemake --report`, which
+# has no --cores, must not read workflow.cores).
+ALL_CORES = 1024
 
 
 def launcher(kind):

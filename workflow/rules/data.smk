@@ -21,7 +21,7 @@ rule build_demo:
         out=lambda wildcards, output: Path(output[0]).parent,
     log:
         RESULTS / "logs/build_demo.log",
-    threads: workflow.cores
+    threads: ALL_CORES
     shell:
         "evpretrain data build-demo --config {input.config} --out {params.out} --workers {threads} --quiet > {log} 2>&1"
 
@@ -43,7 +43,7 @@ for _dataset, _splits in datasets_to_convert().items():
             config=lambda wildcards, input: f"--config {input[0]}" if len(input) else "",
         log:
             RESULTS / f"logs/convert_{_dataset}.log",
-        threads: workflow.cores
+        threads: ALL_CORES
         shell:
             "evpretrain data verify --dataset {params.dataset} --root {params.root} > {log} 2>&1 && "
             "evpretrain data convert --dataset {params.dataset} --root {params.root} --out {params.out}"
@@ -61,7 +61,7 @@ rule build_ef:
         or f"MISSING-data.ef_images.{wildcards.split}",
     log:
         RESULTS / "logs/build_ef_{split}.log",
-    threads: workflow.cores
+    threads: ALL_CORES
     shell:
         "evpretrain data build-ef --config {input.config} --images {params.images} --out {output}"
         " --workers {threads} --quiet > {log} 2>&1"
