@@ -1,5 +1,6 @@
 """The pipeline on a real SLURM cluster (workflow/scripts/slurm-local.sh starts one): jobs go through submitit, show
-in sacct, give the local profile's results, and a job pre-empted with SIGUSR2 requeues and resumes to the same end."""
+in sacct, give the local profile's results, a job pre-empted with SIGUSR2 requeues and resumes to the same end, and
+two tasks of one job train as one torch.distributed run."""
 
 import json
 import shutil
@@ -8,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 from test_pipeline import ROOT, snakemake, tiny_study
 
 pytestmark = pytest.mark.cluster
@@ -98,3 +100,40 @@ def test_a_job_preempted_with_usr2_requeues_and_resumes_to_the_same_end(tmp_path
     expected = json.loads((tmp_path / "local" / "metrics.json").read_text())
     assert final["step"] == expected["step"] and final["loss"] == expected["loss"]
     assert sacct([job_id])[0][2] == "COMPLETED"
+
+
+def test_two_cpu_tasks_train_as_one_ddp_job_that_matches_one_process_with_their_global_batch(tmp_path):
+    from evpretrain.data.demo import DemoConfig, build_demo
+    from evpretrain.training.checkpoint import load_checkpoint
+
+    stores = build_demo(DemoConfig(samples={"train": 32, "val": 8}, image_size=32, digit_size=12, num_frames=3,
+                                   pan_speed_px_per_frame=(0.5, 1.0), digit_drift_px_per_frame=0.3),
+                        tmp_path / "data", workers=1, progress=False)
+    # Densest-patch masking: the masks follow the events and draw only to break ties (on each rank's own stream),
+    # so the two runs see nearly the same steps; tests/test_training.py checks exact DDP equivalence.
+    method = {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2, "masking": "densest"}
+    runs = {}
+    for name, batch_size in (("single", 4), ("ddp", 2)):
+        (tmp_path / name).mkdir()
+        study = tiny_study(tmp_path / name, **{"pretrain.stage1": {"method": method, "train": {
+            "epochs": 3, "batch_size": batch_size, "base_lr": 1e-3, "checkpoint_every_steps": 100}}})
+        runs[name] = ["pretrain", "--stage", "1", "--config", str(study), "--data", str(stores["train"]), "--val",
+                      str(stores["val"]), "--out", str(tmp_path / name / "out")]
+    single = subprocess.run([sys.executable, "-m", "evpretrain.cli", *runs["single"]], capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-2000:]
+    submit = subprocess.run([sys.executable, "-m", "evpretrain.cli", "submit", "--folder", str(tmp_path / "jobs"),
+                             "--tasks", "2", "--cpus", "1", "--mem-gb", "4", "--time-min", "10", "--", *runs["ddp"]],
+                            capture_output=True, text=True, timeout=600)
+    assert submit.returncode == 0, submit.stderr[-3000:]
+    job_id = submit.stdout.split()[3].rstrip(":")
+    assert sacct([job_id])[0][2] == "COMPLETED"
+    ddp = json.loads((tmp_path / "ddp" / "out" / "metrics.json").read_text())
+    reference = json.loads((tmp_path / "single" / "out" / "metrics.json").read_text())
+    assert ddp["world_size"] == 2 and ddp["global_batch_size"] == reference["global_batch_size"] == 4
+    assert ddp["step"] == reference["step"] and ddp["loss"] == pytest.approx(reference["loss"], rel=1e-3)
+    task_logs = sorted((tmp_path / "jobs" / job_id).glob("*_log.out"))  # one process a task, joined into one run
+    assert len(task_logs) == 2 and all("Starting with JobEnvironment" in p.read_text() for p in task_logs)
+    checkpoint = load_checkpoint(tmp_path / "ddp" / "out" / "checkpoint.pt")
+    assert checkpoint["world_size"] == 2
+    for name, tensor in load_checkpoint(tmp_path / "single" / "out" / "checkpoint.pt")["model"].items():
+        torch.testing.assert_close(checkpoint["model"][name], tensor, rtol=0, atol=1e-4, msg=name)

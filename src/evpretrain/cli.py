@@ -190,7 +190,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     if not command:
         print("evpretrain: error: submit needs a command after --, e.g. -- pretrain --stage 1 ...", file=sys.stderr)
         return 2
-    resources = JobResources(gpus=args.gpus, cpus=args.cpus, mem_gb=args.mem_gb, time_min=args.time_min,
+    resources = JobResources(gpus=args.gpus, tasks=args.tasks, cpus=args.cpus, mem_gb=args.mem_gb, time_min=args.time_min,
                              nodes=args.nodes, partition=args.partition, account=args.account, qos=args.qos)
     submit_command(command, resources, args.folder, name=args.name or f"evpretrain-{command[0]}")
     return 0
@@ -323,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("submit", help="run an evpretrain command as a checkpointable SLURM job and wait for it")
     p.add_argument("--folder", required=True, type=Path, help="submitit's folder (job logs, pickles)")
     p.add_argument("--gpus", type=int, default=0, help="GPUs per node, one task each (DDP across them)")
+    p.add_argument("--tasks", type=int, help="tasks per node, DDP across them (default: one a GPU, else one)")
     p.add_argument("--cpus", type=int, default=2, help="CPUs per task")
     p.add_argument("--mem-gb", type=float, default=8.0, help="memory per node, GB")
     p.add_argument("--time-min", type=int, default=60, help="time limit, minutes (SIGUSR2 before it: requeue)")

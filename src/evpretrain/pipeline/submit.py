@@ -4,7 +4,8 @@ do under the slurm profile).
 The job is checkpointable: on pre-emption or time-out SLURM sends SIGUSR2, submitit requeues the job under the same
 id, and the rerun command resumes from the checkpoint its run folder holds (the training loop resumes exactly, so
 the final weights are those of an uninterrupted run). With several tasks (GPUs) the tasks form one
-torch.distributed job (submitit exports RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT).
+torch.distributed job (submitit exports RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT): NCCL on GPUs,
+gloo on CPUs.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ __all__ = ["CommandJob", "JobResources", "submit_command"]
 
 @dataclass(frozen=True)
 class JobResources:
-    """What one job asks SLURM for (config ``execution.resources.<kind>``): GPUs per node (one task each, or one
-    task without GPUs), CPUs per task, memory per node in GB, time limit in minutes, and the accounting fields."""
+    """What one job asks SLURM for (config ``execution.resources.<kind>``): GPUs per node, tasks per node (default:
+    one a GPU, or one without GPUs; several CPU tasks train with gloo), CPUs per task, memory per node in GB, time
+    limit in minutes, and the accounting fields."""
 
     gpus: int = 0
+    tasks: int | None = None
     cpus: int = 2
     mem_gb: float = 8.0
     time_min: int = 60
@@ -35,7 +38,8 @@ class JobResources:
 
     def executor_parameters(self, name: str) -> dict:
         parameters = dict(name=name, timeout_min=self.time_min, nodes=self.nodes, cpus_per_task=self.cpus,
-                          mem_gb=self.mem_gb, tasks_per_node=max(self.gpus, 1), slurm_signal_delay_s=120)
+                          mem_gb=self.mem_gb, tasks_per_node=self.tasks or max(self.gpus, 1),
+                          slurm_signal_delay_s=120)
         if self.gpus:
             parameters["gpus_per_node"] = self.gpus
         for key in ("partition", "account", "qos"):
@@ -73,5 +77,5 @@ def submit_command(argv: Sequence[str], resources: JobResources, folder: Path, *
     job = executor.submit(CommandJob(argv))
     print(f"submitted SLURM job {job.job_id}: evpretrain {' '.join(argv)}", flush=True)
     if wait:
-        job.result()
+        job.results()  # every task's: result() refuses a job of several tasks
     return job
