@@ -31,6 +31,10 @@ def cluster():
         pytest.skip(reason)
 
 
+TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
+                   "DEADLINE"}
+
+
 def sacct(job_ids, timeout_s=60):
     """[(id, name, state)] of the jobs once accounting has them all finished (it lags the jobs by seconds)."""
     deadline = time.monotonic() + timeout_s
@@ -38,7 +42,8 @@ def sacct(job_ids, timeout_s=60):
         out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,JobName,State", "-j", ",".join(job_ids)],
                              capture_output=True, text=True, timeout=60).stdout
         rows = [line.split("|") for line in out.splitlines()]
-        finished = len(rows) == len(job_ids) and all(state not in ("PENDING", "RUNNING") for _, _, state in rows)
+        # A requeued job passes through REQUEUED and PREEMPTED (and accounting may still say so just after it ends).
+        finished = len(rows) == len(job_ids) and all(state in TERMINAL_STATES for _, _, state in rows)
         if finished or time.monotonic() > deadline:
             return rows
         time.sleep(1)
@@ -58,12 +63,13 @@ def test_the_slurm_profile_gives_the_local_profiles_results_through_sacct_visibl
                     cwd=slurm)
     assert run.returncode == 0, run.stderr[-3000:]
     job_ids = sorted(p.name for p in (slurm / "results" / "slurm").iterdir() if p.name.isdigit())
-    # teacher features, 3 stages, 3 variants x 2 seeds of evaluations
-    assert len(job_ids) == 1 + 3 + 6
+    assert len(job_ids) == 1 + 3 + 6 + 3  # teacher, stages, evaluations, robustness (each variant's seed 0)
     states = sacct(job_ids)
     assert len(states) == len(job_ids) and all(state == "COMPLETED" for _, _, state in states), states
     assert {name for _, name, _ in states} == {"teacher", "pretrain", "finetune"}
     assert evaluation_metrics(slurm / "results") == evaluation_metrics(local / "results")
+    tables = [(root / "results" / "tables" / "robustness.csv").read_text() for root in (local, slurm)]
+    assert tables[0] == tables[1]
 
 
 def test_a_job_preempted_with_usr2_requeues_and_resumes_to_the_same_end(tmp_path):

@@ -328,10 +328,11 @@ def run_downstream(
         "history": evaluator.history, "train_log": summary.get("log", []), "num_classes": num_classes,
         "config": to_mapping(config),
     }
-    write_json(metrics, out / METRICS_NAME)
-    from evpretrain.downstream.figures import write_task_figure
+    if process_layout().is_main:  # under DDP every rank scored the split; one writes
+        write_json(metrics, out / METRICS_NAME)
+        from evpretrain.downstream.figures import write_task_figure
 
-    write_task_figure(task, model, eval_set, final, out, class_names=class_names)
+        write_task_figure(task, model, eval_set, final, out, class_names=class_names)
     return metrics
 
 

@@ -22,6 +22,7 @@ from evpretrain.pretrain.data import PretrainDataset
 from evpretrain.pretrain.stages import ContrastConfig, FeatureTransition, MaskedModeling, MaskedModelingConfig
 from evpretrain.training import KnnMonitor, MlflowHook, TrainConfig, load_checkpoint, train
 from evpretrain.training.checkpoint import backbone_entries
+from evpretrain.training.distributed import process_layout
 from evpretrain.training.optim import param_groups, scales_for_layers
 
 
@@ -270,7 +271,7 @@ def run_stage(
         )
     metrics = train(module, _step, dataset, stage_config.train, out, param_groups=groups, hooks=hooks)
     metrics = dict(metrics) | {"init": str(init) if init else None, "init_left_out": left_out}
-    if stage == 1:
+    if stage == 1 and process_layout().is_main:  # under DDP one rank draws
         from evpretrain.pretrain.figures import reconstruction_figure
 
         reconstruction_figure(module, PretrainDataset(val_store or train_store, num_bins=data.num_bins,
