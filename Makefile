@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_store.py
 	$(BIN)/python bench/bench_data_loader.py
 	$(BIN)/python bench/bench_training.py
+	$(BIN)/python bench/bench_learnability.py --config config.yaml --legs 1 2
 
 clean:
 	rm -rf results .snakemake
