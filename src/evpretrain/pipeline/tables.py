@@ -64,17 +64,22 @@ def collect_robustness(manifest: Mapping[str, Any], results: Path) -> pd.DataFra
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
 
+def _level_label(corruption: str, level: float) -> str:
+    if level == 0:
+        return "clean"  # shot noise 0 and drop 0 are the same evaluation: one column
+    return f"{level:g} Hz shot noise" if corruption == "shot_noise" else f"{100 * level:g}% dropped"
+
+
 def write_robustness_tables(robustness: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
     """Write ``out_dir/robustness.{md,csv}``: top-1 (%) per variant (rows) and corruption level (columns)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    units = {"shot_noise": "Hz shot noise", "drop": "dropped"}
-    labels = robustness.apply(lambda row: "clean" if row["level"] == 0 else
-                              (f"{row['level']:g} {units['shot_noise']}" if row["corruption"] == "shot_noise"
-                               else f"{100 * row['level']:g}% {units['drop']}"), axis=1)
-    clean = robustness.assign(column=labels).drop_duplicates(["variant", "evaluation", "column"])
-    clean = clean.assign(row=clean["variant"] + " / " + clean["evaluation"], cell=(100 * clean["top1"]).map("{:.1f}".format))
-    wide = clean.pivot(index="row", columns="column", values="cell")
-    wide = wide.loc[list(dict.fromkeys(clean["row"])), list(dict.fromkeys(clean["column"]))]
+    cells = robustness.assign(
+        row=robustness["variant"] + " / " + robustness["evaluation"],
+        column=[_level_label(c, level) for c, level in zip(robustness["corruption"], robustness["level"])],
+        cell=(100 * robustness["top1"]).map("{:.1f}".format),
+    ).drop_duplicates(["row", "column"])
+    wide = cells.pivot(index="row", columns="column", values="cell")
+    wide = wide.loc[list(dict.fromkeys(cells["row"])), list(dict.fromkeys(cells["column"]))]
     wide.index.name = "variant / evaluation (top-1 %)"
     paths = {"md": out_dir / "robustness.md", "csv": out_dir / "robustness.csv"}
     paths["md"].write_text(wide.to_markdown(disable_numparse=True) + "\n")
