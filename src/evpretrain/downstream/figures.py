@@ -11,25 +11,22 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from evpretrain.plotting import pyplot, save_figure
+
 FIGURE_NAMES = {"classify": "confusion.png", "segment": "masks.png", "flow": "flow.png"}
 
 
 def write_task_figure(task: str, model: nn.Module, dataset: Dataset, scores: dict[str, Any], out_dir: Path,
                       *, class_names: list[str] | None = None, samples: int = 4) -> Path:
     """Write ``out_dir/<FIGURE_NAMES[task]>``; dense tasks show the first ``samples`` samples of ``dataset``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     path = Path(out_dir) / FIGURE_NAMES[task]
     if task == "classify":
         figure = _confusion_figure(plt, np.asarray(scores["confusion"], dtype=np.float64), class_names, scores)
     else:
         figure = _dense_figure(plt, task, model, [dataset[i] for i in range(min(samples, len(dataset)))])
-    figure.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(figure)
-    return path
+    return save_figure(figure, path, dpi=100, bbox_inches="tight")
 
 
 def _confusion_figure(plt, confusion: np.ndarray, class_names: list[str] | None, scores: dict[str, Any]):

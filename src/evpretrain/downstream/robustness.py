@@ -22,6 +22,7 @@ from evpretrain.config import ConfigError, from_mapping
 from evpretrain.downstream.data import DownstreamDataset
 from evpretrain.downstream.run import build_model, evaluate, task_config
 from evpretrain.events.corruption import Corruption
+from evpretrain.plotting import pyplot, save_figure
 from evpretrain.pretrain.run import build_backbone, pretrain_config
 from evpretrain.training.checkpoint import CHECKPOINT_NAME, METRICS_NAME, load_checkpoint, write_json
 
@@ -92,10 +93,7 @@ def _write_tables(rows: list[dict[str, Any]], out: Path) -> None:
 def robustness_figure(curves: Mapping[str, list[dict[str, Any]]], path: Path) -> Path:
     """Top-1 against shot noise and against dropped events, one line per entry of ``curves`` (name -> this
     module's table rows: corruption, level, top1); write ``path`` (.png)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for ax, kind, label in ((axes[0], "shot_noise", "shot noise (events / pixel / s)"),
@@ -111,7 +109,4 @@ def robustness_figure(curves: Mapping[str, list[dict[str, Any]]], path: Path) ->
         if any(curves):
             ax.legend(fontsize=7)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path, dpi=100)

@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from evpretrain.plotting import pyplot, save_figure
+
 STAGE_LOSS = {"1": "masked reconstruction loss", "2": "InfoNCE (transition)", "3": "InfoNCE (focus)"}
 
 
@@ -33,10 +35,7 @@ def stage_curves(manifest: Mapping[str, Any], results: Path) -> dict[str, dict[s
 
 def loss_curve_figure(curves: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
     """One panel per stage, one line per node, labelled with the variants that share it; write ``path`` (.png)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     stages = sorted({curve["stage"] for curve in curves.values()})
     fig, axes = plt.subplots(1, max(len(stages), 1), figsize=(5 * max(len(stages), 1), 3.6), squeeze=False)
@@ -48,10 +47,7 @@ def loss_curve_figure(curves: Mapping[str, Mapping[str, Any]], path: Path) -> Pa
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def copy_stage_figures(manifest: Mapping[str, Any], results: Path, out_dir: Path) -> list[Path]:

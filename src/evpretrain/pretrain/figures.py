@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
+from evpretrain.plotting import pyplot, save_figure
 from evpretrain.pretrain.masking import unpatchify
 
 
@@ -18,10 +19,7 @@ def reconstruction_figure(module: nn.Module, dataset: Dataset, path: Path, num_s
     The reconstruction is mapped back from per-patch normalised units with each target patch's mean and std, as
     MAE visualises ``norm_pix_loss`` models; visible patches show the target itself.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     was_training = module.training
     module.eval()
@@ -57,9 +55,4 @@ def reconstruction_figure(module: nn.Module, dataset: Dataset, path: Path, num_s
             if row == 0:
                 ax.set_title(title, fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path, dpi=100)

@@ -1,38 +1,19 @@
-"""The files a training run writes, each written to a temporary name and renamed when complete.
-
-A run killed while writing leaves the previous file whole; ``os.replace`` is atomic within one file system.
-"""
+"""The files a training run writes, each written whole (``evpretrain.files.write_atomic``): a run killed while
+writing leaves the previous file whole."""
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 
+from evpretrain.files import write_atomic
+
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.json"
-
-
-def write_atomic(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
-    """Call ``write(file)`` on a temporary file beside ``path``, flush it to disk, then rename it to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> Path:
