@@ -97,11 +97,10 @@ def planned_jobs(output):
     jobs = {}
     for line in lines[3:]:
         parts = line.split()
-        if len(parts) != 2 or parts[0] in ("total",):
-            if parts and parts[0] == "total":
-                break
-            continue
-        jobs[parts[0]] = int(parts[1])
+        if parts[:1] == ["total"]:
+            break
+        if len(parts) == 2:
+            jobs[parts[0]] = int(parts[1])
     return jobs
 
 

@@ -16,7 +16,7 @@ import pandas as pd
 
 from evpretrain.config import ConfigError
 
-__all__ = ["FIGURES", "collect_runs", "summarise", "write_tables"]
+__all__ = ["FIGURES", "collect_robustness", "collect_runs", "summarise", "write_robustness_tables", "write_tables"]
 
 # (metrics.json key, column name, scale, higher is better) per task.
 FIGURES: dict[str, list[tuple[str, str, float, bool]]] = {
@@ -78,8 +78,7 @@ def write_robustness_tables(robustness: pd.DataFrame, out_dir: Path) -> dict[str
         column=[_level_label(c, level) for c, level in zip(robustness["corruption"], robustness["level"])],
         cell=(100 * robustness["top1"]).map("{:.1f}".format),
     ).drop_duplicates(["row", "column"])
-    wide = cells.pivot(index="row", columns="column", values="cell")
-    wide = wide.loc[list(dict.fromkeys(cells["row"])), list(dict.fromkeys(cells["column"]))]
+    wide = _ordered_pivot(cells, "row")
     wide.index.name = "variant / evaluation (top-1 %)"
     paths = {"md": out_dir / "robustness.md", "csv": out_dir / "robustness.csv"}
     paths["md"].write_text(wide.to_markdown(disable_numparse=True) + "\n")
@@ -108,9 +107,14 @@ def wide_table(summary: pd.DataFrame, figures: list[str] | None = None) -> pd.Da
         cell=[_cell(m, s, n, 3 if f == "AEE" else 2) for m, s, n, f in
               zip(table["mean"], table["std"], table["seeds"], table["figure"])],
     )
-    wide = cells.pivot(index="variant", columns="column", values="cell")
-    order = list(dict.fromkeys(cells["variant"]))
-    return wide.loc[order, list(dict.fromkeys(cells["column"]))]
+    return _ordered_pivot(cells, "variant")
+
+
+def _ordered_pivot(cells: pd.DataFrame, index: str) -> pd.DataFrame:
+    """``cells`` pivoted to rows ``index`` and columns ``column`` of ``cell``, both in first-seen order (pivot
+    sorts them)."""
+    wide = cells.pivot(index=index, columns="column", values="cell")
+    return wide.loc[list(dict.fromkeys(cells[index])), list(dict.fromkeys(cells["column"]))]
 
 
 def write_tables(summary: pd.DataFrame, out_dir: Path, name: str = "ablation",
