@@ -78,7 +78,8 @@ def test_a_job_preempted_with_usr2_requeues_and_resumes_to_the_same_end(tmp_path
     stores = build_demo(DemoConfig(samples={"train": 48, "val": 8}, image_size=32, digit_size=12, num_frames=3,
                                    pan_speed_px_per_frame=(0.5, 1.0), digit_drift_px_per_frame=0.3),
                         tmp_path / "data", workers=1, progress=False)
-    study = tiny_study(tmp_path, **{"pretrain.stage1.train": {"epochs": 8, "batch_size": 4, "base_lr": 1e-3,
+    # Long enough (288 steps) that the signal lands mid-run, not after the last step, on a busy machine too.
+    study = tiny_study(tmp_path, **{"pretrain.stage1.train": {"epochs": 24, "batch_size": 4, "base_lr": 1e-3,
                                                               "checkpoint_every_steps": 4}})
     stage = ["pretrain", "--stage", "1", "--config", str(study), "--data", str(stores["train"]), "--val",
              str(stores["val"])]
