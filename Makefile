@@ -44,7 +44,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_store.py
 	$(BIN)/python bench/bench_data_loader.py
 	$(BIN)/python bench/bench_training.py
-	$(BIN)/python bench/bench_learnability.py --config config.yaml --legs 1 2
+	$(BIN)/python bench/bench_learnability.py --config config.yaml --legs 2 --motion 4,0.6 0,0.3 --models cnn_bn vit_tiny_demo --lr 5e-4
 
 clean:
 	rm -rf results .snakemake

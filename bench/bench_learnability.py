@@ -2,7 +2,8 @@
 
 Supervised training from a random initialisation on the voxel grids of the demo study's training and validation
 splits, built into a temporary folder from ``--config``'s ``data.demo`` once for each ``--legs`` (the saccade's legs:
-one leg hides the strokes along it) and read as 5-bin voxel grids (no time flip, no augmentation); then, the same for every model: AdamW (lr ``--lr``, weight decay 0.05), batch 32,
+one leg hides the strokes along it) and each ``--motion`` JITTER,DRIFT (``digit_jitter_px``, how far the digit's path
+may sit off centre, and ``digit_drift_px_per_frame``, the digit's own motion; the config's by default) and read as 5-bin voxel grids (no time flip, no augmentation); then, the same for every model: AdamW (lr ``--lr``, weight decay 0.05), batch 32,
 cross-entropy, ``--epochs`` epochs, torch seed 0. The models:
 
 - ``cnn_bn``: the reference, 4 blocks of 3x3 conv -> BatchNorm -> ReLU -> 2x2 max pool (32, 64, 128, 128 channels),
@@ -12,14 +13,15 @@ cross-entropy, ``--epochs`` epochs, torch seed 0. The models:
   average pooling), the outside reference for our ViT;
 - ``vit_tiny_demo``, ``convvit_demo``, ``swin_demo``: this project's demo backbones under ``Classifier``.
 
-Prints one row per (legs, model): the top-1 on the validation split after each epoch and the seconds taken. The
+Prints one row per (legs, motion, model): the top-1 on the validation split after each epoch and the seconds taken. The
 machine is shared: read the accuracies, not the times.
-Run: .venv/bin/python bench/bench_learnability.py --config config.yaml --legs 1 2
+Run: .venv/bin/python bench/bench_learnability.py --config config.yaml --legs 2 --motion 4,0.6 0,0.3
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import tempfile
 import time
 from dataclasses import replace
@@ -88,17 +90,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, required=True, help="a study config: its data.demo section")
     parser.add_argument("--legs", type=int, nargs="+", default=[2], help="saccade legs of the stores to compare")
+    parser.add_argument("--motion", nargs="+", default=None, metavar="JITTER,DRIFT",
+                        help="digit_jitter_px,digit_drift_px_per_frame pairs (default: the config's)")
     parser.add_argument("--models", nargs="+", default=["cnn_bn", "cnn_gn", "timm_vit", "vit_tiny_demo"])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--lr", type=float, default=1e-3)
     args = parser.parse_args()
     demo = from_mapping(DemoConfig, section(load_yaml(args.config), "data.demo"), "data.demo")
-    for legs in args.legs:
-        config = replace(demo, saccade_legs=legs, samples={**demo.samples, "test": 0})
+    motions = [tuple(float(v) for v in m.split(",")) for m in args.motion or []] or [
+        (demo.digit_jitter_px, demo.digit_drift_px_per_frame)]
+    for legs, (jitter, drift) in itertools.product(args.legs, motions):
+        config = replace(demo, saccade_legs=legs, digit_jitter_px=jitter, digit_drift_px_per_frame=drift,
+                         samples={**demo.samples, "test": 0})
         with tempfile.TemporaryDirectory() as folder:
             stores = build_demo(config, folder, progress=False)
             train, val = load_split(stores["train"]), load_split(stores["val"])
-        print(f"{legs} leg(s): {len(train[1])} training, {len(val[1])} validation samples")
+        print(f"{legs} leg(s), jitter {jitter} px, drift {drift} px/frame: {len(train[1])} training, "
+              f"{len(val[1])} validation samples")
         for name in args.models:
             torch.manual_seed(0)
             accuracies, seconds = learn(build(name, train[0].shape[-1]), train, val, args.epochs, args.lr)
