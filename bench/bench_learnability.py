@@ -3,8 +3,9 @@
 Supervised training from a random initialisation on the voxel grids of the demo study's training and validation
 splits, built into a temporary folder from ``--config``'s ``data.demo`` once for each ``--legs`` (the saccade's legs:
 one leg hides the strokes along it) and each ``--motion`` JITTER,DRIFT (``digit_jitter_px``, how far the digit's path
-may sit off centre, and ``digit_drift_px_per_frame``, the digit's own motion; the config's by default) and read as 5-bin voxel grids (no time flip, no augmentation); then, the same for every model: AdamW (lr ``--lr``, weight decay 0.05), batch 32,
-cross-entropy, ``--epochs`` epochs, torch seed 0. The models:
+may sit off centre, and ``digit_drift_px_per_frame``, the digit's own motion; the config's by default), and read as
+5-bin voxel grids (no time flip, no augmentation); then, the same for every model: AdamW (lr ``--lr``, weight decay
+0.05), batch 32, cross-entropy, ``--epochs`` epochs, torch seed 0. The models:
 
 - ``cnn_bn``: the reference, 4 blocks of 3x3 conv -> BatchNorm -> ReLU -> 2x2 max pool (32, 64, 128, 128 channels),
   global average pool, linear;
@@ -13,9 +14,10 @@ cross-entropy, ``--epochs`` epochs, torch seed 0. The models:
   average pooling), the outside reference for our ViT;
 - ``vit_tiny_demo``, ``convvit_demo``, ``swin_demo``: this project's demo backbones under ``Classifier``.
 
-Prints one row per (legs, motion, model): the top-1 on the validation split after each epoch and the seconds taken. The
-machine is shared: read the accuracies, not the times.
-Run: .venv/bin/python bench/bench_learnability.py --config config.yaml --legs 2 --motion 4,0.6 0,0.3
+Prints one row per (legs, motion, model): the top-1 on the validation split after each epoch and the seconds taken.
+The machine is shared: read the accuracies, not the times.
+Run (as ``make bench`` does): .venv/bin/python bench/bench_learnability.py --config config.yaml --legs 2
+    --motion 4,0.6 0,0.3 --models cnn_bn vit_tiny_demo --lr 5e-4
 """
 
 from __future__ import annotations
@@ -42,6 +44,15 @@ def load_split(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     dataset = PretrainDataset(path, num_bins=5, time_flip_p=0.0, seed=0)
     samples = [dataset[i] for i in range(len(dataset))]
     return torch.stack([s["voxel"] for s in samples]), torch.stack([s["label"] for s in samples])
+
+
+def motion(text: str) -> tuple[float, float]:
+    """``--motion`` JITTER,DRIFT -> (digit_jitter_px, digit_drift_px_per_frame)."""
+    try:
+        jitter, drift = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected JITTER,DRIFT (two numbers, e.g. 4,0.6), got {text!r}") from None
+    return jitter, drift
 
 
 def cnn(norm: type[nn.Module] | None) -> nn.Module:
@@ -90,15 +101,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, required=True, help="a study config: its data.demo section")
     parser.add_argument("--legs", type=int, nargs="+", default=[2], help="saccade legs of the stores to compare")
-    parser.add_argument("--motion", nargs="+", default=None, metavar="JITTER,DRIFT",
+    parser.add_argument("--motion", type=motion, nargs="+", default=None, metavar="JITTER,DRIFT",
                         help="digit_jitter_px,digit_drift_px_per_frame pairs (default: the config's)")
     parser.add_argument("--models", nargs="+", default=["cnn_bn", "cnn_gn", "timm_vit", "vit_tiny_demo"])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--lr", type=float, default=1e-3)
     args = parser.parse_args()
     demo = from_mapping(DemoConfig, section(load_yaml(args.config), "data.demo"), "data.demo")
-    motions = [tuple(float(v) for v in m.split(",")) for m in args.motion or []] or [
-        (demo.digit_jitter_px, demo.digit_drift_px_per_frame)]
+    motions = args.motion or [(demo.digit_jitter_px, demo.digit_drift_px_per_frame)]
     for legs, (jitter, drift) in itertools.product(args.legs, motions):
         config = replace(demo, saccade_legs=legs, digit_jitter_px=jitter, digit_drift_px_per_frame=drift,
                          samples={**demo.samples, "test": 0})

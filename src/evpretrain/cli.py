@@ -190,8 +190,9 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     if not command:
         print("evpretrain: error: submit needs a command after --, e.g. -- pretrain --stage 1 ...", file=sys.stderr)
         return 2
-    resources = JobResources(gpus=args.gpus, tasks=args.tasks, cpus=args.cpus, mem_gb=args.mem_gb, time_min=args.time_min,
-                             nodes=args.nodes, partition=args.partition, account=args.account, qos=args.qos)
+    resources = JobResources(gpus=args.gpus, tasks=args.tasks, cpus=args.cpus, mem_gb=args.mem_gb,
+                             time_min=args.time_min, nodes=args.nodes, partition=args.partition,
+                             account=args.account, qos=args.qos)
     submit_command(command, resources, args.folder, name=args.name or f"evpretrain-{command[0]}")
     return 0
 
