@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: venv profiles test test-fast demo ui bench clean
+.PHONY: venv profiles lint format test test-fast demo ui bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,19 @@ profiles:
 	  else ln -s $(abspath workflow/profiles)/$$name $$target && echo "linked $$target"; fi; \
 	done
 
-test: $(STAMP)
+# ruff (format and lint) and snakefmt: nobody wraps lines by hand; `make format` rewrites, `make lint` checks.
+SNAKE_FILES := Snakefile $(wildcard workflow/rules/*.smk)
+lint: $(STAMP)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/snakefmt --check $(SNAKE_FILES)
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+	$(BIN)/snakefmt $(SNAKE_FILES)
+
+test: lint
 	$(BIN)/pytest
 
 test-fast: $(STAMP)

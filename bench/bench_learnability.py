@@ -60,8 +60,15 @@ def cnn(norm: type[nn.Module] | None) -> nn.Module:
         layer = nn.BatchNorm2d(c_out) if norm is nn.BatchNorm2d else nn.GroupNorm(1, c_out)
         return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), layer, nn.ReLU(), nn.MaxPool2d(2))
 
-    return nn.Sequential(block(5, 32), block(32, 64), block(64, 128), block(128, 128), nn.AdaptiveAvgPool2d(1),
-                         nn.Flatten(), nn.Linear(128, 10))
+    return nn.Sequential(
+        block(5, 32),
+        block(32, 64),
+        block(64, 128),
+        block(128, 128),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(128, 10),
+    )
 
 
 def build(name: str, image_size: int) -> nn.Module:
@@ -72,8 +79,16 @@ def build(name: str, image_size: int) -> nn.Module:
     if name == "timm_vit":
         from timm.models.vision_transformer import VisionTransformer
 
-        return VisionTransformer(img_size=image_size, patch_size=8, in_chans=5, num_classes=10, embed_dim=128,
-                                 depth=4, num_heads=4, global_pool="avg")
+        return VisionTransformer(
+            img_size=image_size,
+            patch_size=8,
+            in_chans=5,
+            num_classes=10,
+            embed_dim=128,
+            depth=4,
+            num_heads=4,
+            global_pool="avg",
+        )
     return Classifier(create_backbone(name, img_size=image_size), 10)
 
 
@@ -101,8 +116,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, required=True, help="a study config: its data.demo section")
     parser.add_argument("--legs", type=int, nargs="+", default=[2], help="saccade legs of the stores to compare")
-    parser.add_argument("--motion", type=motion, nargs="+", default=None, metavar="JITTER,DRIFT",
-                        help="digit_jitter_px,digit_drift_px_per_frame pairs (default: the config's)")
+    parser.add_argument(
+        "--motion",
+        type=motion,
+        nargs="+",
+        default=None,
+        metavar="JITTER,DRIFT",
+        help="digit_jitter_px,digit_drift_px_per_frame pairs (default: the config's)",
+    )
     parser.add_argument("--models", nargs="+", default=["cnn_bn", "cnn_gn", "timm_vit", "vit_tiny_demo"])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -110,13 +131,20 @@ def main() -> None:
     demo = from_mapping(DemoConfig, section(load_yaml(args.config), "data.demo"), "data.demo")
     motions = args.motion or [(demo.digit_jitter_px, demo.digit_drift_px_per_frame)]
     for legs, (jitter, drift) in itertools.product(args.legs, motions):
-        config = replace(demo, saccade_legs=legs, digit_jitter_px=jitter, digit_drift_px_per_frame=drift,
-                         samples={**demo.samples, "test": 0})
+        config = replace(
+            demo,
+            saccade_legs=legs,
+            digit_jitter_px=jitter,
+            digit_drift_px_per_frame=drift,
+            samples={**demo.samples, "test": 0},
+        )
         with tempfile.TemporaryDirectory() as folder:
             stores = build_demo(config, folder, progress=False)
             train, val = load_split(stores["train"]), load_split(stores["val"])
-        print(f"{legs} leg(s), jitter {jitter} px, drift {drift} px/frame: {len(train[1])} training, "
-              f"{len(val[1])} validation samples")
+        print(
+            f"{legs} leg(s), jitter {jitter} px, drift {drift} px/frame: {len(train[1])} training, "
+            f"{len(val[1])} validation samples"
+        )
         for name in args.models:
             torch.manual_seed(0)
             accuracies, seconds = learn(build(name, train[0].shape[-1]), train, val, args.epochs, args.lr)

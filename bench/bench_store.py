@@ -66,7 +66,9 @@ def main() -> None:
     args = parser.parse_args()
     recording = read_recording(args.recording)
     events = recording.events
-    print(f"{args.recording.name}: {len(events):,} events, samples of {args.window:,} events, {args.reads} random reads")
+    print(
+        f"{args.recording.name}: {len(events):,} events, samples of {args.window:,} events, {args.reads} random reads"
+    )
     filters = {
         "none": StoreCompression(events="none"),
         "lzf": StoreCompression(events="lzf"),

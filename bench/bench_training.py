@@ -175,8 +175,9 @@ class ViTEncoder(nn.Module):
 
 def plain_transformer(depth: int, dim: int, num_heads: int, mlp_ratio: float) -> nn.Module:
     """The reference: PyTorch's own pre-norm encoder of the ViT's shape, with the ViT's final LayerNorm."""
-    layer = nn.TransformerEncoderLayer(dim, num_heads, int(dim * mlp_ratio), dropout=0.0, activation="gelu",
-                                       batch_first=True, norm_first=True)
+    layer = nn.TransformerEncoderLayer(
+        dim, num_heads, int(dim * mlp_ratio), dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+    )
     return nn.TransformerEncoder(layer, depth, norm=nn.LayerNorm(dim), enable_nested_tensor=False)
 
 
@@ -184,8 +185,13 @@ def matmul_workload(device: str, size: int) -> Workload:
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     out = torch.empty(size, size, device=device, dtype=dtype)
-    return Workload(device, f"matmul {size}^2 {str(dtype).removeprefix('torch.')}", 0,
-                    lambda: torch.mm(a, b, out=out), flops=2.0 * size**3)
+    return Workload(
+        device,
+        f"matmul {size}^2 {str(dtype).removeprefix('torch.')}",
+        0,
+        lambda: torch.mm(a, b, out=out),
+        flops=2.0 * size**3,
+    )
 
 
 def device_workloads(device: str, demo: PretrainConfig, vit_batches: list[int], demo_batch: int) -> list[Workload]:
@@ -205,8 +211,12 @@ def device_workloads(device: str, demo: PretrainConfig, vit_batches: list[int], 
         plain = plain_transformer(len(vit.blocks), vit.embed_dim, attention.num_heads, mlp_ratio=4.0)
         workloads += [
             encoder_workload(ENCODER, ViTEncoder(vit), torch.randn(batch_size, 5, 224, 224), device),
-            encoder_workload(f"{PLAIN}, {attention.num_heads} heads", plain,
-                             torch.randn(batch_size, vit.num_tokens, vit.embed_dim), device),
+            encoder_workload(
+                f"{PLAIN}, {attention.num_heads} heads",
+                plain,
+                torch.randn(batch_size, vit.num_tokens, vit.embed_dim),
+                device,
+            ),
         ]
     return workloads
 
@@ -246,11 +256,11 @@ def measure(
             samples[i].append(time_runs(workload, runs[i]))
 
     def timing(workload: Workload, seconds: float) -> Timing:
-        return Timing(workload.device, workload.name, workload.batch_size, seconds, workload.flops,
-                      workload.loader_size)
+        return Timing(
+            workload.device, workload.name, workload.batch_size, seconds, workload.flops, workload.loader_size
+        )
 
-    return ([timing(w, statistics.median(s)) for w, s in zip(workloads, samples[1:])],
-            timing(peak, min(samples[0])))
+    return ([timing(w, statistics.median(s)) for w, s in zip(workloads, samples[1:])], timing(peak, min(samples[0])))
 
 
 def loader_rates(path: Path, sizes: list[int], workers: list[int], batch_size: int, repeats: int) -> dict:
@@ -258,8 +268,13 @@ def loader_rates(path: Path, sizes: list[int], workers: list[int], batch_size: i
     rates = {}
     for num_workers in workers:
         loaders = {
-            size: DataLoader(PretrainDataset(path, time_flip_p=0.5, input_size=size), batch_size=batch_size,
-                             num_workers=num_workers, persistent_workers=num_workers > 0, collate_fn=collate)
+            size: DataLoader(
+                PretrainDataset(path, time_flip_p=0.5, input_size=size),
+                batch_size=batch_size,
+                num_workers=num_workers,
+                persistent_workers=num_workers > 0,
+                collate_fn=collate,
+            )
             for size in sizes
         }
         samples: dict[int, list[float]] = {size: [] for size in sizes}
@@ -280,20 +295,26 @@ def print_steps(timings: list[Timing], peak: Timing, per_worker: dict[int, float
     """The step table of one device, then the goals: our encoder against the plain stack, stage 1's MFU."""
     peak_flops = peak.flops / peak.seconds
     print(f"\n{peak.device}: matmul peak {peak_flops / 1e9:,.1f} GFLOP/s ({peak.name}, best sample)")
-    print(f"{'workload':38s} {'batch':>5s} {'step ms':>9s} {'samples/s':>9s} {'GFLOP/step':>10s} "
-          f"{'GFLOP/s':>9s} {'MFU %':>6s} {'loader workers':>14s}")
+    print(
+        f"{'workload':38s} {'batch':>5s} {'step ms':>9s} {'samples/s':>9s} {'GFLOP/step':>10s} "
+        f"{'GFLOP/s':>9s} {'MFU %':>6s} {'loader workers':>14s}"
+    )
     for t in timings:
         rate = t.batch_size / t.seconds
         feed = f"{rate / per_worker[t.loader_size]:.2f}" if t.loader_size in per_worker else "-"
-        print(f"{t.name:38s} {t.batch_size:5d} {t.seconds * 1e3:9.1f} {rate:9.1f} {t.flops / 1e9:10.1f} "
-              f"{t.flops / t.seconds / 1e9:9.1f} {100 * t.flops / t.seconds / peak_flops:6.1f} {feed:>14s}")
+        print(
+            f"{t.name:38s} {t.batch_size:5d} {t.seconds * 1e3:9.1f} {rate:9.1f} {t.flops / 1e9:10.1f} "
+            f"{t.flops / t.seconds / 1e9:9.1f} {100 * t.flops / t.seconds / peak_flops:6.1f} {feed:>14s}"
+        )
     for ours in (t for t in timings if t.name == ENCODER):
         batch_size = ours.batch_size
         plain = next(t for t in timings if t.name.startswith(PLAIN) and t.batch_size == batch_size)
         stage1 = next(t for t in timings if t.name == "ViT-S/16 stage 1" and t.batch_size == batch_size)
-        print(f"batch {batch_size}: ViT-S/16 encoder / plain stack: step time x{ours.seconds / plain.seconds:.3f} "
-              f"(goal <= 1.10), FLOPs x{ours.flops / plain.flops:.3f}; ViT-S/16 stage 1 at "
-              f"{100 * stage1.flops / stage1.seconds / peak_flops:.1f}% of the peak (goal >= 60%)")
+        print(
+            f"batch {batch_size}: ViT-S/16 encoder / plain stack: step time x{ours.seconds / plain.seconds:.3f} "
+            f"(goal <= 1.10), FLOPs x{ours.flops / plain.flops:.3f}; ViT-S/16 stage 1 at "
+            f"{100 * stage1.flops / stage1.seconds / peak_flops:.1f}% of the peak (goal >= 60%)"
+        )
 
 
 @contextlib.contextmanager
@@ -320,8 +341,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     study = load_yaml(ROOT / "config.yaml")
     demo = pretrain_config(study)
-    print(f"torch {torch.__version__}, {args.threads} CPU threads, load average {os.getloadavg()[0]:.1f}; "
-          f"median of {args.repeats} rounds; demo: {demo.backbone} (config.yaml)")
+    print(
+        f"torch {torch.__version__}, {args.threads} CPU threads, load average {os.getloadavg()[0]:.1f}; "
+        f"median of {args.repeats} rounds; demo: {demo.backbone} (config.yaml)"
+    )
 
     devices = {"cpu": (args.vit_batch, 2048, 0.5)}  # (ViT-S batches, matmul size, least seconds per timed sample)
     if torch.cuda.is_available() and not args.no_cuda:
@@ -329,8 +352,14 @@ def main() -> None:
     results = []
     for device, (vit_batches, matmul_size, min_sample_s) in devices.items():
         # The workloads (models, optimizers, batches) go out of scope with the call: freed before the next device.
-        results.append(measure(device_workloads(device, demo, vit_batches, args.demo_batch),
-                                  matmul_workload(device, matmul_size), args.repeats, min_sample_s))
+        results.append(
+            measure(
+                device_workloads(device, demo, vit_batches, args.demo_batch),
+                matmul_workload(device, matmul_size),
+                args.repeats,
+                min_sample_s,
+            )
+        )
 
     with tempfile.TemporaryDirectory() as tmp, torch_threads(1):  # DataLoader workers run one thread each
         store_config = from_mapping(DemoConfig, section(study, "data.demo"), "data.demo")
@@ -342,8 +371,10 @@ def main() -> None:
     per_worker = {size: rates[size, 1] for size in sizes if (size, 1) in rates}
     for timings, peak in results:
         print_steps(timings, peak, per_worker)
-    print(f"\nPretrainDataset ({args.loader_samples} demo samples, batch {args.demo_batch}, time flip 0.5, "
-          f"1 torch thread per process)")
+    print(
+        f"\nPretrainDataset ({args.loader_samples} demo samples, batch {args.demo_batch}, time flip 0.5, "
+        f"1 torch thread per process)"
+    )
     print(f"{'input':>9s} {'workers':>7s} {'samples/s':>9s} {'per worker':>10s}")
     for (size, num_workers), rate in sorted(rates.items()):
         print(f"{size:4d}x{size:<4d} {num_workers:7d} {rate:9.0f} {rate / max(num_workers, 1):10.0f}")

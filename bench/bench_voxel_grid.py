@@ -82,8 +82,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print(f"{NUM_BINS} bins, {HEIGHT}x{WIDTH}, 1 thread (torch {torch.get_num_threads()}, numba "
-          f"{numba.config.NUMBA_NUM_THREADS}), median of {args.repeats}; M events/s and ratio to the paper's code")
+    print(
+        f"{NUM_BINS} bins, {HEIGHT}x{WIDTH}, 1 thread (torch {torch.get_num_threads()}, numba "
+        f"{numba.config.NUMBA_NUM_THREADS}), median of {args.repeats}; M events/s and ratio to the paper's code"
+    )
     rates = {}
     for n in args.sizes:
         events = random_events(n)

@@ -13,7 +13,10 @@ from evpretrain.events.contract import make_events
 
 
 def test_help_starts_without_heavy_imports():
-    code = "import sys; from evpretrain.cli import build_parser; build_parser(); print(sorted(m for m in ('torch', 'numba', 'h5py', 'mlflow') if m in sys.modules))"
+    code = (
+        "import sys; from evpretrain.cli import build_parser; build_parser(); "
+        "print(sorted(m for m in ('torch', 'numba', 'h5py', 'mlflow') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -68,4 +71,13 @@ def test_verify_lists_what_is_missing(tmp_path, capsys):
 def test_datasets_lists_the_registry(capsys):
     assert main(["data", "datasets"]) == 0
     names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
-    assert {"n-caltech101", "n-cars", "n-imagenet", "cifar10-dvs", "es-imagenet", "dsec-semantic", "ddd17", "mvsec"} <= set(names)
+    assert {
+        "n-caltech101",
+        "n-cars",
+        "n-imagenet",
+        "cifar10-dvs",
+        "es-imagenet",
+        "dsec-semantic",
+        "ddd17",
+        "mvsec",
+    } <= set(names)

@@ -31,16 +31,19 @@ def cluster():
         pytest.skip(reason)
 
 
-TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
-                   "DEADLINE"}
+TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
 
 
 def sacct(job_ids, timeout_s=60):
     """[(id, name, state)] of the jobs once accounting has them all finished (it lags the jobs by seconds)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,JobName,State", "-j", ",".join(job_ids)],
-                             capture_output=True, text=True, timeout=60).stdout
+        out = subprocess.run(
+            ["sacct", "-n", "-X", "-P", "-o", "JobID,JobName,State", "-j", ",".join(job_ids)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
         rows = [line.split("|") for line in out.splitlines()]
         # A requeued job passes through REQUEUED and PREEMPTED (and accounting may still say so just after it ends).
         finished = len(rows) == len(job_ids) and all(state in TERMINAL_STATES for _, _, state in rows)
@@ -50,8 +53,10 @@ def sacct(job_ids, timeout_s=60):
 
 
 def evaluation_metrics(results):
-    return {p.parent.parent.name + "/" + p.parent.name: json.loads(p.read_text())["top1_last"]
-            for p in sorted((results / "downstream").glob("*/seed*/metrics.json"))}
+    return {
+        p.parent.parent.name + "/" + p.parent.name: json.loads(p.read_text())["top1_last"]
+        for p in sorted((results / "downstream").glob("*/seed*/metrics.json"))
+    }
 
 
 def test_the_slurm_profile_gives_the_local_profiles_results_through_sacct_visible_jobs(tmp_path):
@@ -59,8 +64,9 @@ def test_the_slurm_profile_gives_the_local_profiles_results_through_sacct_visibl
     local.mkdir(), slurm.mkdir()
     run = snakemake("--configfile", str(tiny_study(local)), cwd=local)
     assert run.returncode == 0, run.stderr[-3000:]
-    run = snakemake("--configfile", str(tiny_study(slurm)), "--profile", str(ROOT / "workflow/profiles/slurm"),
-                    cwd=slurm)
+    run = snakemake(
+        "--configfile", str(tiny_study(slurm)), "--profile", str(ROOT / "workflow/profiles/slurm"), cwd=slurm
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     job_ids = sorted(p.name for p in (slurm / "results" / "slurm").iterdir() if p.name.isdigit())
     assert len(job_ids) == 1 + 3 + 6 + 3  # teacher, stages, evaluations, robustness (each variant's seed 0)
@@ -75,21 +81,64 @@ def test_the_slurm_profile_gives_the_local_profiles_results_through_sacct_visibl
 def test_a_job_preempted_with_usr2_requeues_and_resumes_to_the_same_end(tmp_path):
     from evpretrain.data.demo import DemoConfig, build_demo
 
-    stores = build_demo(DemoConfig(samples={"train": 48, "val": 8}, image_size=32, digit_size=12, num_frames=3,
-                                   pan_speed_px_per_frame=(0.5, 1.0), digit_drift_px_per_frame=0.3),
-                        tmp_path / "data", workers=1, progress=False)
+    stores = build_demo(
+        DemoConfig(
+            samples={"train": 48, "val": 8},
+            image_size=32,
+            digit_size=12,
+            num_frames=3,
+            pan_speed_px_per_frame=(0.5, 1.0),
+            digit_drift_px_per_frame=0.3,
+        ),
+        tmp_path / "data",
+        workers=1,
+        progress=False,
+    )
     # Long enough (288 steps) that the signal lands mid-run, not after the last step, on a busy machine too.
-    study = tiny_study(tmp_path, **{"pretrain.stage1.train": {"epochs": 24, "batch_size": 4, "base_lr": 1e-3,
-                                                              "checkpoint_every_steps": 4}})
-    stage = ["pretrain", "--stage", "1", "--config", str(study), "--data", str(stores["train"]), "--val",
-             str(stores["val"])]
-    reference = subprocess.run([sys.executable, "-m", "evpretrain.cli", *stage, "--out", str(tmp_path / "local")],
-                               capture_output=True, text=True)
+    study = tiny_study(
+        tmp_path,
+        **{"pretrain.stage1.train": {"epochs": 24, "batch_size": 4, "base_lr": 1e-3, "checkpoint_every_steps": 4}},
+    )
+    stage = [
+        "pretrain",
+        "--stage",
+        "1",
+        "--config",
+        str(study),
+        "--data",
+        str(stores["train"]),
+        "--val",
+        str(stores["val"]),
+    ]
+    reference = subprocess.run(
+        [sys.executable, "-m", "evpretrain.cli", *stage, "--out", str(tmp_path / "local")],
+        capture_output=True,
+        text=True,
+    )
     assert reference.returncode == 0, reference.stderr[-2000:]
 
-    submit = subprocess.Popen([sys.executable, "-m", "evpretrain.cli", "submit", "--folder", str(tmp_path / "jobs"),
-                               "--cpus", "2", "--mem-gb", "4", "--time-min", "10", "--", *stage,
-                               "--out", str(tmp_path / "slurm")], stdout=subprocess.PIPE, text=True)
+    submit = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "evpretrain.cli",
+            "submit",
+            "--folder",
+            str(tmp_path / "jobs"),
+            "--cpus",
+            "2",
+            "--mem-gb",
+            "4",
+            "--time-min",
+            "10",
+            "--",
+            *stage,
+            "--out",
+            str(tmp_path / "slurm"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     job_id = submit.stdout.readline().split()[3].rstrip(":")
     checkpoint = tmp_path / "slurm" / "checkpoint.pt"
     deadline = time.monotonic() + 300
@@ -113,24 +162,72 @@ def test_two_cpu_tasks_train_as_one_ddp_job_that_matches_one_process_with_their_
     from evpretrain.data.demo import DemoConfig, build_demo
     from evpretrain.training.checkpoint import load_checkpoint
 
-    stores = build_demo(DemoConfig(samples={"train": 32, "val": 8}, image_size=32, digit_size=12, num_frames=3,
-                                   pan_speed_px_per_frame=(0.5, 1.0), digit_drift_px_per_frame=0.3),
-                        tmp_path / "data", workers=1, progress=False)
+    stores = build_demo(
+        DemoConfig(
+            samples={"train": 32, "val": 8},
+            image_size=32,
+            digit_size=12,
+            num_frames=3,
+            pan_speed_px_per_frame=(0.5, 1.0),
+            digit_drift_px_per_frame=0.3,
+        ),
+        tmp_path / "data",
+        workers=1,
+        progress=False,
+    )
     # Densest-patch masking: the masks follow the events and draw only to break ties (on each rank's own stream),
     # so the two runs see nearly the same steps; tests/test_training.py checks exact DDP equivalence.
     method = {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2, "masking": "densest"}
     runs = {}
     for name, batch_size in (("single", 4), ("ddp", 2)):
         (tmp_path / name).mkdir()
-        study = tiny_study(tmp_path / name, **{"pretrain.stage1": {"method": method, "train": {
-            "epochs": 3, "batch_size": batch_size, "base_lr": 1e-3, "checkpoint_every_steps": 100}}})
-        runs[name] = ["pretrain", "--stage", "1", "--config", str(study), "--data", str(stores["train"]), "--val",
-                      str(stores["val"]), "--out", str(tmp_path / name / "out")]
+        study = tiny_study(
+            tmp_path / name,
+            **{
+                "pretrain.stage1": {
+                    "method": method,
+                    "train": {"epochs": 3, "batch_size": batch_size, "base_lr": 1e-3, "checkpoint_every_steps": 100},
+                }
+            },
+        )
+        runs[name] = [
+            "pretrain",
+            "--stage",
+            "1",
+            "--config",
+            str(study),
+            "--data",
+            str(stores["train"]),
+            "--val",
+            str(stores["val"]),
+            "--out",
+            str(tmp_path / name / "out"),
+        ]
     single = subprocess.run([sys.executable, "-m", "evpretrain.cli", *runs["single"]], capture_output=True, text=True)
     assert single.returncode == 0, single.stderr[-2000:]
-    submit = subprocess.run([sys.executable, "-m", "evpretrain.cli", "submit", "--folder", str(tmp_path / "jobs"),
-                             "--tasks", "2", "--cpus", "1", "--mem-gb", "4", "--time-min", "10", "--", *runs["ddp"]],
-                            capture_output=True, text=True, timeout=600)
+    submit = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "evpretrain.cli",
+            "submit",
+            "--folder",
+            str(tmp_path / "jobs"),
+            "--tasks",
+            "2",
+            "--cpus",
+            "1",
+            "--mem-gb",
+            "4",
+            "--time-min",
+            "10",
+            "--",
+            *runs["ddp"],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert submit.returncode == 0, submit.stderr[-3000:]
     job_id = submit.stdout.split()[3].rstrip(":")
     assert sacct([job_id])[0][2] == "COMPLETED"

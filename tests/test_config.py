@@ -24,7 +24,9 @@ class Outer:
 
 
 def test_builds_nested_dataclasses_and_round_trips():
-    built = from_mapping(Outer, {"name": "x", "size": 4, "pair": [1, 2], "counts": {"a": 1}, "inner": {"mode": "b"}}, "s")
+    built = from_mapping(
+        Outer, {"name": "x", "size": 4, "pair": [1, 2], "counts": {"a": 1}, "inner": {"mode": "b"}}, "s"
+    )
     assert built == Outer("x", 4, (1.0, 2.0), {"a": 1}, Inner(1.0, "b"))
     assert from_mapping(Outer, to_mapping(built), "s") == built
 

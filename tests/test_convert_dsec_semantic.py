@@ -71,8 +71,9 @@ def copy(tmp_path):
 
 def test_windows_hold_the_last_events_before_each_label_rectified_and_cropped(copy, tmp_path):
     settings = {"num_events": 4, "sequences": {"train": ["zurich_city_00_a"], "test": ["zurich_city_13_a"]}}
-    written = convert_sequences(get_dataset("dsec-semantic"), copy, tmp_path / "out", settings=settings, workers=1,
-                                progress=False)
+    written = convert_sequences(
+        get_dataset("dsec-semantic"), copy, tmp_path / "out", settings=settings, workers=1, progress=False
+    )
     assert [p.name for p in written] == ["train.h5", "test.h5"]
     with EventStore(tmp_path / "out" / "train.h5") as store:
         # labels 6 and 8 (skip 6, every second); label 8's window loses k = 80 to the crop (row 440)
@@ -119,7 +120,9 @@ def test_nearest_rounding_and_raw_pixels(copy, tmp_path):
     run(copy, tmp_path / "raw", num_events=4, rectify=False)
     with EventStore(tmp_path / "raw" / "train.h5") as store:
         # raw rows 2k + 250 < 440 for every k <= 94: nothing cropped
-        assert store.events(1).tolist() == [(T_OFFSET + 100 * k, k, 2 * k + 250, 1 if k % 2 else -1) for k in range(77, 81)]
+        assert store.events(1).tolist() == [
+            (T_OFFSET + 100 * k, k, 2 * k + 250, 1 if k % 2 else -1) for k in range(77, 81)
+        ]
         assert "raw sensor pixels" in store.attrs["window_convention"]
 
 
@@ -178,8 +181,12 @@ def _damage(root, what):
     [
         ("sequence", FileNotFoundError, r"zurich_city_99_a: sequence folder missing"),
         ("rectify_map", FileNotFoundError, r"rectify_map\.h5: missing"),
-        ("timestamps", FileNotFoundError, r"zurich_city_00_a: no 11-class labels .* 11classes/\*\.png with "
-                                          r"zurich_city_00_a_semantic_timestamps\.txt"),
+        (
+            "timestamps",
+            FileNotFoundError,
+            r"zurich_city_00_a: no 11-class labels .* 11classes/\*\.png with "
+            r"zurich_city_00_a_semantic_timestamps\.txt",
+        ),
         ("count", EventFormatError, r"_semantic_timestamps\.txt: 9 timestamps for 10 label images"),
         ("text", EventFormatError, r"_semantic_timestamps\.txt: line 3 is '12\.5e3', expected an integer"),
         ("order", EventFormatError, r"_semantic_timestamps\.txt: timestamp 5 .* expected increasing"),
@@ -242,7 +249,10 @@ def test_last_events_equal_the_last_count_of_the_events_before_the_end(tmp_path_
     with DsecEvents(path) as events:
         every = events.read_all()
         before = every[every["t"] < T_OFFSET + end]
-        assert events.last_events(T_OFFSET + end, count).tolist() == before[len(before) - min(count, len(before)) :].tolist()
+        assert (
+            events.last_events(T_OFFSET + end, count).tolist()
+            == before[len(before) - min(count, len(before)) :].tolist()
+        )
 
 
 def test_floor_rounding_keeps_exactly_the_positions_inside_the_frame(tmp_path):

@@ -152,7 +152,9 @@ def test_chain_flow_drops_flow_beyond_the_limit():
 
 def test_chain_flow_equals_the_papers_remap_propagation():
     """The paper's gen_correspond_gt_flow/prop_flow, written with cv2.remap, on random fields with holes."""
-    cv2 = pytest.importorskip("cv2", reason="OpenCV comes with the bench extra (eventify-dvs), which make test installs")
+    cv2 = pytest.importorskip(
+        "cv2", reason="OpenCV comes with the bench extra (eventify-dvs), which make test installs"
+    )
     rng = np.random.default_rng(0)
     fields = rng.choice(np.r_[-24:0, 1:25] / 4.0, size=(3, 2, H, W)).astype(np.float32)  # exact in float32
     holes = rng.random((3, H, W)) < 0.05  # undefined gt: both components zero

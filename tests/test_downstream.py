@@ -118,9 +118,13 @@ TINY_STUDY = {
     "downstream": {
         "classify": {
             "linear": {"train": {"epochs": 2, "batch_size": 4, "base_lr": 1e-2}},
-            "finetune": {"layer_decay": 0.75, "drop_path_rate": 0.1, "label_smoothing": 0.1,
-                         "augment": {"crop_scale": [0.8, 1.0]},
-                         "train": {"epochs": 1, "batch_size": 4, "base_lr": 1e-3}},
+            "finetune": {
+                "layer_decay": 0.75,
+                "drop_path_rate": 0.1,
+                "label_smoothing": 0.1,
+                "augment": {"crop_scale": [0.8, 1.0]},
+                "train": {"epochs": 1, "batch_size": 4, "base_lr": 1e-3},
+            },
         },
         "segment": {"channels": 16, "train": {"epochs": 1, "batch_size": 4, "base_lr": 1e-3}},
         "flow": {"channels": 16, "train": {"epochs": 1, "batch_size": 4, "base_lr": 1e-3}},
@@ -132,25 +136,51 @@ TINY_STUDY = {
 @pytest.fixture(scope="module")
 def tiny_demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    stores = build_demo(DemoConfig(samples={"train": 8, "val": 4}, image_size=32, digit_size=12, num_frames=3,
-                                   pan_speed_px_per_frame=(0.5, 1.0), digit_drift_px_per_frame=0.3),
-                        root / "data", workers=1, progress=False)
+    stores = build_demo(
+        DemoConfig(
+            samples={"train": 8, "val": 4},
+            image_size=32,
+            digit_size=12,
+            num_frames=3,
+            pan_speed_px_per_frame=(0.5, 1.0),
+            digit_drift_px_per_frame=0.3,
+        ),
+        root / "data",
+        workers=1,
+        progress=False,
+    )
     config = root / "study.yaml"
     config.write_text(yaml.safe_dump(TINY_STUDY))
     return stores, config
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task, extra, figure, score", [
-    ("classify", ["--mode", "linear"], "confusion.png", "top1_last"),
-    ("classify", ["--mode", "finetune"], "confusion.png", "top1_best"),
-    ("segment", [], "masks.png", "miou_last"),
-    ("flow", [], "flow.png", "aee_last"),
-])
+@pytest.mark.parametrize(
+    "task, extra, figure, score",
+    [
+        ("classify", ["--mode", "linear"], "confusion.png", "top1_last"),
+        ("classify", ["--mode", "finetune"], "confusion.png", "top1_best"),
+        ("segment", [], "masks.png", "miou_last"),
+        ("flow", [], "flow.png", "aee_last"),
+    ],
+)
 def test_finetune_runs_from_the_cli_and_resumes(tiny_demo, tmp_path, task, extra, figure, score):
     stores, config = tiny_demo
-    args = ["finetune", task, *extra, "--config", str(config), "--train", str(stores["train"]),
-            "--eval", str(stores["val"]), "--seed", "1", "--out", str(tmp_path / "run")]
+    args = [
+        "finetune",
+        task,
+        *extra,
+        "--config",
+        str(config),
+        "--train",
+        str(stores["train"]),
+        "--eval",
+        str(stores["val"]),
+        "--seed",
+        "1",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     assert main(args) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["task"] == task and metrics["init"] == "random" and np.isfinite(metrics[score])
@@ -166,10 +196,38 @@ def test_finetune_runs_from_the_cli_and_resumes(tiny_demo, tmp_path, task, extra
 def test_robustness_table_from_a_finetuned_classifier(tiny_demo, tmp_path):
     stores, config = tiny_demo
     run = tmp_path / "run"
-    assert main(["finetune", "classify", "--mode", "linear", "--config", str(config), "--train", str(stores["train"]),
-                 "--eval", str(stores["val"]), "--seed", "0", "--out", str(run)]) == 0
-    common = ["evaluate-robustness", "--config", str(config), "--run", str(run), "--eval", str(stores["val"]),
-              "--seed", "0"]
+    assert (
+        main(
+            [
+                "finetune",
+                "classify",
+                "--mode",
+                "linear",
+                "--config",
+                str(config),
+                "--train",
+                str(stores["train"]),
+                "--eval",
+                str(stores["val"]),
+                "--seed",
+                "0",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
+    common = [
+        "evaluate-robustness",
+        "--config",
+        str(config),
+        "--run",
+        str(run),
+        "--eval",
+        str(stores["val"]),
+        "--seed",
+        "0",
+    ]
     assert main([*common, "--out", str(tmp_path / "a")]) == 0
     assert main([*common, "--out", str(tmp_path / "b")]) == 0
     a = json.loads((tmp_path / "a" / "metrics.json").read_text())["rows"]
@@ -186,8 +244,24 @@ def test_robustness_refuses_a_run_that_is_not_a_classifier(tmp_path, capsys):
     (tmp_path / "run" / "metrics.json").write_text(json.dumps({"task": "flow"}))
     config = tmp_path / "study.yaml"
     config.write_text(yaml.safe_dump(TINY_STUDY))
-    assert main(["evaluate-robustness", "--config", str(config), "--run", str(tmp_path / "run"), "--eval", "x.h5",
-                 "--seed", "0", "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "evaluate-robustness",
+                "--config",
+                str(config),
+                "--run",
+                str(tmp_path / "run"),
+                "--eval",
+                "x.h5",
+                "--seed",
+                "0",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "task is 'flow'; robustness evaluates a classifier" in capsys.readouterr().err
 
 
@@ -196,15 +270,44 @@ def test_a_foreign_checkpoint_is_evaluated_through_its_importer(tiny_demo, tmp_p
     from test_importers import DEPTH, DIM, HEADS, mem_state, paper_checkpoint, paper_vit_state, save
 
     stores, _ = tiny_demo
-    study = {**TINY_STUDY, "pretrain": {**TINY_STUDY["pretrain"], "backbone_overrides": {
-        "img_size": [32, 32], "embed_dim": DIM, "depth": DEPTH, "num_heads": HEADS}}}
+    study = {
+        **TINY_STUDY,
+        "pretrain": {
+            **TINY_STUDY["pretrain"],
+            "backbone_overrides": {"img_size": [32, 32], "embed_dim": DIM, "depth": DEPTH, "num_heads": HEADS},
+        },
+    }
     config = tmp_path / "study.yaml"
     config.write_text(yaml.safe_dump(study))
-    common = ["finetune", "classify", "--mode", "linear", "--config", str(config), "--train", str(stores["train"]),
-              "--eval", str(stores["val"]), "--seed", "0"]
+    common = [
+        "finetune",
+        "classify",
+        "--mode",
+        "linear",
+        "--config",
+        str(config),
+        "--train",
+        str(stores["train"]),
+        "--eval",
+        str(stores["val"]),
+        "--seed",
+        "0",
+    ]
     paper = save(tmp_path, paper_checkpoint({f"backbone.{k}": v for k, v in paper_vit_state().items()}))
-    assert main([*common, "--checkpoint", str(paper), "--checkpoint-source", "eventpretrain_vit",
-                 "--out", str(tmp_path / "paper")]) == 0
+    assert (
+        main(
+            [
+                *common,
+                "--checkpoint",
+                str(paper),
+                "--checkpoint-source",
+                "eventpretrain_vit",
+                "--out",
+                str(tmp_path / "paper"),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((tmp_path / "paper" / "metrics.json").read_text())
     assert metrics["init_source"] == "eventpretrain_vit" and metrics["init_complete"] is True
     # The probe's frozen backbone holds the paper's weights.
@@ -212,7 +315,8 @@ def test_a_foreign_checkpoint_is_evaluated_through_its_importer(tiny_demo, tmp_p
     assert torch.equal(saved["backbone.blocks.1.mlp.fc2.weight"], paper_vit_state()["vit_block.1.mlp.fc2.weight"])
     # MEM's relative position bias has no place in our ViT: refused, naming it, unless a partial load is allowed.
     mem = save(tmp_path, {"model": mem_state()}, "mem.pth")
-    assert main([*common, "--checkpoint", str(mem), "--checkpoint-source", "mem_vit", "--out",
-                 str(tmp_path / "mem")]) == 2
+    assert (
+        main([*common, "--checkpoint", str(mem), "--checkpoint-source", "mem_vit", "--out", str(tmp_path / "mem")]) == 2
+    )
     assert "relative_position_bias_table" in capsys.readouterr().err
     assert not (tmp_path / "mem" / "metrics.json").exists()

@@ -69,8 +69,11 @@ def test_gradients_reach_every_backbone_parameter_that_builds_the_maps(name):
     (out["logits"].square().mean() + out["aux_logits"].square().mean()).backward()
     # Dense maps are taken before the final norm; the mask token only serves pre-training.
     untouched = {"norm.weight", "norm.bias", "mask_token"}
-    no_gradient = [n for n, p in model.backbone.named_parameters()
-                   if n not in untouched and (p.grad is None or not p.grad.abs().sum() > 0)]
+    no_gradient = [
+        n
+        for n, p in model.backbone.named_parameters()
+        if n not in untouched and (p.grad is None or not p.grad.abs().sum() > 0)
+    ]
     assert no_gradient == []
 
 

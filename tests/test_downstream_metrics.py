@@ -138,15 +138,17 @@ def test_per_class_accuracy_is_nan_for_classes_absent_from_the_labels():
 
 
 def test_topk_by_hand_with_ties_broken_by_class_index_and_k_clamped():
-    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0],
-                           [5.0, 5.0, 5.0, 5.0],
-                           [5.0, 5.0, 5.0, 5.0],
-                           [0.0, 2.0, 2.0, 1.0]])
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0], [5.0, 5.0, 5.0, 5.0], [5.0, 5.0, 5.0, 5.0], [0.0, 2.0, 2.0, 1.0]])
     labels = torch.tensor([2, 0, 3, 2])
     # Ranks of the labels: 1 (3 > 2); 0 (tie, smallest index); 3 (three equal logits at smaller indices);
     # 1 (equal to class 1, which has the smaller index).
     assert topk_accuracy(logits, labels, ks=(1, 2, 3, 4, 10)) == {
-        "top1": 0.25, "top2": 0.75, "top3": 0.75, "top4": 1.0, "top10": 1.0}
+        "top1": 0.25,
+        "top2": 0.75,
+        "top3": 0.75,
+        "top4": 1.0,
+        "top10": 1.0,
+    }
 
 
 @settings(max_examples=50, deadline=None)
@@ -241,7 +243,11 @@ def test_the_trivial_baselines_score_the_best_constant_prediction_and_zero_flow(
     # IoU_0 = 5 / 8, IoU_1 = IoU_2 = 0; acc_0 = 1, acc_1 = acc_2 = 0; class 3 absent: left out.
     masks = torch.tensor([[[0, 0, 1], [0, 2, IGNORE]], [[0, 0, 1], [IGNORE, IGNORE, IGNORE]]])
     assert constant_prediction_confusion(torch.tensor([5, 2, 1, 0])).tolist() == [
-        [5, 0, 0, 0], [2, 0, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
+        [5, 0, 0, 0],
+        [2, 0, 0, 0],
+        [1, 0, 0, 0],
+        [0, 0, 0, 0],
+    ]
     loader = [{"mask": masks[:1]}, {"mask": masks[1:]}]  # batches as a DataLoader yields them
     segment = trivial_baseline("segment", loader, 4)
     assert segment["miou"] == pytest.approx(5 / 8 / 3) and segment["macc"] == pytest.approx(1 / 3)

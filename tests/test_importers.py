@@ -30,24 +30,48 @@ ATOL = 1e-5
 
 # --- source layouts ---------------------------------------------------------------------------------------------
 
+
 def vit_block_shapes(prefix, dim, *, beit=False):
     """One transformer block as timm / MAE name it; BEiT's adds q and v biases (no qkv bias) and layer scale."""
-    shapes = {"norm1.weight": (dim,), "norm1.bias": (dim,), "attn.qkv.weight": (3 * dim, dim),
-              "attn.proj.weight": (dim, dim), "attn.proj.bias": (dim,), "norm2.weight": (dim,), "norm2.bias": (dim,),
-              "mlp.fc1.weight": (4 * dim, dim), "mlp.fc1.bias": (4 * dim,), "mlp.fc2.weight": (dim, 4 * dim),
-              "mlp.fc2.bias": (dim,)}
-    shapes |= ({"attn.q_bias": (dim,), "attn.v_bias": (dim,), "gamma_1": (dim,), "gamma_2": (dim,)} if beit
-               else {"attn.qkv.bias": (3 * dim,)})
+    shapes = {
+        "norm1.weight": (dim,),
+        "norm1.bias": (dim,),
+        "attn.qkv.weight": (3 * dim, dim),
+        "attn.proj.weight": (dim, dim),
+        "attn.proj.bias": (dim,),
+        "norm2.weight": (dim,),
+        "norm2.bias": (dim,),
+        "mlp.fc1.weight": (4 * dim, dim),
+        "mlp.fc1.bias": (4 * dim,),
+        "mlp.fc2.weight": (dim, 4 * dim),
+        "mlp.fc2.bias": (dim,),
+    }
+    shapes |= (
+        {"attn.q_bias": (dim,), "attn.v_bias": (dim,), "gamma_1": (dim,), "gamma_2": (dim,)}
+        if beit
+        else {"attn.qkv.bias": (3 * dim,)}
+    )
     return {prefix + name: shape for name, shape in shapes.items()}
 
 
 def conv_block_shapes(prefix, dim):
     """ConvMAE's block as the paper names it (model/sub_module/conv_block.py)."""
-    shapes = {"norm1.weight": (dim,), "norm1.bias": (dim,), "conv1.weight": (dim, dim, 1, 1), "conv1.bias": (dim,),
-              "attn.weight": (dim, 1, 5, 5), "attn.bias": (dim,), "conv2.weight": (dim, dim, 1, 1),
-              "conv2.bias": (dim,), "norm2.weight": (dim,), "norm2.bias": (dim,),
-              "mlp.fc1.weight": (4 * dim, dim, 1, 1), "mlp.fc1.bias": (4 * dim,),
-              "mlp.fc2.weight": (dim, 4 * dim, 1, 1), "mlp.fc2.bias": (dim,)}
+    shapes = {
+        "norm1.weight": (dim,),
+        "norm1.bias": (dim,),
+        "conv1.weight": (dim, dim, 1, 1),
+        "conv1.bias": (dim,),
+        "attn.weight": (dim, 1, 5, 5),
+        "attn.bias": (dim,),
+        "conv2.weight": (dim, dim, 1, 1),
+        "conv2.bias": (dim,),
+        "norm2.weight": (dim,),
+        "norm2.bias": (dim,),
+        "mlp.fc1.weight": (4 * dim, dim, 1, 1),
+        "mlp.fc1.bias": (4 * dim,),
+        "mlp.fc2.weight": (dim, 4 * dim, 1, 1),
+        "mlp.fc2.bias": (dim,),
+    }
     return {prefix + name: shape for name, shape in shapes.items()}
 
 
@@ -61,8 +85,10 @@ def random_state(shapes, seed):
     """Random float tensors of the given shapes; norm and layer-scale weights near 1, the rest small."""
     generator = torch.Generator().manual_seed(seed)
     near_one = ("norm.weight", "norm1.weight", "norm2.weight", "norm_layer.weight", "gamma_1", "gamma_2")
-    return {name: (1.0 if name.endswith(near_one) else 0.0) + 0.2 * torch.randn(shape, generator=generator)
-            for name, shape in shapes.items()}
+    return {
+        name: (1.0 if name.endswith(near_one) else 0.0) + 0.2 * torch.randn(shape, generator=generator)
+        for name, shape in shapes.items()
+    }
 
 
 def mae_sincos(dim, side):
@@ -87,25 +113,49 @@ def paper_vit_state(seed=0):
 
 def paper_pretraining_heads(seed=1):
     """What PrHubModel keeps beside its backbone in stage 1 + 3 (rec+con): decoder, projector, predictor, queue."""
-    shapes = {"pretrain_rec_decoder.patch_embed.weight": (32, DIM), "pretrain_rec_decoder.patch_embed.bias": (32,),
-              "pretrain_rec_decoder.mask_token": (1, 1, 32), "pretrain_rec_decoder.pos_embed": (1, GRID**2, 32),
-              "pretrain_rec_decoder.norm.weight": (32,), "pretrain_rec_decoder.norm.bias": (32,),
-              "pretrain_rec_decoder.pred.weight": (PATCH**2, 32), "pretrain_rec_decoder.pred.bias": (PATCH**2,),
-              "emb_h_proj.0.weight": (128, DIM), "emb_h_proj.1.weight": (128,), "emb_h_proj.1.bias": (128,),
-              "emb_h_proj.1.running_mean": (128,), "emb_h_proj.1.running_var": (128,),
-              "emb_h_pred.0.weight": (128, DIM), "norm_clip_emb.weight": (48,), "norm_clip_emb.bias": (48,),
-              "clip_emb_proj.weight": (DIM, 48), "queue": (DIM, GRID**2, 16)}
+    shapes = {
+        "pretrain_rec_decoder.patch_embed.weight": (32, DIM),
+        "pretrain_rec_decoder.patch_embed.bias": (32,),
+        "pretrain_rec_decoder.mask_token": (1, 1, 32),
+        "pretrain_rec_decoder.pos_embed": (1, GRID**2, 32),
+        "pretrain_rec_decoder.norm.weight": (32,),
+        "pretrain_rec_decoder.norm.bias": (32,),
+        "pretrain_rec_decoder.pred.weight": (PATCH**2, 32),
+        "pretrain_rec_decoder.pred.bias": (PATCH**2,),
+        "emb_h_proj.0.weight": (128, DIM),
+        "emb_h_proj.1.weight": (128,),
+        "emb_h_proj.1.bias": (128,),
+        "emb_h_proj.1.running_mean": (128,),
+        "emb_h_proj.1.running_var": (128,),
+        "emb_h_pred.0.weight": (128, DIM),
+        "norm_clip_emb.weight": (48,),
+        "norm_clip_emb.bias": (48,),
+        "clip_emb_proj.weight": (DIM, 48),
+        "queue": (DIM, GRID**2, 16),
+    }
     shapes |= vit_block_shapes("pretrain_rec_decoder.vit_block.0.", 32)
-    return random_state(shapes, seed) | {"emb_h_proj.1.num_batches_tracked": torch.tensor(7),
-                                         "queue_ptr": torch.zeros(1, dtype=torch.long)}
+    return random_state(shapes, seed) | {
+        "emb_h_proj.1.num_batches_tracked": torch.tensor(7),
+        "queue_ptr": torch.zeros(1, dtype=torch.long),
+    }
 
 
 def paper_checkpoint(model_state):
     """utils/misc.py save_model: the argparse namespace travels with the weights."""
-    return {"model": model_state, "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0, 1]}]},
-            "epoch": 99, "scaler": {"scale": 65536.0, "growth_factor": 2.0},
-            "args": argparse.Namespace(backbone_type="vit", model_size="small", num_bins=5, blr=1.5e-4,
-                                       output_dir="results/pretrain", use_queue=True)}
+    return {
+        "model": model_state,
+        "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0, 1]}]},
+        "epoch": 99,
+        "scaler": {"scale": 65536.0, "growth_factor": 2.0},
+        "args": argparse.Namespace(
+            backbone_type="vit",
+            model_size="small",
+            num_bins=5,
+            blr=1.5e-4,
+            output_dir="results/pretrain",
+            use_queue=True,
+        ),
+    }
 
 
 def ecdp_encoder_state(seed=2):
@@ -113,17 +163,34 @@ def ecdp_encoder_state(seed=2):
     shapes = patch_embed_shapes("patch_embed.", 2, DIM, PATCH, norm=False)
     for i in range(DEPTH):
         shapes |= vit_block_shapes(f"blocks.{i}.", DIM)
-    shapes |= {"tokens": (1, 2, DIM), "norm.weight": (DIM,), "norm.bias": (DIM,), "event_head.weight": (32, DIM),
-               "event_head.bias": (32,), "image_head.weight": (32, DIM), "image_head.bias": (32,)}
+    shapes |= {
+        "tokens": (1, 2, DIM),
+        "norm.weight": (DIM,),
+        "norm.bias": (DIM,),
+        "event_head.weight": (32, DIM),
+        "event_head.bias": (32,),
+        "image_head.weight": (32, DIM),
+        "image_head.bias": (32,),
+    }
     return random_state(shapes, seed) | {"pos_embed": mae_sincos(DIM, GRID)}
 
 
 def ecdp_pretraining_checkpoint(encoder):
     """trainer/pr_trainer.py save: {"checkpoint": hub state, "optimizer"}; encoder_k is a momentum copy."""
     hub = {f"encoder_q.{k}": v for k, v in encoder.items()} | {f"encoder_k.{k}": v + 0.01 for k, v in encoder.items()}
-    hub |= random_state({"pred1.0.weight": (64, 32), "pred1.1.running_mean": (64,), "pred2.0.weight": (64, 32),
-                         "to_event.0.weight": (32, 48), "head.0.weight": (2 * DIM,), "head.0.bias": (2 * DIM,),
-                         "head.1.weight": (10, 2 * DIM), "head.1.bias": (10,)}, seed=3)
+    hub |= random_state(
+        {
+            "pred1.0.weight": (64, 32),
+            "pred1.1.running_mean": (64,),
+            "pred2.0.weight": (64, 32),
+            "to_event.0.weight": (32, 48),
+            "head.0.weight": (2 * DIM,),
+            "head.0.bias": (2 * DIM,),
+            "head.1.weight": (10, 2 * DIM),
+            "head.1.bias": (10,),
+        },
+        seed=3,
+    )
     return {"checkpoint": hub, "optimizer": {"state": {}, "param_groups": [{"lr": 1e-3, "params": [0]}]}}
 
 
@@ -132,9 +199,15 @@ def mem_state(seed=4, vocab=32):
     shapes = patch_embed_shapes("patch_embed.", 2, DIM, PATCH, norm=False)
     for i in range(DEPTH):
         shapes |= vit_block_shapes(f"blocks.{i}.", DIM, beit=True)
-    shapes |= {"cls_token": (1, 1, DIM), "mask_token": (1, 1, DIM), "norm.weight": (DIM,), "norm.bias": (DIM,),
-               "rel_pos_bias.relative_position_bias_table": ((2 * GRID - 1) ** 2 + 3, HEADS),
-               "lm_head.weight": (vocab, DIM), "lm_head.bias": (vocab,)}
+    shapes |= {
+        "cls_token": (1, 1, DIM),
+        "mask_token": (1, 1, DIM),
+        "norm.weight": (DIM,),
+        "norm.bias": (DIM,),
+        "rel_pos_bias.relative_position_bias_table": ((2 * GRID - 1) ** 2 + 3, HEADS),
+        "lm_head.weight": (vocab, DIM),
+        "lm_head.bias": (vocab,),
+    }
     index = torch.zeros(GRID**2 + 1, GRID**2 + 1, dtype=torch.long)  # an integer buffer; its values do not matter
     return random_state(shapes, seed) | {"rel_pos_bias.relative_position_index": index}
 
@@ -146,6 +219,7 @@ def save(tmp_path, checkpoint, name="checkpoint.pth"):
 
 
 # --- reference forward passes, read off each source's code ----------------------------------------------------------
+
 
 def layer_norm(x, state, name, eps):
     return F.layer_norm(x, x.shape[-1:], state[f"{name}.weight"], state[f"{name}.bias"], eps)
@@ -175,8 +249,14 @@ def mlp(x, state, prefix):
 
 
 def vit_block(x, state, p, num_heads, eps=1e-6):
-    x = x + attention(layer_norm(x, state, p + "norm1", eps), state[p + "attn.qkv.weight"],
-                      state[p + "attn.qkv.bias"], state[p + "attn.proj.weight"], state[p + "attn.proj.bias"], num_heads)
+    x = x + attention(
+        layer_norm(x, state, p + "norm1", eps),
+        state[p + "attn.qkv.weight"],
+        state[p + "attn.qkv.bias"],
+        state[p + "attn.proj.weight"],
+        state[p + "attn.proj.bias"],
+        num_heads,
+    )
     return x + mlp(layer_norm(x, state, p + "norm2", eps), state, p + "mlp.")
 
 
@@ -238,11 +318,18 @@ def paper_swin_forward(state, x, patch, num_heads, window, eps):
         size, shift = (min(height, width), 0) if min(height, width) <= window else (window, window // 2)
         block = 0
         while (p := f"swin_block.{stage}.blocks.{block}.") + "norm1.weight" in state:
-            bias = shifted_window_bias(state[p + "attn.relative_position_bias_table"], height, width, size,
-                                       shift if block % 2 else 0)
-            x = x + attention(layer_norm(x, state, p + "norm1", eps), state[p + "attn.qkv.weight"],
-                              state[p + "attn.qkv.bias"], state[p + "attn.proj.weight"], state[p + "attn.proj.bias"],
-                              heads, bias)
+            bias = shifted_window_bias(
+                state[p + "attn.relative_position_bias_table"], height, width, size, shift if block % 2 else 0
+            )
+            x = x + attention(
+                layer_norm(x, state, p + "norm1", eps),
+                state[p + "attn.qkv.weight"],
+                state[p + "attn.qkv.bias"],
+                state[p + "attn.proj.weight"],
+                state[p + "attn.proj.bias"],
+                heads,
+                bias,
+            )
             x = x + mlp(layer_norm(x, state, p + "norm2", eps), state, p + "mlp.")
             block += 1
         merge = f"swin_block.{stage}.downsample."
@@ -250,8 +337,9 @@ def paper_swin_forward(state, x, patch, num_heads, window, eps):
             cells = x.reshape(b, height // 2, 2, width // 2, 2, -1)
             x = torch.cat([cells[:, :, 0, :, 0], cells[:, :, 1, :, 0], cells[:, :, 0, :, 1], cells[:, :, 1, :, 1]], -1)
             height, width = height // 2, width // 2
-            x = linear(layer_norm(x.reshape(b, height * width, -1), state, merge + "norm", eps), state,
-                       merge + "reduction")
+            x = linear(
+                layer_norm(x.reshape(b, height * width, -1), state, merge + "norm", eps), state, merge + "reduction"
+            )
     return layer_norm(x, state, "norm_layer", eps)
 
 
@@ -262,8 +350,13 @@ def beit_forward_without_position_bias(state, tokens):
         p = f"blocks.{i}."
         qkv_bias = torch.cat([state[p + "attn.q_bias"], torch.zeros(DIM), state[p + "attn.v_bias"]])
         tokens = tokens + state[p + "gamma_1"] * attention(
-            layer_norm(tokens, state, p + "norm1", 1e-6), state[p + "attn.qkv.weight"], qkv_bias,
-            state[p + "attn.proj.weight"], state[p + "attn.proj.bias"], HEADS)
+            layer_norm(tokens, state, p + "norm1", 1e-6),
+            state[p + "attn.qkv.weight"],
+            qkv_bias,
+            state[p + "attn.proj.weight"],
+            state[p + "attn.proj.bias"],
+            HEADS,
+        )
         tokens = tokens + state[p + "gamma_2"] * mlp(layer_norm(tokens, state, p + "norm2", 1e-6), state, p + "mlp.")
     return layer_norm(tokens, state, "norm", 1e-6)
 
@@ -274,8 +367,9 @@ def inputs(in_chans, seed=0):
 
 def small_vit(**overrides):
     torch.manual_seed(0)
-    return VisionTransformer(**dict(img_size=IMG, patch_size=PATCH, embed_dim=DIM, depth=DEPTH, num_heads=HEADS)
-                             | overrides).eval()
+    return VisionTransformer(
+        **dict(img_size=IMG, patch_size=PATCH, embed_dim=DIM, depth=DEPTH, num_heads=HEADS) | overrides
+    ).eval()
 
 
 def snapshot(module):
@@ -284,15 +378,24 @@ def snapshot(module):
 
 # --- tests --------------------------------------------------------------------------------------------------------
 
+
 def test_the_known_sources_are_the_papers_three_backbones_ecdp_and_mem():
-    assert known_sources() == ["ecdp_vit", "eventpretrain_convvit", "eventpretrain_swin", "eventpretrain_vit",
-                               "mem_vit"]
+    assert known_sources() == [
+        "ecdp_vit",
+        "eventpretrain_convvit",
+        "eventpretrain_swin",
+        "eventpretrain_vit",
+        "mem_vit",
+    ]
 
 
-@pytest.mark.parametrize("container, prefix, norm_name", [
-    ("model", "backbone.", "norm_layer"),  # a pre-training checkpoint as utils/misc.py saves it
-    ("state_dict", "module.finetune_encoder.", "norm_h"),  # a DDP-wrapped encoder, an earlier norm name
-])
+@pytest.mark.parametrize(
+    "container, prefix, norm_name",
+    [
+        ("model", "backbone.", "norm_layer"),  # a pre-training checkpoint as utils/misc.py saves it
+        ("state_dict", "module.finetune_encoder.", "norm_h"),  # a DDP-wrapped encoder, an earlier norm name
+    ],
+)
 def test_the_papers_vit_imports_completely_and_matches_its_forward(tmp_path, container, prefix, norm_name):
     source_state = paper_vit_state()
     saved = {prefix + key.replace("norm_layer", norm_name): value for key, value in source_state.items()}
@@ -315,10 +418,16 @@ def test_the_papers_convvit_imports_completely_and_matches_its_forward(tmp_path)
     shapes = patch_embed_shapes("patch_embed1.", 5, dims[0], strides[0])
     shapes |= patch_embed_shapes("patch_embed2.", dims[0], dims[1], strides[1])
     shapes |= patch_embed_shapes("patch_embed3.", dims[1], dims[2], strides[2])
-    shapes |= {"patch_embed4.weight": (DIM, DIM), "patch_embed4.bias": (DIM,), "norm_layer.weight": (DIM,),
-               "norm_layer.bias": (DIM,), "stage1_output_decode.weight": (DIM, dims[0], 4, 4),
-               "stage1_output_decode.bias": (DIM,), "stage2_output_decode.weight": (DIM, dims[1], 2, 2),
-               "stage2_output_decode.bias": (DIM,)}
+    shapes |= {
+        "patch_embed4.weight": (DIM, DIM),
+        "patch_embed4.bias": (DIM,),
+        "norm_layer.weight": (DIM,),
+        "norm_layer.bias": (DIM,),
+        "stage1_output_decode.weight": (DIM, dims[0], 4, 4),
+        "stage1_output_decode.bias": (DIM,),
+        "stage2_output_decode.weight": (DIM, dims[1], 2, 2),
+        "stage2_output_decode.bias": (DIM,),
+    }
     for stage in (1, 2):
         for i in range(depths[stage - 1]):
             shapes |= conv_block_shapes(f"conv_block{stage}.{i}.", dims[stage - 1])
@@ -335,8 +444,9 @@ def test_the_papers_convvit_imports_completely_and_matches_its_forward(tmp_path)
     assert {"stage1_output_decode.weight", "stage2_output_decode.bias"} <= set(report.dropped)
     with torch.no_grad():
         x = inputs(5)
-        torch.testing.assert_close(backbone(x).tokens, paper_convvit_forward(source_state, x, strides, depths, HEADS),
-                                   atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            backbone(x).tokens, paper_convvit_forward(source_state, x, strides, depths, HEADS), atol=ATOL, rtol=0
+        )
 
 
 def test_the_papers_swin_imports_completely_and_matches_greenmims_forward(tmp_path):
@@ -351,15 +461,18 @@ def test_the_papers_swin_imports_completely_and_matches_greenmims_forward(tmp_pa
             shapes |= vit_block_shapes(p, dim) | {p + "attn.relative_position_bias_table": ((2 * size - 1) ** 2, heads)}
             index[p + "attn.relative_position_index"] = torch.zeros(size**2, size**2, dtype=torch.long)
         if stage < len(depths) - 1:
-            shapes |= {f"swin_block.{stage}.downsample.norm.weight": (4 * dim,),
-                       f"swin_block.{stage}.downsample.norm.bias": (4 * dim,),
-                       f"swin_block.{stage}.downsample.reduction.weight": (2 * dim, 4 * dim),
-                       f"stage{stage + 1}_output_decode.weight": (4 * embed, dim, 2 ** (2 - stage), 2 ** (2 - stage))}
+            shapes |= {
+                f"swin_block.{stage}.downsample.norm.weight": (4 * dim,),
+                f"swin_block.{stage}.downsample.norm.bias": (4 * dim,),
+                f"swin_block.{stage}.downsample.reduction.weight": (2 * dim, 4 * dim),
+                f"stage{stage + 1}_output_decode.weight": (4 * embed, dim, 2 ** (2 - stage), 2 ** (2 - stage)),
+            }
     last = embed * 2 ** (len(depths) - 1)
     source_state = random_state(shapes | {"norm_layer.weight": (last,), "norm_layer.bias": (last,)}, seed=6)
     torch.manual_seed(0)
-    backbone = SwinBackbone(img_size=IMG, patch_size=patch, embed_dim=embed, depths=depths, num_heads=num_heads,
-                            window_size=window).eval()
+    backbone = SwinBackbone(
+        img_size=IMG, patch_size=patch, embed_dim=embed, depths=depths, num_heads=num_heads, window_size=window
+    ).eval()
 
     path = save(tmp_path, paper_checkpoint({f"backbone.{k}": v for k, v in (source_state | index).items()}))
     report = import_checkpoint(path, "eventpretrain_swin", backbone)
@@ -384,9 +497,18 @@ def test_ecdps_pretraining_checkpoint_imports_its_query_encoder_and_matches_timm
     assert "prefix tokens" in report.dropped["tokens"] and "momentum" in report.dropped["encoder_k.norm.weight"]
     assert {"event_head.weight", "head.1.weight", "pred1.0.weight", "pos_embed"} <= set(report.dropped)
     # ECDP's encoder is timm's VisionTransformer; without its two tokens, timm's forward on the same weights.
-    reference = TimmVisionTransformer(img_size=IMG, patch_size=PATCH, in_chans=2, num_classes=0, global_pool="",
-                                      embed_dim=DIM, depth=DEPTH, num_heads=HEADS, class_token=False,
-                                      norm_layer=partial(nn.LayerNorm, eps=1e-6)).eval()
+    reference = TimmVisionTransformer(
+        img_size=IMG,
+        patch_size=PATCH,
+        in_chans=2,
+        num_classes=0,
+        global_pool="",
+        embed_dim=DIM,
+        depth=DEPTH,
+        num_heads=HEADS,
+        class_token=False,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+    ).eval()
     reference.load_state_dict({k: v for k, v in encoder.items() if not k.startswith(("tokens", "event_", "image_"))})
     with torch.no_grad():
         x = inputs(2)
@@ -431,8 +553,13 @@ def test_mem_is_refused_for_its_relative_position_bias_unless_partial_is_allowed
     report = import_checkpoint(path, "mem_vit", backbone, allow_partial=True)
     assert list(report.unmappable) == ["rel_pos_bias.relative_position_bias_table"]
     assert "all it knows of position" in report.unmappable["rel_pos_bias.relative_position_bias_table"]
-    assert set(report.dropped) == {"cls_token", "mask_token", "lm_head.weight", "lm_head.bias",
-                                   "rel_pos_bias.relative_position_index"}
+    assert set(report.dropped) == {
+        "cls_token",
+        "mask_token",
+        "lm_head.weight",
+        "lm_head.bias",
+        "rel_pos_bias.relative_position_index",
+    }
     assert not report.missing and not report.unexpected and not report.shape_mismatches
     assert len(report.loaded) == len(backbone.state_dict())
     assert any("q_bias and v_bias fused" in note for note in report.notes)
@@ -444,8 +571,9 @@ def test_mem_is_refused_for_its_relative_position_bias_unless_partial_is_allowed
         x = inputs(2)
         patches = F.conv2d(x, state["patch_embed.proj.weight"], state["patch_embed.proj.bias"], stride=PATCH)
         tokens = patches.flatten(2).transpose(1, 2) + mae_sincos(DIM, GRID)
-        torch.testing.assert_close(backbone(x).tokens, beit_forward_without_position_bias(state, tokens),
-                                   atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            backbone(x).tokens, beit_forward_without_position_bias(state, tokens), atol=ATOL, rtol=0
+        )
 
 
 def test_a_wrong_input_channel_count_is_a_shape_mismatch_naming_the_backbone_to_build(tmp_path):
@@ -488,8 +616,11 @@ class TrainingArgs:
 
 def test_pickled_objects_are_refused_by_weights_only_loading_with_a_clear_message(tmp_path):
     path = save(tmp_path, {"model": paper_vit_state(), "args": TrainingArgs(lr=1e-3)})
-    with pytest.raises(CheckpointImportError, match=r"weights_only=True\) refuses it: it holds a pickled "
-                                                    r"\S*TrainingArgs") as refused:
+    with pytest.raises(
+        CheckpointImportError,
+        match=r"weights_only=True\) refuses it: it holds a pickled "
+        r"\S*TrainingArgs",
+    ) as refused:
         import_checkpoint(path, "eventpretrain_vit", small_vit())
     assert str(path) in str(refused.value)
 
@@ -502,10 +633,16 @@ def test_an_unknown_source_or_a_file_without_a_state_dict_is_refused(tmp_path):
 
 
 @settings(max_examples=40, deadline=None)
-@given(side=st.integers(1, 16), quarter=st.integers(1, 24), prefix=st.integers(0, 2),
-       offset=st.floats(2e-3, 1.0), position=st.integers(0, 10_000))
-def test_a_position_embedding_is_dropped_only_when_it_is_the_fixed_sin_cos_table(side, quarter, prefix, offset,
-                                                                                  position):
+@given(
+    side=st.integers(1, 16),
+    quarter=st.integers(1, 24),
+    prefix=st.integers(0, 2),
+    offset=st.floats(2e-3, 1.0),
+    position=st.integers(0, 10_000),
+)
+def test_a_position_embedding_is_dropped_only_when_it_is_the_fixed_sin_cos_table(
+    side, quarter, prefix, offset, position
+):
     dim = 4 * quarter
     table = torch.cat([torch.randn(1, prefix, dim), mae_sincos(dim, side)], dim=1)
     kept = fixed_pos_embed({"pos_embed": table}, nn.Identity(), num_prefix_tokens=prefix)

@@ -58,11 +58,17 @@ def test_the_registry_holds_the_papers_backbones_and_the_demo_presets():
 
 
 def test_an_unknown_name_or_argument_is_refused_with_the_known_ones():
-    with pytest.raises(ConfigError, match="unknown backbone 'vit_huge'; known backbones: convvit_base, convvit_demo,"
-                                          " convvit_small, swin_demo, swin_tiny, vit_base_patch16, vit_demo"):
+    with pytest.raises(
+        ConfigError,
+        match="unknown backbone 'vit_huge'; known backbones: convvit_base, convvit_demo,"
+        " convvit_small, swin_demo, swin_tiny, vit_base_patch16, vit_demo",
+    ):
         create_backbone("vit_huge")
-    with pytest.raises(ConfigError, match=r"backbone 'vit_demo' \(VisionTransformer\) does not take \['dept'\]; "
-                                          r"it takes \['img_size', 'patch_size', 'in_chans'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"backbone 'vit_demo' \(VisionTransformer\) does not take \['dept'\]; "
+        r"it takes \['img_size', 'patch_size', 'in_chans'",
+    ):
         create_backbone("vit_demo", dept=3)
 
 
@@ -77,7 +83,8 @@ def assert_unmasked_contract(model, out, batch_size):
     assert out.kept.shape == (batch_size, n)
     assert [m.shape for m in out.feature_maps] == [
         (batch_size, c, model.img_size[0] // s, model.img_size[1] // s)
-        for c, s in zip(model.feature_dims, model.feature_strides)]
+        for c, s in zip(model.feature_dims, model.feature_strides)
+    ]
 
 
 @pytest.mark.parametrize("name", sorted(set(PAPER_SIZE + DEMO) - set(TRACED_ONLY)))
@@ -135,11 +142,14 @@ def _vit_count(in_chans, patch, dim, depth):
 def _convvit_count(in_chans, dims, depths, strides, mlp_ratio=4):
     """Parameters of the paper code's ConvViT: three conv patch embeds (+ LayerNorm), a token Linear, ConvMAE
     conv blocks (LayerNorm, 1x1, depthwise 5x5, 1x1, LayerNorm, 1x1 MLP), ViT blocks, final norm."""
-    embeds = sum(c_in * s * s * c_out + c_out + 2 * c_out
-                 for c_in, c_out, s in zip((in_chans, dims[0], dims[1]), dims, strides))
+    embeds = sum(
+        c_in * s * s * c_out + c_out + 2 * c_out for c_in, c_out, s in zip((in_chans, dims[0], dims[1]), dims, strides)
+    )
     token_linear = dims[2] * dims[2] + dims[2]
-    conv_block = [4 * d + 2 * (d * d + d) + (25 * d + d) + (d * mlp_ratio * d + mlp_ratio * d) + (mlp_ratio * d * d + d)
-                  for d in dims[:2]]
+    conv_block = [
+        4 * d + 2 * (d * d + d) + (25 * d + d) + (d * mlp_ratio * d + mlp_ratio * d) + (mlp_ratio * d * d + d)
+        for d in dims[:2]
+    ]
     d = dims[2]
     vit_block = 4 * d + 3 * d * d + 3 * d + d * d + d + 8 * d * d + 5 * d
     return embeds + token_linear + depths[0] * conv_block[0] + depths[1] * conv_block[1] + depths[2] * vit_block + 2 * d
@@ -153,10 +163,14 @@ def test_paper_size_parameter_counts_match_the_paper_codes_structure():
     assert _vit_count(5, 16, 384, 12) == 21_787_008  # ViT-S/16 on 5 bins: "about 21.7M" in the encoder
     assert _count(meta_backbone("vit_small_patch16")) == 21_787_008
     assert _count(meta_backbone("vit_base_patch16")) == _vit_count(5, 16, 768, 12) == 86_041_344
-    assert (_count(meta_backbone("convvit_small")) == _convvit_count(5, (128, 256, 384), (2, 2, 11), (4, 2, 2))
-            == 21_871_360)
-    assert (_count(meta_backbone("convvit_base")) == _convvit_count(5, (256, 384, 768), (2, 2, 11), (4, 2, 2))
-            == 84_463_488)
+    assert (
+        _count(meta_backbone("convvit_small"))
+        == _convvit_count(5, (128, 256, 384), (2, 2, 11), (4, 2, 2))
+        == 21_871_360
+    )
+    assert (
+        _count(meta_backbone("convvit_base")) == _convvit_count(5, (256, 384, 768), (2, 2, 11), (4, 2, 2)) == 84_463_488
+    )
     # Swin-T: timm's swin_tiny_patch4_window7_224 without its head, on 5 bins, plus the 96-wide SimMIM mask token.
     with torch.device("meta"):
         reference = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=0, in_chans=5)
@@ -181,8 +195,16 @@ def test_the_sincos_embedding_is_a_fixed_buffer_with_maes_values():
     # A non-square grid, every value by hand: width 8 -> frequencies 1 and 1/100 per coordinate.
     rect = sincos_pos_embed_2d(8, (2, 3))
     assert rect.shape == (6, 8) and rect.dtype == torch.float32
-    expected = [math.sin(2), math.sin(0.02), math.cos(2), math.cos(0.02),
-                math.sin(1), math.sin(0.01), math.cos(1), math.cos(0.01)]  # row 1, col 2
+    expected = [
+        math.sin(2),
+        math.sin(0.02),
+        math.cos(2),
+        math.cos(0.02),
+        math.sin(1),
+        math.sin(0.01),
+        math.cos(1),
+        math.cos(0.01),
+    ]  # row 1, col 2
     torch.testing.assert_close(rect[5], torch.tensor(expected))
     with pytest.raises(ValueError, match="divisible by 4"):
         sincos_pos_embed_2d(6, (2, 2))
@@ -306,4 +328,3 @@ def test_layer_ids_run_from_the_embedding_to_the_final_norm(name):
     assert model.no_weight_decay() <= set(names)
     if isinstance(model, SwinBackbone):
         assert "mask_token" in model.no_weight_decay()
-

@@ -18,13 +18,19 @@ def snakemake(*args, cwd=ROOT):
     env_path = f"{Path(sys.executable).parent}:/usr/bin:/bin"
     result = subprocess.run(
         [str(SNAKEMAKE), "all", "--cores", "2", "--snakefile", str(ROOT / "Snakefile"), *args],
-        cwd=cwd, capture_output=True, text=True, env={"PATH": env_path, "HOME": str(cwd)},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={"PATH": env_path, "HOME": str(cwd)},
     )
     return result
 
 
 def small_study(tmp_path, **demo):
-    config = {"results": str(tmp_path / "results"), "data": {"demo": {"samples": {"train": 4, "val": 2, "test": 2}, **demo}}}
+    config = {
+        "results": str(tmp_path / "results"),
+        "data": {"demo": {"samples": {"train": 4, "val": 2, "test": 2}, **demo}},
+    }
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -64,20 +70,43 @@ def tiny_study(tmp_path, **changes):
     """A whole study in miniature: 3 variants, 2 seeds, a 32 x 32 ViT of depth 2, one epoch a stage."""
     config = {
         "results": str(tmp_path / "results"),
-        "data": {"demo": {"samples": {"train": 8, "val": 4, "test": 4}, "image_size": 32, "digit_size": 12,
-                          "num_frames": 3, "pan_speed_px_per_frame": [0.5, 1.0], "digit_drift_px_per_frame": 0.3}},
+        "data": {
+            "demo": {
+                "samples": {"train": 8, "val": 4, "test": 4},
+                "image_size": 32,
+                "digit_size": 12,
+                "num_frames": 3,
+                "pan_speed_px_per_frame": [0.5, 1.0],
+                "digit_drift_px_per_frame": 0.3,
+            }
+        },
         "pretrain": {
-            "backbone": "vit_demo", "backbone_overrides": {"img_size": [32, 32], "depth": 2},
+            "backbone": "vit_demo",
+            "backbone_overrides": {"img_size": [32, 32], "depth": 2},
             "knn": {"every_steps": 2, "memory": 8, "queries": 4, "k": 3},
             "stage1": {"method": {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2}, "train": dict(TRAIN)},
             "stage2": {"method": {"hidden_dim": 32, "queue_length": 8}, "train": dict(TRAIN)},
             "stage3": {"method": {"hidden_dim": 32, "queue_length": 8, "focus": "density"}, "train": dict(TRAIN)},
         },
-        "downstream": {"classify": {"linear": {"train": {**TRAIN, "epochs": 2}}},
-                       "robustness": {"shot_noise_hz": [0.0, 30.0], "drop": [0.5]}},
-        "study": {"name": "tiny", "pretrain_dataset": "demo", "seeds": [0, 1],
-                  "evaluations": [{"task": "classify", "mode": "linear", "dataset": "demo", "train": "train",
-                                   "eval": "test", "robustness": True}]},
+        "downstream": {
+            "classify": {"linear": {"train": {**TRAIN, "epochs": 2}}},
+            "robustness": {"shot_noise_hz": [0.0, 30.0], "drop": [0.5]},
+        },
+        "study": {
+            "name": "tiny",
+            "pretrain_dataset": "demo",
+            "seeds": [0, 1],
+            "evaluations": [
+                {
+                    "task": "classify",
+                    "mode": "linear",
+                    "dataset": "demo",
+                    "train": "train",
+                    "eval": "test",
+                    "robustness": True,
+                }
+            ],
+        },
         "variants": {"full": {"stages": [1, 2, 3]}, "stage1_only": {"stages": [1]}, "scratch": {"stages": []}},
     }
     for dotted, value in changes.items():
@@ -129,26 +158,52 @@ def test_the_study_runs_to_its_tables_and_replans_only_what_a_change_invalidates
     nothing = snakemake("--configfile", str(study), "-n", cwd=tmp_path)
     assert "Nothing to be done" in nothing.stdout + nothing.stderr
 
-    stage3 = snakemake("--configfile", str(tiny_study(tmp_path, **{"pretrain.stage3.train.base_lr": 2e-3})), "-n",
-                       cwd=tmp_path)
-    assert planned_jobs(stage3.stdout) == {"stage_config": 1, "pretrain_stage": 1, "evaluation_config": 2,
-                                           "finetune": 2, "robustness": 1, "manifest": 1, "tables": 1, "track": 1,
-                                           "all": 1}
+    stage3 = snakemake(
+        "--configfile", str(tiny_study(tmp_path, **{"pretrain.stage3.train.base_lr": 2e-3})), "-n", cwd=tmp_path
+    )
+    assert planned_jobs(stage3.stdout) == {
+        "stage_config": 1,
+        "pretrain_stage": 1,
+        "evaluation_config": 2,
+        "finetune": 2,
+        "robustness": 1,
+        "manifest": 1,
+        "tables": 1,
+        "track": 1,
+        "all": 1,
+    }
 
-    downstream = snakemake("--configfile", str(tiny_study(
-        tmp_path, **{"downstream.classify.linear.train": {**TRAIN, "epochs": 3}})), "-n", cwd=tmp_path)
-    assert planned_jobs(downstream.stdout) == {"evaluation_config": 6, "finetune": 6, "robustness": 3, "manifest": 1,
-                                               "tables": 1, "track": 1, "all": 1}
+    downstream = snakemake(
+        "--configfile",
+        str(tiny_study(tmp_path, **{"downstream.classify.linear.train": {**TRAIN, "epochs": 3}})),
+        "-n",
+        cwd=tmp_path,
+    )
+    assert planned_jobs(downstream.stdout) == {
+        "evaluation_config": 6,
+        "finetune": 6,
+        "robustness": 3,
+        "manifest": 1,
+        "tables": 1,
+        "track": 1,
+        "all": 1,
+    }
 
     # Other corruption levels: the seed-0 configs are rewritten and only the robustness scores rerun.
-    levels = snakemake("--configfile", str(tiny_study(tmp_path, **{"downstream.robustness.drop": [0.25]})), "-n",
-                       cwd=tmp_path)
+    levels = snakemake(
+        "--configfile", str(tiny_study(tmp_path, **{"downstream.robustness.drop": [0.25]})), "-n", cwd=tmp_path
+    )
     assert planned_jobs(levels.stdout) == {"evaluation_config": 3, "robustness": 3, "tables": 1, "all": 1}
 
     # Execution-only settings rewrite the stage's config file but retrain nothing.
-    execution = snakemake("--configfile", str(tiny_study(
-        tmp_path, **{"pretrain.stage1.train": {**TRAIN, "num_workers": 0, "checkpoint_every_steps": 5}})), "-n",
-        cwd=tmp_path)
+    execution = snakemake(
+        "--configfile",
+        str(
+            tiny_study(tmp_path, **{"pretrain.stage1.train": {**TRAIN, "num_workers": 0, "checkpoint_every_steps": 5}})
+        ),
+        "-n",
+        cwd=tmp_path,
+    )
     assert planned_jobs(execution.stdout) == {"stage_config": 1}
 
 
@@ -159,11 +214,23 @@ def test_the_paper_preset_plans_without_any_data(tmp_path):
     assert jobs["pretrain_stage"] == 13 and jobs["teacher_features"] == 1 and jobs["build_ef"] == 2
     assert jobs["finetune"] == 9 * 8 * 3  # variants x evaluations x seeds
     assert {name for name in jobs if name.startswith("convert_")} == {
-        "convert_n_caltech101", "convert_n_cars", "convert_n_imagenet", "convert_cifar10_dvs",
-        "convert_dsec_semantic", "convert_ddd17", "convert_mvsec"}
+        "convert_n_caltech101",
+        "convert_n_cars",
+        "convert_n_imagenet",
+        "convert_cifar10_dvs",
+        "convert_dsec_semantic",
+        "convert_ddd17",
+        "convert_mvsec",
+    }
     assert "build_demo" not in jobs
-    on_slurm = snakemake("-n", "--profile", str(ROOT / "workflow/profiles/slurm"), "--configfile",
-                         str(ROOT / "workflow/presets/paper.yaml"), cwd=tmp_path)
+    on_slurm = snakemake(
+        "-n",
+        "--profile",
+        str(ROOT / "workflow/profiles/slurm"),
+        "--configfile",
+        str(ROOT / "workflow/presets/paper.yaml"),
+        cwd=tmp_path,
+    )
     assert on_slurm.returncode == 0, on_slurm.stderr[-3000:]
     # The same plan, with the heavy jobs submitted under the preset's resources.
     assert planned_jobs(on_slurm.stdout) == jobs

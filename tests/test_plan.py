@@ -74,8 +74,11 @@ def test_a_downstream_change_replans_only_evaluations():
 
 def test_execution_settings_and_unused_sections_change_no_key():
     before = plan_study(STUDY)
-    for path, value in [("pretrain.stage1.train.num_workers", 4), ("pretrain.stage2.train.checkpoint_every_steps", 7),
-                        ("downstream.classify.finetune.train.base_lr", 1.0)]:  # finetune: no evaluation uses it
+    for path, value in [
+        ("pretrain.stage1.train.num_workers", 4),
+        ("pretrain.stage2.train.checkpoint_every_steps", 7),
+        ("downstream.classify.finetune.train.base_lr", 1.0),
+    ]:  # finetune: no evaluation uses it
         after = plan_study(changed(path, value))
         assert set(after.nodes) == set(before.nodes) and set(after.evaluations) == set(before.evaluations), path
 
@@ -89,13 +92,21 @@ def test_a_stage_reads_only_its_own_section():
     plan = plan_study(STUDY)
     node = plan.nodes[plan.variants["full"].nodes[0]]
     assert set(node.config["pretrain"]) == {"backbone", "data", "knn", "stage1"}
-    assert set(plan.nodes[plan.variants["full"].nodes[2]].config["pretrain"]) == {"backbone", "data", "knn", "teacher",
-                                                                                  "stage3"}
+    assert set(plan.nodes[plan.variants["full"].nodes[2]].config["pretrain"]) == {
+        "backbone",
+        "data",
+        "knn",
+        "teacher",
+        "stage3",
+    }
 
 
 def test_overrides_and_stages_are_checked():
-    with pytest.raises(ConfigError, match=r"variants.bad: override 'pretrain.stage9.x': the study has no section "
-                                          r"'pretrain.stage9'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"variants.bad: override 'pretrain.stage9.x': the study has no section "
+        r"'pretrain.stage9'",
+    ):
         plan_study({**STUDY, "variants": {"bad": {"stages": [1], "overrides": {"pretrain.stage9.x": 1}}}})
     with pytest.raises(ConfigError, match=r"variants.bad.stages: expected increasing stage numbers"):
         plan_study({**STUDY, "variants": {"bad": {"stages": [3, 1]}}})
@@ -111,8 +122,9 @@ def test_robustness_is_planned_for_the_first_seed_of_a_classification_only():
     assert plan.evaluations.keys() == reference.evaluations.keys()  # the runs themselves are unchanged
     assert plan.evaluations[stressed[0]].config["downstream"]["robustness"] == {"shot_noise_hz": [0.0, 10.0]}
     assert all(e["robustness"] == e["folder"].endswith("/seed0") for e in plan.manifest()["full"]["evaluations"])
-    study["study"]["evaluations"].append({"task": "flow", "dataset": "demo", "train": "train", "eval": "test",
-                                          "robustness": True})
+    study["study"]["evaluations"].append(
+        {"task": "flow", "dataset": "demo", "train": "train", "eval": "test", "robustness": True}
+    )
     study["downstream"]["flow"] = {"train": dict(TRAIN)}
     with pytest.raises(ConfigError, match=r"study.evaluations\[1\].robustness: only a classification"):
         plan_study(study)

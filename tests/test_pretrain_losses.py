@@ -121,7 +121,11 @@ def test_decoder_places_kept_tokens_at_their_positions():
     diff = (decoder(changed, kept) - out).abs().sum(-1)[0]
     assert diff[0] > 0 and torch.all(diff[1:] == 0)  # with no block, positions do not mix
     hidden = [1, 3, 5]
-    assert torch.allclose(out[0, hidden[0]] - decoder.pred(decoder.norm(decoder.mask_token[0, 0] + decoder.pos_embed[0, 1])), torch.zeros(4), atol=1e-6)
+    assert torch.allclose(
+        out[0, hidden[0]] - decoder.pred(decoder.norm(decoder.mask_token[0, 0] + decoder.pos_embed[0, 1])),
+        torch.zeros(4),
+        atol=1e-6,
+    )
 
 
 def test_teacher_projection_is_layernorm_then_bias_free_linear():

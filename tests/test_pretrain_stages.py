@@ -16,13 +16,19 @@ TINY = {
     "backbone_overrides": {"img_size": [32, 32], "depth": 2},
     "data": {"input_size": [32, 32]},
     "knn": {"every_steps": 2, "memory": 8, "queries": 4, "k": 3},
-    "stage1": {"method": {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2},
-               "train": {"epochs": 1, "batch_size": 4, "base_lr": 1e-3, "max_steps": 2}},
-    "stage2": {"method": {"hidden_dim": 32, "queue_length": 8},
-               "train": {"epochs": 1, "batch_size": 4, "base_lr": 1e-3, "max_steps": 2}},
-    "stage3": {"method": {"hidden_dim": 32, "queue_length": 8, "focus": "density"},
-               "layer_lr": {"rule": "grafted"},
-               "train": {"epochs": 1, "batch_size": 4, "base_lr": 1e-3, "max_steps": 2}},
+    "stage1": {
+        "method": {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2},
+        "train": {"epochs": 1, "batch_size": 4, "base_lr": 1e-3, "max_steps": 2},
+    },
+    "stage2": {
+        "method": {"hidden_dim": 32, "queue_length": 8},
+        "train": {"epochs": 1, "batch_size": 4, "base_lr": 1e-3, "max_steps": 2},
+    },
+    "stage3": {
+        "method": {"hidden_dim": 32, "queue_length": 8, "focus": "density"},
+        "layer_lr": {"rule": "grafted"},
+        "train": {"epochs": 1, "batch_size": 4, "base_lr": 1e-3, "max_steps": 2},
+    },
 }
 
 
@@ -75,7 +81,11 @@ def test_stage3_layer_rule_scales_the_backbone_by_depth():
     assert scale["backbone.blocks.1.attn.qkv.weight"] == 0.1
     assert scale["projector.layers.0.weight"] == 1.0
     frozen = {n for n, p in module.named_parameters() if not p.requires_grad}
-    assert frozen == {"teacher_projection.norm.weight", "teacher_projection.norm.bias", "teacher_projection.proj.weight"}
+    assert frozen == {
+        "teacher_projection.norm.weight",
+        "teacher_projection.norm.bias",
+        "teacher_projection.proj.weight",
+    }
 
 
 def test_focus_weights_follow_the_region_value_with_mean_one():
@@ -126,25 +136,89 @@ def test_config_errors_name_the_key():
 
 @pytest.mark.slow
 def test_three_stages_run_from_the_cli_and_resume(tmp_path):
-    stores = build_demo(DemoConfig(samples={"train": 8, "val": 4}, image_size=32, digit_size=12, num_frames=3,
-                                   pan_speed_px_per_frame=(0.5, 1.0), digit_drift_px_per_frame=0.3),
-                        tmp_path / "data", workers=1, progress=False)
+    stores = build_demo(
+        DemoConfig(
+            samples={"train": 8, "val": 4},
+            image_size=32,
+            digit_size=12,
+            num_frames=3,
+            pan_speed_px_per_frame=(0.5, 1.0),
+            digit_drift_px_per_frame=0.3,
+        ),
+        tmp_path / "data",
+        workers=1,
+        progress=False,
+    )
     config = tmp_path / "study.yaml"
     config.write_text(yaml.safe_dump({"pretrain": TINY}))
     common = ["--config", str(config), "--data", str(stores["train"]), "--val", str(stores["val"])]
     assert main(["pretrain", "--stage", "1", *common, "--out", str(tmp_path / "s1")]) == 0
     assert (tmp_path / "s1" / "reconstructions.png").stat().st_size > 1000
-    assert main(["teacher-features", "--config", str(config), "--data", str(stores["train"]),
-                 "--out", str(tmp_path / "teacher.h5")]) == 0
+    assert (
+        main(
+            [
+                "teacher-features",
+                "--config",
+                str(config),
+                "--data",
+                str(stores["train"]),
+                "--out",
+                str(tmp_path / "teacher.h5"),
+            ]
+        )
+        == 0
+    )
     features = ["--teacher-features", str(tmp_path / "teacher.h5")]
-    assert main(["pretrain", "--stage", "2", *common, *features, "--init", str(tmp_path / "s1" / "checkpoint.pt"),
-                 "--out", str(tmp_path / "s2")]) == 0
-    assert main(["pretrain", "--stage", "3", *common, *features, "--init", str(tmp_path / "s2" / "checkpoint.pt"),
-                 "--out", str(tmp_path / "s3")]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--stage",
+                "2",
+                *common,
+                *features,
+                "--init",
+                str(tmp_path / "s1" / "checkpoint.pt"),
+                "--out",
+                str(tmp_path / "s2"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "pretrain",
+                "--stage",
+                "3",
+                *common,
+                *features,
+                "--init",
+                str(tmp_path / "s2" / "checkpoint.pt"),
+                "--out",
+                str(tmp_path / "s3"),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((tmp_path / "s3" / "metrics.json").read_text())
     assert metrics["step"] == 2 and "knn_top1" in metrics and metrics["loss_con"] > 0
     # A rerun finds the finished checkpoint and does not train again.
     before = (tmp_path / "s3" / "checkpoint.pt").stat().st_mtime_ns
-    assert main(["pretrain", "--stage", "3", *common, *features, "--init", str(tmp_path / "s2" / "checkpoint.pt"),
-                 "--out", str(tmp_path / "s3")]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--stage",
+                "3",
+                *common,
+                *features,
+                "--init",
+                str(tmp_path / "s2" / "checkpoint.pt"),
+                "--out",
+                str(tmp_path / "s3"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "s3" / "checkpoint.pt").stat().st_mtime_ns == before

@@ -31,8 +31,9 @@ def encode_aedat2(addresses, timestamps, *, header=AEDAT2_HEADER) -> bytes:
     return header + words.astype(">u4").tobytes()
 
 
-def packet(event_type, events: bytes, *, source=1, size=8, ts_offset=4, overflow=0, number=None, capacity=None,
-           valid=None) -> bytes:
+def packet(
+    event_type, events: bytes, *, source=1, size=8, ts_offset=4, overflow=0, number=None, capacity=None, valid=None
+) -> bytes:
     """AEDAT 3.1 packet: 28-byte little-endian header (int16 type, int16 source, int32 size, ts offset, ts overflow,
     capacity, number, valid), then the events."""
     number = len(events) // size if number is None else number
@@ -61,8 +62,6 @@ def encode_aedat3(x, y, on, t, *, header=AEDAT3_HEADER, events_per_packet=3) -> 
             events = polarity_events(x[chunk], y[chunk], on[chunk], t[chunk] & 0x7FFFFFFF)
             packets.append(packet(1, events, overflow=int(overflow)))
     return header + END_HEADER + b"".join(packets)
-
-
 
 
 # --- AEDAT 2.0 -----------------------------------------------------------------------------------------------------

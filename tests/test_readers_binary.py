@@ -27,8 +27,6 @@ def encode_dat(t, x, y, p, *, header=b"% Version 2\n% Width 640\n% Height 480\n"
     return header + bytes([event_type, 8]) + words.tobytes()
 
 
-
-
 # --- N-MNIST / N-Caltech101 .bin ------------------------------------------------------------------------------
 
 

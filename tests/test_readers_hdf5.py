@@ -45,8 +45,6 @@ def write_mvsec(path, rows, *, camera="left"):
         file.create_dataset(f"davis/{camera}/events", data=np.asarray(rows, np.float64).reshape(-1, 4))
 
 
-
-
 # --- DSEC ------------------------------------------------------------------------------------------------------
 
 

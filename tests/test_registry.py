@@ -11,15 +11,26 @@ from evpretrain.data.store import EventStore
 
 def test_registry_covers_the_papers_datasets():
     registry = load_registry()
-    assert {"n-caltech101", "n-cars", "n-imagenet", "cifar10-dvs", "es-imagenet", "dsec-semantic", "ddd17", "mvsec"} <= set(registry)
+    assert {
+        "n-caltech101",
+        "n-cars",
+        "n-imagenet",
+        "cifar10-dvs",
+        "es-imagenet",
+        "dsec-semantic",
+        "ddd17",
+        "mvsec",
+    } <= set(registry)
     assert registry["n-caltech101"].layout.random_split.seed == 123  # ECDP's split
     assert all(entry.obtain and entry.expect for entry in registry.values())
 
 
 def test_a_broken_registry_names_the_entry_and_key(tmp_path):
     path = tmp_path / "registry.yaml"
-    path.write_text("mine:\n  title: t\n  task: detection\n  format: bin\n  sensor_size: [1, 1]\n  obtain: o\n"
-                    "  layout: {kind: class_folders}\n  expect: []\n")
+    path.write_text(
+        "mine:\n  title: t\n  task: detection\n  format: bin\n  sensor_size: [1, 1]\n  obtain: o\n"
+        "  layout: {kind: class_folders}\n  expect: []\n"
+    )
     with pytest.raises(ConfigError, match=r"registry\.mine\.task: expected one of"):
         load_registry(path)
     with pytest.raises(ConfigError, match="unknown dataset 'nope'"):
@@ -45,7 +56,7 @@ def test_random_split_is_per_class_seeded_and_drops_excluded_classes(tmp_path):
     assert classes == ["Faces_easy", "airplanes"]
     assert {s: len(f) for s, f in splits.items()} == {"train": 16, "test": 4}
     for label in (0, 1):
-        assert sum(1 for _, l in splits["train"] if l == label) == 8
+        assert sum(1 for _, y in splits["train"] if y == label) == 8
     assert not {f for f, _ in splits["train"]} & {f for f, _ in splits["test"]}
     again, _ = class_folder_splits(entry, tmp_path)
     assert again == splits

@@ -123,7 +123,7 @@ def test_single_pair_count_is_floor_of_log_change_over_contrast(frames):
 @pytest.mark.parametrize("polarity", [+1, -1])
 def test_crossings_are_timed_by_linear_interpolation(polarity):
     # ln I rises (or falls) by 0.5 over [1000, 2000] us: crossings of 0.2 and 0.4 at 40% and 80% of the interval.
-    levels = np.array([0.5, 0.5 * np.exp(0.5)])[:: polarity].reshape(2, 1, 1)
+    levels = np.array([0.5, 0.5 * np.exp(0.5)])[::polarity].reshape(2, 1, 1)
     result = simulate(levels, [1000, 2000], contrast=0.2, config=IDEAL)
     assert result.events["t"].tolist() == [1400, 1800]
     assert result.events["p"].tolist() == [polarity, polarity]

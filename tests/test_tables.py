@@ -27,16 +27,36 @@ def write_study(results, flow_aee=1.25):
             folder = f"classify-linear-demo-k{variant}/seed{seed}"
             path = results / "downstream" / folder
             path.mkdir(parents=True)
-            (path / "metrics.json").write_text(json.dumps({"top1_last": top1, "top1_best": top1 + 0.01,
-                                                           "top5_last": 1.0}))
-            evaluations.append({"label": "linear", "task": "classify", "mode": "linear", "dataset": "demo",
-                                "eval_split": "test", "seed": seed, "folder": folder})
+            (path / "metrics.json").write_text(
+                json.dumps({"top1_last": top1, "top1_best": top1 + 0.01, "top5_last": 1.0})
+            )
+            evaluations.append(
+                {
+                    "label": "linear",
+                    "task": "classify",
+                    "mode": "linear",
+                    "dataset": "demo",
+                    "eval_split": "test",
+                    "seed": seed,
+                    "folder": folder,
+                }
+            )
         folder = f"flow-demo-k{variant}/seed0"
         (results / "downstream" / folder).mkdir(parents=True)
-        (results / "downstream" / folder / "metrics.json").write_text(json.dumps({"aee_last": flow_aee,
-                                                                                 "outlier_pct_last": 3.0}))
-        evaluations.append({"label": "flow", "task": "flow", "mode": None, "dataset": "demo", "eval_split": "test",
-                            "seed": 0, "folder": folder})
+        (results / "downstream" / folder / "metrics.json").write_text(
+            json.dumps({"aee_last": flow_aee, "outlier_pct_last": 3.0})
+        )
+        evaluations.append(
+            {
+                "label": "flow",
+                "task": "flow",
+                "mode": None,
+                "dataset": "demo",
+                "eval_split": "test",
+                "seed": 0,
+                "folder": folder,
+            }
+        )
         manifest[variant] = {"stages": [1, 2, 3], "checkpoint": None, "evaluations": evaluations}
     (results / "manifest.json").write_text(json.dumps(manifest))
     return manifest
@@ -54,8 +74,20 @@ def test_summary_is_the_mean_and_sample_std_over_seeds(tmp_path):
 
 def test_tables_are_written_in_three_formats_from_the_cli(tmp_path):
     write_study(tmp_path / "results")
-    assert main(["report", "--manifest", str(tmp_path / "results" / "manifest.json"),
-                 "--results", str(tmp_path / "results"), "--out", str(tmp_path / "tables")]) == 0
+    assert (
+        main(
+            [
+                "report",
+                "--manifest",
+                str(tmp_path / "results" / "manifest.json"),
+                "--results",
+                str(tmp_path / "results"),
+                "--out",
+                str(tmp_path / "tables"),
+            ]
+        )
+        == 0
+    )
     markdown = (tmp_path / "tables" / "ablation.md").read_text()
     assert "| full " in markdown and "85.00 ± 5.00" in markdown and "1.250" in markdown
     latex = (tmp_path / "tables" / "ablation.tex").read_text()
@@ -85,14 +117,25 @@ def test_robustness_tables_gather_the_marked_evaluations_one_row_a_variant(tmp_p
         evaluation["robustness"] = True
         folder = tmp_path / "results" / "downstream" / evaluation["folder"] / "robustness"
         folder.mkdir()
-        pd.DataFrame({"corruption": ["shot_noise", "shot_noise", "drop", "drop"], "level": [0.0, 10.0, 0.0, 0.5],
-                      "top1": [clean, clean / 2, clean, clean / 4], "top5": 1.0}).to_csv(folder / "robustness.csv")
+        pd.DataFrame(
+            {
+                "corruption": ["shot_noise", "shot_noise", "drop", "drop"],
+                "level": [0.0, 10.0, 0.0, 0.5],
+                "top1": [clean, clean / 2, clean, clean / 4],
+                "top5": 1.0,
+            }
+        ).to_csv(folder / "robustness.csv")
     robustness = collect_robustness(manifest, tmp_path / "results")
     assert len(robustness) == 8 and set(robustness["variant"]) == {"full", "no_stage2"}
     paths = write_robustness_tables(robustness, tmp_path / "tables")
     lines = paths["md"].read_text().splitlines()
     assert "clean" in lines[0] and "10 Hz shot noise" in lines[0] and "50% dropped" in lines[0]
-    assert [cell.strip() for cell in lines[2].split("|")[1:-1]] == ["full / linear", "80.0", "40.0", "20.0"]  # one clean
+    assert [cell.strip() for cell in lines[2].split("|")[1:-1]] == [
+        "full / linear",
+        "80.0",
+        "40.0",
+        "20.0",
+    ]  # one clean
     manifest["full"]["evaluations"][-1]["robustness"] = True  # marked, but never run: named
     with pytest.raises(ConfigError, match="flow-demo-kfull/seed0 for robustness"):
         collect_robustness(manifest, tmp_path / "results")
@@ -112,8 +155,12 @@ def test_the_report_draws_loss_curves_and_copies_stage_figures(tmp_path):
         (results / "pretrain" / node / "metrics.json").write_text(json.dumps({"loss": losses[-1], "log": log}))
     (results / "pretrain" / "stage1-a" / "reconstructions.png").write_bytes(b"\x89PNG")
     curves = stage_curves(manifest, results)
-    assert curves["stage1-a"] == {"stage": "1", "variants": ["full", "no_stage2"], "steps": [10, 20],
-                                  "loss": [1.0, 0.5]}
+    assert curves["stage1-a"] == {
+        "stage": "1",
+        "variants": ["full", "no_stage2"],
+        "steps": [10, 20],
+        "loss": [1.0, 0.5],
+    }
     paths = write_report(manifest, results, tmp_path / "tables", tmp_path / "figures")
     assert (tmp_path / "figures" / "stage1-a-reconstructions.png").read_bytes() == b"\x89PNG"
     assert paths["loss_curves"].stat().st_size > 10_000 and "robustness" not in paths

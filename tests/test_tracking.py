@@ -15,28 +15,69 @@ def write_study(results, top1=0.8):
     for node, loss in (("stage1-aaa", 0.9), ("stage3-bbb", 4.2)):
         folder = results / "pretrain" / node
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "metrics.json").write_text(json.dumps({"loss": loss, "step": 10, "slurm_job_id": "4242", "log": [
-            {"step": 5, "epoch": 0.5, "loss": 2 * loss}, {"step": 10, "epoch": 1.0, "loss": loss}]}))
-        (folder / "study.yaml").write_text(yaml.safe_dump({"pretrain": {"backbone": "vit_demo",
-                                                                         "stage1": {"train": {"base_lr": 0.01}}}}))
+        (folder / "metrics.json").write_text(
+            json.dumps(
+                {
+                    "loss": loss,
+                    "step": 10,
+                    "slurm_job_id": "4242",
+                    "log": [{"step": 5, "epoch": 0.5, "loss": 2 * loss}, {"step": 10, "epoch": 1.0, "loss": loss}],
+                }
+            )
+        )
+        (folder / "study.yaml").write_text(
+            yaml.safe_dump({"pretrain": {"backbone": "vit_demo", "stage1": {"train": {"base_lr": 0.01}}}})
+        )
     manifest = {}
     for variant, nodes in (("full", ["stage1-aaa", "stage3-bbb"]), ("stage1_only", ["stage1-aaa"])):
         folder = f"classify-linear-demo-k{variant}/seed0"
         path = results / "downstream" / folder
         path.mkdir(parents=True, exist_ok=True)
-        (path / "metrics.json").write_text(json.dumps({"top1_last": top1, "step": 20, "history": [
-            {"step": 10, "epoch": 1.0, "top1": 0.5}, {"step": 20, "epoch": 2.0, "top1": top1}]}))
+        (path / "metrics.json").write_text(
+            json.dumps(
+                {
+                    "top1_last": top1,
+                    "step": 20,
+                    "history": [{"step": 10, "epoch": 1.0, "top1": 0.5}, {"step": 20, "epoch": 2.0, "top1": top1}],
+                }
+            )
+        )
         (path / "confusion.png").write_bytes(b"\x89PNG fake")
-        manifest[variant] = {"stages": [1, 3][: len(nodes)], "nodes": nodes, "checkpoint": nodes[-1],
-                             "evaluations": [{"label": "linear", "task": "classify", "mode": "linear",
-                                              "dataset": "demo", "eval_split": "test", "seed": 0, "folder": folder}]}
+        manifest[variant] = {
+            "stages": [1, 3][: len(nodes)],
+            "nodes": nodes,
+            "checkpoint": nodes[-1],
+            "evaluations": [
+                {
+                    "label": "linear",
+                    "task": "classify",
+                    "mode": "linear",
+                    "dataset": "demo",
+                    "eval_split": "test",
+                    "seed": 0,
+                    "folder": folder,
+                }
+            ],
+        }
     (results / "manifest.json").write_text(json.dumps(manifest))
 
 
 def track(tmp_path, uri):
-    args = ["track", "--manifest", str(tmp_path / "results" / "manifest.json"), "--results", str(tmp_path / "results"),
-            "--tracking-uri", uri, "--experiment", "demo", "--tag", "git_commit=abc123",
-            "--out", str(tmp_path / "logged.json")]
+    args = [
+        "track",
+        "--manifest",
+        str(tmp_path / "results" / "manifest.json"),
+        "--results",
+        str(tmp_path / "results"),
+        "--tracking-uri",
+        uri,
+        "--experiment",
+        "demo",
+        "--tag",
+        "git_commit=abc123",
+        "--out",
+        str(tmp_path / "logged.json"),
+    ]
     assert main(args) == 0
     logged = json.loads((tmp_path / "logged.json").read_text())
     assert logged.pop("tracking_uri") == uri and logged.pop("experiment") == "demo"
@@ -89,10 +130,27 @@ def test_a_study_is_mirrored_into_a_real_mlflow_server(tmp_path):
         port = probe.getsockname()[1]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     uri = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
@@ -109,7 +167,8 @@ def test_a_study_is_mirrored_into_a_real_mlflow_server(tmp_path):
         assert track(tmp_path, uri) == {"logged": 7, "skipped": 0, "replaced": 0}
         runs = mlflow.MlflowClient(tracking_uri=uri).search_runs(
             [mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name("demo").experiment_id],
-            filter_string="tags.stage = 'eval'")
+            filter_string="tags.stage = 'eval'",
+        )
         assert len(runs) == 2 and all(run.data.metrics["top1_last"] == 0.8 for run in runs)
         assert (tmp_path / "server-artifacts").is_dir()  # artifacts went through the server
     finally:

@@ -156,7 +156,9 @@ def _cmd_robustness(args: argparse.Namespace) -> int:
     from evpretrain.config import load_yaml
     from evpretrain.downstream.robustness import evaluate_robustness
 
-    rows = evaluate_robustness(load_yaml(args.config), args.run, args.eval, args.out, seed=args.seed, device=args.device)
+    rows = evaluate_robustness(
+        load_yaml(args.config), args.run, args.eval, args.out, seed=args.seed, device=args.device
+    )
     for row in rows:
         print(json.dumps(row))
     return 0
@@ -174,8 +176,9 @@ def _cmd_track(args: argparse.Namespace) -> int:
     from evpretrain.pipeline.tracking import log_study
 
     tags = dict(tag.split("=", 1) for tag in args.tag)
-    counts = log_study(json.loads(args.manifest.read_text()), args.results, args.tracking_uri, args.experiment,
-                       tags=tags)
+    counts = log_study(
+        json.loads(args.manifest.read_text()), args.results, args.tracking_uri, args.experiment, tags=tags
+    )
     print(json.dumps(counts))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -190,9 +193,17 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     if not command:
         print("evpretrain: error: submit needs a command after --, e.g. -- pretrain --stage 1 ...", file=sys.stderr)
         return 2
-    resources = JobResources(gpus=args.gpus, tasks=args.tasks, cpus=args.cpus, mem_gb=args.mem_gb,
-                             time_min=args.time_min, nodes=args.nodes, partition=args.partition,
-                             account=args.account, qos=args.qos)
+    resources = JobResources(
+        gpus=args.gpus,
+        tasks=args.tasks,
+        cpus=args.cpus,
+        mem_gb=args.mem_gb,
+        time_min=args.time_min,
+        nodes=args.nodes,
+        partition=args.partition,
+        account=args.account,
+        qos=args.qos,
+    )
     submit_command(command, resources, args.folder, name=args.name or f"evpretrain-{command[0]}")
     return 0
 
@@ -274,28 +285,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     finetune = commands.add_parser("finetune", help="fine-tune and evaluate a backbone on a downstream task")
     tasks = finetune.add_subparsers(dest="task", required=True)
-    for task, text in (("classify", "object recognition: linear probe or full fine-tuning"),
-                       ("segment", "semantic segmentation: UPerNet + FCN auxiliary head; mIoU, mAcc"),
-                       ("flow", "optical flow: dense flow head; AEE, outlier %")):
+    for task, text in (
+        ("classify", "object recognition: linear probe or full fine-tuning"),
+        ("segment", "semantic segmentation: UPerNet + FCN auxiliary head; mIoU, mAcc"),
+        ("flow", "optical flow: dense flow head; AEE, outlier %"),
+    ):
         p = tasks.add_parser(task, help=text)
         if task == "classify":
-            p.add_argument("--mode", required=True, choices=("linear", "finetune"),
-                           help="linear: frozen backbone + linear head; finetune: every parameter trains")
+            p.add_argument(
+                "--mode",
+                required=True,
+                choices=("linear", "finetune"),
+                help="linear: frozen backbone + linear head; finetune: every parameter trains",
+            )
         p.add_argument("--config", required=True, type=Path, help="study config with pretrain and downstream sections")
         p.add_argument("--train", required=True, type=Path, help="training event store (.h5)")
         p.add_argument("--eval", required=True, type=Path, help="evaluation event store (.h5), scored every epoch")
         p.add_argument("--checkpoint", type=Path, help="a pre-training checkpoint.pt; without it, random init")
-        p.add_argument("--checkpoint-source", help="the project a foreign --checkpoint comes from (eventpretrain_vit, "
-                                                   "eventpretrain_convvit, eventpretrain_swin, ecdp_vit, mem_vit)")
-        p.add_argument("--allow-partial", action="store_true",
-                       help="load what fits of a foreign checkpoint that our backbone cannot hold in full")
+        p.add_argument(
+            "--checkpoint-source",
+            help="the project a foreign --checkpoint comes from (eventpretrain_vit, "
+            "eventpretrain_convvit, eventpretrain_swin, ecdp_vit, mem_vit)",
+        )
+        p.add_argument(
+            "--allow-partial",
+            action="store_true",
+            help="load what fits of a foreign checkpoint that our backbone cannot hold in full",
+        )
         p.add_argument("--seed", required=True, type=int, help="seed of the head, the data order, the augmentation")
         p.add_argument("--out", required=True, type=Path, help="run folder: metrics.json, checkpoint.pt, figure")
         p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
         p.set_defaults(func=_cmd_finetune)
 
-    p = commands.add_parser("evaluate-robustness",
-                            help="accuracy of a fine-tuned classifier under shot noise and dropped events")
+    p = commands.add_parser(
+        "evaluate-robustness", help="accuracy of a fine-tuned classifier under shot noise and dropped events"
+    )
     p.add_argument("--config", required=True, type=Path, help="study config (downstream.robustness sets the levels)")
     p.add_argument("--run", required=True, type=Path, help="an `evpretrain finetune classify` run folder")
     p.add_argument("--eval", required=True, type=Path, help="evaluation event store (.h5)")
@@ -308,14 +332,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", required=True, type=Path, help="the study's manifest.json (written by the pipeline)")
     p.add_argument("--results", required=True, type=Path, help="the study's results folder")
     p.add_argument("--out", required=True, type=Path, help="output folder for ablation.{md,tex,csv}")
-    p.add_argument("--figures", type=Path,
-                   help="output folder for loss_curves.png (the stages' logged losses) and each stage's figures")
+    p.add_argument(
+        "--figures",
+        type=Path,
+        help="output folder for loss_curves.png (the stages' logged losses) and each stage's figures",
+    )
     p.set_defaults(func=_cmd_report)
 
     p = commands.add_parser("track", help="mirror a study's runs into MLflow: a parent run per variant, nested runs")
     p.add_argument("--manifest", required=True, type=Path, help="the study's manifest.json (written by the pipeline)")
     p.add_argument("--results", required=True, type=Path, help="the study's results folder")
-    p.add_argument("--tracking-uri", required=True, help="MLflow tracking URI (sqlite:///results/mlflow.db, http://...)")
+    p.add_argument(
+        "--tracking-uri", required=True, help="MLflow tracking URI (sqlite:///results/mlflow.db, http://...)"
+    )
     p.add_argument("--experiment", required=True, help="MLflow experiment (one per study)")
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="a tag for every run (repeatable)")
     p.add_argument("--out", type=Path, help="write what was logged here (a file the pipeline tracks)")

@@ -22,7 +22,8 @@ def save_figure(figure: Any, path: str | Path, **savefig_kwargs: Any) -> Path:
     """Write ``figure`` to ``path`` (format from its suffix) through ``write_atomic``, then close the figure."""
     path = Path(path)
     try:
-        return write_atomic(path, lambda file: figure.savefig(file, format=path.suffix.lstrip(".") or "png",
-                                                              **savefig_kwargs))
+        return write_atomic(
+            path, lambda file: figure.savefig(file, format=path.suffix.lstrip(".") or "png", **savefig_kwargs)
+        )
     finally:
         pyplot().close(figure)

@@ -12,6 +12,7 @@ RESULTS = Path(config.get("results", "results"))
 DEMO_SPLITS = [split for split, n in config["data"].get("demo", {}).get("samples", {}).items() if n > 0]
 PLAN = plan_study(config) if "study" in config else None
 
+
 wildcard_constraints:
     node=r"stage[123]-[0-9a-f]+",
     teacher=r"[0-9a-f]+",
@@ -81,8 +82,9 @@ def all_evaluation_metrics():
 def all_robustness_tables():
     if not PLAN:
         return []
-    return [RESULTS / f"downstream/{name}/robustness/robustness.csv" for name, e in PLAN.evaluations.items()
-            if e.robustness]
+    return [
+        RESULTS / f"downstream/{name}/robustness/robustness.csv" for name, e in PLAN.evaluations.items() if e.robustness
+    ]
 
 
 def table_outputs():

@@ -17,11 +17,11 @@ rule build_demo:
         config=RESULTS / "config/data.demo.yaml",
     output:
         demo_stores(),
-    params:
-        out=lambda wildcards, output: Path(output[0]).parent,
     log:
         RESULTS / "logs/build_demo.log",
     threads: ALL_CORES
+    params:
+        out=lambda wildcards, output: Path(output[0]).parent,
     shell:
         "evpretrain data build-demo --config {input.config} --out {params.out} --workers {threads} --quiet > {log} 2>&1"
 
@@ -36,14 +36,14 @@ for _dataset, _splits in datasets_to_convert().items():
             [RESULTS / "config/data.convert.yaml"] if config["data"].get("convert") else [],
         output:
             [store(_dataset, split) for split in _splits],
+        log:
+            RESULTS / f"logs/convert_{_dataset}.log",
+        threads: ALL_CORES
         params:
             dataset=_dataset,
             root=raw_root(_dataset),
             out=RESULTS / f"data/{_dataset}",
             config=lambda wildcards, input: f"--config {input[0]}" if len(input) else "",
-        log:
-            RESULTS / f"logs/convert_{_dataset}.log",
-        threads: ALL_CORES
         shell:
             "evpretrain data verify --dataset {params.dataset} --root {params.root} > {log} 2>&1 && "
             "evpretrain data convert --dataset {params.dataset} --root {params.root} --out {params.out}"
@@ -56,12 +56,12 @@ rule build_ef:
         config=RESULTS / "config/data.ef.yaml",
     output:
         RESULTS / "data/ef/{split}.h5",
-    params:
-        images=lambda wildcards: config["data"].get("ef_images", {}).get(wildcards.split)
-        or f"MISSING-data.ef_images.{wildcards.split}",
     log:
         RESULTS / "logs/build_ef_{split}.log",
     threads: ALL_CORES
+    params:
+        images=lambda wildcards: config["data"].get("ef_images", {}).get(wildcards.split)
+        or f"MISSING-data.ef_images.{wildcards.split}",
     shell:
         "evpretrain data build-ef --config {input.config} --images {params.images} --out {output}"
         " --workers {threads} --quiet > {log} 2>&1"

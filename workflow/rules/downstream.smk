@@ -16,16 +16,19 @@ rule finetune:
         unpack(evaluation_inputs),
     output:
         RESULTS / "downstream/{evaluation}/metrics.json",
-    params:
-        task=lambda wildcards: PLAN.evaluations[wildcards.evaluation].task,
-        mode=lambda wildcards: (f"--mode {PLAN.evaluations[wildcards.evaluation].mode}"
-                                if PLAN.evaluations[wildcards.evaluation].mode else ""),
-        seed=lambda wildcards: PLAN.evaluations[wildcards.evaluation].seed,
-        checkpoint=lambda wildcards, input: option("--checkpoint", input, "checkpoint"),
-        out=lambda wildcards, output: Path(output[0]).parent,
     log:
         RESULTS / "logs/downstream/{evaluation}.log",
     threads: HEAVY_THREADS  # torch's threads: two jobs sharing cores run 10x slower, not 2x
+    params:
+        task=lambda wildcards: PLAN.evaluations[wildcards.evaluation].task,
+        mode=lambda wildcards: (
+            f"--mode {PLAN.evaluations[wildcards.evaluation].mode}"
+            if PLAN.evaluations[wildcards.evaluation].mode
+            else ""
+        ),
+        seed=lambda wildcards: PLAN.evaluations[wildcards.evaluation].seed,
+        checkpoint=lambda wildcards, input: option("--checkpoint", input, "checkpoint"),
+        out=lambda wildcards, output: Path(output[0]).parent,
     shell:
         "OMP_NUM_THREADS={threads} {LAUNCH_FINETUNE} finetune {params.task} {params.mode} --config {input.config} --train {input.train}"
         " --eval {input.eval} {params.checkpoint} --seed {params.seed} --out {params.out} > {log} 2>&1"
@@ -39,13 +42,13 @@ rule robustness:
         eval=lambda wildcards: evaluation_inputs(wildcards)["eval"],
     output:
         RESULTS / "downstream/{evaluation}/robustness/robustness.csv",
+    log:
+        RESULTS / "logs/robustness/{evaluation}.log",
+    threads: HEAVY_THREADS
     params:
         seed=lambda wildcards: PLAN.evaluations[wildcards.evaluation].seed,
         run=lambda wildcards, input: Path(input.run).parent,
         out=lambda wildcards, output: Path(output[0]).parent,
-    log:
-        RESULTS / "logs/robustness/{evaluation}.log",
-    threads: HEAVY_THREADS
     shell:
         "OMP_NUM_THREADS={threads} {LAUNCH_FINETUNE} evaluate-robustness --config {input.config} --run {params.run}"
         " --eval {input.eval} --seed {params.seed} --out {params.out} > {log} 2>&1"
@@ -71,12 +74,16 @@ rule tables:
         RESULTS / "tables/ablation.md",
         RESULTS / "tables/ablation.tex",
         report(RESULTS / "tables/ablation.csv", caption="../report/ablation.rst", category="Tables"),
-        figures=report(directory(RESULTS / "figures"), patterns=["{name}.png"], caption="../report/figures.rst",
-                       category="Figures"),
-    params:
-        out=RESULTS / "tables",
+        figures=report(
+            directory(RESULTS / "figures"),
+            patterns=["{name}.png"],
+            caption="../report/figures.rst",
+            category="Figures",
+        ),
     log:
         RESULTS / "logs/tables.log",
+    params:
+        out=RESULTS / "tables",
     shell:
         "evpretrain report --manifest {input.manifest} --results {RESULTS} --out {params.out}"
         " --figures {output.figures} > {log} 2>&1"
@@ -90,12 +97,12 @@ rule track:
         metrics=all_evaluation_metrics(),
     output:
         RESULTS / "mlflow/logged.json",
+    log:
+        RESULTS / "logs/track.log",
     params:
         uri=tracking_uri(),
         experiment=config["study"]["name"] if PLAN else None,
         commit=git_commit(),
-    log:
-        RESULTS / "logs/track.log",
     shell:
         "evpretrain track --manifest {input.manifest} --results {RESULTS} --tracking-uri '{params.uri}'"
         " --experiment '{params.experiment}' --tag git_commit={params.commit} --out {output} > {log} 2>&1"

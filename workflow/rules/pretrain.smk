@@ -40,14 +40,14 @@ rule pretrain_stage:
     output:
         checkpoint=RESULTS / "pretrain/{node}/checkpoint.pt",
         metrics=RESULTS / "pretrain/{node}/metrics.json",
+    log:
+        RESULTS / "logs/pretrain/{node}.log",
+    threads: HEAVY_THREADS  # torch's threads: two jobs sharing cores run 10x slower, not 2x
     params:
         stage=lambda wildcards: PLAN.nodes[wildcards.node].stage,
         out=lambda wildcards, output: Path(output.checkpoint).parent,
         teacher=lambda wildcards, input: option("--teacher-features", input, "teacher"),
         init=lambda wildcards, input: option("--init", input, "init"),
-    log:
-        RESULTS / "logs/pretrain/{node}.log",
-    threads: HEAVY_THREADS  # torch's threads: two jobs sharing cores run 10x slower, not 2x
     shell:
         "OMP_NUM_THREADS={threads} {LAUNCH_PRETRAIN} pretrain --stage {params.stage} --config {input.config} --data {input.train} --val {input.val}"
         " {params.teacher} {params.init} --out {params.out} > {log} 2>&1"

@@ -4,7 +4,8 @@ Nothing is downloaded: the digits are scikit-learn's (1,797 real 8x8 scans, 10 c
 texture that scikit-image ships. Each sample is an N-MNIST-style saccade: the view pans over the texture along
 ``saccade_legs`` consecutive legs of N-MNIST's triangle (directions 120 degrees apart, the first one random among the
 three, jittered), and the digit drifts a little on top of that motion, so the scene holds two motions. One leg hides
-the strokes that lie along its direction (a moving edge fires only across its motion); two legs show every stroke. Frames are rendered at a fixed rate and simulated into events.
+the strokes that lie along its direction (a moving edge fires only across its motion); two legs show every stroke.
+Frames are rendered at a fixed rate and simulated into events.
 
 Per sample the store holds: noisy and clean events, frames (T, H, W) in [0, 1], difference maps (T-1, H, W)
 (log-intensity change between consecutive frames), the digit label, a mask (H, W) with 11 classes (0 background,
@@ -66,7 +67,9 @@ class DemoConfig:
         if not 8 <= self.digit_size <= self.image_size // 2 + 8:
             raise ValueError(f"digit_size {self.digit_size} must lie in [8, image_size / 2 + 8]")
         if self.digit_jitter_px is not None and self.digit_jitter_px < 0:
-            raise ValueError(f"digit_jitter_px must be >= 0 (or null: anywhere in the frame), got {self.digit_jitter_px}")
+            raise ValueError(
+                f"digit_jitter_px must be >= 0 (or null: anywhere in the frame), got {self.digit_jitter_px}"
+            )
         if self.num_frames < 2:
             raise ValueError("num_frames must be >= 2")
         if not 1 <= self.saccade_legs <= min(3, self.num_frames - 1):
@@ -77,7 +80,8 @@ class DemoConfig:
         travel = (high + self.digit_drift_px_per_frame) * (self.num_frames - 1)
         if self.digit_size + 2 * travel + 2 > self.image_size:
             raise ValueError(
-                f"the digit ({self.digit_size} px) travelling up to {travel:.1f} px does not fit in {self.image_size} px"
+                f"the digit ({self.digit_size} px) travelling up to {travel:.1f} px does not fit in "
+                f"{self.image_size} px"
             )
 
 
@@ -133,7 +137,9 @@ def saccade_path(config: DemoConfig, rng: np.random.Generator) -> tuple[np.ndarr
     return pan, pan + drift * np.arange(config.num_frames)[:, None]
 
 
-def render_sample(digit: np.ndarray, label: int, background: np.ndarray, config: DemoConfig, rng: np.random.Generator) -> DemoSample:
+def render_sample(
+    digit: np.ndarray, label: int, background: np.ndarray, config: DemoConfig, rng: np.random.Generator
+) -> DemoSample:
     """Render one saccade: the texture pans along ``config.saccade_legs`` legs, the digit moves with it plus a drift.
 
     ``digit`` is (8, 8) in [0, 1]. All velocities are (dx, dy) pixels per frame in image coordinates.
@@ -224,7 +230,9 @@ def _jobs(config: DemoConfig, split: str, digits: tuple[np.ndarray, np.ndarray])
         yield _Job(split, index, images[k], int(labels[k]), seed)
 
 
-def build_demo(config: DemoConfig, out_dir: str | Path, *, workers: int | None = None, progress: bool = True) -> dict[str, Path]:
+def build_demo(
+    config: DemoConfig, out_dir: str | Path, *, workers: int | None = None, progress: bool = True
+) -> dict[str, Path]:
     """Build ``out_dir/{train,val,test}.h5``; return the written paths by split. Deterministic for ``config.seed``."""
     from tqdm import tqdm
 

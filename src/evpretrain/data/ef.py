@@ -103,7 +103,9 @@ def moving_video(image: np.ndarray, config: EFConfig, rng: np.random.Generator) 
     return np.clip(frames, 0.0, 1.0)
 
 
-def _shard_job(config: EFConfig, paths: list[Path], labels: list[int], first_index: int, out: Path, classes: list[str]) -> int:
+def _shard_job(
+    config: EFConfig, paths: list[Path], labels: list[int], first_index: int, out: Path, classes: list[str]
+) -> int:
     timestamps = np.round(np.arange(config.num_frames) * 1e6 / config.frame_rate_hz).astype(np.int64)
     # The window must stay inside the image over the whole pan: pad the shorter side by the travel.
     travel = config.pan_speed_px_per_frame[1] * (config.num_frames - 1)
@@ -133,7 +135,9 @@ def _shard_job(config: EFConfig, paths: list[Path], labels: list[int], first_ind
     return len(paths)
 
 
-def build_ef(config: EFConfig, images: str | Path, out: str | Path, *, workers: int | None = None, progress: bool = True) -> Path:
+def build_ef(
+    config: EFConfig, images: str | Path, out: str | Path, *, workers: int | None = None, progress: bool = True
+) -> Path:
     """Build the store ``out`` from the image folder ``images``; resumable through ``<out>.shards/``."""
     from tqdm import tqdm
 
@@ -158,9 +162,17 @@ def build_ef(config: EFConfig, images: str | Path, out: str | Path, *, workers: 
     shards = [shard_dir / f"shard-{i // config.shard_size:06d}.h5" for i in starts]
     todo = [(s, p) for s, p in zip(starts, shards) if not p.exists()]
     workers = workers or len(os.sched_getaffinity(0))
-    with tqdm(total=len(paths), initial=len(paths) - sum(len(paths[s : s + config.shard_size]) for s, _ in todo),
-              desc="build-ef", unit="image", disable=not progress) as bar:
-        jobs = [(config, paths[s : s + config.shard_size], labels[s : s + config.shard_size], s, p, classes) for s, p in todo]
+    with tqdm(
+        total=len(paths),
+        initial=len(paths) - sum(len(paths[s : s + config.shard_size]) for s, _ in todo),
+        desc="build-ef",
+        unit="image",
+        disable=not progress,
+    ) as bar:
+        jobs = [
+            (config, paths[s : s + config.shard_size], labels[s : s + config.shard_size], s, p, classes)
+            for s, p in todo
+        ]
         if workers == 1:  # in-process: no pool start-up, and a debugger or profiler sees the work
             for job in jobs:
                 bar.update(_shard_job(*job))

@@ -108,7 +108,13 @@ class EventStoreWriter:
         self._written = {"events": 0, "clean_events": 0}
         self._fields: set[str] | None = None
         self._names: list[str] = []
-        self._columns: dict[str, list] = {"offset": [], "count": [], "clean_offset": [], "clean_count": [], "labels": []}
+        self._columns: dict[str, list] = {
+            "offset": [],
+            "count": [],
+            "clean_offset": [],
+            "clean_count": [],
+            "labels": [],
+        }
         self._num_samples = 0
         self._closed = False
 
@@ -147,7 +153,8 @@ class EventStoreWriter:
             self._fields = fields
         elif fields != self._fields:
             raise StoreError(
-                self.path, f"sample {self._num_samples} has fields {sorted(fields)}, the first had {sorted(self._fields)}"
+                self.path,
+                f"sample {self._num_samples} has fields {sorted(fields)}, the first had {sorted(self._fields)}",
             )
         self._queue_events("events", events)
         if clean_events is not None:
@@ -179,7 +186,9 @@ class EventStoreWriter:
                 continue
             events = np.concatenate(chunks)
             for column in EVENT_DTYPE.names:
-                self._append(f"{group}/{column}", np.ascontiguousarray(events[column]), chunk=(EVENT_CHUNK,), kind="events")
+                self._append(
+                    f"{group}/{column}", np.ascontiguousarray(events[column]), chunk=(EVENT_CHUNK,), kind="events"
+                )
             self._written[group] += len(events)
             self._pending_len[group] = 0
             chunks.clear()
@@ -221,7 +230,9 @@ class EventStoreWriter:
             for group in ("events",) + (("clean_events",) if self._fields and "clean_events" in self._fields else ()):
                 if group not in self._file:  # samples without any event still need the columns
                     for column in EVENT_DTYPE.names:
-                        self._append(f"{group}/{column}", np.empty(0, EVENT_DTYPE[column]), chunk=(EVENT_CHUNK,), kind="events")
+                        self._append(
+                            f"{group}/{column}", np.empty(0, EVENT_DTYPE[column]), chunk=(EVENT_CHUNK,), kind="events"
+                        )
             index = {"samples/offset": "offset", "samples/count": "count"}
             if self._fields and "clean_events" in self._fields:
                 index |= {"samples/clean_offset": "clean_offset", "samples/clean_count": "clean_count"}
@@ -274,9 +285,15 @@ class EventStore:
         self._datasets: dict[str, h5py.Dataset] = {}
         file = self._open()
         if file.attrs.get("format") != STORE_FORMAT:
-            raise StoreError(self.path, f"not an event store: attribute 'format' is {file.attrs.get('format')!r}, expected {STORE_FORMAT!r}")
+            raise StoreError(
+                self.path,
+                f"not an event store: attribute 'format' is {file.attrs.get('format')!r}, expected {STORE_FORMAT!r}",
+            )
         if int(file.attrs.get("format_version", -1)) > STORE_VERSION:
-            raise StoreError(self.path, f"store format version {file.attrs['format_version']} is newer than this reader ({STORE_VERSION})")
+            raise StoreError(
+                self.path,
+                f"store format version {file.attrs['format_version']} is newer than this reader ({STORE_VERSION})",
+            )
         for name in ("events/t", "samples/offset", "samples/count"):
             if name not in file:
                 raise StoreError(self.path, f"missing dataset /{name}")
@@ -302,7 +319,10 @@ class EventStore:
         return self._datasets[name]
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_file", "_datasets")} | {"_file": None, "_datasets": {}}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_file", "_datasets")} | {
+            "_file": None,
+            "_datasets": {},
+        }
 
     def __enter__(self) -> EventStore:
         return self
@@ -352,7 +372,11 @@ class EventStore:
     @property
     def names(self) -> list[str] | None:
         file = self._open()
-        return [n.decode() if isinstance(n, bytes) else n for n in file["samples/name"][:]] if "samples/name" in file else None
+        return (
+            [n.decode() if isinstance(n, bytes) else n for n in file["samples/name"][:]]
+            if "samples/name" in file
+            else None
+        )
 
     def events(self, index: int, *, clean: bool = False) -> np.ndarray:
         """Sample ``index``'s events as an EVENT_DTYPE array (the noise-free ones with ``clean=True``)."""
@@ -372,11 +396,16 @@ class EventStore:
         return out
 
     def dense(self, key: str, index: int) -> np.ndarray:
-        """Sample ``index``'s dense field: frames (T, H, W), diff_maps (T-1, H, W), flow (2, H, W), masks or valid (H, W)."""
+        """Sample ``index``'s dense field.
+
+        Frames (T, H, W), diff_maps (T-1, H, W), flow (2, H, W), masks or valid (H, W).
+        """
         index = self._check_index(index)
         file = self._open()
         if key not in DENSE_KEYS or key not in file:
-            raise StoreError(self.path, f"no dense field {key!r}; this store has {[k for k in DENSE_KEYS if k in file]}")
+            raise StoreError(
+                self.path, f"no dense field {key!r}; this store has {[k for k in DENSE_KEYS if k in file]}"
+            )
         return self._dataset(key)[index]
 
     def sample(self, index: int) -> dict[str, Any]:
@@ -412,7 +441,9 @@ class EventStore:
                 if node.dtype.kind == "O":
                     h.update("\0".join(v.decode() if isinstance(v, bytes) else v for v in node[:]).encode())
                 else:
-                    step = max(1, (64 << 20) // max(1, node.dtype.itemsize * int(np.prod(node.shape[1:], dtype=np.int64))))
+                    step = max(
+                        1, (64 << 20) // max(1, node.dtype.itemsize * int(np.prod(node.shape[1:], dtype=np.int64)))
+                    )
                     for start in range(0, node.shape[0], step):
                         h.update(np.ascontiguousarray(node[start : start + step]).tobytes())
                 hashes[name] = h

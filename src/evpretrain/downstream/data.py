@@ -78,12 +78,15 @@ class AugmentConfig:
     def __post_init__(self) -> None:
         low, high = self.erase_add_fraction
         if not 0.0 <= low <= high <= 0.5:
-            raise ValueError(f"augment.erase_add_fraction must be [low, high] with 0 <= low <= high <= 0.5, got "
-                             f"{list(self.erase_add_fraction)}")
+            raise ValueError(
+                f"augment.erase_add_fraction must be [low, high] with 0 <= low <= high <= 0.5, got "
+                f"{list(self.erase_add_fraction)}"
+            )
         low, high = self.crop_scale
         if not 0.0 < low <= high <= 1.0:
-            raise ValueError(f"augment.crop_scale must be [low, high] with 0 < low <= high <= 1, got "
-                             f"{list(self.crop_scale)}")
+            raise ValueError(
+                f"augment.crop_scale must be [low, high] with 0 < low <= high <= 1, got {list(self.crop_scale)}"
+            )
         if not 0.0 <= self.hflip_p <= 1.0:
             raise ValueError(f"augment.hflip_p must lie in [0, 1], got {self.hflip_p}")
         if self.jitter_px < 0:
@@ -146,8 +149,9 @@ class DownstreamDataset(Dataset):
         self.attrs = store.attrs
         needed = {"classify": "labels", "segment": "masks", "flow": "flow"}[task]
         if needed not in fields:
-            raise StoreError(self.store_path, f"task {task!r} needs the field {needed!r}; this store holds "
-                                              f"{sorted(fields)}")
+            raise StoreError(
+                self.store_path, f"task {task!r} needs the field {needed!r}; this store holds {sorted(fields)}"
+            )
         self.task = task
         self.train = train
         self.num_bins = num_bins
@@ -193,8 +197,9 @@ class DownstreamDataset(Dataset):
         rng = np.random.default_rng((self.seed, int(self._epoch) if self.train else 0, int(index)))
         events = self._window(store.events(index), rng)
         if self.corruption is not None:
-            events = apply_corruption(events, self.sensor_size, self.corruption,
-                                      corruption_seed(self.seed, index, self.corruption))
+            events = apply_corruption(
+                events, self.sensor_size, self.corruption, corruption_seed(self.seed, index, self.corruption)
+            )
         if self.train and self.augment.erase_add_fraction[1] > 0:
             fraction = rng.uniform(*self.augment.erase_add_fraction)
             events = erase_and_add_events(events, fraction, self.augment.jitter_px, self.sensor_size, rng)

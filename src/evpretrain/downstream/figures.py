@@ -16,8 +16,16 @@ from evpretrain.plotting import pyplot, save_figure
 FIGURE_NAMES = {"classify": "confusion.png", "segment": "masks.png", "flow": "flow.png"}
 
 
-def write_task_figure(task: str, model: nn.Module, dataset: Dataset, scores: dict[str, Any], out_dir: Path,
-                      *, class_names: list[str] | None = None, samples: int = 4) -> Path:
+def write_task_figure(
+    task: str,
+    model: nn.Module,
+    dataset: Dataset,
+    scores: dict[str, Any],
+    out_dir: Path,
+    *,
+    class_names: list[str] | None = None,
+    samples: int = 4,
+) -> Path:
     """Write ``out_dir/<FIGURE_NAMES[task]>``; dense tasks show the first ``samples`` samples of ``dataset``."""
     plt = pyplot()
 
@@ -65,8 +73,13 @@ def _dense_figure(plt, task: str, model: nn.Module, samples: list[dict[str, torc
             true[true == 255] = np.nan
             classes = out["logits"].shape[1]
             axes[row, 1].imshow(true, cmap="tab20", vmin=0, vmax=max(classes - 1, 1), interpolation="nearest")
-            axes[row, 2].imshow(out["logits"][row].argmax(0).cpu().numpy(), cmap="tab20", vmin=0,
-                                vmax=max(classes - 1, 1), interpolation="nearest")
+            axes[row, 2].imshow(
+                out["logits"][row].argmax(0).cpu().numpy(),
+                cmap="tab20",
+                vmin=0,
+                vmax=max(classes - 1, 1),
+                interpolation="nearest",
+            )
             titles = ("events", "true mask", "predicted mask")
         else:
             true = sample["flow"] * sample["valid"]

@@ -39,8 +39,11 @@ def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> nn.S
     """Conv (no bias), BatchNorm, ReLU; 'same' padding (mmcv's ConvModule as mmsegmentation's heads use it).
     Written out rather than torchvision's Conv2dNormActivation (same layout): importing torchvision.ops costs a
     job 2 s of start-up."""
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
-                         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
 
 
 def _init_dense_head(module: nn.Module) -> None:
@@ -76,13 +79,19 @@ class MultiLevelNeck(nn.Module):
         if stride % 4:
             raise ValueError(f"the ViT multi-level neck needs a stride divisible by 4, got {stride}")
         c0, c1 = in_channels[0], in_channels[1]
-        self.rescales = nn.ModuleList([
-            nn.Sequential(nn.ConvTranspose2d(c0, c0, 2, stride=2), nn.BatchNorm2d(c0), nn.GELU(),
-                          nn.ConvTranspose2d(c0, c0, 2, stride=2)),
-            nn.ConvTranspose2d(c1, c1, 2, stride=2),
-            nn.Identity(),
-            nn.MaxPool2d(2, stride=2),
-        ])
+        self.rescales = nn.ModuleList(
+            [
+                nn.Sequential(
+                    nn.ConvTranspose2d(c0, c0, 2, stride=2),
+                    nn.BatchNorm2d(c0),
+                    nn.GELU(),
+                    nn.ConvTranspose2d(c0, c0, 2, stride=2),
+                ),
+                nn.ConvTranspose2d(c1, c1, 2, stride=2),
+                nn.Identity(),
+                nn.MaxPool2d(2, stride=2),
+            ]
+        )
         self.out_strides = [stride // 4, stride // 2, stride, stride * 2]
 
     def forward(self, feature_maps: Sequence[Tensor]) -> list[Tensor]:
@@ -135,8 +144,9 @@ class UPerFusion(nn.Module):
 
     def forward(self, feature_maps: Sequence[Tensor]) -> Tensor:
         if [f.shape[1] for f in feature_maps] != self.in_channels:
-            raise ValueError(f"expected maps with channels {self.in_channels}, "
-                             f"got {[f.shape[1] for f in feature_maps]}")
+            raise ValueError(
+                f"expected maps with channels {self.in_channels}, got {[f.shape[1] for f in feature_maps]}"
+            )
         laterals = [conv(f) for conv, f in zip(self.lateral_convs, feature_maps)]
         laterals.append(self.ppm_bottleneck(self.ppm(feature_maps[-1])))
         for level in range(len(laterals) - 1, 0, -1):
@@ -155,8 +165,15 @@ class UPerHead(nn.Module):
     the input size.
     """
 
-    def __init__(self, in_channels: Sequence[int], in_strides: Sequence[int], channels: int, num_classes: int,
-                 pool_scales: Sequence[int] = (1, 2, 3, 6), dropout: float = 0.1):
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        in_strides: Sequence[int],
+        channels: int,
+        num_classes: int,
+        pool_scales: Sequence[int] = (1, 2, 3, 6),
+        dropout: float = 0.1,
+    ):
         super().__init__()
         if len(in_channels) != len(in_strides):
             raise ValueError(f"{len(in_channels)} channel counts for {len(in_strides)} strides")
@@ -178,8 +195,15 @@ class FCNHead(nn.Module):
     and the paper's ``loss_weight``); the head itself knows nothing of the weight.
     """
 
-    def __init__(self, in_channels: int, channels: int, num_classes: int, num_convs: int = 1, in_index: int = -2,
-                 dropout: float = 0.1):
+    def __init__(
+        self,
+        in_channels: int,
+        channels: int,
+        num_classes: int,
+        num_convs: int = 1,
+        in_index: int = -2,
+        dropout: float = 0.1,
+    ):
         super().__init__()
         self.in_index = in_index
         self.convs = nn.Sequential(
@@ -202,8 +226,15 @@ class SegmentationModel(nn.Module):
     Channels default to mmsegmentation's UPerNet (512 for the decoder, 256 for the auxiliary head).
     """
 
-    def __init__(self, backbone: Backbone, num_classes: int, channels: int = 512, aux: bool = True,
-                 aux_channels: int = 256, pool_scales: Sequence[int] = (1, 2, 3, 6)):
+    def __init__(
+        self,
+        backbone: Backbone,
+        num_classes: int,
+        channels: int = 512,
+        aux: bool = True,
+        aux_channels: int = 256,
+        pool_scales: Sequence[int] = (1, 2, 3, 6),
+    ):
         super().__init__()
         self.backbone = backbone
         self.neck, strides = build_neck(backbone.feature_dims, backbone.feature_strides)

@@ -44,9 +44,20 @@ from torch import Tensor, nn
 from evpretrain.config import ConfigError
 from evpretrain.models.pos_embed import sincos_pos_embed_2d
 
-__all__ = ["KEY_MAPS", "CheckpointImportError", "ImportReport", "KeyMap", "Rewrite", "fixed_pos_embed",
-           "fold_layer_scale", "fuse_qv_bias", "import_checkpoint", "known_sources", "map_state_dict",
-           "read_state_dict"]
+__all__ = [
+    "KEY_MAPS",
+    "CheckpointImportError",
+    "ImportReport",
+    "KeyMap",
+    "Rewrite",
+    "fixed_pos_embed",
+    "fold_layer_scale",
+    "fuse_qv_bias",
+    "import_checkpoint",
+    "known_sources",
+    "map_state_dict",
+    "read_state_dict",
+]
 
 # Where projects keep the weights inside a saved checkpoint, tried in this order; otherwise the top level.
 STATE_DICT_CONTAINERS = ("model", "state_dict", "checkpoint", "module")
@@ -151,8 +162,10 @@ class ImportReport:
             lines.append(f"missing from the checkpoint: {_abbreviate(self.missing)}")
         if self.unexpected:
             lines.append(f"unexpected (no parameter of ours after renaming): {_abbreviate(self.unexpected)}")
-        lines += [f"shape mismatch {key}: checkpoint {theirs}, backbone {ours}"
-                  for key, (theirs, ours) in self.shape_mismatches.items()]
+        lines += [
+            f"shape mismatch {key}: checkpoint {theirs}, backbone {ours}"
+            for key, (theirs, ours) in self.shape_mismatches.items()
+        ]
         return lines
 
     def summary(self) -> str:
@@ -160,14 +173,16 @@ class ImportReport:
         state = "complete" if self.complete else "PARTIAL"
         lines = [f"{self.source} checkpoint {self.path or '<state dict>'}: {len(self.loaded)} tensors loaded, {state}"]
         lines += [f"  dropped {_abbreviate(keys)}: {reason}" for reason, keys in _by_reason(self.dropped)]
-        lines += [f"  kept as initialised {_abbreviate(keys)}: {reason}"
-                  for reason, keys in _by_reason(self.kept_initialised)]
+        lines += [
+            f"  kept as initialised {_abbreviate(keys)}: {reason}" for reason, keys in _by_reason(self.kept_initialised)
+        ]
         lines += [f"  {line}" for line in self.problems()]
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
 # --- transforms -----------------------------------------------------------------------------------------------------
+
 
 def fuse_qv_bias(state: dict[str, Tensor], backbone: nn.Module) -> Rewrite:
     """BEiT's attention has a q and a v bias and no k bias; timm's one ``qkv.bias`` is [q_bias, 0, v_bias] (exact)."""
@@ -205,8 +220,14 @@ def fold_layer_scale(state: dict[str, Tensor], backbone: nn.Module) -> Rewrite:
         if f"{target}.bias" in state:
             state[f"{target}.bias"] = gamma * state[f"{target}.bias"]
         folded += 1
-    notes = (f"layer scale (gamma_1, gamma_2) folded into attn.proj and mlp.fc2: {folded} vectors, the same function; "
-             "fine-tuning then trains the folded weights",) if folded else ()
+    notes = (
+        (
+            f"layer scale (gamma_1, gamma_2) folded into attn.proj and mlp.fc2: {folded} vectors, the same function; "
+            "fine-tuning then trains the folded weights",
+        )
+        if folded
+        else ()
+    )
     return Rewrite(state, notes=notes)
 
 
@@ -222,14 +243,26 @@ def fixed_pos_embed(state: dict[str, Tensor], backbone: nn.Module, *, num_prefix
     num_rows, dim = rows.shape
     side = math.isqrt(num_rows)
     if side * side != num_rows or dim % 4:
-        return Rewrite(state, unmappable={"pos_embed": (
-            f"a learned position embedding of {num_rows} positions x {dim}; our backbone adds a fixed 2-D sin-cos "
-            "embedding and cannot hold a learned one")})
+        return Rewrite(
+            state,
+            unmappable={
+                "pos_embed": (
+                    f"a learned position embedding of {num_rows} positions x {dim}; our backbone adds a fixed "
+                    "2-D sin-cos embedding and cannot hold a learned one"
+                )
+            },
+        )
     deviation = (rows - sincos_pos_embed_2d(dim, (side, side))).abs().max().item()
     if deviation > FIXED_POS_EMBED_ATOL:
-        return Rewrite(state, unmappable={"pos_embed": (
-            f"a learned position embedding ({side}x{side} grid, up to {deviation:.3g} from the fixed sin-cos table); "
-            "our backbone adds the fixed table and cannot hold a learned one")})
+        return Rewrite(
+            state,
+            unmappable={
+                "pos_embed": (
+                    f"a learned position embedding ({side}x{side} grid, up to {deviation:.3g} from the fixed "
+                    "sin-cos table); our backbone adds the fixed table and cannot hold a learned one"
+                )
+            },
+        )
     reason = f"the fixed 2-D sin-cos table of a {side}x{side} grid, which our backbone computes itself"
     grid = tuple(getattr(backbone, "grid_size", (side, side)))
     if grid != (side, side):
@@ -247,96 +280,121 @@ _PAPER_DROPPED = (
     (r"(norm_clip_emb|clip_emb_proj)\..*", "the stage-2/3 image-token LayerNorm and projection"),
     (r"queue(_ptr)?", "the contrastive queue of image tokens"),
     (r"classify_head\..*", "a classification head"),
-    (r"stage\d_output_decode\..*", "the stage-1 fusion convolutions bringing early stages to the last grid (ours "
-                                   "are part of the pre-training head)"),
+    (
+        r"stage\d_output_decode\..*",
+        "the stage-1 fusion convolutions bringing early stages to the last grid (ours "
+        "are part of the pre-training head)",
+    ),
     (r"fpn\..*", "the down-sampling neck of dense fine-tuning"),
 )
 _PAPER_NORM = (r"(norm_layer|norm_l_h|norm_h)\.(weight|bias)", r"norm.\2")
 
-_ECDP_TOKENS = ("ECDP's two learned tokens (event, image) prepended to the patch tokens; our ViT has no prefix "
-                "tokens, so its patch tokens no longer attend to them and are mean-pooled instead")
-_BEIT_CLS = ("BEiT's class token; our ViT has no prefix token, so its patch tokens no longer attend to it and are "
-             "mean-pooled instead")
+_ECDP_TOKENS = (
+    "ECDP's two learned tokens (event, image) prepended to the patch tokens; our ViT has no prefix "
+    "tokens, so its patch tokens no longer attend to them and are mean-pooled instead"
+)
+_BEIT_CLS = (
+    "BEiT's class token; our ViT has no prefix token, so its patch tokens no longer attend to it and are "
+    "mean-pooled instead"
+)
 
-KEY_MAPS: dict[str, KeyMap] = {keymap.source: keymap for keymap in (
-    KeyMap(
-        source="eventpretrain_vit",
-        description="the paper's ViT-S/16 or ViT-B/16 (BIT-Vision/EventPretrain model/backbone/vit.py)",
-        backbone="create_backbone('vit_small_patch16') or create_backbone('vit_base_patch16')",
-        backbone_prefixes=_PAPER_PREFIXES,
-        dropped=_PAPER_DROPPED,
-        renames=((r"vit_block\.(\d+)\.(.*)", r"blocks.\1.\2"), _PAPER_NORM),
-        transforms=(fixed_pos_embed,),
-        norm_eps=1e-6,
-    ),
-    KeyMap(
-        source="eventpretrain_convvit",
-        description="the paper's ConvViT-S or ConvViT-B (BIT-Vision/EventPretrain model/backbone/convvit.py)",
-        backbone="create_backbone('convvit_small') or create_backbone('convvit_base')",
-        backbone_prefixes=_PAPER_PREFIXES,
-        dropped=_PAPER_DROPPED,
-        renames=((r"conv_block([12])\.(.*)", r"blocks\1.\2"), (r"vit_block\.(.*)", r"blocks3.\1"), _PAPER_NORM),
-        transforms=(fixed_pos_embed,),
-        norm_eps=1e-6,
-    ),
-    KeyMap(
-        source="eventpretrain_swin",
-        description="the paper's Swin-T, GreenMIM's layout (BIT-Vision/EventPretrain model/backbone/swin.py)",
-        backbone="create_backbone('swin_tiny')",
-        backbone_prefixes=_PAPER_PREFIXES,
-        dropped=(*_PAPER_DROPPED,
-                 (r"swin_block\.\d+\.blocks\.\d+\.attn\.relative_position_index",
-                  "an index buffer derived from the window size, which our Swin computes itself")),
-        renames=(
-            (r"swin_block\.(\d+)\.blocks\.(.*)", r"stages.\1.blocks.\2"),
-            # GreenMIM merges patches at the end of stage i; timm at the start of stage i + 1.
-            (r"swin_block\.(\d+)\.downsample\.(.*)", lambda m: f"stages.{int(m[1]) + 1}.downsample.{m[2]}"),
-            _PAPER_NORM,
+KEY_MAPS: dict[str, KeyMap] = {
+    keymap.source: keymap
+    for keymap in (
+        KeyMap(
+            source="eventpretrain_vit",
+            description="the paper's ViT-S/16 or ViT-B/16 (BIT-Vision/EventPretrain model/backbone/vit.py)",
+            backbone="create_backbone('vit_small_patch16') or create_backbone('vit_base_patch16')",
+            backbone_prefixes=_PAPER_PREFIXES,
+            dropped=_PAPER_DROPPED,
+            renames=((r"vit_block\.(\d+)\.(.*)", r"blocks.\1.\2"), _PAPER_NORM),
+            transforms=(fixed_pos_embed,),
+            norm_eps=1e-6,
         ),
-        initialised_ok=((r"mask_token", "our SimMIM mask token, used only under a mask; the paper's Swin drops "
-                                        "hidden patches instead"),),
-        norm_eps=1e-6,
-    ),
-    KeyMap(
-        source="ecdp_vit",
-        description="ECDP's ViT-S/16 (Yang et al., ICCV 2023; Yan98/Event-Camera-Data-Pre-training)",
-        backbone="create_backbone('vit_small_patch16', in_chans=2, patch_norm=False)",
-        backbone_prefixes=("encoder_q.",),
-        dropped=(
-            (r"encoder_k\..*", "the momentum (key) encoder, a moving average of encoder_q"),
-            (r"pred[12]\..*", "the MoCo-v3 predictors"),
-            (r"to_event\..*", "the projection of the CLIP embedding"),
-            (r"(event_head|image_head)\..*", "the contrastive projection heads"),
-            (r"head\..*", "the classification head on the two tokens"),
-            (r"tokens|cls_token", _ECDP_TOKENS),
+        KeyMap(
+            source="eventpretrain_convvit",
+            description="the paper's ConvViT-S or ConvViT-B (BIT-Vision/EventPretrain model/backbone/convvit.py)",
+            backbone="create_backbone('convvit_small') or create_backbone('convvit_base')",
+            backbone_prefixes=_PAPER_PREFIXES,
+            dropped=_PAPER_DROPPED,
+            renames=((r"conv_block([12])\.(.*)", r"blocks\1.\2"), (r"vit_block\.(.*)", r"blocks3.\1"), _PAPER_NORM),
+            transforms=(fixed_pos_embed,),
+            norm_eps=1e-6,
         ),
-        transforms=(fixed_pos_embed,),
-        norm_eps=1e-6,
-    ),
-    KeyMap(
-        source="mem_vit",
-        description="MEM's BEiT ViT-B/16 (Klenk et al., WACV 2024; tum-vision/mem)",
-        backbone="create_backbone('vit_base_patch16', in_chans=2, patch_norm=False)",
-        dropped=(
-            (r"cls_token", _BEIT_CLS),
-            (r"mask_token", "BEiT's mask token, used only under a mask in pre-training"),
-            (r"lm_head\..*", "the visual-token prediction head of pre-training"),
-            (r"head\..*", "a classification head"),
-            (r"(rel_pos_bias|blocks\.\d+\.attn)\.relative_position_index", "an index buffer derived from the grid"),
+        KeyMap(
+            source="eventpretrain_swin",
+            description="the paper's Swin-T, GreenMIM's layout (BIT-Vision/EventPretrain model/backbone/swin.py)",
+            backbone="create_backbone('swin_tiny')",
+            backbone_prefixes=_PAPER_PREFIXES,
+            dropped=(
+                *_PAPER_DROPPED,
+                (
+                    r"swin_block\.\d+\.blocks\.\d+\.attn\.relative_position_index",
+                    "an index buffer derived from the window size, which our Swin computes itself",
+                ),
+            ),
+            renames=(
+                (r"swin_block\.(\d+)\.blocks\.(.*)", r"stages.\1.blocks.\2"),
+                # GreenMIM merges patches at the end of stage i; timm at the start of stage i + 1.
+                (r"swin_block\.(\d+)\.downsample\.(.*)", lambda m: f"stages.{int(m[1]) + 1}.downsample.{m[2]}"),
+                _PAPER_NORM,
+            ),
+            initialised_ok=(
+                (
+                    r"mask_token",
+                    "our SimMIM mask token, used only under a mask; the paper's Swin drops hidden patches instead",
+                ),
+            ),
+            norm_eps=1e-6,
         ),
-        unmappable=(
-            (r"rel_pos_bias\.relative_position_bias_table",
-             "BEiT's relative position bias shared by all blocks: our ViT has no attention bias, and MEM has no "
-             "absolute position embedding, so this is all it knows of position"),
-            (r"blocks\.\d+\.attn\.relative_position_bias_table",
-             "a per-block relative position bias: our ViT has no attention bias"),
-            (r"fc_norm\.(weight|bias)",
-             "a LayerNorm of the mean-pooled token (BEiT fine-tuning); ours normalises each token before pooling"),
+        KeyMap(
+            source="ecdp_vit",
+            description="ECDP's ViT-S/16 (Yang et al., ICCV 2023; Yan98/Event-Camera-Data-Pre-training)",
+            backbone="create_backbone('vit_small_patch16', in_chans=2, patch_norm=False)",
+            backbone_prefixes=("encoder_q.",),
+            dropped=(
+                (r"encoder_k\..*", "the momentum (key) encoder, a moving average of encoder_q"),
+                (r"pred[12]\..*", "the MoCo-v3 predictors"),
+                (r"to_event\..*", "the projection of the CLIP embedding"),
+                (r"(event_head|image_head)\..*", "the contrastive projection heads"),
+                (r"head\..*", "the classification head on the two tokens"),
+                (r"tokens|cls_token", _ECDP_TOKENS),
+            ),
+            transforms=(fixed_pos_embed,),
+            norm_eps=1e-6,
         ),
-        transforms=(fuse_qv_bias, fold_layer_scale, partial(fixed_pos_embed, num_prefix_tokens=1)),
-        norm_eps=1e-6,
-    ),
-)}
+        KeyMap(
+            source="mem_vit",
+            description="MEM's BEiT ViT-B/16 (Klenk et al., WACV 2024; tum-vision/mem)",
+            backbone="create_backbone('vit_base_patch16', in_chans=2, patch_norm=False)",
+            dropped=(
+                (r"cls_token", _BEIT_CLS),
+                (r"mask_token", "BEiT's mask token, used only under a mask in pre-training"),
+                (r"lm_head\..*", "the visual-token prediction head of pre-training"),
+                (r"head\..*", "a classification head"),
+                (r"(rel_pos_bias|blocks\.\d+\.attn)\.relative_position_index", "an index buffer derived from the grid"),
+            ),
+            unmappable=(
+                (
+                    r"rel_pos_bias\.relative_position_bias_table",
+                    "BEiT's relative position bias shared by all blocks: our ViT has no attention bias, and MEM has no "
+                    "absolute position embedding, so this is all it knows of position",
+                ),
+                (
+                    r"blocks\.\d+\.attn\.relative_position_bias_table",
+                    "a per-block relative position bias: our ViT has no attention bias",
+                ),
+                (
+                    r"fc_norm\.(weight|bias)",
+                    "a LayerNorm of the mean-pooled token (BEiT fine-tuning); "
+                    "ours normalises each token before pooling",
+                ),
+            ),
+            transforms=(fuse_qv_bias, fold_layer_scale, partial(fixed_pos_embed, num_prefix_tokens=1)),
+            norm_eps=1e-6,
+        ),
+    )
+}
 
 
 def known_sources() -> list[str]:
@@ -345,6 +403,7 @@ def known_sources() -> list[str]:
 
 
 # --- reading, mapping, importing ------------------------------------------------------------------------------------
+
 
 def read_state_dict(path: str | PathLike, source: str = "unknown") -> dict[str, Tensor]:
     """The weights of a checkpoint file, loaded onto the CPU with ``weights_only=True``, found under "model",
@@ -355,24 +414,38 @@ def read_state_dict(path: str | PathLike, source: str = "unknown") -> dict[str, 
     except pickle.UnpicklingError as error:
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
         if found:
-            raise CheckpointImportError(path, source, (
-                f"torch.load(weights_only=True) refuses it: it holds a pickled {found[1]}, which only "
-                "weights_only=False could rebuild, by running code named in the file. If you trust the file, load "
-                "it once with weights_only=False and save its state dict alone with torch.save")) from None
+            raise CheckpointImportError(
+                path,
+                source,
+                (
+                    f"torch.load(weights_only=True) refuses it: it holds a pickled {found[1]}, which only "
+                    "weights_only=False could rebuild, by running code named in the file. If you trust the file, load "
+                    "it once with weights_only=False and save its state dict alone with torch.save"
+                ),
+            ) from None
         detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(error))
-        raise CheckpointImportError(path, source, "torch.load(weights_only=True) cannot read it: "
-                                    f"{detail[1] if detail else str(error).splitlines()[0]}") from None
+        raise CheckpointImportError(
+            path,
+            source,
+            f"torch.load(weights_only=True) cannot read it: {detail[1] if detail else str(error).splitlines()[0]}",
+        ) from None
     state = _find_state_dict(checkpoint)
     if state is None:
         layout = sorted(checkpoint)[:10] if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
-        raise CheckpointImportError(path, source, (
-            f"found no state dict (names to tensors) under any of {list(STATE_DICT_CONTAINERS)} or at the top level; "
-            f"the file holds {layout}"))
+        raise CheckpointImportError(
+            path,
+            source,
+            (
+                f"found no state dict (names to tensors) under any of {list(STATE_DICT_CONTAINERS)} "
+                f"or at the top level; the file holds {layout}"
+            ),
+        )
     return state
 
 
-def map_state_dict(state: Mapping[str, Tensor], keymap: KeyMap, backbone: nn.Module, *,
-                   path: str | PathLike | None = None) -> tuple[dict[str, Tensor], ImportReport]:
+def map_state_dict(
+    state: Mapping[str, Tensor], keymap: KeyMap, backbone: nn.Module, *, path: str | PathLike | None = None
+) -> tuple[dict[str, Tensor], ImportReport]:
     """The tensors of a source's ``state`` renamed onto ``backbone``'s parameters, only those that fit, and the report.
 
     Nothing is loaded; ``path`` only names the file in the report and in errors. Raises CheckpointImportError when two
@@ -391,8 +464,9 @@ def map_state_dict(state: Mapping[str, Tensor], keymap: KeyMap, backbone: nn.Mod
         else:
             name = _rename(keymap.renames, key)
             if name in renamed:
-                raise CheckpointImportError(path, keymap.source, f"{origin[name]} and {key} both map onto {name}",
-                                            keys=(origin[name], key))
+                raise CheckpointImportError(
+                    path, keymap.source, f"{origin[name]} and {key} both map onto {name}", keys=(origin[name], key)
+                )
             renamed[name], origin[name] = value, key
     notes: list[str] = []
     for transform in keymap.transforms:
@@ -404,14 +478,19 @@ def map_state_dict(state: Mapping[str, Tensor], keymap: KeyMap, backbone: nn.Mod
 
     ours = backbone.state_dict()
     fitting = {key: value for key, value in renamed.items() if key in ours and value.shape == ours[key].shape}
-    mismatches = {key: (tuple(value.shape), tuple(ours[key].shape))
-                  for key, value in renamed.items() if key in ours and value.shape != ours[key].shape}
+    mismatches = {
+        key: (tuple(value.shape), tuple(ours[key].shape))
+        for key, value in renamed.items()
+        if key in ours and value.shape != ours[key].shape
+    }
     absent = [key for key in ours if key not in renamed]
     kept = {key: reason for key in absent if (reason := _first_match(keymap.initialised_ok, key)) is not None}
     norm = getattr(backbone, "norm", None)
     if keymap.norm_eps is not None and isinstance(norm, nn.LayerNorm) and norm.eps != keymap.norm_eps:
-        notes.append(f"the source's final LayerNorm has eps {keymap.norm_eps:g}, ours {norm.eps:g}: outputs differ "
-                     "slightly (a relative change of about the eps difference over the token variance per norm)")
+        notes.append(
+            f"the source's final LayerNorm has eps {keymap.norm_eps:g}, ours {norm.eps:g}: outputs differ "
+            "slightly (a relative change of about the eps difference over the token variance per norm)"
+        )
     report = ImportReport(
         source=keymap.source,
         path=None if path is None else str(path),
@@ -427,8 +506,9 @@ def map_state_dict(state: Mapping[str, Tensor], keymap: KeyMap, backbone: nn.Mod
     return fitting, report
 
 
-def import_checkpoint(path: str | PathLike, source: str, backbone: nn.Module, *,
-                      allow_partial: bool = False) -> ImportReport:
+def import_checkpoint(
+    path: str | PathLike, source: str, backbone: nn.Module, *, allow_partial: bool = False
+) -> ImportReport:
     """Load the checkpoint file ``path`` of project ``source`` (one of ``known_sources()``) into ``backbone``.
 
     Raises CheckpointImportError, leaving ``backbone`` untouched, for an unknown source, a file that
@@ -441,11 +521,17 @@ def import_checkpoint(path: str | PathLike, source: str, backbone: nn.Module, *,
     keymap = KEY_MAPS[source]
     state, report = map_state_dict(read_state_dict(path, source), keymap, backbone, path=path)
     if not report.complete and not allow_partial:
-        raise CheckpointImportError(path, source, (
-            f"refusing a partial import into {type(backbone).__name__} ({len(report.loaded)} tensors would load): "
-            + "; ".join(report.problems())
-            + f". {keymap.description} corresponds to {keymap.backbone}; pass allow_partial=True to load what fits "
-              "and keep the rest as initialised"), keys=report.offending_keys)
+        raise CheckpointImportError(
+            path,
+            source,
+            (
+                f"refusing a partial import into {type(backbone).__name__} ({len(report.loaded)} tensors would load): "
+                + "; ".join(report.problems())
+                + f". {keymap.description} corresponds to {keymap.backbone}; pass allow_partial=True to load what fits "
+                "and keep the rest as initialised"
+            ),
+            keys=report.offending_keys,
+        )
     backbone.load_state_dict(state, strict=False)  # the report already accounts for every key left out
     return report
 
@@ -453,8 +539,9 @@ def import_checkpoint(path: str | PathLike, source: str, backbone: nn.Module, *,
 def _find_state_dict(checkpoint: object) -> dict[str, Tensor] | None:
     if not isinstance(checkpoint, Mapping):
         return None
-    container = next((checkpoint[key] for key in STATE_DICT_CONTAINERS if isinstance(checkpoint.get(key), Mapping)),
-                     checkpoint)
+    container = next(
+        (checkpoint[key] for key in STATE_DICT_CONTAINERS if isinstance(checkpoint.get(key), Mapping)), checkpoint
+    )
     if container and all(isinstance(key, str) and isinstance(value, Tensor) for key, value in container.items()):
         return dict(container)
     return None
@@ -466,8 +553,11 @@ def _split_backbone(state: dict[str, Tensor], keymap: KeyMap) -> tuple[dict[str,
     if prefix is None:
         return dict(state), {}
     inside = {key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)}
-    outside = {key: _first_match(keymap.dropped, key) or f"not part of the backbone, which is read from {prefix}*"
-               for key in state if not key.startswith(prefix)}
+    outside = {
+        key: _first_match(keymap.dropped, key) or f"not part of the backbone, which is read from {prefix}*"
+        for key in state
+        if not key.startswith(prefix)
+    }
     return inside, outside
 
 

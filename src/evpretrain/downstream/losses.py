@@ -18,9 +18,9 @@ def soft_dice_loss(logits: Tensor, target: Tensor, ignore_index: int = 255) -> T
     counted class has sum(y_k) >= 1. Returns a scalar; 0 (keeping the graph) when every pixel is ignored.
     """
     # Masks instead of boolean indexing: no host-device synchronisation in the training step.
-    valid = (target != ignore_index).unsqueeze(1)                                          # (B, 1, H, W)
+    valid = (target != ignore_index).unsqueeze(1)  # (B, 1, H, W)
     classes = torch.arange(logits.shape[1], device=logits.device).view(1, -1, 1, 1)
-    one_hot = ((target.unsqueeze(1) == classes) & valid).float()                           # (B, K, H, W)
+    one_hot = ((target.unsqueeze(1) == classes) & valid).float()  # (B, K, H, W)
     probs = logits.float().softmax(dim=1) * valid
     intersection = (probs * one_hot).sum(dim=(0, 2, 3))
     target_count = one_hot.sum(dim=(0, 2, 3))
@@ -32,8 +32,9 @@ def soft_dice_loss(logits: Tensor, target: Tensor, ignore_index: int = 255) -> T
     return (num_present - dice.sum()) / num_present.clamp_min(1)
 
 
-def segmentation_loss(logits: Tensor, target: Tensor, ignore_index: int = 255,
-                      dice_weight: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
+def segmentation_loss(
+    logits: Tensor, target: Tensor, ignore_index: int = 255, dice_weight: float = 1.0
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Cross-entropy + ``dice_weight`` x soft Dice (``soft_dice_loss``), the paper's segmentation loss.
 
     logits: (B, K, H, W) at the target's resolution; target: (B, H, W) int, ``ignore_index`` pixels left out of
@@ -42,8 +43,9 @@ def segmentation_loss(logits: Tensor, target: Tensor, ignore_index: int = 255,
     UPerNet + FCN training the caller adds ``0.4 x`` the same loss on the auxiliary logits.
     """
     if logits.ndim != 4 or target.shape != (logits.shape[0], *logits.shape[2:]):
-        raise ValueError(f"expected logits (B, K, H, W) and target (B, H, W), got {tuple(logits.shape)} and "
-                         f"{tuple(target.shape)}")
+        raise ValueError(
+            f"expected logits (B, K, H, W) and target (B, H, W), got {tuple(logits.shape)} and {tuple(target.shape)}"
+        )
     target = target.long()
     num_valid = (target != ignore_index).sum()
     # Sum / count rather than reduction="mean", which gives 0 / 0 = NaN when every pixel is ignored.
@@ -65,8 +67,9 @@ def flow_loss(pred: Tensor, target: Tensor, valid: Tensor | None = None) -> Tens
     if valid is None:
         return (pred.float() - target.float()).abs().sum(dim=1).mean()
     if valid.dtype != torch.bool or valid.shape != (pred.shape[0], *pred.shape[2:]):
-        raise ValueError(f"valid must be bool (B, H, W) = {(pred.shape[0], *pred.shape[2:])}, "
-                         f"got {valid.dtype} {tuple(valid.shape)}")
+        raise ValueError(
+            f"valid must be bool (B, H, W) = {(pred.shape[0], *pred.shape[2:])}, got {valid.dtype} {tuple(valid.shape)}"
+        )
     # Invalid pixels take the prediction as target: zero error and zero gradient, whatever the target holds there.
     target = torch.where(valid.unsqueeze(1), target, pred.detach())
     error = (pred.float() - target.float()).abs().sum(dim=1)

@@ -45,8 +45,9 @@ def topk_accuracy(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) ->
         raise ValueError("logits contain NaN; top-k accuracy would be meaningless")
     labels = labels.long()
     if bool(((labels < 0) | (labels >= num_classes)).any()):
-        raise ValueError(f"labels must lie in [0, {num_classes}), got values in "
-                         f"[{int(labels.min())}, {int(labels.max())}]")
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}), got values in [{int(labels.min())}, {int(labels.max())}]"
+        )
     label_logit = logits.gather(1, labels[:, None])
     class_index = torch.arange(num_classes, device=logits.device)
     ahead = (logits > label_logit) | ((logits == label_logit) & (class_index < labels[:, None]))
@@ -81,8 +82,10 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_inde
         pred, target = pred[keep], target[keep]
     for name, values in (("target", target), ("pred", pred)):
         if values.numel() and bool(((values < 0) | (values >= num_classes)).any()):
-            raise ValueError(f"{name} holds class indices outside [0, {num_classes}) other than the ignore label "
-                             f"{ignore_index}: values in [{int(values.min())}, {int(values.max())}]")
+            raise ValueError(
+                f"{name} holds class indices outside [0, {num_classes}) other than the ignore label "
+                f"{ignore_index}: values in [{int(values.min())}, {int(values.max())}]"
+            )
     counts = torch.bincount(target * num_classes + pred, minlength=num_classes * num_classes)
     return counts.reshape(num_classes, num_classes)
 
@@ -179,8 +182,11 @@ class FlowErrorSums:
     valid_pixels: int
 
     def __add__(self, other: FlowErrorSums) -> FlowErrorSums:
-        return FlowErrorSums(self.endpoint_error_sum + other.endpoint_error_sum,
-                             self.outlier_count + other.outlier_count, self.valid_pixels + other.valid_pixels)
+        return FlowErrorSums(
+            self.endpoint_error_sum + other.endpoint_error_sum,
+            self.outlier_count + other.outlier_count,
+            self.valid_pixels + other.valid_pixels,
+        )
 
 
 def flow_errors(pred: Tensor, target: Tensor, valid: Tensor | None = None) -> FlowErrorSums:
@@ -196,8 +202,9 @@ def flow_errors(pred: Tensor, target: Tensor, valid: Tensor | None = None) -> Fl
     if valid is None:
         valid = torch.ones(pred.shape[0], *pred.shape[2:], dtype=torch.bool, device=pred.device)
     if valid.dtype != torch.bool or valid.shape != (pred.shape[0], *pred.shape[2:]):
-        raise ValueError(f"valid must be bool (B, H, W) = {(pred.shape[0], *pred.shape[2:])}, "
-                         f"got {valid.dtype} {tuple(valid.shape)}")
+        raise ValueError(
+            f"valid must be bool (B, H, W) = {(pred.shape[0], *pred.shape[2:])}, got {valid.dtype} {tuple(valid.shape)}"
+        )
     # (B, 2, H, W) -> (num_valid, 2): only valid pixels enter any arithmetic.
     pred_valid = pred.movedim(1, -1)[valid].float()
     target_valid = target.movedim(1, -1)[valid].float()
@@ -226,8 +233,10 @@ class FlowMetrics:
     def compute(self) -> dict[str, float | int]:
         count = self.sums.valid_pixels
         if count == 0:
-            raise ValueError("no valid flow pixel was accumulated: AEE and outlier % are undefined "
-                             "(check the validity masks and that update() was called)")
+            raise ValueError(
+                "no valid flow pixel was accumulated: AEE and outlier % are undefined "
+                "(check the validity masks and that update() was called)"
+            )
         return {
             "aee": self.sums.endpoint_error_sum / count,
             "outlier_pct": 100.0 * self.sums.outlier_count / count,

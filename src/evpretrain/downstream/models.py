@@ -32,8 +32,9 @@ class LinearProbe(nn.Module):
     def __init__(self, backbone: nn.Module, num_classes: int):
         super().__init__()
         self.backbone = backbone.requires_grad_(False)
-        self.head = nn.Sequential(nn.BatchNorm1d(backbone.embed_dim, affine=False, eps=1e-6),
-                                  nn.Linear(backbone.embed_dim, num_classes))
+        self.head = nn.Sequential(
+            nn.BatchNorm1d(backbone.embed_dim, affine=False, eps=1e-6), nn.Linear(backbone.embed_dim, num_classes)
+        )
         trunc_normal_(self.head[1].weight, std=0.01)
         nn.init.zeros_(self.head[1].bias)
 
@@ -65,8 +66,9 @@ class Classifier(nn.Module):
         return self.head(self.backbone.pool(self.backbone(voxel)))
 
 
-def load_backbone(backbone: nn.Module, path: str | Path | None, *, source: str | None = None,
-                  allow_partial: bool = False) -> dict[str, Any]:
+def load_backbone(
+    backbone: nn.Module, path: str | Path | None, *, source: str | None = None, allow_partial: bool = False
+) -> dict[str, Any]:
     """Load ``path``'s backbone weights into ``backbone``; None keeps the random initialisation.
 
     ``source`` None: a checkpoint of this project, loaded strictly. Otherwise a foreign project's checkpoint
@@ -79,7 +81,11 @@ def load_backbone(backbone: nn.Module, path: str | Path | None, *, source: str |
         from evpretrain.downstream.importers import import_checkpoint
 
         report = import_checkpoint(path, source, backbone, allow_partial=allow_partial)
-        return {"init": str(path), "init_source": source, "init_complete": report.complete,
-                "init_report": report.summary()}
+        return {
+            "init": str(path),
+            "init_source": source,
+            "init_complete": report.complete,
+            "init_report": report.summary(),
+        }
     backbone.load_state_dict(backbone_entries(load_checkpoint(Path(path))["model"], path), strict=True)
     return {"init": str(path), "init_source": "evpretrain", "init_complete": True}

@@ -38,8 +38,9 @@ class RobustnessConfig:
     batch_size: int = 64
 
     def corruptions(self) -> list[Corruption]:
-        return ([Corruption("shot_noise", float(level)) for level in self.shot_noise_hz]
-                + [Corruption("drop", float(level)) for level in self.drop])
+        return [Corruption("shot_noise", float(level)) for level in self.shot_noise_hz] + [
+            Corruption("drop", float(level)) for level in self.drop
+        ]
 
 
 def robustness_config(study: Mapping[str, Any]) -> RobustnessConfig:
@@ -47,16 +48,18 @@ def robustness_config(study: Mapping[str, Any]) -> RobustnessConfig:
     return from_mapping(RobustnessConfig, section, "downstream.robustness")
 
 
-def evaluate_robustness(study: Mapping[str, Any], run_dir: Path, eval_store: Path, out: Path, *, seed: int = 0,
-                        device: str | None = None) -> list[dict[str, Any]]:
+def evaluate_robustness(
+    study: Mapping[str, Any], run_dir: Path, eval_store: Path, out: Path, *, seed: int = 0, device: str | None = None
+) -> list[dict[str, Any]]:
     """Score the classifier of ``run_dir`` (an ``evpretrain finetune classify`` run folder) on ``eval_store`` under
     each corruption; write ``out/robustness.{csv,md,png}`` and ``out/metrics.json``; return the table's rows."""
     run_dir, out = Path(run_dir), Path(out)
     try:
         run = json.loads((run_dir / METRICS_NAME).read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{run_dir}: no {METRICS_NAME}; expected a finished `evpretrain finetune classify` run "
-                          "folder") from None
+        raise ConfigError(
+            f"{run_dir}: no {METRICS_NAME}; expected a finished `evpretrain finetune classify` run folder"
+        ) from None
     if run.get("task") != "classify":
         raise ConfigError(f"{run_dir / METRICS_NAME}: task is {run.get('task')!r}; robustness evaluates a classifier")
     config = robustness_config(study)
@@ -66,14 +69,22 @@ def evaluate_robustness(study: Mapping[str, Any], run_dir: Path, eval_store: Pat
     model.load_state_dict(load_checkpoint(run_dir / CHECKPOINT_NAME)["model"])
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
-    base = DownstreamDataset(eval_store, "classify", train=False, num_bins=pretrain.data.num_bins,
-                             input_size=tuple(model.backbone.img_size), window=task.window, seed=seed)
+    base = DownstreamDataset(
+        eval_store,
+        "classify",
+        train=False,
+        num_bins=pretrain.data.num_bins,
+        input_size=tuple(model.backbone.img_size),
+        window=task.window,
+        seed=seed,
+    )
     rows = []
     for corruption in config.corruptions():
         loader = DataLoader(base.with_corruption(corruption), batch_size=config.batch_size, shuffle=False)
         scores = evaluate("classify", model, loader, device, run["num_classes"])
-        rows.append({"corruption": corruption.kind, "level": corruption.level, "top1": scores["top1"],
-                     "top5": scores["top5"]})
+        rows.append(
+            {"corruption": corruption.kind, "level": corruption.level, "top1": scores["top1"], "top5": scores["top5"]}
+        )
     out.mkdir(parents=True, exist_ok=True)
     _write_tables(rows, out)
     robustness_figure({"": rows}, out / "robustness.png")
@@ -96,8 +107,10 @@ def robustness_figure(curves: Mapping[str, list[dict[str, Any]]], path: Path) ->
     plt = pyplot()
 
     figure, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, kind, label in ((axes[0], "shot_noise", "shot noise (events / pixel / s)"),
-                            (axes[1], "drop", "fraction of events dropped")):
+    for ax, kind, label in (
+        (axes[0], "shot_noise", "shot noise (events / pixel / s)"),
+        (axes[1], "drop", "fraction of events dropped"),
+    ):
         for name, rows in curves.items():
             points = [(r["level"], 100 * r["top1"]) for r in rows if r["corruption"] == kind]
             if points:

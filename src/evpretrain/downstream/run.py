@@ -102,8 +102,9 @@ def task_config(study: Mapping[str, Any], task: Task, mode: str | None = None) -
 # --- models and steps ------------------------------------------------------------------------------------------
 
 
-def build_model(task: Task, mode: str | None, backbone: nn.Module, num_classes: int | None,
-                config: DownstreamTaskConfig) -> nn.Module:
+def build_model(
+    task: Task, mode: str | None, backbone: nn.Module, num_classes: int | None, config: DownstreamTaskConfig
+) -> nn.Module:
     if task == "classify":
         return (LinearProbe if mode == "linear" else Classifier)(backbone, num_classes)
     if task == "segment":
@@ -143,10 +144,12 @@ def _inputs(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
 def step_function(task: Task, config: DownstreamTaskConfig) -> Callable:
     """``step_fn(model, batch) -> (loss, terms)`` of the training loop for ``task``."""
     if task == "classify":
+
         def step(model, batch):
             loss = F.cross_entropy(model(_inputs(batch)), batch["label"], label_smoothing=config.label_smoothing)
             return loss, {}
     elif task == "segment":
+
         def step(model, batch):
             out = model(batch["voxel"])
             loss, terms = segmentation_loss(out["logits"], batch["mask"], IGNORE_INDEX, config.dice_weight)
@@ -156,8 +159,10 @@ def step_function(task: Task, config: DownstreamTaskConfig) -> Callable:
                 terms = {**terms, "aux": aux.detach()}
             return loss, terms
     else:
+
         def step(model, batch):
             return flow_loss(model(batch["voxel"])["flow"], batch["flow"], batch["valid"]), {}
+
     return step
 
 
@@ -166,8 +171,12 @@ def optimizer_groups(model: nn.Module, config: DownstreamTaskConfig) -> list[dic
     scales = None
     if config.layer_decay is not None:
         backbone = model.backbone
-        ids = {name: backbone.layer_id(name.removeprefix("backbone.")) if name.startswith("backbone.")
-               else backbone.num_layers - 1 for name, _ in model.named_parameters()}
+        ids = {
+            name: backbone.layer_id(name.removeprefix("backbone."))
+            if name.startswith("backbone.")
+            else backbone.num_layers - 1
+            for name, _ in model.named_parameters()
+        }
         scales = scales_for_layers(ids, backbone.num_layers - 2, "decay", decay=config.layer_decay)
     return param_groups(model, config.train.weight_decay, lr_scales=scales)
 
@@ -176,8 +185,14 @@ def optimizer_groups(model: nn.Module, config: DownstreamTaskConfig) -> list[dic
 
 
 @torch.no_grad()
-def evaluate(task: Task, model: nn.Module, loader: DataLoader, device: torch.device, num_classes: int | None,
-             autocast: Callable = contextlib.nullcontext) -> dict[str, Any]:
+def evaluate(
+    task: Task,
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    num_classes: int | None,
+    autocast: Callable = contextlib.nullcontext,
+) -> dict[str, Any]:
     """Scores of ``model`` on every sample of ``loader`` (see ``evpretrain.downstream.metrics``)."""
     was_training = model.training
     model.eval()
@@ -194,9 +209,11 @@ def evaluate(task: Task, model: nn.Module, loader: DataLoader, device: torch.dev
             confusion.update(logits.argmax(1), labels)
             matrix = confusion.compute()
             per_class = per_class_accuracy(matrix)
-            return {**topk_accuracy(logits, labels, (1, 5)),
-                    "per_class_accuracy": [None if math.isnan(v) else v for v in per_class.tolist()],
-                    "confusion": matrix.tolist()}
+            return {
+                **topk_accuracy(logits, labels, (1, 5)),
+                "per_class_accuracy": [None if math.isnan(v) else v for v in per_class.tolist()],
+                "confusion": matrix.tolist(),
+            }
         if task == "segment":
             confusion = ConfusionMatrix(num_classes, ignore_index=IGNORE_INDEX)
             for batch in loader:
@@ -254,8 +271,13 @@ class EpochEvaluator(Hook):
         epoch_end = state.step % (state.steps_per_epoch * self.every_epochs) == 0
         if state.is_main and (epoch_end or state.step == state.stop_step):
             scores = evaluate(self.task, state.model, self.loader, state.device, self.num_classes, state.autocast)
-            self.history.append({"step": state.step, "epoch": state.epoch,
-                                 **{k: v for k, v in scores.items() if isinstance(v, (int, float))}})
+            self.history.append(
+                {
+                    "step": state.step,
+                    "epoch": state.epoch,
+                    **{k: v for k, v in scores.items() if isinstance(v, (int, float))},
+                }
+            )
             name = PRIMARY[self.task][0]
             metrics[f"eval_{name}"] = float(scores[name])
 
@@ -295,11 +317,11 @@ def run_downstream(
     config = task_config(study, task, mode)
     config = replace(config, train=replace(config.train, seed=seed))
     torch.manual_seed(seed)
-    backbone = build_backbone(replace(pretrain, backbone_overrides={**pretrain.backbone_overrides,
-                                                                    "drop_path_rate": config.drop_path_rate}))
+    backbone = build_backbone(
+        replace(pretrain, backbone_overrides={**pretrain.backbone_overrides, "drop_path_rate": config.drop_path_rate})
+    )
     init = load_backbone(backbone, checkpoint, source=checkpoint_source, allow_partial=allow_partial)
-    common = dict(num_bins=pretrain.data.num_bins, input_size=tuple(backbone.img_size), window=config.window,
-                  seed=seed)
+    common = dict(num_bins=pretrain.data.num_bins, input_size=tuple(backbone.img_size), window=config.window, seed=seed)
     train_set = DownstreamDataset(train_store, task, train=True, augment=config.augment, **common)
     eval_set = DownstreamDataset(eval_store, task, train=False, **common)
     num_classes = config.num_classes or _num_classes(task, train_set, eval_set)
@@ -308,24 +330,43 @@ def run_downstream(
     if mode == "linear" and train_set.deterministic:
         # A frozen backbone and fixed inputs: the features are the same every epoch, so compute them once.
         run_device = resolve_device(device, process_layout())
-        train_set, eval_set = (cache_probe_features(model, data, config.eval_batch_size, run_device)
-                               for data in (train_set, eval_set))
-    eval_loader = DataLoader(eval_set, batch_size=config.eval_batch_size, shuffle=False,
-                             num_workers=config.train.num_workers)
+        train_set, eval_set = (
+            cache_probe_features(model, data, config.eval_batch_size, run_device) for data in (train_set, eval_set)
+        )
+    eval_loader = DataLoader(
+        eval_set, batch_size=config.eval_batch_size, shuffle=False, num_workers=config.train.num_workers
+    )
     evaluator = EpochEvaluator(task, eval_loader, num_classes, config.eval_every_epochs)
     out.mkdir(parents=True, exist_ok=True)
-    summary = train(model, step_function(task, config), train_set, config.train, out,
-                    param_groups=optimizer_groups(model, config), hooks=[evaluator], device=device)
+    summary = train(
+        model,
+        step_function(task, config),
+        train_set,
+        config.train,
+        out,
+        param_groups=optimizer_groups(model, config),
+        hooks=[evaluator],
+        device=device,
+    )
     final = evaluate(task, model, eval_loader, next(model.parameters()).device, num_classes)
     name, better = PRIMARY[task]
     best = better(evaluator.history, key=lambda row: row[name])
     metrics = {
-        "task": task, "mode": mode, "seed": seed, "train_store": str(train_store), "eval_store": str(eval_store),
-        **init, **{f"train_{k}": v for k, v in summary.items() if isinstance(v, (int, float))},
+        "task": task,
+        "mode": mode,
+        "seed": seed,
+        "train_store": str(train_store),
+        "eval_store": str(eval_store),
+        **init,
+        **{f"train_{k}": v for k, v in summary.items() if isinstance(v, (int, float))},
         **{f"{k}_last": v for k, v in final.items() if k != "confusion"},
-        f"{name}_best": best[name], "best_epoch": best["epoch"], "slurm_job_id": summary.get("slurm_job_id"),
+        f"{name}_best": best[name],
+        "best_epoch": best["epoch"],
+        "slurm_job_id": summary.get("slurm_job_id"),
         "baseline": trivial_baseline(task, eval_loader, num_classes),
-        "history": evaluator.history, "train_log": summary.get("log", []), "num_classes": num_classes,
+        "history": evaluator.history,
+        "train_log": summary.get("log", []),
+        "num_classes": num_classes,
         "config": to_mapping(config),
     }
     if process_layout().is_main:  # under DDP every rank scored the split; one writes
@@ -342,9 +383,11 @@ def _num_classes(task: Task, train_set: DownstreamDataset, eval_set: DownstreamD
     known = train_set.num_classes or eval_set.num_classes
     if known is not None:
         return known
-    raise ConfigError(f"{train_set.store_path}: the store does not name its classes (attribute "
-                      f"{'class_names' if task == 'classify' else 'mask_class_names'}); set "
-                      f"downstream.{task}{'.<mode>' if task == 'classify' else ''}.num_classes")
+    raise ConfigError(
+        f"{train_set.store_path}: the store does not name its classes (attribute "
+        f"{'class_names' if task == 'classify' else 'mask_class_names'}); set "
+        f"downstream.{task}{'.<mode>' if task == 'classify' else ''}.num_classes"
+    )
 
 
 def _class_names(task: Task, dataset: DownstreamDataset) -> list[str] | None:

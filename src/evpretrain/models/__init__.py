@@ -1,8 +1,8 @@
 """Event backbones: ViT, ConvViT and Swin built from timm's layers, registered by name.
 
-    backbone = create_backbone("vit_small_patch16")          # in_chans=5, 224x224, 14x14 tokens
-    out = backbone(voxels, mask)                              # mask (B, 196) bool, True = hidden
-    out.tokens, out.levels, out.kept, backbone.pool(out)
+backbone = create_backbone("vit_small_patch16")          # in_chans=5, 224x224, 14x14 tokens
+out = backbone(voxels, mask)                              # mask (B, 196) bool, True = hidden
+out.tokens, out.levels, out.kept, backbone.pool(out)
 """
 
 from evpretrain.models.base import Backbone, BackboneOutput
@@ -12,5 +12,13 @@ from evpretrain.models.registry import create_backbone, list_backbones
 from evpretrain.models.swin import SwinBackbone
 from evpretrain.models.vit import VisionTransformer
 
-__all__ = ["Backbone", "BackboneOutput", "ConvViT", "SwinBackbone", "VisionTransformer", "create_backbone",
-           "list_backbones", "sincos_pos_embed_2d"]
+__all__ = [
+    "Backbone",
+    "BackboneOutput",
+    "ConvViT",
+    "SwinBackbone",
+    "VisionTransformer",
+    "create_backbone",
+    "list_backbones",
+    "sincos_pos_embed_2d",
+]

@@ -79,8 +79,10 @@ class Backbone(nn.Module):
     def _check_input(self, x: Tensor) -> None:
         expected = (self.in_chans, *self.img_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"{type(self).__name__} expects input (B, {expected[0]}, {expected[1]}, {expected[2]}),"
-                             f" got {tuple(x.shape)}")
+            raise ValueError(
+                f"{type(self).__name__} expects input (B, {expected[0]}, {expected[1]}, {expected[2]}),"
+                f" got {tuple(x.shape)}"
+            )
 
 
 def check_mask(mask: Tensor, batch_size: int, num_tokens: int) -> int:
@@ -90,8 +92,10 @@ def check_mask(mask: Tensor, batch_size: int, num_tokens: int) -> int:
     leaves at least one visible.
     """
     if mask.dtype != torch.bool or tuple(mask.shape) != (batch_size, num_tokens):
-        raise ValueError(f"mask must be bool of shape ({batch_size}, {num_tokens}) on the last-level grid, "
-                         f"got {mask.dtype} of shape {tuple(mask.shape)}")
+        raise ValueError(
+            f"mask must be bool of shape ({batch_size}, {num_tokens}) on the last-level grid, "
+            f"got {mask.dtype} of shape {tuple(mask.shape)}"
+        )
     num_hidden = mask.sum(dim=1)
     if bool((num_hidden != num_hidden[0]).any()):
         raise ValueError(f"mask must hide the same number of tokens in every row, got {num_hidden.tolist()}")

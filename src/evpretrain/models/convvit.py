@@ -47,8 +47,9 @@ class ConvBlock(nn.Module):
     their content cannot spread to visible ones.
     """
 
-    def __init__(self, dim: int, kernel_size: int = 5, mlp_ratio: float = 4.0, proj_drop: float = 0.0,
-                 drop_path: float = 0.0) -> None:
+    def __init__(
+        self, dim: int, kernel_size: int = 5, mlp_ratio: float = 4.0, proj_drop: float = 0.0, drop_path: float = 0.0
+    ) -> None:
         super().__init__()
         self.norm1 = LayerNorm2d(dim, eps=1e-5)
         self.conv1 = nn.Conv2d(dim, dim, 1)
@@ -105,22 +106,35 @@ class ConvViT(Backbone):
         self.patch_embed1 = ConvPatchEmbed(in_chans, embed_dims[0], strides[0])
         self.blocks1 = nn.ModuleList([conv_block(embed_dims[0], drop_path=drop_path[i]) for i in range(depths[0])])
         self.patch_embed2 = ConvPatchEmbed(embed_dims[0], embed_dims[1], strides[1])
-        self.blocks2 = nn.ModuleList([conv_block(embed_dims[1], drop_path=drop_path[depths[0] + i])
-                                      for i in range(depths[1])])
+        self.blocks2 = nn.ModuleList(
+            [conv_block(embed_dims[1], drop_path=drop_path[depths[0] + i]) for i in range(depths[1])]
+        )
         self.patch_embed3 = ConvPatchEmbed(embed_dims[1], embed_dims[2], strides[2])
         self.patch_embed4 = nn.Linear(embed_dims[2], embed_dims[2])
         self.register_buffer("pos_embed", sincos_pos_embed_2d(embed_dims[2], self.grid_size)[None], persistent=False)
-        self.blocks3 = nn.ModuleList([
-            Block(dim=embed_dims[2], num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True,
-                  proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path=drop_path[depths[0] + depths[1] + i],
-                  norm_layer=partial(nn.LayerNorm, eps=1e-6))
-            for i in range(depths[2])
-        ])
+        self.blocks3 = nn.ModuleList(
+            [
+                Block(
+                    dim=embed_dims[2],
+                    num_heads=num_heads,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=True,
+                    proj_drop=proj_drop_rate,
+                    attn_drop=attn_drop_rate,
+                    drop_path=drop_path[depths[0] + depths[1] + i],
+                    norm_layer=partial(nn.LayerNorm, eps=1e-6),
+                )
+                for i in range(depths[2])
+            ]
+        )
         self.norm = nn.LayerNorm(embed_dims[2], eps=1e-6)
 
         self.levels = (0, 1, 2)
-        self.level_dims = [embed_dims[0] * (strides[1] * strides[2]) ** 2, embed_dims[1] * strides[2] ** 2,
-                           embed_dims[2]]
+        self.level_dims = [
+            embed_dims[0] * (strides[1] * strides[2]) ** 2,
+            embed_dims[1] * strides[2] ** 2,
+            embed_dims[2],
+        ]
         self.feature_dims = list(embed_dims)
         self.feature_strides = [strides[0], strides[0] * strides[1], self.patch_size]
         self.depths = tuple(depths)
@@ -162,15 +176,23 @@ class ConvViT(Backbone):
         if mask is not None:
             fold1, fold2 = gather_tokens(fold1, kept), gather_tokens(fold2, kept)
         feature_maps = None if mask is not None else [stage1, stage2, tokens_to_map(tokens, self.grid_size)]
-        return BackboneOutput(tokens=self.norm(tokens), levels=[fold1, fold2, tokens], kept=kept,
-                              feature_maps=feature_maps)
+        return BackboneOutput(
+            tokens=self.norm(tokens), levels=[fold1, fold2, tokens], kept=kept, feature_maps=feature_maps
+        )
 
     def layer_id(self, name: str) -> int:
         # The input embedding is 0; a later stage's patch embedding shares the id of its first block.
         d1, d2, _ = self.depths
-        first_block = {"patch_embed1": 0, "blocks1": 1, "patch_embed2": 1 + d1, "blocks2": 1 + d1,
-                       "patch_embed3": 1 + d1 + d2, "patch_embed4": 1 + d1 + d2, "pos_embed": 1 + d1 + d2,
-                       "blocks3": 1 + d1 + d2}
+        first_block = {
+            "patch_embed1": 0,
+            "blocks1": 1,
+            "patch_embed2": 1 + d1,
+            "blocks2": 1 + d1,
+            "patch_embed3": 1 + d1 + d2,
+            "patch_embed4": 1 + d1 + d2,
+            "pos_embed": 1 + d1 + d2,
+            "blocks3": 1 + d1 + d2,
+        }
         head = name.split(".")[0]
         if head not in first_block:
             return self.num_layers - 1

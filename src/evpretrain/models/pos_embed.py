@@ -24,6 +24,7 @@ def sincos_pos_embed_2d(embed_dim: int, grid_size: tuple[int, int]) -> Tensor:
     if embed_dim % 4:
         raise ValueError(f"a 2-D sin-cos embedding needs a width divisible by 4, got {embed_dim}")
     rows, cols = torch.meshgrid(torch.arange(grid_size[0]), torch.arange(grid_size[1]), indexing="ij")
-    embedding = torch.cat([sincos_1d(embed_dim // 2, cols.reshape(-1)), sincos_1d(embed_dim // 2, rows.reshape(-1))],
-                          dim=1)
+    embedding = torch.cat(
+        [sincos_1d(embed_dim // 2, cols.reshape(-1)), sincos_1d(embed_dim // 2, rows.reshape(-1))], dim=1
+    )
     return embedding.float()

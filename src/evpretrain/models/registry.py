@@ -13,24 +13,64 @@ from evpretrain.models.vit import VisionTransformer
 
 # name -> (class, keyword arguments); every preset takes a 5-bin voxel grid (the classes' default in_chans).
 _PRESETS: dict[str, tuple[type[Backbone], dict[str, Any]]] = {
-    "vit_small_patch16": (VisionTransformer, dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=12,
-                                                  levels=(1, 3, 11), feature_blocks=(3, 5, 7, 11))),
-    "vit_base_patch16": (VisionTransformer, dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
-                                                 levels=(1, 3, 11), feature_blocks=(3, 5, 7, 11))),
-    "convvit_small": (ConvViT, dict(img_size=224, embed_dims=(128, 256, 384), depths=(2, 2, 11), strides=(4, 2, 2),
-                                    num_heads=12)),
-    "convvit_base": (ConvViT, dict(img_size=224, embed_dims=(256, 384, 768), depths=(2, 2, 11), strides=(4, 2, 2),
-                                   num_heads=12)),
-    "swin_tiny": (SwinBackbone, dict(img_size=224, patch_size=4, embed_dim=96, depths=(2, 2, 6, 2),
-                                     num_heads=(3, 6, 12, 24), window_size=7)),
+    "vit_small_patch16": (
+        VisionTransformer,
+        dict(
+            img_size=224,
+            patch_size=16,
+            embed_dim=384,
+            depth=12,
+            num_heads=12,
+            levels=(1, 3, 11),
+            feature_blocks=(3, 5, 7, 11),
+        ),
+    ),
+    "vit_base_patch16": (
+        VisionTransformer,
+        dict(
+            img_size=224,
+            patch_size=16,
+            embed_dim=768,
+            depth=12,
+            num_heads=12,
+            levels=(1, 3, 11),
+            feature_blocks=(3, 5, 7, 11),
+        ),
+    ),
+    "convvit_small": (
+        ConvViT,
+        dict(img_size=224, embed_dims=(128, 256, 384), depths=(2, 2, 11), strides=(4, 2, 2), num_heads=12),
+    ),
+    "convvit_base": (
+        ConvViT,
+        dict(img_size=224, embed_dims=(256, 384, 768), depths=(2, 2, 11), strides=(4, 2, 2), num_heads=12),
+    ),
+    "swin_tiny": (
+        SwinBackbone,
+        dict(img_size=224, patch_size=4, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7),
+    ),
     # Demo / CPU presets on 64x64 voxel grids.
     "vit_demo": (VisionTransformer, dict(img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3)),
-    "vit_tiny_demo": (VisionTransformer, dict(img_size=64, patch_size=8, embed_dim=128, depth=4, num_heads=4,
-                                              levels=(0, 1, 3), feature_blocks=(0, 1, 2, 3))),
-    "convvit_demo": (ConvViT, dict(img_size=64, embed_dims=(64, 96, 192), depths=(1, 1, 4), strides=(2, 2, 2),
-                                   num_heads=3)),
-    "swin_demo": (SwinBackbone, dict(img_size=64, patch_size=2, embed_dim=32, depths=(1, 1, 2, 1),
-                                     num_heads=(1, 2, 4, 8), window_size=4)),
+    "vit_tiny_demo": (
+        VisionTransformer,
+        dict(
+            img_size=64,
+            patch_size=8,
+            embed_dim=128,
+            depth=4,
+            num_heads=4,
+            levels=(0, 1, 3),
+            feature_blocks=(0, 1, 2, 3),
+        ),
+    ),
+    "convvit_demo": (
+        ConvViT,
+        dict(img_size=64, embed_dims=(64, 96, 192), depths=(1, 1, 4), strides=(2, 2, 2), num_heads=3),
+    ),
+    "swin_demo": (
+        SwinBackbone,
+        dict(img_size=64, patch_size=2, embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=4),
+    ),
 }
 
 

@@ -42,10 +42,20 @@ class SwinBackbone(Backbone):
         attn_drop_rate: float = 0.0,
     ) -> None:
         super().__init__()
-        swin = SwinTransformer(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=0,
-                               embed_dim=embed_dim, depths=depths, num_heads=num_heads, window_size=window_size,
-                               mlp_ratio=mlp_ratio, drop_path_rate=drop_path_rate, proj_drop_rate=proj_drop_rate,
-                               attn_drop_rate=attn_drop_rate)
+        swin = SwinTransformer(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            num_classes=0,
+            embed_dim=embed_dim,
+            depths=depths,
+            num_heads=num_heads,
+            window_size=window_size,
+            mlp_ratio=mlp_ratio,
+            drop_path_rate=drop_path_rate,
+            proj_drop_rate=proj_drop_rate,
+            attn_drop_rate=attn_drop_rate,
+        )
         self.patch_embed = swin.patch_embed
         self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, embed_dim))
         trunc_normal_(self.mask_token, std=0.02)
@@ -66,12 +76,12 @@ class SwinBackbone(Backbone):
         self.grid_size = (self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size)
         self.embed_dim = swin.num_features
         self.depths = tuple(depths)
-        widths = [embed_dim * 2 ** i for i in range(num_stages)]
+        widths = [embed_dim * 2**i for i in range(num_stages)]
         self.levels = tuple(range(num_stages))
         self._folds = [2 ** (num_stages - 1 - i) for i in range(num_stages)]
-        self.level_dims = [width * fold ** 2 for width, fold in zip(widths, self._folds)]
+        self.level_dims = [width * fold**2 for width, fold in zip(widths, self._folds)]
         self.feature_dims = widths
-        self.feature_strides = [patch_size * 2 ** i for i in range(num_stages)]
+        self.feature_strides = [patch_size * 2**i for i in range(num_stages)]
         self.num_layers = sum(depths) + 2
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> BackboneOutput:
@@ -92,8 +102,9 @@ class SwinBackbone(Backbone):
             stage_maps.append(x.permute(0, 3, 1, 2))
         tokens = x.reshape(batch_size, self.num_tokens, self.embed_dim)
         levels = [space_to_depth_tokens(m, fold) for m, fold in zip(stage_maps[:-1], self._folds[:-1])] + [tokens]
-        return BackboneOutput(tokens=self.norm(tokens), levels=levels, kept=kept,
-                              feature_maps=stage_maps if mask is None else None)
+        return BackboneOutput(
+            tokens=self.norm(tokens), levels=levels, kept=kept, feature_maps=stage_maps if mask is None else None
+        )
 
     def layer_id(self, name: str) -> int:
         if name.startswith(("patch_embed.", "mask_token")):
@@ -107,5 +118,8 @@ class SwinBackbone(Backbone):
         return self.num_layers - 1
 
     def no_weight_decay(self) -> set[str]:
-        return {name for name, _ in self.named_parameters()
-                if name == "mask_token" or name.endswith("relative_position_bias_table")}
+        return {
+            name
+            for name, _ in self.named_parameters()
+            if name == "mask_token" or name.endswith("relative_position_bias_table")
+        }

@@ -39,8 +39,13 @@ class VisionTransformer(Backbone):
         attn_drop_rate: float = 0.0,
     ) -> None:
         super().__init__()
-        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
-                                      embed_dim=embed_dim, norm_layer=nn.LayerNorm if patch_norm else None)
+        self.patch_embed = PatchEmbed(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+            norm_layer=nn.LayerNorm if patch_norm else None,
+        )
         self.patch_act = nn.GELU() if patch_norm else nn.Identity()
         self.in_chans = in_chans
         self.img_size = tuple(self.patch_embed.img_size)
@@ -53,17 +58,27 @@ class VisionTransformer(Backbone):
         self.register_buffer("pos_embed", sincos_pos_embed_2d(embed_dim, self.grid_size)[None], persistent=False)
 
         drop_path = calculate_drop_path_rates(drop_path_rate, depth)
-        self.blocks = nn.ModuleList([
-            Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True,
-                  proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path=drop_path[i],
-                  norm_layer=partial(nn.LayerNorm, eps=1e-6))
-            for i in range(depth)
-        ])
+        self.blocks = nn.ModuleList(
+            [
+                Block(
+                    dim=embed_dim,
+                    num_heads=num_heads,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=True,
+                    proj_drop=proj_drop_rate,
+                    attn_drop=attn_drop_rate,
+                    drop_path=drop_path[i],
+                    norm_layer=partial(nn.LayerNorm, eps=1e-6),
+                )
+                for i in range(depth)
+            ]
+        )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
 
         self.levels = _block_indices(levels, depth, (max(depth // 6, 1) - 1, max(depth // 3, 1) - 1, depth - 1))
         self.feature_blocks = _block_indices(
-            feature_blocks, depth, tuple(max(depth * q // 6, 1) - 1 for q in (2, 3, 4, 6)))
+            feature_blocks, depth, tuple(max(depth * q // 6, 1) - 1 for q in (2, 3, 4, 6))
+        )
         self.level_dims = [embed_dim] * len(self.levels)
         self.feature_dims = [embed_dim] * len(self.feature_blocks)
         self.feature_strides = [patch_size] * len(self.feature_blocks)
@@ -95,8 +110,9 @@ class VisionTransformer(Backbone):
                 levels.append(tokens)
             if mask is None and i in self.feature_blocks:
                 feature_maps.append(tokens_to_map(tokens, self.grid_size))
-        return BackboneOutput(tokens=self.norm(tokens), levels=levels, kept=kept,
-                              feature_maps=feature_maps if mask is None else None)
+        return BackboneOutput(
+            tokens=self.norm(tokens), levels=levels, kept=kept, feature_maps=feature_maps if mask is None else None
+        )
 
     def layer_id(self, name: str) -> int:
         if name.startswith(("patch_embed.", "pos_embed")):

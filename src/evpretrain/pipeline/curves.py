@@ -27,8 +27,12 @@ def stage_curves(manifest: Mapping[str, Any], results: Path) -> dict[str, dict[s
                 if not path.exists():
                     raise FileNotFoundError(f"{path}: the metrics of pre-training node {node} are missing")
                 rows = json.loads(path.read_text()).get("log", [])
-                curves[node] = {"stage": node.split("-")[0].removeprefix("stage"), "variants": [],
-                                "steps": [row["step"] for row in rows], "loss": [row["loss"] for row in rows]}
+                curves[node] = {
+                    "stage": node.split("-")[0].removeprefix("stage"),
+                    "variants": [],
+                    "steps": [row["step"] for row in rows],
+                    "loss": [row["loss"] for row in rows],
+                }
             curves[node]["variants"].append(variant)
     return curves
 
@@ -40,7 +44,7 @@ def loss_curve_figure(curves: Mapping[str, Mapping[str, Any]], path: Path) -> Pa
     stages = sorted({curve["stage"] for curve in curves.values()})
     fig, axes = plt.subplots(1, max(len(stages), 1), figsize=(5 * max(len(stages), 1), 3.6), squeeze=False)
     for ax, stage in zip(axes[0], stages):
-        for node, curve in curves.items():
+        for curve in curves.values():
             if curve["stage"] == stage and curve["steps"]:
                 ax.plot(curve["steps"], curve["loss"], label=", ".join(curve["variants"]), linewidth=1.2)
         ax.set(title=f"stage {stage}", xlabel="step", ylabel=STAGE_LOSS.get(stage, "loss"))

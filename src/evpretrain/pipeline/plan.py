@@ -45,8 +45,9 @@ def apply_overrides(study: Mapping[str, Any], overrides: Mapping[str, Any], wher
         node = result
         for depth, key in enumerate(keys[:-1]):
             if not isinstance(node.get(key), Mapping):
-                raise ConfigError(f"{where}: override {dotted!r}: the study has no section "
-                                  f"{'.'.join(keys[:depth + 1])!r}")
+                raise ConfigError(
+                    f"{where}: override {dotted!r}: the study has no section {'.'.join(keys[: depth + 1])!r}"
+                )
             node = node[key]
         node[keys[-1]] = copy.deepcopy(value)
     return result
@@ -120,8 +121,11 @@ class StudyPlan:
                 "nodes": list(variant.nodes),
                 "checkpoint": variant.checkpoint,
                 "evaluations": [
-                    {k: getattr(self.evaluations[e], k) for k in ("label", "task", "mode", "dataset", "eval_split",
-                                                                   "seed", "robustness")} | {"folder": e}
+                    {
+                        k: getattr(self.evaluations[e], k)
+                        for k in ("label", "task", "mode", "dataset", "eval_split", "seed", "robustness")
+                    }
+                    | {"folder": e}
                     for e in variant.evaluations
                 ],
             }
@@ -167,8 +171,12 @@ def plan_study(study: Mapping[str, Any]) -> StudyPlan:
         upstream, names = None, []
         teacher = None
         if any(stage > 1 for stage in stages):
-            teacher_config = {"pretrain": {**{k: shared[k] for k in BACKBONE_KEYS if k in shared},
-                                           "teacher": pretrain.get("teacher", {})}}
+            teacher_config = {
+                "pretrain": {
+                    **{k: shared[k] for k in BACKBONE_KEYS if k in shared},
+                    "teacher": pretrain.get("teacher", {}),
+                }
+            }
             teacher = content_key({"config": teacher_config, "data": data_identity})
             plan.teachers.setdefault(teacher, teacher_config)
         for stage in stages:
@@ -178,22 +186,35 @@ def plan_study(study: Mapping[str, Any]) -> StudyPlan:
             config = {"pretrain": {**shared, f"stage{stage}": section}}
             if stage > 1:
                 config["pretrain"]["teacher"] = pretrain.get("teacher", {})
-            content = {"stage": stage, "config": {**config["pretrain"], f"stage{stage}": _weights_content(section)},
-                       "data": data_identity, "init": upstream}
+            content = {
+                "stage": stage,
+                "config": {**config["pretrain"], f"stage{stage}": _weights_content(section)},
+                "data": data_identity,
+                "init": upstream,
+            }
             node = StageNode(stage, content_key(content), upstream, config, teacher if stage > 1 else None)
             plan.nodes.setdefault(node.name, node)
             upstream = node.name
             names.append(node.name)
-        evaluations = [_evaluation(resolved, spec, entry, seed, upstream, f"study.evaluations[{i}]")
-                       for i, entry in enumerate(spec.get("evaluations", [])) for seed in spec.get("seeds", [0])]
+        evaluations = [
+            _evaluation(resolved, spec, entry, seed, upstream, f"study.evaluations[{i}]")
+            for i, entry in enumerate(spec.get("evaluations", []))
+            for seed in spec.get("seeds", [0])
+        ]
         for evaluation in evaluations:
             plan.evaluations.setdefault(evaluation.name, evaluation)
         plan.variants[name] = Variant(name, stages, tuple(names), tuple(e.name for e in evaluations))
     return plan
 
 
-def _evaluation(study: Mapping[str, Any], spec: Mapping[str, Any], entry: Mapping[str, Any], seed: int,
-                checkpoint: str | None, where: str) -> Evaluation:
+def _evaluation(
+    study: Mapping[str, Any],
+    spec: Mapping[str, Any],
+    entry: Mapping[str, Any],
+    seed: int,
+    checkpoint: str | None,
+    where: str,
+) -> Evaluation:
     task, mode = entry["task"], entry.get("mode")
     downstream = study.get("downstream", {})
     section = downstream.get(task, {})
@@ -211,8 +232,25 @@ def _evaluation(study: Mapping[str, Any], spec: Mapping[str, Any], entry: Mappin
         task_section["robustness"] = downstream.get("robustness", {})
     config = {"pretrain": shared, "downstream": task_section}
     label = entry.get("name") or (f"{task}-{mode}" if mode else task) + f"-{entry['dataset']}"
-    content = {"task": task, "mode": mode, "backbone": shared, "task_config": _weights_content(section),
-               "data": _data_identity(study, entry["dataset"]), "splits": [entry["train"], entry["eval"]],
-               "checkpoint": checkpoint}
-    return Evaluation(label, task, mode, entry["dataset"], entry["train"], entry["eval"], int(seed), checkpoint,
-                      content_key(content), config, robustness)
+    content = {
+        "task": task,
+        "mode": mode,
+        "backbone": shared,
+        "task_config": _weights_content(section),
+        "data": _data_identity(study, entry["dataset"]),
+        "splits": [entry["train"], entry["eval"]],
+        "checkpoint": checkpoint,
+    }
+    return Evaluation(
+        label,
+        task,
+        mode,
+        entry["dataset"],
+        entry["train"],
+        entry["eval"],
+        int(seed),
+        checkpoint,
+        content_key(content),
+        config,
+        robustness,
+    )

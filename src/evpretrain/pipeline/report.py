@@ -16,8 +16,9 @@ from evpretrain.pipeline.tables import (
 )
 
 
-def write_report(manifest: Mapping[str, Any], results: Path, tables_dir: Path,
-                 figures_dir: Path | None = None) -> dict[str, Path]:
+def write_report(
+    manifest: Mapping[str, Any], results: Path, tables_dir: Path, figures_dir: Path | None = None
+) -> dict[str, Path]:
     """Write ``tables_dir/ablation.{md,tex,csv}`` and, where the manifest marks evaluations for robustness,
     ``robustness.{md,csv}``; with ``figures_dir``, also ``loss_curves.png``, each stage's figures and
     ``robustness.png`` there. Returns the written paths by name (``md`` is the ablation table)."""
@@ -35,7 +36,9 @@ def write_report(manifest: Mapping[str, Any], results: Path, tables_dir: Path,
     if len(robustness):
         from evpretrain.downstream.robustness import robustness_figure  # torch: only when there is one to draw
 
-        curves = {f"{variant} / {label}": rows.to_dict("records")
-                  for (variant, label), rows in robustness.groupby(["variant", "evaluation"], sort=False)}
+        curves = {
+            f"{variant} / {label}": rows.to_dict("records")
+            for (variant, label), rows in robustness.groupby(["variant", "evaluation"], sort=False)
+        }
         paths["robustness"] = robustness_figure(curves, figures_dir / "robustness.png")
     return paths

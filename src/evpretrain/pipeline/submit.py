@@ -37,9 +37,15 @@ class JobResources:
     qos: str | None = None
 
     def executor_parameters(self, name: str) -> dict:
-        parameters = dict(name=name, timeout_min=self.time_min, nodes=self.nodes, cpus_per_task=self.cpus,
-                          mem_gb=self.mem_gb, tasks_per_node=self.tasks or max(self.gpus, 1),
-                          slurm_signal_delay_s=120)
+        parameters = dict(
+            name=name,
+            timeout_min=self.time_min,
+            nodes=self.nodes,
+            cpus_per_task=self.cpus,
+            mem_gb=self.mem_gb,
+            tasks_per_node=self.tasks or max(self.gpus, 1),
+            slurm_signal_delay_s=120,
+        )
         if self.gpus:
             parameters["gpus_per_node"] = self.gpus
         for key in ("partition", "account", "qos"):
@@ -68,8 +74,9 @@ class CommandJob(submitit.helpers.Checkpointable):
         return code
 
 
-def submit_command(argv: Sequence[str], resources: JobResources, folder: Path, *, name: str = "evpretrain",
-                   wait: bool = True) -> submitit.Job:
+def submit_command(
+    argv: Sequence[str], resources: JobResources, folder: Path, *, name: str = "evpretrain", wait: bool = True
+) -> submitit.Job:
     """Submit ``evpretrain <argv>`` with ``resources``; submitit's logs and pickles go to ``folder/%j``. With
     ``wait``, block until the job ends and raise if it failed (its log's tail is in the error)."""
     executor = submitit.AutoExecutor(folder=Path(folder) / "%j", cluster="slurm")

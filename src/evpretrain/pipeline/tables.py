@@ -20,8 +20,11 @@ __all__ = ["FIGURES", "collect_robustness", "collect_runs", "summarise", "write_
 
 # (metrics.json key, column name, scale, higher is better) per task.
 FIGURES: dict[str, list[tuple[str, str, float, bool]]] = {
-    "classify": [("top1_last", "top-1", 100.0, True), ("top1_best", "top-1 best", 100.0, True),
-                 ("top5_last", "top-5", 100.0, True)],
+    "classify": [
+        ("top1_last", "top-1", 100.0, True),
+        ("top1_best", "top-1 best", 100.0, True),
+        ("top5_last", "top-5", 100.0, True),
+    ],
     "segment": [("miou_last", "mIoU", 100.0, True), ("macc_last", "mAcc", 100.0, True)],
     "flow": [("aee_last", "AEE", 1.0, False), ("outlier_pct_last", "outliers %", 1.0, False)],
 }
@@ -39,10 +42,19 @@ def collect_runs(manifest: Mapping[str, Any], results: Path) -> pd.DataFrame:
                 raise ConfigError(f"{path}: missing; the tables need every evaluation of the manifest") from None
             for key, figure, scale, higher in FIGURES[evaluation["task"]]:
                 if key not in metrics:
-                    raise ConfigError(f"{path}: no {key!r}, expected the metrics of an `evpretrain finetune "
-                                      f"{evaluation['task']}` run")
-                rows.append({"variant": variant, "evaluation": evaluation["label"], "seed": evaluation["seed"],
-                             "figure": figure, "value": scale * float(metrics[key]), "higher_is_better": higher})
+                    raise ConfigError(
+                        f"{path}: no {key!r}, expected the metrics of an `evpretrain finetune {evaluation['task']}` run"
+                    )
+                rows.append(
+                    {
+                        "variant": variant,
+                        "evaluation": evaluation["label"],
+                        "seed": evaluation["seed"],
+                        "figure": figure,
+                        "value": scale * float(metrics[key]),
+                        "higher_is_better": higher,
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -58,8 +70,11 @@ def collect_robustness(manifest: Mapping[str, Any], results: Path) -> pd.DataFra
             if not path.exists():
                 raise ConfigError(f"{path}: missing; the manifest marks {evaluation['folder']} for robustness")
             table = pd.read_csv(path)
-            frames.append(table.assign(variant=variant, evaluation=evaluation["label"])
-                          [["variant", "evaluation", "corruption", "level", "top1"]])
+            frames.append(
+                table.assign(variant=variant, evaluation=evaluation["label"])[
+                    ["variant", "evaluation", "corruption", "level", "top1"]
+                ]
+            )
     columns = ["variant", "evaluation", "corruption", "level", "top1"]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
@@ -104,8 +119,10 @@ def wide_table(summary: pd.DataFrame, figures: list[str] | None = None) -> pd.Da
     table = summary if figures is None else summary[summary["figure"].isin(figures)]
     cells = table.assign(
         column=table["evaluation"] + " " + table["figure"],
-        cell=[_cell(m, s, n, 3 if f == "AEE" else 2) for m, s, n, f in
-              zip(table["mean"], table["std"], table["seeds"], table["figure"])],
+        cell=[
+            _cell(m, s, n, 3 if f == "AEE" else 2)
+            for m, s, n, f in zip(table["mean"], table["std"], table["seeds"], table["figure"])
+        ],
     )
     return _ordered_pivot(cells, "variant")
 
@@ -117,8 +134,9 @@ def _ordered_pivot(cells: pd.DataFrame, index: str) -> pd.DataFrame:
     return wide.loc[list(dict.fromkeys(cells[index])), list(dict.fromkeys(cells["column"]))]
 
 
-def write_tables(summary: pd.DataFrame, out_dir: Path, name: str = "ablation",
-                 figures: list[str] | None = None) -> dict[str, Path]:
+def write_tables(
+    summary: pd.DataFrame, out_dir: Path, name: str = "ablation", figures: list[str] | None = None
+) -> dict[str, Path]:
     """Write ``out_dir/<name>.{md,tex,csv}``: the wide table (md, tex) and the long summary (csv)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     wide = wide_table(summary, figures)
@@ -131,6 +149,7 @@ def write_tables(summary: pd.DataFrame, out_dir: Path, name: str = "ablation",
 
 def _latex(wide: pd.DataFrame, caption: str) -> str:
     """``wide`` as a LaTeX tabular: labels escaped (variant names hold underscores), ± as $\\pm$."""
+
     def escape(text: str) -> str:
         for char in "&%$#_{}":
             text = text.replace(char, "\\" + char)

@@ -35,8 +35,11 @@ class _Logger:
 
         self.client = MlflowClient(tracking_uri=tracking_uri)
         found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(
-            experiment, artifact_location=default_artifact_location(tracking_uri))
+        self.experiment_id = (
+            found.experiment_id
+            if found
+            else self.client.create_experiment(experiment, artifact_location=default_artifact_location(tracking_uri))
+        )
         self.tags = dict(tags)
         self.counts = {"logged": 0, "skipped": 0, "replaced": 0}
 
@@ -47,10 +50,18 @@ class _Logger:
         runs = self.client.search_runs([self.experiment_id], filter_string=query, max_results=1)
         return runs[0] if runs else None
 
-    def run(self, folder: str, name: str, *, parent: str | None, params: Mapping[str, Any],
-            metrics: Mapping[str, Any], curves: Mapping[str, list[Mapping[str, Any]]] | None = None,
-            artifacts: list[Path] = (),
-            tags: Mapping[str, str] | None = None) -> str:
+    def run(
+        self,
+        folder: str,
+        name: str,
+        *,
+        parent: str | None,
+        params: Mapping[str, Any],
+        metrics: Mapping[str, Any],
+        curves: Mapping[str, list[Mapping[str, Any]]] | None = None,
+        artifacts: list[Path] = (),
+        tags: Mapping[str, str] | None = None,
+    ) -> str:
         """Log one run (or find it already logged with the same metrics); return its id."""
         from mlflow.entities import Metric, Param
 
@@ -96,8 +107,14 @@ def _folder_run(results: Path, kind: str, folder: str) -> tuple[dict, dict, list
     return metrics, params, artifacts
 
 
-def log_study(manifest: Mapping[str, Any], results: Path, tracking_uri: str, experiment: str, *,
-              tags: Mapping[str, str] | None = None) -> dict[str, int]:
+def log_study(
+    manifest: Mapping[str, Any],
+    results: Path,
+    tracking_uri: str,
+    experiment: str,
+    *,
+    tags: Mapping[str, str] | None = None,
+) -> dict[str, int]:
     """Log every variant of ``manifest`` (``StudyPlan.manifest()``) found under ``results``; return how many runs
     were logged, skipped (already logged) and replaced (metrics changed). ``tags`` go on every run (e.g. the git
     commit)."""
@@ -110,27 +127,66 @@ def log_study(manifest: Mapping[str, Any], results: Path, tracking_uri: str, exp
             metrics, params, artifacts = _folder_run(results, "pretrain", node)
             curves = {"train": metrics.get("log", [])}
             scalars = {k: v for k, v in metrics.items() if k != "log"}
-            children.append(("pretrain", node, node, params, scalars, curves, artifacts,
-                             {"variant": variant, "stage": node.split("-")[0].removeprefix("stage"),
-                              "slurm_job_id": str(metrics.get("slurm_job_id") or "")}))
+            children.append(
+                (
+                    "pretrain",
+                    node,
+                    node,
+                    params,
+                    scalars,
+                    curves,
+                    artifacts,
+                    {
+                        "variant": variant,
+                        "stage": node.split("-")[0].removeprefix("stage"),
+                        "slurm_job_id": str(metrics.get("slurm_job_id") or ""),
+                    },
+                )
+            )
         for evaluation in entry["evaluations"]:
             metrics, params, artifacts = _folder_run(results, "downstream", evaluation["folder"])
             curves = {"train": metrics.get("train_log", []), "eval": metrics.get("history", [])}
             scalars = {k: v for k, v in metrics.items() if k not in ("history", "train_log")}
-            children.append(("downstream", evaluation["folder"], f"{evaluation['label']} seed {evaluation['seed']}",
-                             params, scalars, curves, artifacts,
-                             {"variant": variant, "stage": "eval", "task": evaluation["task"],
-                              "dataset": evaluation["dataset"], "seed": str(evaluation["seed"]),
-                              "slurm_job_id": str(metrics.get("slurm_job_id") or "")}))
+            children.append(
+                (
+                    "downstream",
+                    evaluation["folder"],
+                    f"{evaluation['label']} seed {evaluation['seed']}",
+                    params,
+                    scalars,
+                    curves,
+                    artifacts,
+                    {
+                        "variant": variant,
+                        "stage": "eval",
+                        "task": evaluation["task"],
+                        "dataset": evaluation["dataset"],
+                        "seed": str(evaluation["seed"]),
+                        "slurm_job_id": str(metrics.get("slurm_job_id") or ""),
+                    },
+                )
+            )
             for key in ("top1_last", "miou_last", "aee_last"):
                 if key in metrics:
                     summary.setdefault(f"{evaluation['label']}/{key}", []).append(float(metrics[key]))
         means = {name: sum(values) / len(values) for name, values in summary.items()}
-        parent = logger.run(f"variant/{variant}", variant, parent=None,
-                            params={"stages": entry["stages"], "checkpoint": entry["checkpoint"]},
-                            metrics={f"mean/{k}": v for k, v in means.items()}, tags={"variant": variant,
-                                                                                     "stage": "variant"})
+        parent = logger.run(
+            f"variant/{variant}",
+            variant,
+            parent=None,
+            params={"stages": entry["stages"], "checkpoint": entry["checkpoint"]},
+            metrics={f"mean/{k}": v for k, v in means.items()},
+            tags={"variant": variant, "stage": "variant"},
+        )
         for kind, folder, name, params, metrics, curves, artifacts, child_tags in children:
-            logger.run(f"{kind}/{folder}", name, parent=parent, params=params, metrics=metrics, curves=curves,
-                       artifacts=artifacts, tags=child_tags)
+            logger.run(
+                f"{kind}/{folder}",
+                name,
+                parent=parent,
+                params=params,
+                metrics=metrics,
+                curves=curves,
+                artifacts=artifacts,
+                tags=child_tags,
+            )
     return logger.counts

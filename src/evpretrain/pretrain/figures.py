@@ -48,8 +48,12 @@ def reconstruction_figure(module: nn.Module, dataset: Dataset, path: Path, num_s
         for row in range(rows):
             ax = axes[row][col]
             limit = float(images["target"][row].abs().max()) if title != "input (sum of bins)" else None
-            ax.imshow(values[row].float().numpy(), cmap="RdBu_r" if limit else "gray", vmin=-limit if limit else None,
-                      vmax=limit)
+            ax.imshow(
+                values[row].float().numpy(),
+                cmap="RdBu_r" if limit else "gray",
+                vmin=-limit if limit else None,
+                vmax=limit,
+            )
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:

@@ -155,7 +155,8 @@ def stage_param_groups(module: nn.Module, stage: int, config: PretrainConfig, we
     if stage == 3 and config.stage3.layer_lr.rule != "none":
         backbone = module.backbone
         ids = {
-            name: backbone.layer_id(name.removeprefix("backbone.")) if name.startswith("backbone.")
+            name: backbone.layer_id(name.removeprefix("backbone."))
+            if name.startswith("backbone.")
             else backbone.num_layers - 1
             for name, _ in module.named_parameters()
         }
@@ -274,6 +275,9 @@ def run_stage(
     if stage == 1 and process_layout().is_main:  # under DDP one rank draws
         from evpretrain.pretrain.figures import reconstruction_figure
 
-        reconstruction_figure(module, PretrainDataset(val_store or train_store, num_bins=data.num_bins,
-                                                      input_size=data.input_size), out / "reconstructions.png")
+        reconstruction_figure(
+            module,
+            PretrainDataset(val_store or train_store, num_bins=data.num_bins, input_size=data.input_size),
+            out / "reconstructions.png",
+        )
     return metrics

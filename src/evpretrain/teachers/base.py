@@ -54,7 +54,8 @@ class Teacher(nn.Module):
         return super().train(False)
 
     def train(self, mode: bool = True) -> Teacher:
-        # A frozen teacher ignores train(): a parent module's .train() must not switch its BatchNorm to batch statistics.
+        # A frozen teacher ignores train(): a parent module's .train() must not switch its BatchNorm to batch
+        # statistics.
         return super().train(False)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:

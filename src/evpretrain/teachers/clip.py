@@ -63,7 +63,9 @@ def load_visual_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 @register_teacher("clip_vit_b16")
 class ClipViTB16Teacher(Teacher):
-    """CLIP ViT-B/16 image tower, frozen. Tokens (B, 196, 512) at 224x224: every patch token projected to the joint space.
+    """CLIP ViT-B/16 image tower, frozen.
+
+    Tokens (B, 196, 512) at 224x224: every patch token projected to the joint space.
 
     Args:
         weights: path of a local CLIP ViT-B/16 checkpoint (config field ``weights``); required.

@@ -121,5 +121,5 @@ class EfficientNetLite0Teacher(Teacher):
 
     @torch.no_grad()
     def classify(self, images: torch.Tensor) -> torch.Tensor:
-        """ImageNet-1k logits (B, 1000) of images (B, 3, H, W) in [0, 1], through the same preprocessing as the tokens."""
+        """ImageNet-1k logits (B, 1000) of images (B, 3, H, W) in [0, 1], preprocessed as for the tokens."""
         return self.model(self.preprocess(images))

@@ -33,7 +33,10 @@ FEATURES_VERSION = 1
 
 
 def frame_to_image(frame: np.ndarray) -> torch.Tensor:
-    """A stored grey frame (H, W), float in [0, 1] or uint8 0-255 (EF stores), as an image (3, H, W) float32 in [0, 1]."""
+    """A stored grey frame (H, W), float in [0, 1] or uint8 0-255 (EF stores), as an image (3, H, W) float32.
+
+    The image is in [0, 1].
+    """
     if frame.dtype == np.uint8:
         grey = torch.from_numpy(frame.astype(np.float32) / 255.0)
     else:
@@ -127,7 +130,8 @@ class TeacherFeatures:
         if file.attrs.get("format") != FEATURES_FORMAT:
             raise StoreError(
                 self.path,
-                f"not a teacher-features file: attribute 'format' is {file.attrs.get('format')!r}, expected {FEATURES_FORMAT!r}",
+                f"not a teacher-features file: attribute 'format' is {file.attrs.get('format')!r}, "
+                f"expected {FEATURES_FORMAT!r}",
             )
         if "tokens" not in file:
             raise StoreError(self.path, "missing dataset /tokens")

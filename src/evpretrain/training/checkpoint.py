@@ -39,6 +39,8 @@ def backbone_entries(state: Mapping[str, torch.Tensor], path: str | Path) -> dic
 
     backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     if not backbone:
-        raise ConfigError(f"{path}: holds no backbone weights (no 'backbone.' keys); a checkpoint of another project "
-                          "needs an importer (evpretrain.downstream.importers)")
+        raise ConfigError(
+            f"{path}: holds no backbone weights (no 'backbone.' keys); a checkpoint of another project "
+            "needs an importer (evpretrain.downstream.importers)"
+        )
     return backbone

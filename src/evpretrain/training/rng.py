@@ -54,7 +54,10 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 def seed_all(seed: int, *, cuda: bool = True) -> None:
-    """Seed Python's, numpy's and torch's CPU (and, with ``cuda``, every CUDA) global RNG; numpy takes the low 32 bits."""
+    """Seed Python's, numpy's and torch's CPU (and, with ``cuda``, every CUDA) global RNG.
+
+    numpy takes the low 32 bits.
+    """
     random.seed(seed)
     np.random.seed(seed % 2**32)
     if cuda:

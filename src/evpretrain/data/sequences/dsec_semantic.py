@@ -155,7 +155,11 @@ def locate_sequence(split_dir: Path, name: str) -> SequenceFiles:
                     "expected one line per image",
                 )
             return SequenceFiles(
-                name, events_dir / "events.h5", events_dir / "rectify_map.h5", labels, timestamps_file,
+                name,
+                events_dir / "events.h5",
+                events_dir / "rectify_map.h5",
+                labels,
+                timestamps_file,
                 tuple(timestamps_us.tolist()),
             )
     tried = "; ".join(f"{d}/*.png with {t.format(sequence=name)}" for d, t in LABEL_LAYOUTS)
@@ -307,7 +311,9 @@ def convert(root: Path, out: Path, settings: Mapping[str, Any] | None, *, worker
             jobs = _jobs(sequences, config)
             results = map(_cut_windows, jobs) if pool is None else _bounded_map(pool, _cut_windows, jobs, 2 * workers)
             path = out / f"{split}.h5"
-            sources = [str(f.relative_to(root)) for s in sequences for f in (s.events, s.rectify_map, s.timestamps_file)]
+            sources = [
+                str(f.relative_to(root)) for s in sequences for f in (s.events, s.rectify_map, s.timestamps_file)
+            ]
             attrs = {
                 "split": split,
                 "dataset": "dsec-semantic",

@@ -23,7 +23,16 @@ if TYPE_CHECKING:
 # that raises it must stay outside the ``try`` blocks that catch these).
 # zipfile raises NotImplementedError for an unknown compression method and RuntimeError for an "encrypted" flag,
 # both of which a flipped bit in a member header produces.
-_NPZ_ERRORS = (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError)
+_NPZ_ERRORS = (
+    ValueError,
+    OSError,
+    EOFError,
+    KeyError,
+    zipfile.BadZipFile,
+    zlib.error,
+    NotImplementedError,
+    RuntimeError,
+)
 _H5_ERRORS = (KeyError, OSError, ValueError, RuntimeError, TypeError)
 
 
