@@ -41,9 +41,8 @@ EVENT_CHUNK = 1 << 16  # events per HDF5 chunk: big enough for throughput, small
 class StoreCompression:
     """HDF5 filters. ``events`` applies to the event columns, ``dense`` to frames, maps, flow and masks.
 
-    Measured by bench/bench_store.py (bench/README.md): on a real recording gzip-1 stores events in 3.5 instead of
-    13.3 bytes but reads them about 2.3x slower; rendered float32 frames shrink only by about 30% for a 10x slower
-    read. Reading is what every training epoch pays, so nothing is compressed by default; turn it on for archives.
+    Every training epoch pays the read side, and the filters make reads several times slower for a modest saving in
+    size (bench/README.md, "Event store"), so nothing is compressed by default; turn them on for archives.
     """
 
     events: Literal["none", "gzip", "lzf"] = "none"

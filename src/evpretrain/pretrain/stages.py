@@ -49,13 +49,11 @@ class ContrastConfig:
     """Stages 2 and 3 (config sections ``pretrain.stage2.method`` and ``pretrain.stage3.method``).
 
     ``teacher_projection``: whether the teacher side's LayerNorm + Linear trains ("trained", the paper's code) or
-    keeps its initialisation ("frozen"). With a queue, its negatives are detached, so the only gradient the keys
-    get is the pull of the positive towards the student: a trained projection drifts towards what every student
-    token already matches, the queue fills with ever more similar keys, and the loss climbs back to
-    log(queue_length + 1) (measured on the demo: 4.1 -> 6.5 over stage 3). MoCo keeps its queue consistent with a
-    momentum key encoder instead; a frozen random projection keeps it consistent at no cost (a random linear map
-    preserves the teacher tokens' angles closely, Johnson-Lindenstrauss). In-batch negatives (``queue_length: 0``)
-    repel the keys too, so a trained projection is safe there.
+    keeps its initialisation ("frozen", the default). Queued negatives are detached, so a trained projection feels
+    only the positives' pull, drifts towards what every student token matches and fills the queue with ever more
+    similar keys (the loss climbs back towards log(queue_length + 1); docs/results.md); a frozen random projection
+    keeps the queue consistent at no cost, as it preserves the teacher tokens' angles closely. In-batch negatives
+    (``queue_length: 0``) repel the keys too, so a trained projection is safe there.
     """
 
     projector_layers: int = 3
