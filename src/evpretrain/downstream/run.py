@@ -42,7 +42,7 @@ from evpretrain.training import TrainConfig, train
 from evpretrain.training.checkpoint import METRICS_NAME, write_json
 from evpretrain.training.distributed import process_layout, resolve_device, to_device
 from evpretrain.training.hooks import Hook, TrainState
-from evpretrain.training.optim import param_groups, scales_for_layers
+from evpretrain.training.optim import layer_scales, param_groups
 
 __all__ = ["CLASSIFY_MODES", "DownstreamTaskConfig", "EpochEvaluator", "run_downstream", "task_config"]
 
@@ -170,14 +170,7 @@ def optimizer_groups(model: nn.Module, config: DownstreamTaskConfig) -> list[dic
     """Decay / no-decay groups; with ``layer_decay``, the backbone's layer-wise scales (heads at 1.0)."""
     scales = None
     if config.layer_decay is not None:
-        backbone = model.backbone
-        ids = {
-            name: backbone.layer_id(name.removeprefix("backbone."))
-            if name.startswith("backbone.")
-            else backbone.num_layers - 1
-            for name, _ in model.named_parameters()
-        }
-        scales = scales_for_layers(ids, backbone.num_layers - 2, "decay", decay=config.layer_decay)
+        scales = layer_scales(model, "decay", config.layer_decay)
     return param_groups(model, config.train.weight_decay, lr_scales=scales)
 
 

@@ -24,7 +24,7 @@ from evpretrain.pretrain.stages import ContrastConfig, FeatureTransition, Masked
 from evpretrain.training import KnnMonitor, MlflowHook, TrainConfig, load_checkpoint, train
 from evpretrain.training.checkpoint import backbone_entries
 from evpretrain.training.distributed import process_layout
-from evpretrain.training.optim import param_groups, scales_for_layers
+from evpretrain.training.optim import layer_scales, param_groups
 
 
 @dataclass(frozen=True)
@@ -154,15 +154,8 @@ def stage_param_groups(module: nn.Module, stage: int, config: PretrainConfig, we
         module.freeze_for_transition()
     scales = None
     if stage == 3 and config.stage3.layer_lr.rule != "none":
-        backbone = module.backbone
-        ids = {
-            name: backbone.layer_id(name.removeprefix("backbone."))
-            if name.startswith("backbone.")
-            else backbone.num_layers - 1
-            for name, _ in module.named_parameters()
-        }
         rule = config.stage3.layer_lr
-        scales = scales_for_layers(ids, backbone.num_layers - 2, rule.rule, decay=rule.decay)
+        scales = layer_scales(module, rule.rule, rule.decay)
     return param_groups(module, weight_decay, lr_scales=scales)
 
 
