@@ -32,10 +32,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from evpretrain.data.demo import DemoConfig, build_demo
+from evpretrain.data.resize import resize_maps
 from evpretrain.data.store import EventStore
 from evpretrain.events.contract import EVENT_DTYPE
 from evpretrain.events.representations import voxel_grid
-from evpretrain.pretrain.data import PretrainDataset, collate, event_density, resize_maps
+from evpretrain.pretrain.data import PretrainDataset, collate, event_density
 
 
 class EventsOnly(Dataset):

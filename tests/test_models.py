@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from evpretrain.config import ConfigError
-from evpretrain.models import SwinBackbone, create_backbone, list_backbones
+from evpretrain.models import BackboneSpec, SwinBackbone, backbone_spec, build_backbone, create_backbone, list_backbones
 from evpretrain.models.base import kept_indices, space_to_depth_tokens
 from evpretrain.models.pos_embed import sincos_pos_embed_2d
 
@@ -304,6 +304,31 @@ def test_overrides_change_channels_and_image_size():
         assert swin(torch.randn(1, 5, 32, 64)).tokens.shape == (1, 2 * 4, 256)
     with pytest.raises(ValueError, match="not a multiple of patch_size 8"):
         create_backbone("vit_demo", img_size=60)
+
+
+def test_the_study_backbone_spec_reads_the_shared_pretrain_keys_only():
+    study = {
+        "pretrain": {
+            "backbone": "vit_demo",
+            "backbone_overrides": {"img_size": [32, 48], "depth": 2},
+            "data": {"num_bins": 3, "input_size": [32, 48]},
+            "stage1": {"anything": "the pre-training checks"},
+        }
+    }
+    spec = backbone_spec(study)
+    assert spec == BackboneSpec("vit_demo", 3, {"img_size": [32, 48], "depth": 2})
+    assert backbone_spec({"pretrain": {"backbone": "swin_demo"}}) == BackboneSpec("swin_demo", 5, {})
+    model = build_backbone(spec.with_overrides(drop_path_rate=0.1))
+    assert (model.in_chans, model.img_size, len(model.blocks)) == (3, (32, 48), 2)
+    assert spec.overrides == {"img_size": [32, 48], "depth": 2}  # with_overrides leaves the spec as it was
+    with pytest.raises(ConfigError, match="config has no section 'pretrain'"):
+        backbone_spec({})
+    with pytest.raises(ConfigError, match=r"pretrain: missing required key\(s\) \['backbone'\]"):
+        backbone_spec({"pretrain": {"data": {"num_bins": 3}}})
+    with pytest.raises(ConfigError, match="pretrain.data.num_bins: expected an integer"):
+        backbone_spec({"pretrain": {"backbone": "vit_demo", "data": {"num_bins": "5"}}})
+    with pytest.raises(ConfigError, match="pretrain.data: expected a mapping"):
+        backbone_spec({"pretrain": {"backbone": "vit_demo", "data": None}})
 
 
 @pytest.mark.parametrize("name", DEMO)

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
 from evpretrain.data.demo import DemoConfig, build_demo
+from evpretrain.data.resize import as_size, resize_maps
 from evpretrain.data.store import EventStore, EventStoreWriter, StoreError
 from evpretrain.events.contract import EVENT_DTYPE
 from evpretrain.events.representations import voxel_grid
@@ -115,6 +116,16 @@ def test_event_density_maps_sensor_pixels_onto_the_grid():
     events["y"] = [0, 0, 3, 3]
     density = event_density(events, sensor_size=(4, 6), size=(2, 3))
     np.testing.assert_array_equal(density, [[2, 0, 0], [0, 1, 1]])
+
+
+def test_resized_maps_keep_per_pixel_values_and_sizes_read_as_pairs():
+    maps = torch.arange(16.0).reshape(1, 4, 4)
+    assert resize_maps(maps, (4, 4)) is maps
+    torch.testing.assert_close(resize_maps(torch.full((2, 4, 6), 3.0), (2, 3)), torch.full((2, 2, 3), 3.0))
+    assert resize_maps(maps, (8, 8)).shape == (1, 8, 8)
+    assert as_size(5) == (5, 5) and as_size([3, 4]) == (3, 4)
+    with pytest.raises(ValueError, match="expected a positive size"):
+        as_size((0, 4))
 
 
 def test_time_flip_reverses_bins_and_negates_voxel_and_difference(store_path):

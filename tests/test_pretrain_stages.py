@@ -8,6 +8,7 @@ import yaml
 
 from evpretrain.cli import main
 from evpretrain.data.demo import DemoConfig, build_demo
+from evpretrain.models import BackboneSpec, backbone_spec
 from evpretrain.pretrain.run import PretrainConfig, build_stage_module, initialise, pretrain_config, stage_param_groups
 from evpretrain.pretrain.stages import focus_weights
 
@@ -123,6 +124,17 @@ def test_each_stage_starts_from_the_previous_ones_weights(tmp_path):
     for k, v in stage1.backbone.state_dict().items():
         assert torch.equal(fresh.backbone.state_dict()[k], v)
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in heads.items())
+
+
+def test_the_pretrain_config_and_downstream_build_the_same_backbone():
+    study = {"pretrain": TINY | {"data": {"num_bins": 3, "input_size": [32, 32]}}}
+    expected = BackboneSpec("vit_demo", 3, {"img_size": [32, 32], "depth": 2})
+    assert pretrain_config(study).backbone_spec == backbone_spec(study) == expected
+    assert (
+        tiny_config().backbone_spec
+        == backbone_spec({"pretrain": TINY})
+        == BackboneSpec("vit_demo", 5, expected.overrides)
+    )
 
 
 def test_config_errors_name_the_key():

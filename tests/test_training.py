@@ -17,10 +17,12 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from evpretrain.config import ConfigError, from_mapping
+from evpretrain.models import create_backbone
 from evpretrain.training import (
     CHECKPOINT_NAME,
     METRICS_NAME,
@@ -33,7 +35,6 @@ from evpretrain.training import (
     build_optimizer,
     cosine_schedule,
     knn_accuracy,
-    layer_ids,
     layer_scales,
     load_checkpoint,
     param_groups,
@@ -197,33 +198,83 @@ def test_cosine_schedule_decreases_after_warmup_within_its_bounds(total, warmup,
     assert all(a >= b - 1e-12 for a, b in zip(values, values[1:]))
 
 
-VIT_NAMES = (
-    ["backbone.patch_embed.proj.weight", "backbone.pos_embed"]
+class WithHeads(nn.Module):
+    """A backbone with a head and a decoder whose blocks are not the backbone's: both count as the top layer."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.embed_dim, 3)
+        self.decoder = nn.Module()
+        self.decoder.blocks = nn.ModuleList([Block(8, num_heads=2)])
+
+
+VIT_NAMES = (  # vit_demo: depth 6
+    ["backbone.patch_embed.proj.weight", "backbone.patch_embed.proj.bias"]
     + [f"backbone.blocks.{i}.attn.qkv.weight" for i in range(6)]
     + ["backbone.norm.weight", "head.weight", "decoder.blocks.0.mlp.fc1.weight"]
 )
 
 
-def test_layer_ids_follow_mae_embeddings_zero_blocks_then_the_rest():
-    ids = layer_ids(VIT_NAMES, 6, prefix="backbone.")
-    assert [ids[n] for n in VIT_NAMES] == [0, 0, 1, 2, 3, 4, 5, 6, 7, 7, 7]
-    with pytest.raises(ValueError, match="block 6, outside a backbone of depth 6"):
-        layer_ids(["blocks.6.attn.qkv.weight"], 6)
+def vit_with_heads() -> WithHeads:
+    return WithHeads(create_backbone("vit_demo", img_size=16))
 
 
 def test_layer_decay_scales_are_decay_to_the_distance_from_the_top():
-    scales = layer_scales(VIT_NAMES, 6, "decay", decay=0.5, prefix="backbone.")
+    scales = layer_scales(vit_with_heads(), "decay", decay=0.5)
     expected = [0.5**7, 0.5**7, 0.5**6, 0.5**5, 0.5**4, 0.5**3, 0.5**2, 0.5, 1.0, 1.0, 1.0]
     assert [scales[n] for n in VIT_NAMES] == pytest.approx(expected)
 
 
 def test_layer_grafted_scales_split_the_blocks_in_thirds():
-    scales = layer_scales(VIT_NAMES, 6, "grafted", prefix="backbone.")
+    module = vit_with_heads()
+    scales = layer_scales(module, "grafted")
     expected = [0.01, 0.01, 0.01, 0.01, 0.1, 0.1, 1.0, 1.0, 1.0, 1.0, 1.0]
     assert [scales[n] for n in VIT_NAMES] == expected
-    deep = layer_scales([f"blocks.{i}.w" for i in range(12)], 12, "grafted")
-    assert list(deep.values()) == [0.01] * 4 + [0.1] * 4 + [1.0] * 4
-    assert set(layer_scales(VIT_NAMES, 6, "none").values()) == {1.0}
+    assert list(scales) == [name for name, _ in module.named_parameters()]
+    with torch.device("meta"):
+        deep = layer_scales(WithHeads(create_backbone("vit_small_patch16")), "grafted")  # depth 12
+    blocks = [{v for n, v in deep.items() if n.startswith(f"backbone.blocks.{i}.")} for i in range(12)]
+    assert blocks == [{0.01}] * 4 + [{0.1}] * 4 + [{1.0}] * 4
+    assert set(layer_scales(module, "none").values()) == {1.0}
+    with pytest.raises(ValueError, match="unknown layer-scale rule 'linear'"):
+        layer_scales(module, "linear")
+
+
+def test_layer_scales_follow_each_backbones_own_layer_ids():
+    # convvit_demo: depths (1, 1, 4), 6 layers between the embedding and the final norm; a later stage's patch
+    # embedding shares its first block's layer. swin_demo: depths (1, 1, 2, 1), 5 layers; the patch merging that
+    # opens a stage shares its first block's layer.
+    convvit = WithHeads(create_backbone("convvit_demo", img_size=16))
+    decay = layer_scales(convvit, "decay", 0.5)
+    grafted = layer_scales(convvit, "grafted")
+    for name, layer in [
+        ("backbone.patch_embed1.proj.weight", 0),
+        ("backbone.blocks1.0.norm1.weight", 1),
+        ("backbone.patch_embed2.proj.weight", 2),
+        ("backbone.blocks2.0.norm1.weight", 2),
+        ("backbone.patch_embed4.weight", 3),
+        ("backbone.blocks3.3.norm1.weight", 6),
+        ("backbone.norm.weight", 7),
+        ("head.weight", 7),
+    ]:
+        assert decay[name] == 0.5 ** (7 - layer), name
+    assert [grafted[f"backbone.blocks3.{i}.norm1.weight"] for i in range(4)] == [0.1, 0.1, 1.0, 1.0]
+    assert grafted["backbone.patch_embed2.proj.weight"] == grafted["backbone.blocks1.0.norm1.weight"] == 0.01
+    swin = WithHeads(create_backbone("swin_demo", img_size=16))
+    decay = layer_scales(swin, "decay", 0.5)
+    grafted = layer_scales(swin, "grafted")
+    for name, layer, third in [
+        ("backbone.mask_token", 0, 0.01),
+        ("backbone.stages.0.blocks.0.norm1.weight", 1, 0.01),
+        ("backbone.stages.1.downsample.norm.weight", 2, 0.01),
+        ("backbone.stages.2.blocks.0.norm1.weight", 3, 0.1),
+        ("backbone.stages.2.blocks.1.norm1.weight", 4, 0.1),
+        ("backbone.stages.3.blocks.0.norm1.weight", 5, 1.0),
+        ("backbone.norm.weight", 6, 1.0),
+        ("decoder.blocks.0.mlp.fc1.weight", 6, 1.0),
+    ]:
+        assert (decay[name], grafted[name]) == (0.5 ** (6 - layer), third), name
 
 
 # --- data order and RNG ----------------------------------------------------------------------------------------

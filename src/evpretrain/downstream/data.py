@@ -40,10 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from evpretrain.data.resize import as_size, resize_maps
 from evpretrain.data.store import EventStore, StoreError
 from evpretrain.events.corruption import Corruption, apply_corruption, corruption_seed
 from evpretrain.events.representations import voxel_grid
-from evpretrain.pretrain.data import as_size, resize_maps
 
 __all__ = ["AugmentConfig", "DownstreamDataset", "IGNORE_INDEX", "TASKS", "WindowConfig", "erase_and_add_events"]
 

@@ -22,8 +22,8 @@ from evpretrain.config import ConfigError, from_mapping
 from evpretrain.downstream.data import DownstreamDataset
 from evpretrain.downstream.run import build_model, evaluate, task_config
 from evpretrain.events.corruption import Corruption
+from evpretrain.models import backbone_spec, build_backbone
 from evpretrain.plotting import pyplot, save_figure
-from evpretrain.pretrain.run import build_backbone, pretrain_config
 from evpretrain.training.checkpoint import CHECKPOINT_NAME, METRICS_NAME, load_checkpoint, write_json
 
 __all__ = ["RobustnessConfig", "evaluate_robustness", "robustness_config", "robustness_figure"]
@@ -63,9 +63,9 @@ def evaluate_robustness(
     if run.get("task") != "classify":
         raise ConfigError(f"{run_dir / METRICS_NAME}: task is {run.get('task')!r}; robustness evaluates a classifier")
     config = robustness_config(study)
-    pretrain = pretrain_config(study)
+    spec = backbone_spec(study)
     task = task_config(study, "classify", run["mode"])
-    model = build_model("classify", run["mode"], build_backbone(pretrain), run["num_classes"], task)
+    model = build_model("classify", run["mode"], build_backbone(spec), run["num_classes"], task)
     model.load_state_dict(load_checkpoint(run_dir / CHECKPOINT_NAME)["model"])
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
@@ -73,7 +73,7 @@ def evaluate_robustness(
         eval_store,
         "classify",
         train=False,
-        num_bins=pretrain.data.num_bins,
+        num_bins=spec.in_chans,
         input_size=tuple(model.backbone.img_size),
         window=task.window,
         seed=seed,

@@ -37,12 +37,12 @@ from evpretrain.downstream.metrics import (
     topk_accuracy,
 )
 from evpretrain.downstream.models import Classifier, LinearProbe, load_backbone
-from evpretrain.pretrain.run import PretrainConfig, build_backbone, pretrain_config
+from evpretrain.models import backbone_spec, build_backbone
 from evpretrain.training import TrainConfig, train
 from evpretrain.training.checkpoint import METRICS_NAME, write_json
 from evpretrain.training.distributed import process_layout, resolve_device, to_device
 from evpretrain.training.hooks import Hook, TrainState
-from evpretrain.training.optim import param_groups, scales_for_layers
+from evpretrain.training.optim import layer_scales, param_groups
 
 __all__ = ["CLASSIFY_MODES", "DownstreamTaskConfig", "EpochEvaluator", "run_downstream", "task_config"]
 
@@ -170,14 +170,7 @@ def optimizer_groups(model: nn.Module, config: DownstreamTaskConfig) -> list[dic
     """Decay / no-decay groups; with ``layer_decay``, the backbone's layer-wise scales (heads at 1.0)."""
     scales = None
     if config.layer_decay is not None:
-        backbone = model.backbone
-        ids = {
-            name: backbone.layer_id(name.removeprefix("backbone."))
-            if name.startswith("backbone.")
-            else backbone.num_layers - 1
-            for name, _ in model.named_parameters()
-        }
-        scales = scales_for_layers(ids, backbone.num_layers - 2, "decay", decay=config.layer_decay)
+        scales = layer_scales(model, "decay", config.layer_decay)
     return param_groups(model, config.train.weight_decay, lr_scales=scales)
 
 
@@ -313,15 +306,13 @@ def run_downstream(
     ``seed`` seeds the head's initialisation, the data order and the augmentation.
     Returns the metrics written to ``out/metrics.json``.
     """
-    pretrain: PretrainConfig = pretrain_config(study)
+    spec = backbone_spec(study)
     config = task_config(study, task, mode)
     config = replace(config, train=replace(config.train, seed=seed))
     torch.manual_seed(seed)
-    backbone = build_backbone(
-        replace(pretrain, backbone_overrides={**pretrain.backbone_overrides, "drop_path_rate": config.drop_path_rate})
-    )
+    backbone = build_backbone(spec.with_overrides(drop_path_rate=config.drop_path_rate))
     init = load_backbone(backbone, checkpoint, source=checkpoint_source, allow_partial=allow_partial)
-    common = dict(num_bins=pretrain.data.num_bins, input_size=tuple(backbone.img_size), window=config.window, seed=seed)
+    common = dict(num_bins=spec.in_chans, input_size=tuple(backbone.img_size), window=config.window, seed=seed)
     train_set = DownstreamDataset(train_store, task, train=True, augment=config.augment, **common)
     eval_set = DownstreamDataset(eval_store, task, train=False, **common)
     num_classes = config.num_classes or _num_classes(task, train_set, eval_set)

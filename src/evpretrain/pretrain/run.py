@@ -17,20 +17,21 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from evpretrain.config import ConfigError, from_mapping, to_mapping
-from evpretrain.models import create_backbone
+from evpretrain.models import BackboneSpec, build_backbone
+from evpretrain.models.spec import DEFAULT_NUM_BINS
 from evpretrain.pretrain.data import PretrainDataset
 from evpretrain.pretrain.stages import ContrastConfig, FeatureTransition, MaskedModeling, MaskedModelingConfig
 from evpretrain.training import KnnMonitor, MlflowHook, TrainConfig, load_checkpoint, train
 from evpretrain.training.checkpoint import backbone_entries
 from evpretrain.training.distributed import process_layout
-from evpretrain.training.optim import param_groups, scales_for_layers
+from evpretrain.training.optim import layer_scales, param_groups
 
 
 @dataclass(frozen=True)
 class PretrainDataConfig:
     """Input of every stage. ``input_size`` (H, W) pixels, None = the store's sensor size."""
 
-    num_bins: int = 5
+    num_bins: int = DEFAULT_NUM_BINS
     input_size: tuple[int, int] | None = None
     time_flip_p: float = 0.5
     seed: int = 0
@@ -93,6 +94,11 @@ class PretrainConfig:
     knn: KnnConfig = field(default_factory=KnnConfig)
     mlflow: dict[str, str] = field(default_factory=dict)  # {tracking_uri, experiment}; empty = no MLflow
 
+    @property
+    def backbone_spec(self) -> BackboneSpec:
+        """The study's backbone: ``backbone`` with the voxel bins as input channels and the overrides."""
+        return BackboneSpec(self.backbone, self.data.num_bins, self.backbone_overrides)
+
 
 def pretrain_config(study: dict[str, Any]) -> PretrainConfig:
     """The validated ``pretrain`` section of a study config."""
@@ -101,16 +107,11 @@ def pretrain_config(study: dict[str, Any]) -> PretrainConfig:
     return from_mapping(PretrainConfig, study["pretrain"], "pretrain")
 
 
-def build_backbone(config: PretrainConfig) -> nn.Module:
-    """A fresh backbone of the study: ``config.backbone`` with the voxel bins as input channels and the overrides."""
-    return create_backbone(config.backbone, in_chans=config.data.num_bins, **config.backbone_overrides)
-
-
 def teacher_features_for(config: PretrainConfig, store: Path, out: Path, *, device: str | None = None) -> Path:
     """Compute the teacher's tokens of every sample of ``store`` on the backbone's token grid into ``out``."""
     from evpretrain.teachers import compute_teacher_features, create_teacher
 
-    backbone = build_backbone(config)
+    backbone = build_backbone(config.backbone_spec)
     options = {"weights": config.teacher.weights} if config.teacher.weights else {}
     teacher = create_teacher(config.teacher.name, **options)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -121,7 +122,7 @@ def teacher_features_for(config: PretrainConfig, store: Path, out: Path, *, devi
 
 def build_stage_module(stage: int, config: PretrainConfig, teacher_dim: int | None) -> nn.Module:
     """The stage's module around a fresh backbone (weights loaded separately by ``initialise``)."""
-    backbone = build_backbone(config)
+    backbone = build_backbone(config.backbone_spec)
     if stage == 1:
         return MaskedModeling(backbone, config.stage1.method)
     if teacher_dim is None:
@@ -153,15 +154,8 @@ def stage_param_groups(module: nn.Module, stage: int, config: PretrainConfig, we
         module.freeze_for_transition()
     scales = None
     if stage == 3 and config.stage3.layer_lr.rule != "none":
-        backbone = module.backbone
-        ids = {
-            name: backbone.layer_id(name.removeprefix("backbone."))
-            if name.startswith("backbone.")
-            else backbone.num_layers - 1
-            for name, _ in module.named_parameters()
-        }
         rule = config.stage3.layer_lr
-        scales = scales_for_layers(ids, backbone.num_layers - 2, rule.rule, decay=rule.decay)
+        scales = layer_scales(module, rule.rule, rule.decay)
     return param_groups(module, weight_decay, lr_scales=scales)
 
 
@@ -213,7 +207,7 @@ def knn_of_checkpoint(
     """kNN top-1 of a stage checkpoint's backbone, or of a randomly initialised one (seeded) when None."""
     torch.manual_seed(seed)
     holder = nn.Module()  # what the monitor embeds with: a module with a ``backbone``
-    holder.backbone = build_backbone(config)
+    holder.backbone = build_backbone(config.backbone_spec)
     if checkpoint is not None:
         holder.backbone.load_state_dict(backbone_entries(load_checkpoint(checkpoint)["model"], checkpoint))
     return knn_monitor(config, train_store, val_store).evaluate(holder, torch.device("cpu"))

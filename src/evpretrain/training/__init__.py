@@ -14,7 +14,6 @@ from evpretrain.training.mlflow_hook import MlflowHook
 from evpretrain.training.optim import (
     build_optimizer,
     cosine_schedule,
-    layer_ids,
     layer_scales,
     param_groups,
     peak_lr,
@@ -33,7 +32,6 @@ __all__ = [
     "build_optimizer",
     "cosine_schedule",
     "knn_accuracy",
-    "layer_ids",
     "layer_scales",
     "load_checkpoint",
     "param_groups",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
@@ -14,8 +13,6 @@ from evpretrain.training.config import TrainConfig
 
 # Fixed or learned position embeddings are a lookup table, not a weight to shrink (timm's ``no_weight_decay``).
 NO_WEIGHT_DECAY_NAMES = ("pos_embed",)
-EMBEDDING_NAMES = ("patch_embed", "pos_embed", "cls_token", "mask_token")
-BLOCK_PATTERN = r"blocks\.(\d+)\."
 GRAFTED_SCALES = (0.01, 0.1, 1.0)
 
 
@@ -87,53 +84,18 @@ def build_optimizer(
     return torch.optim.AdamW(groups, lr=base, betas=config.betas, weight_decay=config.weight_decay)
 
 
-def layer_ids(
-    param_names: Iterable[str],
-    depth: int,
-    *,
-    prefix: str = "",
-    embedding_names: Iterable[str] = EMBEDDING_NAMES,
-    block_pattern: str = BLOCK_PATTERN,
-) -> dict[str, int]:
-    """Layer index of each parameter, MAE's ``get_layer_id_for_vit`` generalised to a name prefix.
-
-    0 for the embeddings (``prefix + name`` with ``name`` starting with one of ``embedding_names``),
-    ``i + 1`` for block ``i`` (``prefix`` followed by ``block_pattern``, whose one group is the block index),
-    ``depth + 1`` for everything else: the final norm, and heads or decoders outside ``prefix``.
-    """
-    embeddings = tuple(embedding_names)
-    block = re.compile(block_pattern)
-    ids = {}
-    for name in param_names:
-        if not name.startswith(prefix):
-            ids[name] = depth + 1
-            continue
-        local = name[len(prefix) :]
-        match = block.match(local)
-        if match:
-            index = int(match.group(1))
-            if not 0 <= index < depth:
-                raise ValueError(f"parameter {name!r} is in block {index}, outside a backbone of depth {depth}")
-            ids[name] = index + 1
-        elif local.startswith(embeddings):
-            ids[name] = 0
-        else:
-            ids[name] = depth + 1
-    return ids
-
-
 def layer_scales(
-    param_names: Iterable[str],
-    depth: int,
+    module: nn.Module,
     rule: Literal["none", "decay", "grafted"],
-    *,
     decay: float = 0.75,
+    *,
     grafted: tuple[float, float, float] = GRAFTED_SCALES,
-    prefix: str = "",
-    embedding_names: Iterable[str] = EMBEDDING_NAMES,
-    block_pattern: str = BLOCK_PATTERN,
 ) -> dict[str, float]:
-    """Learning-rate factor per parameter name, by its ``layer_ids`` layer ``l`` in ``[0, depth + 1]``.
+    """Learning-rate factor of each parameter of ``module``, a model around a ``backbone``, by its layer.
+
+    The layer ``l`` is the backbone's own ``layer_id``: 0 for the input embedding, the blocks from 1 to ``depth``
+    (``depth = backbone.num_layers - 2``), ``depth + 1`` for the final norm; the parameters outside the backbone
+    (heads, projectors, decoders) count as the top layer, ``depth + 1``.
 
     - ``"none"``: 1.0 everywhere.
     - ``"decay"`` (MAE's ``lr_decay.py``, fine-tuning): ``decay ** (depth + 1 - l)``: the embeddings get
@@ -143,19 +105,23 @@ def layer_scales(
       ``grafted[2]`` (0.01, 0.1, 1.0); the embeddings share the first third's factor, everything after the blocks
       (final norm, heads) the last third's.
     """
-    ids = layer_ids(param_names, depth, prefix=prefix, embedding_names=embedding_names, block_pattern=block_pattern)
-    return scales_for_layers(ids, depth, rule, decay=decay, grafted=grafted)
+    backbone = module.backbone
+    top = backbone.num_layers - 1
+    ids = {
+        name: backbone.layer_id(name.removeprefix("backbone.")) if name.startswith("backbone.") else top
+        for name, _ in module.named_parameters()
+    }
+    return _scales_for_layers(ids, top - 1, rule, decay, grafted)
 
 
-def scales_for_layers(
+def _scales_for_layers(
     ids: Mapping[str, int],
     depth: int,
     rule: Literal["none", "decay", "grafted"],
-    *,
-    decay: float = 0.75,
-    grafted: tuple[float, float, float] = GRAFTED_SCALES,
+    decay: float,
+    grafted: tuple[float, float, float],
 ) -> dict[str, float]:
-    """``layer_scales`` for layer ids given directly (e.g. by a backbone's own ``layer_id``), ids in [0, depth + 1]."""
+    """``layer_scales`` of layer ids in [0, depth + 1]."""
     if rule == "none":
         return {name: 1.0 for name in ids}
     if rule == "decay":

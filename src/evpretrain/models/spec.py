@@ -1,0 +1,65 @@
+"""The study's backbone as data: a registered name, its input channels (the voxel bins) and preset overrides.
+
+Pre-training and every downstream task build their backbone from the same study keys, ``pretrain.backbone``,
+``pretrain.backbone_overrides`` and ``pretrain.data.num_bins``, so that a checkpoint of any stage loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from evpretrain.config import from_mapping, section
+from evpretrain.models.base import Backbone
+from evpretrain.models.registry import create_backbone
+
+# The voxel bins when ``pretrain.data.num_bins`` is not set: 5, the presets' own ``in_chans``.
+DEFAULT_NUM_BINS = 5
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """``create_backbone(name, in_chans=in_chans, **overrides)``: ``in_chans`` is the voxel grid's bins."""
+
+    name: str
+    in_chans: int = DEFAULT_NUM_BINS
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def with_overrides(self, **overrides: Any) -> BackboneSpec:
+        """The same spec with ``overrides`` set on top of its own (e.g. a task's ``drop_path_rate``)."""
+        return dataclasses.replace(self, overrides={**self.overrides, **overrides})
+
+
+def build_backbone(spec: BackboneSpec) -> Backbone:
+    """A freshly initialised backbone of ``spec``."""
+    return create_backbone(spec.name, in_chans=spec.in_chans, **spec.overrides)
+
+
+@dataclass(frozen=True)
+class _Data:
+    num_bins: int = DEFAULT_NUM_BINS
+
+
+@dataclass(frozen=True)
+class _BackboneKeys:
+    """The backbone's keys of section ``pretrain``, typed as in the pre-training config."""
+
+    backbone: str
+    backbone_overrides: dict[str, Any] = field(default_factory=dict)
+    data: _Data = field(default_factory=_Data)
+
+
+def backbone_spec(study: Mapping[str, Any]) -> BackboneSpec:
+    """The backbone of a study config, validated; the rest of section ``pretrain`` is the pre-training's to check.
+
+    Raises ConfigError naming the dotted key (``pretrain``, ``pretrain.backbone``, ``pretrain.data.num_bins``...).
+    """
+    pretrain = section(study, "pretrain")
+    keys = {key: pretrain[key] for key in ("backbone", "backbone_overrides") if key in pretrain}
+    if "data" in pretrain:
+        data = pretrain["data"]  # not a mapping: from_mapping names pretrain.data
+        keys["data"] = {k: v for k, v in data.items() if k == "num_bins"} if isinstance(data, Mapping) else data
+    parsed = from_mapping(_BackboneKeys, keys, "pretrain")
+    return BackboneSpec(parsed.backbone, parsed.data.num_bins, parsed.backbone_overrides)
