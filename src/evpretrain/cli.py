@@ -79,13 +79,13 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from evpretrain.config import load_yaml
+    from evpretrain.config import load_yaml, optional_section
     from evpretrain.data.registry import convert_dataset, get_dataset
 
     entry = get_dataset(args.dataset)
-    settings = None
+    settings = None  # no config, or no data.convert.<dataset> in it: the converter's defaults
     if args.config is not None:
-        settings = load_yaml(args.config).get("data", {}).get("convert", {}).get(args.dataset)
+        settings = optional_section(load_yaml(args.config), f"data.convert.{args.dataset}")
     for path in convert_dataset(
         entry, args.root, args.out, settings=settings, workers=args.workers, progress=not args.quiet
     ):
