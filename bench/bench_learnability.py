@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from evpretrain.config import from_mapping, load_yaml, section
+from evpretrain.config import load_section, load_yaml
 from evpretrain.data.demo import DemoConfig, build_demo
 from evpretrain.downstream.models import Classifier
 from evpretrain.models.registry import create_backbone
@@ -128,7 +128,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--lr", type=float, default=1e-3)
     args = parser.parse_args()
-    demo = from_mapping(DemoConfig, section(load_yaml(args.config), "data.demo"), "data.demo")
+    demo = load_section(DemoConfig, load_yaml(args.config), "data.demo")
     motions = args.motion or [(demo.digit_jitter_px, demo.digit_drift_px_per_frame)]
     for legs, (jitter, drift) in itertools.product(args.legs, motions):
         config = replace(

@@ -48,7 +48,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from evpretrain.config import from_mapping, load_yaml, section
+from evpretrain.config import load_section, load_yaml
 from evpretrain.data.demo import DemoConfig, build_demo
 from evpretrain.models import create_backbone
 from evpretrain.pretrain.data import PretrainDataset, collate
@@ -362,7 +362,7 @@ def main() -> None:
         )
 
     with tempfile.TemporaryDirectory() as tmp, torch_threads(1):  # DataLoader workers run one thread each
-        store_config = from_mapping(DemoConfig, section(study, "data.demo"), "data.demo")
+        store_config = load_section(DemoConfig, study, "data.demo")
         store_config = dataclasses.replace(store_config, samples={"train": args.loader_samples})
         path = build_demo(store_config, tmp, progress=False)["train"]
         sizes = sorted(set(LOADER_SIZES.values()))

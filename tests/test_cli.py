@@ -81,3 +81,34 @@ def test_datasets_lists_the_registry(capsys):
         "ddd17",
         "mvsec",
     } <= set(names)
+
+
+@pytest.mark.parametrize(
+    "pretrain, message",
+    [
+        (
+            {"backbone": "vit_demo", "teacher": {"name": "efficientnet_lite"}},
+            "unknown teacher 'efficientnet_lite'; known teachers: clip_vit_b16, efficientnet_lite0",
+        ),
+        ({"backbone": "vit_dmo"}, "unknown backbone 'vit_dmo'; known backbones: convvit_base, convvit_demo,"),
+    ],
+)
+def test_a_misspelt_name_is_a_one_line_error_listing_the_known_names(tmp_path, pretrain, message):
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps({"pretrain": pretrain}))  # JSON is YAML
+    command = ["teacher-features", "--config", str(config), "--data", str(tmp_path / "s.h5"), "--out", "x.h5"]
+    done = subprocess.run([sys.executable, "-m", "evpretrain.cli", *command], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.startswith("evpretrain: error: ") and message in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_missing_section_or_format_name_exits_2_naming_it(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("downstream: {}\n")
+    assert main(["pretrain", "--stage", "1", "--config", str(config), "--data", "s.h5", "--out", "o"]) == 2
+    assert "config has no section 'pretrain'" in capsys.readouterr().err
+    recording = tmp_path / "r.bin"
+    recording.write_bytes(bytes(5))
+    assert main(["data", "info", str(recording), "--format", "evt4"]) == 2
+    assert "unknown format 'evt4'; supported: bin, dat," in capsys.readouterr().err

@@ -4,7 +4,15 @@ from typing import Literal
 
 import pytest
 
-from evpretrain.config import ConfigError, from_mapping, load_yaml, section, to_mapping
+from evpretrain.config import (
+    ConfigError,
+    from_mapping,
+    load_section,
+    load_yaml,
+    optional_section,
+    section,
+    to_mapping,
+)
 
 
 @dataclass(frozen=True)
@@ -59,3 +67,43 @@ def test_section_and_yaml_errors_name_what_is_missing(tmp_path):
     path.write_text("- a list\n")
     with pytest.raises(ConfigError, match="c.yaml: expected a mapping"):
         load_yaml(path)
+
+
+STUDY = {"model": {"outer": {"name": "x", "inner": {"mode": "b"}}, "flag": 3, "empty": None}}
+
+
+def test_load_section_builds_the_dataclass_at_a_dotted_key():
+    assert load_section(Outer, STUDY, "model.outer") == Outer("x", inner=Inner(mode="b"))
+
+
+@pytest.mark.parametrize(
+    "dotted, message",
+    [
+        ("model.inner", r"config has no section 'model\.inner'$"),
+        ("train.outer", r"config has no section 'train\.outer' \(no 'train'\)"),
+        ("model.flag", r"config section 'model\.flag' must be a mapping, got int"),
+        ("model.flag.outer", r"config section 'model\.flag' must be a mapping, got int"),
+        ("model.empty", r"config section 'model\.empty' must be a mapping, got NoneType"),
+    ],
+)
+def test_load_section_names_a_missing_or_non_mapping_section(dotted, message):
+    with pytest.raises(ConfigError, match=message):
+        load_section(Outer, STUDY, dotted)
+
+
+def test_load_section_names_an_unknown_key_of_a_nested_section_by_its_full_path():
+    study = {"model": {"outer": {"name": "x", "inner": {"mode": "a", "rte": 2.0}}}}
+    with pytest.raises(ConfigError, match=r"model\.outer\.inner: unknown key\(s\) \['rte'\]"):
+        load_section(Outer, study, "model.outer")
+
+
+def test_optional_section_is_none_where_left_out_and_strict_where_present():
+    assert optional_section(STUDY, "model.outer") == STUDY["model"]["outer"]
+    assert optional_section(STUDY, "model.absent") is None
+    assert optional_section(STUDY, "data.convert.mvsec") is None  # no 'data' at all
+    assert optional_section(STUDY, "model.empty") is None  # `empty:` with nothing after it in YAML
+    assert optional_section(STUDY, "model.empty.deeper") is None
+    with pytest.raises(ConfigError, match=r"config section 'model\.flag' must be a mapping, got int"):
+        optional_section(STUDY, "model.flag")
+    with pytest.raises(ConfigError, match=r"config section 'model\.flag' must be a mapping, got int"):
+        optional_section(STUDY, "model.flag.deeper")

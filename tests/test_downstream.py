@@ -265,6 +265,29 @@ def test_robustness_refuses_a_run_that_is_not_a_classifier(tmp_path, capsys):
     assert "task is 'flow'; robustness evaluates a classifier" in capsys.readouterr().err
 
 
+def test_task_and_robustness_settings_come_from_their_sections_or_name_the_missing_one():
+    from evpretrain.config import ConfigError
+    from evpretrain.downstream.robustness import RobustnessConfig, robustness_config
+    from evpretrain.downstream.run import task_config
+
+    assert task_config(TINY_STUDY, "classify", "finetune").layer_decay == 0.75
+    assert task_config(TINY_STUDY, "flow").channels == 16
+    assert robustness_config(TINY_STUDY) == RobustnessConfig(shot_noise_hz=(0.0, 100.0), drop=(0.5,))
+    # An empty section (what the plan writes for a study that sets no levels) means the default levels.
+    assert robustness_config({"downstream": {"robustness": {}}}) == RobustnessConfig()
+    no_levels = {"downstream": {k: v for k, v in TINY_STUDY["downstream"].items() if k != "robustness"}}
+    with pytest.raises(ConfigError, match="config has no section 'downstream.robustness'"):
+        robustness_config(no_levels)
+    with pytest.raises(ConfigError, match=r"config has no section 'downstream.segment' \(no 'downstream'\)"):
+        task_config({}, "segment")
+    with pytest.raises(ConfigError, match="config has no section 'downstream.classify.linear'"):
+        task_config({"downstream": {"classify": {"finetune": {}}}}, "classify", "linear")
+    with pytest.raises(ConfigError, match="classification mode must be one of"):
+        task_config(TINY_STUDY, "classify", "probe")
+    with pytest.raises(ConfigError, match=r"downstream\.flow\.train: unknown key\(s\) \[.base_rate.\]"):
+        task_config({"downstream": {"flow": {"train": {"epochs": 1, "base_rate": 1.0}}}}, "flow")
+
+
 @pytest.mark.slow
 def test_a_foreign_checkpoint_is_evaluated_through_its_importer(tiny_demo, tmp_path, capsys):
     from test_importers import DEPTH, DIM, HEADS, mem_state, paper_checkpoint, paper_vit_state, save

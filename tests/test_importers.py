@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 from torch import nn
 
+from evpretrain.config import ConfigError
 from evpretrain.downstream.importers import (
     CheckpointImportError,
     fixed_pos_embed,
@@ -626,8 +627,11 @@ def test_pickled_objects_are_refused_by_weights_only_loading_with_a_clear_messag
 
 
 def test_an_unknown_source_or_a_file_without_a_state_dict_is_refused(tmp_path):
-    with pytest.raises(CheckpointImportError, match="unknown source; known sources: ecdp_vit, eventpretrain_convvit"):
+    with pytest.raises(
+        CheckpointImportError, match="'mae_vit'.*unknown source; known sources: ecdp_vit, eventpretrain_convvit"
+    ) as refused:
         import_checkpoint(tmp_path / "any.pth", "mae_vit", small_vit())
+    assert isinstance(refused.value, ConfigError)  # a name registry: the CLI prints it as a one-line error
     with pytest.raises(CheckpointImportError, match=r"found no state dict.*\['epoch', 'optimizer'\]"):
         import_checkpoint(save(tmp_path, {"epoch": 3, "optimizer": {}}), "eventpretrain_vit", small_vit())
 

@@ -1,11 +1,12 @@
 """The study plan: variants share stages with identical upstream settings; a change reaches exactly its dependants."""
 
 import copy
+from pathlib import Path
 
 import pytest
 
-from evpretrain.config import ConfigError
-from evpretrain.pipeline.plan import apply_overrides, plan_study
+from evpretrain.config import ConfigError, load_yaml
+from evpretrain.pipeline.plan import apply_overrides, content_key, plan_study
 
 TRAIN = {"epochs": 1, "batch_size": 4, "base_lr": 1e-3}
 STUDY = {
@@ -127,4 +128,65 @@ def test_robustness_is_planned_for_the_first_seed_of_a_classification_only():
     )
     study["downstream"]["flow"] = {"train": dict(TRAIN)}
     with pytest.raises(ConfigError, match=r"study.evaluations\[1\].robustness: only a classification"):
+        plan_study(study)
+
+
+def test_the_demo_study_keeps_its_stage_and_evaluation_keys():
+    # Pinned before the config lookups moved to evpretrain.config (issue 11): a refactor must leave every folder
+    # name and every config a job reads as they were. A deliberate change of config.yaml updates these figures.
+    plan = plan_study(load_yaml(Path(__file__).resolve().parents[1] / "config.yaml"))
+    assert {name: variant["nodes"] for name, variant in plan.manifest().items()} == {
+        "full": ["stage1-3941df28b5", "stage2-f737238467", "stage3-68e1873b3a"],
+        "no_stage1": ["stage2-abd87a5ad0", "stage3-47a849f071"],
+        "no_stage2": ["stage1-3941df28b5", "stage3-d840a0e3ce"],
+        "no_stage3": ["stage1-3941df28b5", "stage2-f737238467"],
+        "stage1_only": ["stage1-3941df28b5"],
+        "scratch": [],
+        "voxel_target": ["stage1-424e71de76", "stage2-9ddf9389cf", "stage3-c5f447a424"],
+        "no_focus": ["stage1-3941df28b5", "stage2-f737238467", "stage3-4e08be836c"],
+        "density_masking": ["stage1-e2670e596d", "stage2-d37d48cbb9", "stage3-49512f76d2"],
+    }
+    assert sorted({name.split("/")[0] for name in plan.evaluations}) == [
+        f"classify-linear-demo-{key}"
+        for key in (
+            "3c797ce83c",
+            "4614b12c98",
+            "761e95ba17",
+            "7a36d39039",
+            "8d3cb38a8e",
+            "955e5a5cbf",
+            "af7f7ef65f",
+            "be04b02f07",
+            "c4344cee48",
+        )
+    ]
+    assert list(plan.teachers) == ["0ef09459ea"]
+    # The configs the jobs read, byte for byte (content_key hashes their sorted JSON).
+    assert content_key({name: node.config for name, node in plan.nodes.items()}) == "31deed9d91"
+    assert content_key({name: e.config for name, e in plan.evaluations.items()}) == "746906a37c"
+    assert content_key(plan.teachers) == "b51f28ccbb" and content_key(plan.manifest()) == "43f07a92ea"
+
+
+def test_a_converted_dataset_is_keyed_by_its_conversion_settings():
+    study = copy.deepcopy(STUDY)
+    study["data"]["convert"] = {"mvsec": {"window_ms": 50}}
+    study["downstream"]["flow"] = {"train": dict(TRAIN)}
+    study["study"]["evaluations"].append({"task": "flow", "dataset": "mvsec", "train": "train", "eval": "test"})
+    plan = plan_study(study)
+    flow = sorted(name for name in plan.evaluations if name.startswith("flow-"))
+    assert flow[:2] == ["flow-mvsec-22d317e006/seed0", "flow-mvsec-22d317e006/seed1"]  # pinned before issue 11
+    del study["data"]["convert"]  # no settings (the converter's defaults): new flow keys, the rest unchanged
+    without = plan_study(study)
+    assert set(without.evaluations).isdisjoint(flow)
+    assert set(without.evaluations) - set(plan.evaluations) == {n for n in without.evaluations if n.startswith("flow-")}
+
+
+def test_an_evaluation_names_the_section_it_lacks():
+    study = copy.deepcopy(STUDY)
+    study["study"]["evaluations"].append({"task": "segment", "dataset": "demo", "train": "train", "eval": "test"})
+    with pytest.raises(ConfigError, match=r"study.evaluations\[1\]: no section 'downstream.segment' for this"):
+        plan_study(study)
+    study = copy.deepcopy(STUDY)
+    study["study"]["evaluations"][0]["robustness"] = True
+    with pytest.raises(ConfigError, match=r"evaluations\[0\].robustness: the study has no section 'downstream.robus"):
         plan_study(study)

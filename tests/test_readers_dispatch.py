@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from evpretrain.config import ConfigError
 from evpretrain.events import read_events as public_read_events
 from evpretrain.events.contract import EVENT_DTYPE, EventFormatError
 from evpretrain.events.readers import detect_format, read_events, read_recording, supported_formats
@@ -51,7 +52,8 @@ def test_format_by_name_overrides_the_suffix_and_options_reach_the_reader(tmp_pa
 def test_unknown_names_and_undetectable_files_list_the_supported_formats(tmp_path):
     path = tmp_path / "recording.xyz"
     path.write_bytes(b"\x00\x01\x02")
-    with pytest.raises(EventFormatError, match=r"unknown format 'evt4'; supported: bin, dat, n_imagenet, .*dat_faery"):
+    # A misspelt name is a bad option (ConfigError, as from every name registry), an undetectable file a bad file.
+    with pytest.raises(ConfigError, match=r"unknown format 'evt4'; supported: bin, dat, n_imagenet, .*dat_faery"):
         read_recording(path, format="evt4")
     with pytest.raises(
         EventFormatError, match=r"recording\.xyz: cannot tell the format .* pass format=, one of: bin, dat"

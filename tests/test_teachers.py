@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from evpretrain.config import ConfigError
 from evpretrain.data.demo import DemoConfig, build_demo
 from evpretrain.data.store import EventStore, EventStoreWriter, StoreError
 from evpretrain.events.contract import EVENT_DTYPE
@@ -67,7 +68,7 @@ def demo_store(tmp_path_factory):
 
 def test_registry_lists_both_teachers_and_rejects_unknown_names():
     assert {"efficientnet_lite0", "clip_vit_b16"} <= set(list_teachers())
-    with pytest.raises(ValueError, match=r"unknown teacher 'dino'.*clip_vit_b16.*efficientnet_lite0"):
+    with pytest.raises(ConfigError, match=r"unknown teacher 'dino'; known teachers: clip_vit_b16, efficientnet_lite0"):
         create_teacher("dino")
     with pytest.raises(TypeError, match="colour"):
         create_teacher("efficientnet_lite0", colour="red")

@@ -12,10 +12,10 @@ from pathlib import Path
 
 
 def _cmd_build_demo(args: argparse.Namespace) -> int:
-    from evpretrain.config import from_mapping, load_yaml, section
+    from evpretrain.config import load_section, load_yaml
     from evpretrain.data.demo import DemoConfig, build_demo
 
-    config = from_mapping(DemoConfig, section(load_yaml(args.config), "data.demo"), "data.demo")
+    config = load_section(DemoConfig, load_yaml(args.config), "data.demo")
     written = build_demo(config, args.out, workers=args.workers, progress=not args.quiet)
     for split, path in written.items():
         print(f"{split}: {path}")
@@ -23,10 +23,10 @@ def _cmd_build_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_build_ef(args: argparse.Namespace) -> int:
-    from evpretrain.config import from_mapping, load_yaml, section
+    from evpretrain.config import load_section, load_yaml
     from evpretrain.data.ef import EFConfig, build_ef
 
-    config = from_mapping(EFConfig, section(load_yaml(args.config), "data.ef"), "data.ef")
+    config = load_section(EFConfig, load_yaml(args.config), "data.ef")
     path = build_ef(config, args.images, args.out, workers=args.workers, progress=not args.quiet)
     print(path)
     return 0
@@ -79,13 +79,13 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from evpretrain.config import load_yaml
+    from evpretrain.config import load_yaml, optional_section
     from evpretrain.data.registry import convert_dataset, get_dataset
 
     entry = get_dataset(args.dataset)
-    settings = None
+    settings = None  # no config, or no data.convert.<dataset> in it: the converter's defaults
     if args.config is not None:
-        settings = load_yaml(args.config).get("data", {}).get("convert", {}).get(args.dataset)
+        settings = optional_section(load_yaml(args.config), f"data.convert.{args.dataset}")
     for path in convert_dataset(
         entry, args.root, args.out, settings=settings, workers=args.workers, progress=not args.quiet
     ):

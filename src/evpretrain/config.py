@@ -1,7 +1,8 @@
 """Typed, validated settings: plain mappings (from YAML) in, frozen dataclasses out.
 
-Every setting lives in the study config; these helpers turn one section of it into a dataclass and name the
-offending key (with its dotted path) when a key is unknown or a value has the wrong type.
+Every setting lives in the study config; ``load_section(cls, study, "a.b")`` turns one section of it into a dataclass
+and names the offending key (with its dotted path) when the section is missing, a key is unknown or a value has the
+wrong type. ``optional_section`` is the one way to read a section that may be left out.
 """
 
 from __future__ import annotations
@@ -36,15 +37,39 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def section(config: Mapping[str, Any], dotted: str) -> Mapping[str, Any]:
     """Return ``config["a"]["b"]`` for ``dotted="a.b"``; raise ConfigError naming the missing key."""
+    keys = dotted.split(".")
     node: Any = config
-    for i, key in enumerate(dotted.split(".")):
-        if not isinstance(node, Mapping) or key not in node:
-            where = ".".join(dotted.split(".")[: i + 1])
-            raise ConfigError(f"config has no section {where!r}")
+    for depth, key in enumerate(keys, 1):
+        if not isinstance(node, Mapping):
+            parent = f"config section {'.'.join(keys[: depth - 1])!r}" if depth > 1 else "config"
+            raise ConfigError(f"{parent} must be a mapping, got {type(node).__name__}")
+        if key not in node:
+            missing = ".".join(keys[:depth])
+            raise ConfigError(f"config has no section {dotted!r}" + (f" (no {missing!r})" if missing != dotted else ""))
         node = node[key]
     if not isinstance(node, Mapping):
         raise ConfigError(f"config section {dotted!r} must be a mapping, got {type(node).__name__}")
     return node
+
+
+def optional_section(config: Mapping[str, Any], dotted: str) -> Mapping[str, Any] | None:
+    """``section(config, dotted)`` for a section that may be left out: None where a key on its path is absent or
+    null (YAML's empty value). A value on the path that is present but not a mapping still raises ConfigError."""
+    node: Any = config
+    for key in dotted.split("."):
+        if not isinstance(node, Mapping):
+            break  # section() names the offending key
+        node = node.get(key)
+        if node is None:
+            return None
+    return section(config, dotted)
+
+
+def load_section(cls: type[T], study: Mapping[str, Any], dotted: str) -> T:
+    """Dataclass ``cls`` built from the section at ``dotted`` (e.g. ``"downstream.classify.linear"``): the one door
+    into the study config. A missing section, a non-mapping and an unknown or mistyped key raise ConfigError naming
+    the dotted key."""
+    return from_mapping(cls, section(study, dotted), dotted)
 
 
 def from_mapping(cls: type[T], values: Mapping[str, Any] | None, where: str) -> T:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from evpretrain.config import ConfigError, from_mapping
+from evpretrain.config import ConfigError, load_section
 from evpretrain.downstream.data import DownstreamDataset
 from evpretrain.downstream.run import build_model, evaluate, task_config
 from evpretrain.events.corruption import Corruption
@@ -44,8 +44,9 @@ class RobustnessConfig:
 
 
 def robustness_config(study: Mapping[str, Any]) -> RobustnessConfig:
-    section = study.get("downstream", {}).get("robustness", {})
-    return from_mapping(RobustnessConfig, section, "downstream.robustness")
+    """The levels of ``downstream.robustness``; the pipeline writes the study's section into each stressed
+    evaluation's config. An empty section means the default levels; a missing one is a ConfigError."""
+    return load_section(RobustnessConfig, study, "downstream.robustness")
 
 
 def evaluate_robustness(

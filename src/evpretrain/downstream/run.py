@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from evpretrain.config import ConfigError, from_mapping, to_mapping
+from evpretrain.config import ConfigError, load_section, to_mapping
 from evpretrain.downstream.data import IGNORE_INDEX, AugmentConfig, DownstreamDataset, WindowConfig
 from evpretrain.downstream.heads import FlowModel, SegmentationModel
 from evpretrain.downstream.losses import flow_loss, segmentation_loss
@@ -88,15 +88,11 @@ class DownstreamTaskConfig:
 
 def task_config(study: Mapping[str, Any], task: Task, mode: str | None = None) -> DownstreamTaskConfig:
     """The validated settings of ``task`` (and classification ``mode``) from a study config."""
-    section = study.get("downstream", {}).get(task)
-    path = f"downstream.{task}"
-    if task == "classify":
-        if mode not in CLASSIFY_MODES:
-            raise ConfigError(f"classification mode must be one of {CLASSIFY_MODES}, got {mode!r}")
-        section, path = (section or {}).get(mode), f"{path}.{mode}"
-    if section is None:
-        raise ConfigError(f"config has no section '{path}'")
-    return from_mapping(DownstreamTaskConfig, section, path)
+    if task != "classify":
+        return load_section(DownstreamTaskConfig, study, f"downstream.{task}")
+    if mode not in CLASSIFY_MODES:
+        raise ConfigError(f"classification mode must be one of {CLASSIFY_MODES}, got {mode!r}")
+    return load_section(DownstreamTaskConfig, study, f"downstream.classify.{mode}")
 
 
 # --- models and steps ------------------------------------------------------------------------------------------

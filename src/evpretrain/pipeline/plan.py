@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from evpretrain.config import ConfigError
+from evpretrain.config import ConfigError, optional_section
 from evpretrain.training.config import EXECUTION_FIELDS
 
 __all__ = ["Evaluation", "StageNode", "StudyPlan", "Variant", "apply_overrides", "content_key", "plan_study"]
@@ -136,10 +136,9 @@ class StudyPlan:
 def _data_identity(study: Mapping[str, Any], dataset: str) -> Any:
     """What a dataset's stores are a function of: the builder's section for the demo and EF stores, else the
     dataset's name and its conversion settings."""
-    data = study.get("data", {})
     if dataset in ("demo", "ef"):
-        return {"dataset": dataset, "builder": data.get(dataset)}
-    return {"dataset": dataset, "convert": data.get("convert", {}).get(dataset)}
+        return {"dataset": dataset, "builder": optional_section(study, f"data.{dataset}")}
+    return {"dataset": dataset, "convert": optional_section(study, f"data.convert.{dataset}")}
 
 
 def _weights_content(section: Mapping[str, Any] | None) -> Any:
@@ -166,7 +165,7 @@ def plan_study(study: Mapping[str, Any]) -> StudyPlan:
         if list(stages) != sorted(set(stages)) or not set(stages) <= {1, 2, 3}:
             raise ConfigError(f"{where}.stages: expected increasing stage numbers among 1, 2, 3, got {list(stages)}")
         resolved = apply_overrides(study, variant.get("overrides", {}), where)
-        pretrain = resolved.get("pretrain", {})
+        pretrain = optional_section(resolved, "pretrain") or {}
         shared = {k: pretrain[k] for k in SHARED_PRETRAIN_KEYS if k in pretrain}
         upstream, names = None, []
         teacher = None
@@ -174,18 +173,18 @@ def plan_study(study: Mapping[str, Any]) -> StudyPlan:
             teacher_config = {
                 "pretrain": {
                     **{k: shared[k] for k in BACKBONE_KEYS if k in shared},
-                    "teacher": pretrain.get("teacher", {}),
+                    "teacher": optional_section(pretrain, "teacher") or {},
                 }
             }
             teacher = content_key({"config": teacher_config, "data": data_identity})
             plan.teachers.setdefault(teacher, teacher_config)
         for stage in stages:
-            section = pretrain.get(f"stage{stage}")
+            section = optional_section(pretrain, f"stage{stage}")
             if section is None:
                 raise ConfigError(f"{where}: stage {stage} runs, but the study has no section 'pretrain.stage{stage}'")
             config = {"pretrain": {**shared, f"stage{stage}": section}}
             if stage > 1:
-                config["pretrain"]["teacher"] = pretrain.get("teacher", {})
+                config["pretrain"]["teacher"] = optional_section(pretrain, "teacher") or {}
             content = {
                 "stage": stage,
                 "config": {**config["pretrain"], f"stage{stage}": _weights_content(section)},
@@ -216,20 +215,23 @@ def _evaluation(
     where: str,
 ) -> Evaluation:
     task, mode = entry["task"], entry.get("mode")
-    downstream = study.get("downstream", {})
-    section = downstream.get(task, {})
-    if task == "classify":
-        section = section.get(mode) if mode else None
+    section = None
+    if task != "classify" or mode:
+        section = optional_section(study, f"downstream.{task}.{mode}" if task == "classify" else f"downstream.{task}")
     if section is None:
         raise ConfigError(f"{where}: no section 'downstream.{task}{'.' + mode if mode else ''}' for this evaluation")
-    pretrain = study.get("pretrain", {})
+    pretrain = optional_section(study, "pretrain") or {}
     shared = {k: pretrain[k] for k in BACKBONE_KEYS if k in pretrain}
     task_section = {task: {mode: section}} if task == "classify" else {task: section}
     robustness = bool(entry.get("robustness", False)) and seed == spec.get("seeds", [0])[0]
-    if entry.get("robustness") and task != "classify":
-        raise ConfigError(f"{where}.robustness: only a classification is stressed with noise, not {task}")
+    if entry.get("robustness"):
+        if task != "classify":
+            raise ConfigError(f"{where}.robustness: only a classification is stressed with noise, not {task}")
+        levels = optional_section(study, "downstream.robustness")
+        if levels is None:
+            raise ConfigError(f"{where}.robustness: the study has no section 'downstream.robustness' (the levels)")
     if robustness:  # the levels live beside the run's config; they are no part of the run's key
-        task_section["robustness"] = downstream.get("robustness", {})
+        task_section["robustness"] = levels
     config = {"pretrain": shared, "downstream": task_section}
     label = entry.get("name") or (f"{task}-{mode}" if mode else task) + f"-{entry['dataset']}"
     content = {

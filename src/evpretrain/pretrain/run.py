@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from evpretrain.config import ConfigError, from_mapping, to_mapping
+from evpretrain.config import ConfigError, load_section, to_mapping
 from evpretrain.models import BackboneSpec, build_backbone
 from evpretrain.models.spec import DEFAULT_NUM_BINS
 from evpretrain.pretrain.data import PretrainDataset
@@ -102,9 +102,7 @@ class PretrainConfig:
 
 def pretrain_config(study: dict[str, Any]) -> PretrainConfig:
     """The validated ``pretrain`` section of a study config."""
-    if "pretrain" not in study:
-        raise ConfigError("config has no section 'pretrain'")
-    return from_mapping(PretrainConfig, study["pretrain"], "pretrain")
+    return load_section(PretrainConfig, study, "pretrain")
 
 
 def teacher_features_for(config: PretrainConfig, store: Path, out: Path, *, device: str | None = None) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from evpretrain.config import ConfigError
 from evpretrain.teachers.base import Teacher
 
 __all__ = ["create_teacher", "list_teachers", "register_teacher"]
@@ -30,7 +31,9 @@ def list_teachers() -> list[str]:
 
 
 def create_teacher(name: str, **config: Any) -> Teacher:
-    """Build the frozen teacher ``name`` (eval mode, no gradients) from its config fields (e.g. ``weights``)."""
+    """Build the frozen teacher ``name`` (eval mode, no gradients) from its config fields (e.g. ``weights``).
+
+    Raises ConfigError naming the known teachers for an unknown name (``pretrain.teacher.name``)."""
     if name not in _TEACHERS:
-        raise ValueError(f"unknown teacher {name!r}; known teachers: {', '.join(list_teachers())}")
+        raise ConfigError(f"unknown teacher {name!r}; known teachers: {', '.join(list_teachers())}")
     return _TEACHERS[name](**config)

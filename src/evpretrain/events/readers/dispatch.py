@@ -12,6 +12,7 @@ from typing import Literal
 
 import numpy as np
 
+from evpretrain.config import ConfigError
 from evpretrain.events.contract import EventFormatError, Recording
 from evpretrain.events.readers import ddd17
 from evpretrain.events.readers.aedat_legacy import read_aedat2, read_aedat3
@@ -69,7 +70,8 @@ def read_recording(
 ) -> Recording:
     """Read any supported file into a validated ``Recording`` (events sorted by t, microseconds).
 
-    ``format``: a name from ``supported_formats()``, or None to detect it (``detect_format``).
+    ``format``: a name from ``supported_formats()`` (another name raises ConfigError), or None to detect it
+    (``detect_format``; a file it cannot tell raises EventFormatError).
     ``time_origin``: ``"file"`` keeps the timestamps as the file stores them; ``"first_event"`` shifts them so that
     the first event is at t = 0 (``metadata["time_shift_us"]`` records the shift). Exports of one recording may
     count from different clock origins (a Metavision DAT export and its EVT 3.0 RAW differ by a constant that neither
@@ -79,7 +81,8 @@ def read_recording(
     """
     name = detect_format(path) if format is None else format
     if name not in FORMATS:
-        raise EventFormatError(path, f"unknown format {name!r}; supported: {', '.join(FORMATS)}")
+        # A misspelt name is a bad option, not a bad file: ConfigError, like every name registry.
+        raise ConfigError(f"{path}: unknown format {name!r}; supported: {', '.join(FORMATS)}")
     if time_origin not in ("file", "first_event"):
         raise ValueError(f"time_origin must be 'file' or 'first_event', got {time_origin!r}")
     recording = FORMATS[name].reader(path, **options)
