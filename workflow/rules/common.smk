@@ -18,6 +18,9 @@ DEMO_SPLITS = [split for split, n in lookup(dpath="data/demo/samples", within=co
 ON_SLURM = lookup(dpath="executor", within=config, default="local") == "slurm"
 # Torch threads of a local training job (execution.threads_per_job): on 2 cores, two 1-thread jobs side by side
 # finish a demo stage 1.5x sooner than one 2-thread job after another. Under SLURM a rule only waits for its job.
+# Snakemake itself sets OMP_NUM_THREADS (and MKL's, OpenBLAS's) to a job's threads, scaled down to --cores
+# (snakemake/shell.py; tests/test_pipeline.py checks it), so no command sets it; a SLURM job sets its own from
+# SLURM_CPUS_PER_TASK (pipeline/submit.py, CommandJob).
 HEAVY_THREADS = 1 if ON_SLURM else lookup(dpath="execution/threads_per_job", within=config, default=1)
 # Data builders use every core: Snakemake scales a rule's threads down to --cores (and `snakemake --report`, which
 # has no --cores, must not read workflow.cores).

@@ -25,7 +25,7 @@ rule finetune:
         checkpoint=lambda wildcards, input: option("--checkpoint", input.get("checkpoint")),
         out=lambda wildcards, output: Path(output[0]).parent,
     shell:
-        "OMP_NUM_THREADS={threads} {LAUNCH_FINETUNE} finetune {params.task} {params.mode} --config {input.config} --train {input.train}"
+        "{LAUNCH_FINETUNE} finetune {params.task} {params.mode} --config {input.config} --train {input.train}"
         " --eval {input.eval} {params.checkpoint} --seed {params.seed} --out {params.out} > {log} 2>&1"
 
 
@@ -45,7 +45,7 @@ rule robustness:
         run=lambda wildcards, input: Path(input.run).parent,
         out=lambda wildcards, output: Path(output[0]).parent,
     shell:
-        "OMP_NUM_THREADS={threads} {LAUNCH_FINETUNE} evaluate-robustness --config {input.config} --run {params.run}"
+        "{LAUNCH_FINETUNE} evaluate-robustness --config {input.config} --run {params.run}"
         " --eval {input.eval} --seed {params.seed} --out {params.out} > {log} 2>&1"
 
 

@@ -20,7 +20,7 @@ rule teacher_features:
         RESULTS / "logs/teacher/{teacher}.log",
     threads: HEAVY_THREADS  # torch's threads: two jobs sharing cores run 10x slower, not 2x
     shell:
-        "OMP_NUM_THREADS={threads} {LAUNCH_TEACHER} teacher-features --config {input.config} --data {input.train} --out {output} > {log} 2>&1"
+        "{LAUNCH_TEACHER} teacher-features --config {input.config} --data {input.train} --out {output} > {log} 2>&1"
 
 
 rule stage_config:
@@ -47,5 +47,5 @@ rule pretrain_stage:
         teacher=lambda wildcards, input: option("--teacher-features", input.get("teacher")),
         init=lambda wildcards, input: option("--init", input.get("init")),
     shell:
-        "OMP_NUM_THREADS={threads} {LAUNCH_PRETRAIN} pretrain --stage {params.stage} --config {input.config} --data {input.train} --val {input.val}"
+        "{LAUNCH_PRETRAIN} pretrain --stage {params.stage} --config {input.config} --data {input.train} --val {input.val}"
         " {params.teacher} {params.init} --out {params.out} > {log} 2>&1"
