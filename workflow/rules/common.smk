@@ -84,7 +84,8 @@ def config_section_yaml(dotted):
 
 def required_path(dotted):
     """The local path that config key ``dotted`` gives; a placeholder that names the missing key lets `-n` plan."""
-    return lookup(dpath=dotted.replace(".", "/"), within=config, default=None) or f"MISSING-{dotted}"
+    path = lookup(dpath=dotted.replace(".", "/"), within=config, default=None)
+    return path or f"MISSING-{dotted}"
 
 
 def stage_inputs(wildcards):
