@@ -63,6 +63,22 @@ def test_a_wrong_config_key_stops_before_any_job(tmp_path):
     assert "image_sise" in output and "Additional properties are not allowed" in output
 
 
+def test_snakemake_gives_a_job_its_threads_as_omp_num_threads(tmp_path):
+    # The heavy rules rely on it (workflow/rules/common.smk): torch's threads are the job's, scaled down to --cores.
+    (tmp_path / "Snakefile").write_text(
+        'rule all:\n    output: "threads.txt"\n    threads: 3\n    shell: "echo $OMP_NUM_THREADS > {output}"\n'
+    )
+    run = subprocess.run(
+        [str(SNAKEMAKE), "all", "--cores", "2", "--quiet"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path), "OMP_NUM_THREADS": "7"},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "threads.txt").read_text().split() == ["2"]
+
+
 TRAIN = {"epochs": 1, "batch_size": 4, "base_lr": 1e-3}
 
 

@@ -1,4 +1,5 @@
-# Helpers shared by the rules: paths, the study's plan and config lookups live here, so that rules stay thin.
+# Helpers shared by the rules: constants first, then paths, the study's plan and config lookups, so that rules stay
+# thin. Config values are read with Snakemake's lookup(dpath="a/b", within=config).
 import json
 import os
 import subprocess
@@ -8,15 +9,55 @@ import yaml
 
 from evpretrain.pipeline.plan import plan_study
 
-RESULTS = Path(config.get("results", "results"))
-DEMO_SPLITS = [split for split, n in config["data"].get("demo", {}).get("samples", {}).items() if n > 0]
+RESULTS = Path(lookup(dpath="results", within=config, default="results"))
 PLAN = plan_study(config) if "study" in config else None
+DEMO_SPLITS = [split for split, n in lookup(dpath="data/demo/samples", within=config, default={}).items() if n > 0]
+
+# How heavy rules run evpretrain: here, or as checkpointable SLURM jobs through submitit (`executor: slurm`, which
+# the slurm profile sets). A global rather than params: switching executor must not invalidate any output.
+ON_SLURM = lookup(dpath="executor", within=config, default="local") == "slurm"
+# Torch threads of a local training job (execution.threads_per_job): on 2 cores, two 1-thread jobs side by side
+# finish a demo stage 1.5x sooner than one 2-thread job after another. Under SLURM a rule only waits for its job.
+# Snakemake itself sets OMP_NUM_THREADS (and MKL's, OpenBLAS's) to a job's threads, scaled down to --cores
+# (snakemake/shell.py; tests/test_pipeline.py checks it), so no command sets it; a SLURM job sets its own from
+# SLURM_CPUS_PER_TASK (pipeline/submit.py, CommandJob).
+HEAVY_THREADS = 1 if ON_SLURM else lookup(dpath="execution/threads_per_job", within=config, default=1)
+# Data builders use every core: Snakemake scales a rule's threads down to --cores (and `snakemake --report`, which
+# has no --cores, must not read workflow.cores).
+ALL_CORES = 1024
+
+
+def launcher(kind):
+    """The command prefix of a heavy job: ``evpretrain``, or under SLURM ``evpretrain submit`` with the resources of
+    ``execution.resources.<kind>`` (``--gpus 8 --mem-gb 480 ...``)."""
+    if not ON_SLURM:
+        return "evpretrain"
+    resources = lookup(dpath=f"execution/resources/{kind}", within=config, default={})
+    flags = " ".join(f"--{key.replace('_', '-')} {value}" for key, value in resources.items() if value is not None)
+    return f"evpretrain submit --folder {RESULTS / 'slurm'} --name {kind} {flags} --"
+
+
+LAUNCH_TEACHER, LAUNCH_PRETRAIN, LAUNCH_FINETUNE = (launcher(kind) for kind in ("teacher", "pretrain", "finetune"))
+
+# The shell command of the rules that write their params.text to their output (configs, the manifest). Shell, not
+# run: Snakemake runs a run: block in a new process that parses the workflow again (~4 s a job).
+WRITE_TEXT = "printf '%s' {params.text:q} > {output}"
 
 
 wildcard_constraints:
     node=r"stage[123]-[0-9a-f]+",
     teacher=r"[0-9a-f]+",
     evaluation=r"[A-Za-z0-9_.-]+-[0-9a-f]+/seed\d+",
+
+
+def node(wildcards):
+    """The plan's stage node of a job (wildcard ``node``)."""
+    return PLAN.nodes[wildcards.node]
+
+
+def evaluation(wildcards):
+    """The plan's evaluation of a job (wildcard ``evaluation``)."""
+    return PLAN.evaluations[wildcards.evaluation]
 
 
 def demo_stores():
@@ -35,44 +76,48 @@ def yaml_text(mapping):
 def config_section_yaml(dotted):
     """The config section at ``dotted`` (e.g. ``data.demo``), nested under its keys, as YAML text."""
     keys = dotted.split(".")
-    node = config
-    for key in keys:
-        node = node[key]
+    section = lookup(dpath="/".join(keys), within=config)
     for key in reversed(keys):
-        node = {key: node}
-    return yaml_text(node)
+        section = {key: section}
+    return yaml_text(section)
+
+
+def required_path(dotted):
+    """The local path that config key ``dotted`` gives; a placeholder that names the missing key lets `-n` plan."""
+    path = lookup(dpath=dotted.replace(".", "/"), within=config, default=None)
+    return path or f"MISSING-{dotted}"
 
 
 def stage_inputs(wildcards):
-    node = PLAN.nodes[wildcards.node]
+    planned = node(wildcards)
     inputs = {
         # ancient: the folder is content-keyed, so a rewritten config differs in execution-only settings alone
-        "config": ancient(RESULTS / f"pretrain/{node.name}/study.yaml"),
+        "config": ancient(RESULTS / f"pretrain/{planned.name}/study.yaml"),
         "train": store(PLAN.pretrain_dataset, "train"),
         "val": store(PLAN.pretrain_dataset, "val"),
     }
-    if node.teacher is not None:
-        inputs["teacher"] = RESULTS / f"teacher/{node.teacher}.h5"
-    if node.init is not None:
-        inputs["init"] = RESULTS / f"pretrain/{node.init}/checkpoint.pt"
+    if planned.teacher is not None:
+        inputs["teacher"] = RESULTS / f"teacher/{planned.teacher}.h5"
+    if planned.init is not None:
+        inputs["init"] = RESULTS / f"pretrain/{planned.init}/checkpoint.pt"
     return inputs
 
 
 def evaluation_inputs(wildcards):
-    evaluation = PLAN.evaluations[wildcards.evaluation]
+    planned = evaluation(wildcards)
     inputs = {
-        "config": ancient(RESULTS / f"downstream/{evaluation.name}/study.yaml"),
-        "train": store(evaluation.dataset, evaluation.train_split),
-        "eval": store(evaluation.dataset, evaluation.eval_split),
+        "config": ancient(RESULTS / f"downstream/{planned.name}/study.yaml"),
+        "train": store(planned.dataset, planned.train_split),
+        "eval": store(planned.dataset, planned.eval_split),
     }
-    if evaluation.checkpoint is not None:
-        inputs["checkpoint"] = RESULTS / f"pretrain/{evaluation.checkpoint}/checkpoint.pt"
+    if planned.checkpoint is not None:
+        inputs["checkpoint"] = RESULTS / f"pretrain/{planned.checkpoint}/checkpoint.pt"
     return inputs
 
 
-def option(flag, inputs, name):
-    """``flag path`` when the rule has input ``name``, else nothing: optional paths of a command."""
-    return f"{flag} {inputs[name]}" if name in inputs.keys() else ""
+def option(flag, value):
+    """``flag value`` when there is a value, else nothing: an optional argument of a command."""
+    return f"{flag} {value}" if value else ""
 
 
 def all_evaluation_metrics():
@@ -97,7 +142,7 @@ def figure_outputs():
 
 def tracking_uri():
     """config tracking.uri, else $MLFLOW_TRACKING_URI, else the study's sqlite store beside its results."""
-    uri = config.get("tracking", {}).get("uri") or os.environ.get("MLFLOW_TRACKING_URI")
+    uri = lookup(dpath="tracking/uri", within=config, default=None) or os.environ.get("MLFLOW_TRACKING_URI")
     return uri or f"sqlite:///{RESULTS.resolve() / 'mlflow.db'}"
 
 
@@ -114,38 +159,11 @@ def tracking_outputs():
     return [RESULTS / "mlflow/logged.json"] if PLAN else []
 
 
-# How heavy rules run evpretrain: here, or as checkpointable SLURM jobs through submitit (`executor: slurm`, which
-# the slurm profile sets). A global rather than params: switching executor must not invalidate any output.
-ON_SLURM = config.get("executor", "local") == "slurm"
-# Torch threads of a local training job (execution.threads_per_job): on 2 cores, two 1-thread jobs side by side
-# finish a demo stage 1.5x sooner than one 2-thread job after another. Under SLURM a rule only waits for its job.
-HEAVY_THREADS = 1 if ON_SLURM else config.get("execution", {}).get("threads_per_job", 1)
-# Data builders use every core: Snakemake scales a rule's threads down to --cores (and `snakemake --report`, which
-# has no --cores, must not read workflow.cores).
-ALL_CORES = 1024
-
-
-def launcher(kind):
-    if not ON_SLURM:
-        return "evpretrain"
-    resources = config.get("execution", {}).get("resources", {}).get(kind, {})
-    flags = " ".join(f"--{key.replace('_', '-')} {value}" for key, value in resources.items() if value is not None)
-    return f"evpretrain submit --folder {RESULTS / 'slurm'} --name {kind} {flags} --"
-
-
-LAUNCH_TEACHER, LAUNCH_PRETRAIN, LAUNCH_FINETUNE = (launcher(kind) for kind in ("teacher", "pretrain", "finetune"))
-
-
 def datasets_to_convert():
     """{dataset: [splits]} of the registry datasets the study reads (the demo and EF stores are built instead)."""
     if PLAN is None:
         return {}
     needed = {PLAN.pretrain_dataset: {"train", "val"}}
-    for evaluation in PLAN.evaluations.values():
-        needed.setdefault(evaluation.dataset, set()).update({evaluation.train_split, evaluation.eval_split})
+    for planned in PLAN.evaluations.values():
+        needed.setdefault(planned.dataset, set()).update({planned.train_split, planned.eval_split})
     return {name: sorted(splits) for name, splits in needed.items() if name not in ("demo", "ef")}
-
-
-def raw_root(dataset):
-    """The local copy of a dataset (``data.roots``); a placeholder that names the missing key lets `-n` plan."""
-    return config["data"].get("roots", {}).get(dataset) or f"MISSING-data.roots.{dataset}"

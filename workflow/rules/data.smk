@@ -7,9 +7,8 @@ rule resolve_config:
         RESULTS / "config/{section}.yaml",
     params:
         text=lambda wildcards: config_section_yaml(wildcards.section),
-    # shell, not run: Snakemake runs a run: block in a new process that parses the workflow again (~4 s)
     shell:
-        "printf '%s' {params.text:q} > {output}"
+        WRITE_TEXT
 
 
 rule build_demo:
@@ -33,7 +32,7 @@ for _dataset, _splits in datasets_to_convert().items():
             f"convert_{_dataset.replace('-', '_')}"
         input:
             # the window settings, when the study gives some: a change re-converts
-            [RESULTS / "config/data.convert.yaml"] if config["data"].get("convert") else [],
+            [RESULTS / "config/data.convert.yaml"] if lookup(dpath="data/convert", within=config, default=None) else [],
         output:
             [store(_dataset, split) for split in _splits],
         log:
@@ -41,7 +40,7 @@ for _dataset, _splits in datasets_to_convert().items():
         threads: ALL_CORES
         params:
             dataset=_dataset,
-            root=raw_root(_dataset),
+            root=required_path(f"data.roots.{_dataset}"),
             out=RESULTS / f"data/{_dataset}",
             config=lambda wildcards, input: f"--config {input[0]}" if len(input) else "",
         shell:
@@ -60,8 +59,7 @@ rule build_ef:
         RESULTS / "logs/build_ef_{split}.log",
     threads: ALL_CORES
     params:
-        images=lambda wildcards: config["data"].get("ef_images", {}).get(wildcards.split)
-        or f"MISSING-data.ef_images.{wildcards.split}",
+        images=lambda wildcards: required_path(f"data.ef_images.{wildcards.split}"),
     shell:
         "evpretrain data build-ef --config {input.config} --images {params.images} --out {output}"
         " --workers {threads} --quiet > {log} 2>&1"

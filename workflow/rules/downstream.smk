@@ -5,10 +5,9 @@ rule evaluation_config:
     output:
         RESULTS / "downstream/{evaluation}/study.yaml",
     params:
-        text=lambda wildcards: yaml_text(PLAN.evaluations[wildcards.evaluation].config),
-    # shell, not run: Snakemake runs a run: block in a new process that parses the workflow again (~4 s)
+        text=lambda wildcards: yaml_text(evaluation(wildcards).config),
     shell:
-        "printf '%s' {params.text:q} > {output}"
+        WRITE_TEXT
 
 
 rule finetune:
@@ -20,17 +19,13 @@ rule finetune:
         RESULTS / "logs/downstream/{evaluation}.log",
     threads: HEAVY_THREADS  # torch's threads: two jobs sharing cores run 10x slower, not 2x
     params:
-        task=lambda wildcards: PLAN.evaluations[wildcards.evaluation].task,
-        mode=lambda wildcards: (
-            f"--mode {PLAN.evaluations[wildcards.evaluation].mode}"
-            if PLAN.evaluations[wildcards.evaluation].mode
-            else ""
-        ),
-        seed=lambda wildcards: PLAN.evaluations[wildcards.evaluation].seed,
-        checkpoint=lambda wildcards, input: option("--checkpoint", input, "checkpoint"),
+        task=lambda wildcards: evaluation(wildcards).task,
+        mode=lambda wildcards: option("--mode", evaluation(wildcards).mode),
+        seed=lambda wildcards: evaluation(wildcards).seed,
+        checkpoint=lambda wildcards, input: option("--checkpoint", input.get("checkpoint")),
         out=lambda wildcards, output: Path(output[0]).parent,
     shell:
-        "OMP_NUM_THREADS={threads} {LAUNCH_FINETUNE} finetune {params.task} {params.mode} --config {input.config} --train {input.train}"
+        "{LAUNCH_FINETUNE} finetune {params.task} {params.mode} --config {input.config} --train {input.train}"
         " --eval {input.eval} {params.checkpoint} --seed {params.seed} --out {params.out} > {log} 2>&1"
 
 
@@ -46,11 +41,11 @@ rule robustness:
         RESULTS / "logs/robustness/{evaluation}.log",
     threads: HEAVY_THREADS
     params:
-        seed=lambda wildcards: PLAN.evaluations[wildcards.evaluation].seed,
+        seed=lambda wildcards: evaluation(wildcards).seed,
         run=lambda wildcards, input: Path(input.run).parent,
         out=lambda wildcards, output: Path(output[0]).parent,
     shell:
-        "OMP_NUM_THREADS={threads} {LAUNCH_FINETUNE} evaluate-robustness --config {input.config} --run {params.run}"
+        "{LAUNCH_FINETUNE} evaluate-robustness --config {input.config} --run {params.run}"
         " --eval {input.eval} --seed {params.seed} --out {params.out} > {log} 2>&1"
 
 
@@ -59,9 +54,8 @@ rule manifest:
         RESULTS / "manifest.json",
     params:
         text=lambda wildcards: json.dumps(PLAN.manifest(), indent=1),  # variants in the config's order: the tables' rows
-    # shell, not run: Snakemake runs a run: block in a new process that parses the workflow again (~4 s)
     shell:
-        "printf '%s' {params.text:q} > {output}"
+        WRITE_TEXT
 
 
 rule tables:
@@ -101,7 +95,7 @@ rule track:
         RESULTS / "logs/track.log",
     params:
         uri=tracking_uri(),
-        experiment=config["study"]["name"] if PLAN else None,
+        experiment=lookup(dpath="study/name", within=config) if PLAN else None,
         commit=git_commit(),
     shell:
         "evpretrain track --manifest {input.manifest} --results {RESULTS} --tracking-uri '{params.uri}'"

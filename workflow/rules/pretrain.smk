@@ -6,9 +6,8 @@ rule teacher_config:
         RESULTS / "teacher/{teacher}.yaml",
     params:
         text=lambda wildcards: yaml_text(PLAN.teachers[wildcards.teacher]),
-    # shell, not run: Snakemake runs a run: block in a new process that parses the workflow again (~4 s)
     shell:
-        "printf '%s' {params.text:q} > {output}"
+        WRITE_TEXT
 
 
 rule teacher_features:
@@ -21,17 +20,16 @@ rule teacher_features:
         RESULTS / "logs/teacher/{teacher}.log",
     threads: HEAVY_THREADS  # torch's threads: two jobs sharing cores run 10x slower, not 2x
     shell:
-        "OMP_NUM_THREADS={threads} {LAUNCH_TEACHER} teacher-features --config {input.config} --data {input.train} --out {output} > {log} 2>&1"
+        "{LAUNCH_TEACHER} teacher-features --config {input.config} --data {input.train} --out {output} > {log} 2>&1"
 
 
 rule stage_config:
     output:
         RESULTS / "pretrain/{node}/study.yaml",
     params:
-        text=lambda wildcards: yaml_text(PLAN.nodes[wildcards.node].config),
-    # shell, not run: Snakemake runs a run: block in a new process that parses the workflow again (~4 s)
+        text=lambda wildcards: yaml_text(node(wildcards).config),
     shell:
-        "printf '%s' {params.text:q} > {output}"
+        WRITE_TEXT
 
 
 rule pretrain_stage:
@@ -44,10 +42,10 @@ rule pretrain_stage:
         RESULTS / "logs/pretrain/{node}.log",
     threads: HEAVY_THREADS  # torch's threads: two jobs sharing cores run 10x slower, not 2x
     params:
-        stage=lambda wildcards: PLAN.nodes[wildcards.node].stage,
+        stage=lambda wildcards: node(wildcards).stage,
         out=lambda wildcards, output: Path(output.checkpoint).parent,
-        teacher=lambda wildcards, input: option("--teacher-features", input, "teacher"),
-        init=lambda wildcards, input: option("--init", input, "init"),
+        teacher=lambda wildcards, input: option("--teacher-features", input.get("teacher")),
+        init=lambda wildcards, input: option("--init", input.get("init")),
     shell:
-        "OMP_NUM_THREADS={threads} {LAUNCH_PRETRAIN} pretrain --stage {params.stage} --config {input.config} --data {input.train} --val {input.val}"
+        "{LAUNCH_PRETRAIN} pretrain --stage {params.stage} --config {input.config} --data {input.train} --val {input.val}"
         " {params.teacher} {params.init} --out {params.out} > {log} 2>&1"
