@@ -181,8 +181,11 @@ def _cmd_track(args: argparse.Namespace) -> int:
     )
     print(json.dumps(counts))
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"tracking_uri": args.tracking_uri, "experiment": args.experiment, **counts}))
+        from evpretrain.files import write_text_atomic
+
+        write_text_atomic(
+            args.out, json.dumps({"tracking_uri": args.tracking_uri, "experiment": args.experiment, **counts})
+        )
     return 0
 
 
