@@ -214,7 +214,15 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evpretrain", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="group", required=True)
+    _add_data_commands(commands)
+    _add_pretrain_commands(commands)
+    _add_downstream_commands(commands)
+    _add_study_commands(commands)
+    return parser
 
+
+def _add_data_commands(commands: argparse._SubParsersAction) -> None:
+    """``evpretrain data ...``: build, inspect, verify and convert stores."""
     data = commands.add_parser("data", help="build, inspect, verify and convert event datasets")
     sub = data.add_subparsers(dest="command", required=True)
 
@@ -261,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert)
 
+
+def _add_pretrain_commands(commands: argparse._SubParsersAction) -> None:
+    """``evpretrain pretrain``, ``knn`` and ``teacher-features``."""
     p = commands.add_parser("pretrain", help="run one pre-training stage (resumes from OUT/checkpoint.pt)")
     p.add_argument("--stage", required=True, type=int, choices=(1, 2, 3))
     p.add_argument("--config", required=True, type=Path, help="study config (YAML) with a pretrain section")
@@ -286,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.set_defaults(func=_cmd_teacher_features)
 
+
+def _add_downstream_commands(commands: argparse._SubParsersAction) -> None:
+    """``evpretrain finetune <task>`` and ``evaluate-robustness``."""
     finetune = commands.add_parser("finetune", help="fine-tune and evaluate a backbone on a downstream task")
     tasks = finetune.add_subparsers(dest="task", required=True)
     for task, text in (
@@ -331,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.set_defaults(func=_cmd_robustness)
 
+
+def _add_study_commands(commands: argparse._SubParsersAction) -> None:
+    """``evpretrain report``, ``track`` and ``submit``: a whole study's tables, tracking and SLURM jobs."""
     p = commands.add_parser("report", help="paper-style tables (md, tex, csv) from a study's metrics.json files")
     p.add_argument("--manifest", required=True, type=Path, help="the study's manifest.json (written by the pipeline)")
     p.add_argument("--results", required=True, type=Path, help="the study's results folder")
@@ -367,7 +384,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="job name (default evpretrain-<command>)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the evpretrain command and its arguments")
     p.set_defaults(func=_cmd_submit)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
