@@ -1,5 +1,6 @@
 """The command line: explicit paths, clear errors, exit codes."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import sys
 import pytest
 from event_testing import REAL, needs_real
 
-from evpretrain.cli import main
+from evpretrain.cli import build_parser, main
 from evpretrain.data.store import EventStoreWriter
 from evpretrain.events.contract import make_events
 
@@ -19,6 +20,18 @@ def test_help_starts_without_heavy_imports():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_every_commands_help_formats():
+    def parsers(parser):
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from parsers(sub)
+
+    helps = [parser.format_help() for parser in parsers(build_parser())]  # a stray % in a help text raises here
+    assert len(helps) == 20 and "outlier %" in "".join(helps)
 
 
 def test_info_describes_a_store(tmp_path, capsys):

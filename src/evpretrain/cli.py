@@ -181,8 +181,11 @@ def _cmd_track(args: argparse.Namespace) -> int:
     )
     print(json.dumps(counts))
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"tracking_uri": args.tracking_uri, "experiment": args.experiment, **counts}))
+        from evpretrain.files import write_text_atomic
+
+        write_text_atomic(
+            args.out, json.dumps({"tracking_uri": args.tracking_uri, "experiment": args.experiment, **counts})
+        )
     return 0
 
 
@@ -211,7 +214,15 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evpretrain", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="group", required=True)
+    _add_data_commands(commands)
+    _add_pretrain_commands(commands)
+    _add_downstream_commands(commands)
+    _add_study_commands(commands)
+    return parser
 
+
+def _add_data_commands(commands: argparse._SubParsersAction) -> None:
+    """``evpretrain data ...``: build, inspect, verify and convert stores."""
     data = commands.add_parser("data", help="build, inspect, verify and convert event datasets")
     sub = data.add_subparsers(dest="command", required=True)
 
@@ -258,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert)
 
+
+def _add_pretrain_commands(commands: argparse._SubParsersAction) -> None:
+    """``evpretrain pretrain``, ``knn`` and ``teacher-features``."""
     p = commands.add_parser("pretrain", help="run one pre-training stage (resumes from OUT/checkpoint.pt)")
     p.add_argument("--stage", required=True, type=int, choices=(1, 2, 3))
     p.add_argument("--config", required=True, type=Path, help="study config (YAML) with a pretrain section")
@@ -283,12 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.set_defaults(func=_cmd_teacher_features)
 
+
+def _add_downstream_commands(commands: argparse._SubParsersAction) -> None:
+    """``evpretrain finetune <task>`` and ``evaluate-robustness``."""
     finetune = commands.add_parser("finetune", help="fine-tune and evaluate a backbone on a downstream task")
     tasks = finetune.add_subparsers(dest="task", required=True)
     for task, text in (
         ("classify", "object recognition: linear probe or full fine-tuning"),
         ("segment", "semantic segmentation: UPerNet + FCN auxiliary head; mIoU, mAcc"),
-        ("flow", "optical flow: dense flow head; AEE, outlier %"),
+        ("flow", "optical flow: dense flow head; AEE, outlier %%"),
     ):
         p = tasks.add_parser(task, help=text)
         if task == "classify":
@@ -328,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.set_defaults(func=_cmd_robustness)
 
+
+def _add_study_commands(commands: argparse._SubParsersAction) -> None:
+    """``evpretrain report``, ``track`` and ``submit``: a whole study's tables, tracking and SLURM jobs."""
     p = commands.add_parser("report", help="paper-style tables (md, tex, csv) from a study's metrics.json files")
     p.add_argument("--manifest", required=True, type=Path, help="the study's manifest.json (written by the pipeline)")
     p.add_argument("--results", required=True, type=Path, help="the study's results folder")
@@ -364,7 +384,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="job name (default evpretrain-<command>)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the evpretrain command and its arguments")
     p.set_defaults(func=_cmd_submit)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

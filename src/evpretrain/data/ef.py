@@ -24,6 +24,7 @@ from scipy import ndimage
 from evpretrain.config import to_mapping
 from evpretrain.data.store import EventStore, EventStoreWriter, StoreCompression, StoreError
 from evpretrain.events.simulator import SimulatorConfig, simulate
+from evpretrain.files import write_text_atomic
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 
@@ -156,7 +157,7 @@ def build_ef(
             manifest_path,
             "unfinished shards were built from another config or image list; delete this folder to start over",
         )
-    manifest_path.write_text(json.dumps(manifest, sort_keys=True, indent=1))
+    write_text_atomic(manifest_path, json.dumps(manifest, sort_keys=True, indent=1))
 
     starts = range(0, len(paths), config.shard_size)
     shards = [shard_dir / f"shard-{i // config.shard_size:06d}.h5" for i in starts]

@@ -30,6 +30,7 @@ import numpy as np
 
 from evpretrain import __version__
 from evpretrain.events.contract import EVENT_DTYPE, EventFormatError, validate_events
+from evpretrain.files import AtomicPath
 
 STORE_FORMAT = "evpretrain-event-store"
 STORE_VERSION = 1
@@ -84,22 +85,26 @@ class EventStoreWriter:
         self.sensor_size = (int(sensor_size[0]), int(sensor_size[1]))
         self.compression = compression
         self._flush_events = flush_events
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        self._file = h5py.File(self._tmp, "w")
-        self._file.attrs.update(
-            {
-                "format": STORE_FORMAT,
-                "format_version": STORE_VERSION,
-                "sensor_size": self.sensor_size,
-                "time_unit": "us",
-                "source": source,
-                "builder_config": json.dumps(builder_config or {}, sort_keys=True),
-                "created_by": f"evpretrain {__version__}",
-            }
-        )
-        for key, value in (attrs or {}).items():
-            self._file.attrs[key] = value if not isinstance(value, (dict, list)) else json.dumps(value)
+        self._target = AtomicPath(self.path)
+        self._file: h5py.File | None = None
+        try:
+            self._file = h5py.File(self._target.tmp, "w")
+            self._file.attrs.update(
+                {
+                    "format": STORE_FORMAT,
+                    "format_version": STORE_VERSION,
+                    "sensor_size": self.sensor_size,
+                    "time_unit": "us",
+                    "source": source,
+                    "builder_config": json.dumps(builder_config or {}, sort_keys=True),
+                    "created_by": f"evpretrain {__version__}",
+                }
+            )
+            for key, value in (attrs or {}).items():
+                self._file.attrs[key] = value if not isinstance(value, (dict, list)) else json.dumps(value)
+        except BaseException:
+            self.abort()
+            raise
         self._hashes: dict[str, hashlib._Hash] = {}
         self._pending: dict[str, list[np.ndarray]] = {"events": [], "clean_events": []}
         self._pending_len = {"events": 0, "clean_events": 0}
@@ -245,7 +250,7 @@ class EventStoreWriter:
             self._file.attrs["num_events"] = self._written["events"]
             self._file.attrs["content_sha256"] = _combine(self._hashes)
             self._file.close()
-            os.replace(self._tmp, self.path)
+            self._target.commit()
         except BaseException:
             self.abort()
             raise
@@ -261,9 +266,10 @@ class EventStoreWriter:
         """Drop the temporary file; the target path is left as it was."""
         self._closed = True
         try:
-            self._file.close()
+            if self._file is not None:
+                self._file.close()
         finally:
-            self._tmp.unlink(missing_ok=True)
+            self._target.discard()
 
 
 def _combine(hashes: Mapping[str, Any]) -> str:

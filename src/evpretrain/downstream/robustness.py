@@ -96,10 +96,12 @@ def evaluate_robustness(
 def _write_tables(rows: list[dict[str, Any]], out: Path) -> None:
     import pandas as pd
 
+    from evpretrain.files import write_text_atomic
+
     table = pd.DataFrame(rows)
-    table.to_csv(out / "robustness.csv", index=False)
+    write_text_atomic(out / "robustness.csv", table.to_csv(index=False))
     shown = table.assign(top1=(100 * table["top1"]).round(2), top5=(100 * table["top5"]).round(2))
-    (out / "robustness.md").write_text(shown.to_markdown(index=False) + "\n")
+    write_text_atomic(out / "robustness.md", shown.to_markdown(index=False) + "\n")
 
 
 def robustness_figure(curves: Mapping[str, list[dict[str, Any]]], path: Path) -> Path:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from evpretrain.files import write_atomic
 from evpretrain.plotting import pyplot, save_figure
 
 STAGE_LOSS = {"1": "masked reconstruction loss", "2": "InfoNCE (transition)", "3": "InfoNCE (focus)"}
@@ -61,5 +63,6 @@ def copy_stage_figures(manifest: Mapping[str, Any], results: Path, out_dir: Path
     copied = []
     for node in nodes:
         for figure in sorted((Path(results) / "pretrain" / node).glob("*.png")):
-            copied.append(Path(shutil.copyfile(figure, out_dir / f"{node}-{figure.name}")))
+            with figure.open("rb") as source:
+                copied.append(write_atomic(out_dir / f"{node}-{figure.name}", partial(shutil.copyfileobj, source)))
     return copied

@@ -11,8 +11,9 @@ gloo on CPUs.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import submitit
@@ -66,12 +67,19 @@ class CommandJob(submitit.helpers.Checkpointable):
         os.environ["OMP_NUM_THREADS"] = os.environ.get("SLURM_CPUS_PER_TASK", os.environ.get("OMP_NUM_THREADS", "1"))
         if submitit.JobEnvironment().num_tasks > 1:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        from evpretrain.cli import main
-
-        code = main(self.argv)
+        code = console_script()(self.argv)
         if code != 0:
             raise RuntimeError(f"evpretrain {' '.join(self.argv)} exited with status {code}")
         return code
+
+
+def console_script() -> Callable[[list[str]], int]:
+    """The function the ``evpretrain`` command runs (pyproject's ``[project.scripts]``). Found by its entry point
+    rather than imported, since the command line imports this module to submit."""
+    scripts = entry_points(group="console_scripts", name="evpretrain")
+    if not scripts:
+        raise RuntimeError("no `evpretrain` console script: install the package (pip install -e .)")
+    return next(iter(scripts)).load()
 
 
 def submit_command(

@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from evpretrain.config import ConfigError
+from evpretrain.files import write_text_atomic
 
 __all__ = ["FIGURES", "collect_robustness", "collect_runs", "summarise", "write_robustness_tables", "write_tables"]
 
@@ -96,8 +97,8 @@ def write_robustness_tables(robustness: pd.DataFrame, out_dir: Path) -> dict[str
     wide = _ordered_pivot(cells, "row")
     wide.index.name = "variant / evaluation (top-1 %)"
     paths = {"md": out_dir / "robustness.md", "csv": out_dir / "robustness.csv"}
-    paths["md"].write_text(wide.to_markdown(disable_numparse=True) + "\n")
-    robustness.to_csv(paths["csv"], index=False)
+    write_text_atomic(paths["md"], wide.to_markdown(disable_numparse=True) + "\n")
+    write_text_atomic(paths["csv"], robustness.to_csv(index=False))
     return paths
 
 
@@ -141,9 +142,9 @@ def write_tables(
     out_dir.mkdir(parents=True, exist_ok=True)
     wide = wide_table(summary, figures)
     paths = {"md": out_dir / f"{name}.md", "tex": out_dir / f"{name}.tex", "csv": out_dir / f"{name}.csv"}
-    paths["md"].write_text(wide.to_markdown(disable_numparse=True) + "\n")  # keep "1.250" as written
-    paths["tex"].write_text(_latex(wide, caption=f"{name}: mean $\\pm$ std over seeds") + "\n")
-    summary.to_csv(paths["csv"], index=False)
+    write_text_atomic(paths["md"], wide.to_markdown(disable_numparse=True) + "\n")  # keep "1.250" as written
+    write_text_atomic(paths["tex"], _latex(wide, caption=f"{name}: mean $\\pm$ std over seeds") + "\n")
+    write_text_atomic(paths["csv"], summary.to_csv(index=False))
     return paths
 
 

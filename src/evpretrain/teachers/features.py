@@ -13,7 +13,6 @@ name and renamed when complete.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import torch
 
 from evpretrain import __version__
 from evpretrain.data.store import EventStore, StoreError
+from evpretrain.files import AtomicPath
 from evpretrain.teachers.base import Teacher, resize_tokens
 
 __all__ = ["FEATURES_FORMAT", "TeacherFeatures", "compute_teacher_features", "frame_to_image"]
@@ -70,47 +70,40 @@ def compute_teacher_features(
         source_sha = store.attrs.get("content_sha256", "")
         num_samples = len(store)
         teacher = teacher.to(device).freeze()
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-        try:
-            with h5py.File(tmp, "w") as out:
-                tokens = out.create_dataset(
-                    "tokens",
-                    shape=(num_samples, grid[0] * grid[1], teacher.embed_dim),
-                    dtype=np.float16,
-                    chunks=(1, grid[0] * grid[1], teacher.embed_dim),
-                )
-                out.attrs.update(
-                    {
-                        "format": FEATURES_FORMAT,
-                        "format_version": FEATURES_VERSION,
-                        "teacher": teacher.name,
-                        "teacher_weights": str(getattr(teacher, "weights_path", "")),
-                        "teacher_grid": teacher.grid_size,
-                        "teacher_input_size": teacher.input_size,
-                        "grid": grid,
-                        "embed_dim": teacher.embed_dim,
-                        "num_samples": num_samples,
-                        "image": "last frame of /frames, grey in three channels",
-                        "source_store": str(store_path),
-                        "source_content_sha256": source_sha,
-                        "created_by": f"evpretrain {__version__}",
-                    }
-                )
-                with tqdm(
-                    total=num_samples, desc=f"teacher-features {teacher.name}", unit="sample", disable=not progress
-                ) as bar:
-                    for start in range(0, num_samples, batch_size):
-                        stop = min(start + batch_size, num_samples)
-                        images = torch.stack([frame_to_image(store.dense("frames", i)[-1]) for i in range(start, stop)])
-                        with torch.inference_mode():
-                            batch = resize_tokens(teacher(images.to(device)), teacher.grid_size, grid)
-                        tokens[start:stop] = batch.to(torch.float16).cpu().numpy()
-                        bar.update(stop - start)
-            os.replace(tmp, out_path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with AtomicPath(out_path) as tmp, h5py.File(tmp, "w") as out:
+            tokens = out.create_dataset(
+                "tokens",
+                shape=(num_samples, grid[0] * grid[1], teacher.embed_dim),
+                dtype=np.float16,
+                chunks=(1, grid[0] * grid[1], teacher.embed_dim),
+            )
+            out.attrs.update(
+                {
+                    "format": FEATURES_FORMAT,
+                    "format_version": FEATURES_VERSION,
+                    "teacher": teacher.name,
+                    "teacher_weights": str(getattr(teacher, "weights_path", "")),
+                    "teacher_grid": teacher.grid_size,
+                    "teacher_input_size": teacher.input_size,
+                    "grid": grid,
+                    "embed_dim": teacher.embed_dim,
+                    "num_samples": num_samples,
+                    "image": "last frame of /frames, grey in three channels",
+                    "source_store": str(store_path),
+                    "source_content_sha256": source_sha,
+                    "created_by": f"evpretrain {__version__}",
+                }
+            )
+            with tqdm(
+                total=num_samples, desc=f"teacher-features {teacher.name}", unit="sample", disable=not progress
+            ) as bar:
+                for start in range(0, num_samples, batch_size):
+                    stop = min(start + batch_size, num_samples)
+                    images = torch.stack([frame_to_image(store.dense("frames", i)[-1]) for i in range(start, stop)])
+                    with torch.inference_mode():
+                        batch = resize_tokens(teacher(images.to(device)), teacher.grid_size, grid)
+                    tokens[start:stop] = batch.to(torch.float16).cpu().numpy()
+                    bar.update(stop - start)
     return out_path
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from evpretrain.files import write_atomic
+from evpretrain.files import write_atomic, write_text_atomic
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.json"
@@ -29,7 +29,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def write_json(data: Any, path: str | Path) -> Path:
     """JSON with sorted keys, atomically."""
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-    return write_atomic(path, lambda file: file.write(text.encode()))
+    return write_text_atomic(path, text)
 
 
 def backbone_entries(state: Mapping[str, torch.Tensor], path: str | Path) -> dict[str, torch.Tensor]:

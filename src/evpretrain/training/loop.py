@@ -14,6 +14,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -136,18 +137,64 @@ def _train(
     sampler = EpochBatchSampler(
         len(dataset), config.batch_size, seed=config.seed, rank=layout.rank, world_size=layout.world_size
     )
-    steps_per_epoch = sampler.batches_per_epoch
-    total_steps = config.epochs * steps_per_epoch
-    schedule = {
-        "peak_lr": peak_lr(config, layout.world_size),
-        "min_lr": config.min_lr,
-        "warmup_steps": round(config.warmup_epochs * steps_per_epoch),
-        "total_steps": total_steps,
-    }
-    stop_step = total_steps if config.max_steps is None else min(config.max_steps, total_steps)
+    schedule = _schedule(config, sampler.batches_per_epoch, layout.world_size)
     model.to(device)
     optimizer = build_optimizer(model if param_groups is None else param_groups, config, layout.world_size)
-    state = TrainState(
+    state = _initial_state(model, config, out_dir, device, layout, sampler.batches_per_epoch, schedule)
+    record = _Record(checkpoint=out_dir / CHECKPOINT_NAME)
+    if record.checkpoint.exists():
+        finished = _resume(model, optimizer, hooks, schedule, state, record, layout)
+        if finished is not None:
+            return finished
+    else:
+        # Seeds what the steps draw (dropout, masks); the caller seeds the model's initialisation.
+        seed_all(config.seed + layout.rank)
+    net = model
+    if layout.distributed:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    loader = _loader(dataset, sampler, config, collate_fn, device)
+    metrics = _run_steps(
+        net,
+        step_fn,
+        loader,
+        sampler,
+        getattr(dataset, "set_epoch", None),
+        optimizer,
+        hooks,
+        state,
+        schedule,
+        record,
+        layout,
+    )
+    if layout.is_main:
+        write_json(metrics, out_dir / METRICS_NAME)
+    for hook in hooks:
+        hook.on_train_end(state, metrics)
+    return metrics
+
+
+def _schedule(config: TrainConfig, steps_per_epoch: int, world_size: int) -> dict[str, Any]:
+    """The learning-rate schedule's settings (saved in the checkpoint: a resumed run must have the same)."""
+    return {
+        "peak_lr": peak_lr(config, world_size),
+        "min_lr": config.min_lr,
+        "warmup_steps": round(config.warmup_epochs * steps_per_epoch),
+        "total_steps": config.epochs * steps_per_epoch,
+    }
+
+
+def _initial_state(
+    model: nn.Module,
+    config: TrainConfig,
+    out_dir: Path,
+    device: torch.device,
+    layout: ProcessLayout,
+    steps_per_epoch: int,
+    schedule: Mapping[str, Any],
+) -> TrainState:
+    """The run before its first step; a resume moves ``step`` and ``start_step`` on."""
+    total_steps = schedule["total_steps"]
+    return TrainState(
         config=config,
         out_dir=out_dir,
         model=model,
@@ -157,51 +204,62 @@ def _train(
         world_size=layout.world_size,
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
-        stop_step=stop_step,
+        stop_step=total_steps if config.max_steps is None else min(config.max_steps, total_steps),
         start_step=0,
         peak_lr=schedule["peak_lr"],
     )
-    checkpoint_path = out_dir / CHECKPOINT_NAME
-    window = _MeanWindow()
-    logged: dict[str, float] = {}
-    log_rows: list[dict[str, float]] = []
-    elapsed_before = 0.0
-    checkpoint_step = None
-    if checkpoint_path.exists():
-        checkpoint = load_checkpoint(checkpoint_path)
-        _check_resumable(checkpoint, config, schedule, layout.world_size, checkpoint_path)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        restore_rng_state(checkpoint["rng"][layout.rank])
-        if len(checkpoint["hooks"]) == len(hooks):
-            for hook, hook_state in zip(hooks, checkpoint["hooks"]):
-                hook.load_state_dict(hook_state)
-        else:
-            logger.warning(
-                "%s holds the state of %d hooks, this run has %d: hooks start afresh",
-                checkpoint_path,
-                len(checkpoint["hooks"]),
-                len(hooks),
-            )
-        window.load_state_dict(checkpoint["window"])
-        logged = dict(checkpoint["logged"])
-        log_rows = list(checkpoint["metrics"].get("log", []))  # the rows up to the checkpoint's step
-        elapsed_before = checkpoint["elapsed_s"]
-        state.step = state.start_step = checkpoint_step = checkpoint["step"]
-        if state.step >= stop_step:
-            if layout.is_main and not (out_dir / METRICS_NAME).exists():
-                write_json(checkpoint["metrics"], out_dir / METRICS_NAME)
-            return dict(checkpoint["metrics"])
-        if layout.is_main:
-            logger.info("resuming %s at step %d of %d", checkpoint_path, state.step, stop_step)
-    else:
-        # Seeds what the steps draw (dropout, masks); the caller seeds the model's initialisation.
-        seed_all(config.seed + layout.rank)
 
-    net = model
-    if layout.distributed:
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    loader = DataLoader(
+
+def _resume(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    hooks: Sequence[Hook],
+    schedule: Mapping[str, Any],
+    state: TrainState,
+    record: _Record,
+    layout: ProcessLayout,
+) -> dict[str, Any] | None:
+    """Continue from ``record.checkpoint``: load the model, optimizer, this rank's RNG states and the hooks, and
+    bring ``state`` and ``record`` to its step. Returns its metrics when that run had already finished (writing
+    metrics.json if it is missing), else None."""
+    checkpoint_path = record.checkpoint
+    checkpoint = load_checkpoint(checkpoint_path)
+    _check_resumable(checkpoint, state.config, schedule, layout.world_size, checkpoint_path)
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    restore_rng_state(checkpoint["rng"][layout.rank])
+    if len(checkpoint["hooks"]) == len(hooks):
+        for hook, hook_state in zip(hooks, checkpoint["hooks"]):
+            hook.load_state_dict(hook_state)
+    else:
+        logger.warning(
+            "%s holds the state of %d hooks, this run has %d: hooks start afresh",
+            checkpoint_path,
+            len(checkpoint["hooks"]),
+            len(hooks),
+        )
+    record.window.load_state_dict(checkpoint["window"])
+    record.logged = dict(checkpoint["logged"])
+    record.rows = list(checkpoint["metrics"].get("log", []))  # the rows up to the checkpoint's step
+    record.elapsed_before = checkpoint["elapsed_s"]
+    state.step = state.start_step = record.checkpoint_step = checkpoint["step"]
+    if state.step >= state.stop_step:
+        if layout.is_main and not (state.out_dir / METRICS_NAME).exists():
+            write_json(checkpoint["metrics"], state.out_dir / METRICS_NAME)
+        return dict(checkpoint["metrics"])
+    if layout.is_main:
+        logger.info("resuming %s at step %d of %d", checkpoint_path, state.step, state.stop_step)
+    return None
+
+
+def _loader(
+    dataset: Dataset,
+    sampler: EpochBatchSampler,
+    config: TrainConfig,
+    collate_fn: Callable[[list[Any]], Any] | None,
+    device: torch.device,
+) -> DataLoader:
+    return DataLoader(
         SeededSamples(dataset, config.seed),
         batch_sampler=sampler,
         num_workers=config.num_workers,
@@ -210,74 +268,53 @@ def _train(
         persistent_workers=config.num_workers > 0,
         generator=torch.Generator(),  # else starting an iterator draws a worker seed from the global RNG
     )
+
+
+def _run_steps(
+    net: nn.Module,
+    step_fn: StepFn,
+    loader: DataLoader,
+    sampler: EpochBatchSampler,
+    set_epoch: Callable[[int], None] | None,
+    optimizer: torch.optim.Optimizer,
+    hooks: Sequence[Hook],
+    state: TrainState,
+    schedule: Mapping[str, Any],
+    record: _Record,
+    layout: ProcessLayout,
+) -> dict[str, Any]:
+    """Steps from ``state.step`` to ``state.stop_step``, logging and checkpointing on the way; returns the final
+    metrics (those of the last checkpoint). ``net`` is the model or its DDP wrapper."""
+    config = state.config
     params = [param for group in optimizer.param_groups for param in group["params"]]
-    global_batch = config.batch_size * layout.world_size
-    model.train()
+    state.model.train()
     for hook in hooks:
         hook.on_train_start(state)
-    progress = tqdm(total=stop_step, initial=state.step, unit="step", disable=not layout.is_main, dynamic_ncols=True)
+    progress = tqdm(
+        total=state.stop_step, initial=state.step, unit="step", disable=not layout.is_main, dynamic_ncols=True
+    )
     session_start = time.perf_counter()
-
-    def summary() -> dict[str, Any]:
-        session_s = time.perf_counter() - session_start
-        return {
-            **logged,
-            "step": state.step,
-            "epoch": state.epoch,
-            "samples": state.step * global_batch,
-            "samples_per_s": (state.step - state.start_step) * global_batch / max(session_s, 1e-9),
-            "wall_time_s": elapsed_before + session_s,
-            "peak_lr": schedule["peak_lr"],
-            "global_batch_size": global_batch,
-            "world_size": layout.world_size,
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),  # the job that finished the run (None outside SLURM)
-            "log": list(log_rows),  # the logged means, one row per log_every_steps: the loss curves
-        }
-
-    set_epoch = getattr(dataset, "set_epoch", None)
     try:
-        while state.step < stop_step:
-            epoch, batch_in_epoch = divmod(state.step, steps_per_epoch)
+        while state.step < state.stop_step:
+            epoch, batch_in_epoch = divmod(state.step, state.steps_per_epoch)
             sampler.set_position(epoch, batch_in_epoch)
             if set_epoch is not None:
                 set_epoch(epoch)
             for batch in loader:
-                lr = cosine_schedule(
-                    state.step, total_steps, schedule["warmup_steps"], schedule["peak_lr"], schedule["min_lr"]
-                )
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * group["lr_scale"]
-                with state.autocast():
-                    loss, terms = step_fn(net, to_device(batch, device))
-                loss_value = mean_across_ranks(loss.detach().float(), layout).item()
-                terms = {name: float(value) for name, value in terms.items()}
-                if not math.isfinite(loss_value):  # every rank sees the mean, so every rank stops here
-                    raise NonFiniteLossError(state.step + 1, loss_value, terms, checkpoint_path, checkpoint_step)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                scalars = {**terms, "loss": loss_value, "lr": lr}
-                if config.clip_grad is not None:
-                    scalars["grad_norm"] = float(nn.utils.clip_grad_norm_(params, config.clip_grad))
-                optimizer.step()
+                scalars = _optimisation_step(net, step_fn, batch, optimizer, params, state, schedule, record, layout)
                 state.step += 1
                 progress.update()
                 for hook in hooks:
                     hook.on_step_end(state, scalars)
-                window.add(scalars)
-                if state.step % config.log_every_steps == 0 or state.step == stop_step:
-                    logged = window.means()
-                    window.reset()
-                    log_rows.append({"step": state.step, "epoch": state.epoch, **logged})
-                    if layout.is_main:
-                        progress.set_postfix(loss=f"{logged['loss']:.4g}", lr=f"{logged['lr']:.3g}")
-                        logger.info("step %d/%d %s", state.step, stop_step, _format(logged))
-                    for hook in hooks:
-                        hook.on_log(state, logged)
-                if state.step % config.checkpoint_every_steps == 0 or state.step == stop_step:
-                    metrics = summary()  # at the stop step, the final metrics: saved and returned alike
-                    _save(checkpoint_path, model, optimizer, state, schedule, window, logged, metrics, hooks, layout)
-                    checkpoint_step = state.step
-                if state.step >= stop_step:
+                record.window.add(scalars)
+                if state.step % config.log_every_steps == 0 or state.step == state.stop_step:
+                    _log(state, record, hooks, progress, layout)
+                if state.step % config.checkpoint_every_steps == 0 or state.step == state.stop_step:
+                    # At the stop step, the final metrics: saved and returned alike.
+                    metrics = _summary(state, record, schedule, layout, session_start)
+                    _save(optimizer, state, schedule, record, metrics, hooks, layout)
+                    record.checkpoint_step = state.step
+                if state.step >= state.stop_step:
                     break
     except BaseException as error:
         for hook in hooks:
@@ -285,11 +322,76 @@ def _train(
         raise
     finally:
         progress.close()
-    if layout.is_main:
-        write_json(metrics, out_dir / METRICS_NAME)
-    for hook in hooks:
-        hook.on_train_end(state, metrics)
     return metrics
+
+
+def _optimisation_step(
+    net: nn.Module,
+    step_fn: StepFn,
+    batch: Any,
+    optimizer: torch.optim.Optimizer,
+    params: Sequence[torch.Tensor],
+    state: TrainState,
+    schedule: Mapping[str, Any],
+    record: _Record,
+    layout: ProcessLayout,
+) -> dict[str, float]:
+    """Step ``state.step + 1`` at the schedule's learning rate: the loss under autocast, a stop before the update if
+    it is not finite, then backward, clipping and the update. Returns the step's scalars: the step function's
+    terms, ``loss`` (mean over ranks), ``lr`` and, when clipping, ``grad_norm`` (before clipping)."""
+    lr = cosine_schedule(
+        state.step, state.total_steps, schedule["warmup_steps"], schedule["peak_lr"], schedule["min_lr"]
+    )
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+    with state.autocast():
+        loss, terms = step_fn(net, to_device(batch, state.device))
+    loss_value = mean_across_ranks(loss.detach().float(), layout).item()
+    terms = {name: float(value) for name, value in terms.items()}
+    if not math.isfinite(loss_value):  # every rank sees the mean, so every rank stops here
+        raise NonFiniteLossError(state.step + 1, loss_value, terms, record.checkpoint, record.checkpoint_step)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    scalars = {**terms, "loss": loss_value, "lr": lr}
+    if state.config.clip_grad is not None:
+        scalars["grad_norm"] = float(nn.utils.clip_grad_norm_(params, state.config.clip_grad))
+    optimizer.step()
+    return scalars
+
+
+def _log(state: TrainState, record: _Record, hooks: Sequence[Hook], progress: tqdm, layout: ProcessLayout) -> None:
+    """Close the window of scalars since the last log: its means become ``record.logged`` and a row of
+    ``record.rows``, shown on rank 0 and passed to the hooks."""
+    record.logged = record.window.means()
+    record.window.reset()
+    record.rows.append({"step": state.step, "epoch": state.epoch, **record.logged})
+    if layout.is_main:
+        progress.set_postfix(loss=f"{record.logged['loss']:.4g}", lr=f"{record.logged['lr']:.3g}")
+        logger.info("step %d/%d %s", state.step, state.stop_step, _format(record.logged))
+    for hook in hooks:
+        hook.on_log(state, record.logged)
+
+
+def _summary(
+    state: TrainState, record: _Record, schedule: Mapping[str, Any], layout: ProcessLayout, session_start: float
+) -> dict[str, Any]:
+    """The metrics at ``state.step``: the last log's means, progress, throughput of this session (``session_start``
+    from ``time.perf_counter``), wall time of all sessions (seconds), the log rows."""
+    session_s = time.perf_counter() - session_start
+    global_batch = state.config.batch_size * layout.world_size
+    return {
+        **record.logged,
+        "step": state.step,
+        "epoch": state.epoch,
+        "samples": state.step * global_batch,
+        "samples_per_s": (state.step - state.start_step) * global_batch / max(session_s, 1e-9),
+        "wall_time_s": record.elapsed_before + session_s,
+        "peak_lr": schedule["peak_lr"],
+        "global_batch_size": global_batch,
+        "world_size": layout.world_size,
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),  # the job that finished the run (None outside SLURM)
+        "log": list(record.rows),  # the logged means, one row per log_every_steps: the loss curves
+    }
 
 
 def _check_resumable(
@@ -316,13 +418,10 @@ def _check_resumable(
 
 
 def _save(
-    path: Path,
-    model: nn.Module,
     optimizer: torch.optim.Optimizer,
     state: TrainState,
     schedule: Mapping[str, Any],
-    window: _MeanWindow,
-    logged: Mapping[str, float],
+    record: _Record,
     metrics: Mapping[str, Any],
     hooks: Sequence[Hook],
     layout: ProcessLayout,
@@ -333,7 +432,7 @@ def _save(
     epoch, batch_in_epoch = divmod(state.step, state.steps_per_epoch)
     checkpoint = {
         "format": CHECKPOINT_FORMAT,
-        "model": model.state_dict(),
+        "model": state.model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "schedule": dict(schedule),
         "step": state.step,
@@ -342,13 +441,13 @@ def _save(
         "world_size": layout.world_size,
         "rng": rng,
         "config": to_mapping(state.config),
-        "window": window.state_dict(),
-        "logged": dict(logged),
+        "window": record.window.state_dict(),
+        "logged": dict(record.logged),
         "elapsed_s": metrics["wall_time_s"],
         "metrics": dict(metrics),
         "hooks": [hook.state_dict() for hook in hooks],
     }
-    save_checkpoint(checkpoint, path)
+    save_checkpoint(checkpoint, record.checkpoint)
 
 
 class _MeanWindow:
@@ -374,6 +473,20 @@ class _MeanWindow:
 
     def load_state_dict(self, state: Mapping[str, Mapping]) -> None:
         self.sums, self.counts = dict(state["sums"]), dict(state["counts"])
+
+
+@dataclass
+class _Record:
+    """What a run carries from step to step and in its checkpoint besides the weights: the scalars since the last
+    log (``window``), the last log's means (``logged``), one row per log (``rows``: the loss curves), the wall time
+    of earlier sessions (``elapsed_before``, seconds), and the checkpoint's path and the step it last held."""
+
+    checkpoint: Path
+    window: _MeanWindow = field(default_factory=_MeanWindow)
+    logged: dict[str, float] = field(default_factory=dict)
+    rows: list[dict[str, float]] = field(default_factory=list)
+    elapsed_before: float = 0.0
+    checkpoint_step: int | None = None
 
 
 def _format(metrics: Mapping[str, float]) -> str:
