@@ -167,14 +167,12 @@ def plan_study(study: Mapping[str, Any]) -> StudyPlan:
         resolved = apply_overrides(study, variant.get("overrides", {}), where)
         pretrain = optional_section(resolved, "pretrain") or {}
         shared = {k: pretrain[k] for k in SHARED_PRETRAIN_KEYS if k in pretrain}
+        teacher_section = optional_section(pretrain, "teacher") or {}
         upstream, names = None, []
         teacher = None
         if any(stage > 1 for stage in stages):
             teacher_config = {
-                "pretrain": {
-                    **{k: shared[k] for k in BACKBONE_KEYS if k in shared},
-                    "teacher": optional_section(pretrain, "teacher") or {},
-                }
+                "pretrain": {**{k: shared[k] for k in BACKBONE_KEYS if k in shared}, "teacher": teacher_section}
             }
             teacher = content_key({"config": teacher_config, "data": data_identity})
             plan.teachers.setdefault(teacher, teacher_config)
@@ -184,7 +182,7 @@ def plan_study(study: Mapping[str, Any]) -> StudyPlan:
                 raise ConfigError(f"{where}: stage {stage} runs, but the study has no section 'pretrain.stage{stage}'")
             config = {"pretrain": {**shared, f"stage{stage}": section}}
             if stage > 1:
-                config["pretrain"]["teacher"] = optional_section(pretrain, "teacher") or {}
+                config["pretrain"]["teacher"] = teacher_section
             content = {
                 "stage": stage,
                 "config": {**config["pretrain"], f"stage{stage}": _weights_content(section)},
@@ -215,11 +213,10 @@ def _evaluation(
     where: str,
 ) -> Evaluation:
     task, mode = entry["task"], entry.get("mode")
-    section = None
-    if task != "classify" or mode:
-        section = optional_section(study, f"downstream.{task}.{mode}" if task == "classify" else f"downstream.{task}")
+    dotted = f"downstream.{task}.{mode}" if task == "classify" and mode else f"downstream.{task}"
+    section = optional_section(study, dotted) if task != "classify" or mode else None  # a probe needs its mode
     if section is None:
-        raise ConfigError(f"{where}: no section 'downstream.{task}{'.' + mode if mode else ''}' for this evaluation")
+        raise ConfigError(f"{where}: no section '{dotted}' for this evaluation")
     pretrain = optional_section(study, "pretrain") or {}
     shared = {k: pretrain[k] for k in BACKBONE_KEYS if k in pretrain}
     task_section = {task: {mode: section}} if task == "classify" else {task: section}
