@@ -52,7 +52,7 @@ def test_flow_is_rescaled_and_mirrored_with_the_view(tmp_path):
     valid = np.zeros(SENSOR, bool)
     valid[:, :6] = True  # the left quarter
     store = _store(tmp_path / "f.h5", flow=flow, valid=valid)
-    half = DownstreamDataset(store, "flow", train=False, input_size=(8, 12))[0]
+    half = DownstreamDataset(store, "flow", train=False, input_size=(8, 12), target_resolution="input")[0]
     assert torch.allclose(half["flow"][0], torch.full((8, 12), 1.5))
     assert torch.allclose(half["flow"][1], torch.full((8, 12), -1.0))
     assert half["valid"][:, :3].all() and not half["valid"][:, 3:].any()
@@ -60,6 +60,43 @@ def test_flow_is_rescaled_and_mirrored_with_the_view(tmp_path):
     assert torch.allclose(flipped["flow"][0], torch.full(SENSOR, -3.0))  # dx changes sign under a mirror
     assert torch.allclose(flipped["flow"][1], torch.full(SENSOR, -2.0))
     assert flipped["valid"][:, -6:].all() and not flipped["valid"][:, :-6].any()
+
+
+def test_dense_targets_stay_at_the_label_resolution_in_sensor_pixels(tmp_path):
+    flow = np.stack([np.full(SENSOR, 3.0, np.float32), np.full(SENSOR, -2.0, np.float32)])
+    mask = np.zeros(SENSOR, np.uint8)
+    mask[:, 12:] = 1
+    store = _store(tmp_path / "f.h5", flow=flow, masks=mask)
+    sample = DownstreamDataset(store, "flow", train=False, input_size=(8, 12))[0]
+    assert sample["voxel"].shape == (5, 8, 12)  # the network's input
+    assert torch.equal(sample["flow"], torch.from_numpy(flow)) and sample["valid"].shape == SENSOR
+    segment = DownstreamDataset(store, "segment", train=False, input_size=(8, 12))[0]
+    assert torch.equal(segment["mask"], torch.from_numpy(mask).long())
+    # A training crop is resized back to the label's size, its flow scaled by label / crop pixels.
+    cropped = DownstreamDataset(
+        store, "flow", train=True, input_size=(8, 12), augment=AugmentConfig(crop_scale=(0.25, 0.5)), seed=2
+    )[0]
+    assert cropped["flow"].shape == (2, *SENSOR) and cropped["flow"][0].unique().numel() == 1
+    assert cropped["flow"][0, 0, 0].item() > 3.0 and cropped["flow"][1, 0, 0].item() < -2.0
+
+
+def test_flow_samples_mark_the_pixels_with_events_and_cancelled_pixels_count_as_without(tmp_path):
+    flow = np.zeros((2, *SENSOR), np.float32)
+    store = _store(tmp_path / "f.h5", count=40, flow=flow)
+    sample = DownstreamDataset(store, "flow", train=False)[0]
+    expected = np.zeros(SENSOR, bool)
+    for t in range(40):  # event t at (y, x) = (t % 16, t % 24): 40 distinct pixels
+        expected[t % 16, t % 24] = True
+    assert sample["events"].dtype == torch.bool and torch.equal(sample["events"], torch.from_numpy(expected))
+    at_input = DownstreamDataset(store, "flow", train=False, input_size=(8, 12), target_resolution="input")[0]
+    assert torch.equal(at_input["events"], torch.from_numpy(expected[1::2, 1::2]))  # nearest-exact: odd pixels
+    # Two events of opposite polarity at one pixel and time: the voxel grid is 0 there, as the paper's mask reads it.
+    path = tmp_path / "c.h5"
+    with EventStoreWriter(path, sensor_size=SENSOR, source="test") as writer:
+        events = make_events(np.array([0, 0, 5]), np.array([3, 3, 7]), np.array([2, 2, 4]), np.array([1, -1, 1]))
+        writer.add_sample(events, flow=flow)
+    marked = DownstreamDataset(path, "flow", train=False)[0]["events"]
+    assert marked.nonzero().tolist() == [[4, 7]]
 
 
 def test_masks_keep_their_class_ids_through_crops(tmp_path):
@@ -160,8 +197,8 @@ def tiny_demo(tmp_path_factory):
     [
         ("classify", ["--mode", "linear"], "confusion.png", "top1_last"),
         ("classify", ["--mode", "finetune"], "confusion.png", "top1_best"),
-        ("segment", [], "masks.png", "miou_last"),
-        ("flow", [], "flow.png", "aee_last"),
+        ("segment", [], "masks.png", "miou_batch_mean_last"),
+        ("flow", [], "flow.png", "aee_batch_mean_last"),
     ],
 )
 def test_finetune_runs_from_the_cli_and_resumes(tiny_demo, tmp_path, task, extra, figure, score):

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from evpretrain.downstream.heads import (
     FCNHead,
@@ -46,28 +47,93 @@ def voxels(batch_size=2, seed=0):
 
 
 @pytest.mark.parametrize("name", DEMO)
-def test_models_predict_at_input_resolution(name):
+def test_models_predict_at_input_resolution_with_the_beit_neck(name):
     backbone = seeded_backbone(name)
-    model = SegmentationModel(backbone, NUM_CLASSES, channels=16, aux_channels=8).eval()
+    model = SegmentationModel(backbone, NUM_CLASSES, channels=16, aux_channels=8, neck="beit").eval()
     # The ViT's single-stride maps become a pyramid; the others already are one. Every head ends at stride 2.
-    assert isinstance(model.neck, MultiLevelNeck) == (name == "vit_demo")
+    assert isinstance(model.neck.rescale, MultiLevelNeck) == (name == "vit_demo")
     assert model.decode_head.out_stride == 2
-    flow_model = FlowModel(backbone, channels=16).eval()
+    flow_model = FlowModel(backbone, channels=16, neck="beit").eval()
     with torch.no_grad():
         out = model(voxels())
-        flow = flow_model(voxels())["flow"]
-    assert set(out) == {"logits", "aux_logits"}
+        flow = flow_model(voxels())
+    assert set(out) == {"logits", "aux_logits"} and set(flow) == {"flow", "aux_flow"}
     assert out["logits"].shape == out["aux_logits"].shape == (2, NUM_CLASSES, 64, 64)
-    assert flow.shape == (2, 2, 64, 64) and torch.isfinite(flow).all()
+    assert flow["flow"].shape == flow["aux_flow"].shape == (2, 2, 64, 64) and torch.isfinite(flow["flow"]).all()
+
+
+@pytest.mark.parametrize("name", DEMO)
+def test_models_predict_at_the_size_asked_for(name):
+    backbone = seeded_backbone(name)
+    model = SegmentationModel(backbone, NUM_CLASSES, channels=16, aux_channels=8).eval()
+    flow_model = FlowModel(backbone, channels=16, aux=False).eval()
+    with torch.no_grad():
+        out = model(voxels(), size=(50, 70))
+        flow = flow_model(voxels(), size=(50, 70))
+    assert out["logits"].shape == out["aux_logits"].shape == (2, NUM_CLASSES, 50, 70)
+    assert set(flow) == {"flow"} and flow["flow"].shape == (2, 2, 50, 70)
+
+
+def test_vit_maps_reach_the_heads_unchanged_without_a_neck():
+    backbone = seeded_backbone("vit_demo").eval()  # patch 8, 64 pixels: four 8x8 maps of 192 channels
+    model = SegmentationModel(backbone, NUM_CLASSES, channels=16, aux_channels=8, neck="none").eval()
+    x = voxels()
+    with torch.no_grad():
+        maps = model.neck(backbone(x))
+        expected = backbone(x).feature_maps
+    assert [tuple(m.shape) for m in maps] == [(2, 192, 8, 8)] * 4
+    assert all(torch.equal(a, b) for a, b in zip(maps, expected))
+    assert model.neck.strides == [8] * 4 and model.decode_head.out_stride == 8
+    assert not any(k.startswith("neck.") for k in model.state_dict())  # no neck weights
+    # The auxiliary head reads the third map (the paper code's in_index=2).
+    assert model.aux_head.in_index in (2, -2) and model.aux_head.convs[0][0].in_channels == 192
+
+
+def test_convvit_gets_four_levels_the_last_two_from_the_final_normed_stage():
+    torch.manual_seed(0)
+    backbone = create_backbone("convvit_small").eval()  # the paper's ConvViT-S at 224 pixels
+    model = SegmentationModel(backbone, NUM_CLASSES, channels=16, aux_channels=8, neck="none").eval()
+    x = torch.randn(1, 5, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        output = backbone(x)
+        maps = model.neck(output)
+    # convvit.py:204: (b,128,56,56) (b,256,28,28) (b,384,14,14) (b,384,6,6).
+    assert [tuple(m.shape) for m in maps] == [(1, 128, 56, 56), (1, 256, 28, 28), (1, 384, 14, 14), (1, 384, 6, 6)]
+    assert model.neck.channels == [128, 256, 384, 384] and model.neck.strides == [4, 8, 16, 32]
+    assert torch.equal(maps[0], output.feature_maps[0]) and torch.equal(maps[1], output.feature_maps[1])
+    normed = output.tokens.transpose(1, 2).reshape(1, 384, 14, 14)  # after the final norm, as theirs
+    assert torch.equal(maps[2], normed) and not torch.allclose(maps[2], output.feature_maps[2])
+    down = model.neck.levels.down
+    assert (down[0].kernel_size, down[0].stride, down[0].padding) == ((3, 3), (2, 2), (0, 0))
+    with torch.no_grad():
+        assert torch.allclose(maps[3], F.gelu(down[1](down[0](normed))))
+    # The fourth level lives in the neck, the backbone is untouched: a pre-trained checkpoint still loads strictly.
+    assert {k for k in model.state_dict() if k.startswith("neck.")} == {
+        f"neck.levels.down.{k}" for k in nn.Sequential(down[0], down[1]).state_dict()
+    }
+    assert model.aux_head.convs[0][0].in_channels == 384  # FCN on the stride-16 map (theirs: in_index=2)
+
+
+def test_convvit_fourth_level_needs_a_grid_of_three_cells():
+    with pytest.raises(ValueError, match="at least 3x3"):
+        SegmentationModel(create_backbone("convvit_demo", img_size=16), NUM_CLASSES, neck="none")  # grid 2x2
+
+
+def test_dense_models_refuse_unknown_necks_and_predictors():
+    backbone = seeded_backbone("vit_demo")
+    with pytest.raises(ValueError, match=r"neck must be one of \('none', 'beit'\), got 'fpn'"):
+        SegmentationModel(backbone, NUM_CLASSES, neck="fpn")
+    with pytest.raises(ValueError, match="predictor must be one of"):
+        FlowModel(backbone, predictor="mlp")
 
 
 @pytest.mark.parametrize("name", DEMO)
 def test_gradients_reach_every_backbone_parameter_that_builds_the_maps(name):
     torch.manual_seed(0)
-    model = SegmentationModel(create_backbone(name, img_size=32), NUM_CLASSES, channels=8, aux_channels=8)
+    model = SegmentationModel(create_backbone(name, img_size=32), NUM_CLASSES, channels=8, aux_channels=8, neck="beit")
     out = model(torch.randn(2, 5, 32, 32))
     (out["logits"].square().mean() + out["aux_logits"].square().mean()).backward()
-    # Dense maps are taken before the final norm; the mask token only serves pre-training.
+    # With the beit neck dense maps are taken before the final norm; the mask token only serves pre-training.
     untouched = {"norm.weight", "norm.bias", "mask_token"}
     no_gradient = [
         n
@@ -124,6 +190,39 @@ def test_upsampling_keeps_logits_in_place_and_scales_flow_to_input_pixels_per_ax
     assert flow.shape == (1, 2, 16, 64)
     assert torch.allclose(flow[:, 0], torch.full((1, 16, 64), 8.0))
     assert torch.allclose(flow[:, 1], torch.full((1, 16, 64), 4.0))
+
+
+def resize_flow_as_the_paper(flow, size):
+    """BIT-Vision/EventPretrain utils/reshape.py:45-54, written out: bilinear (align_corners None), then u times
+    new_w / org_w and v times new_h / org_h."""
+    org_h, org_w = flow.shape[-2:]
+    out = F.interpolate(flow, size, None, "bilinear", None)
+    return torch.einsum(
+        "bhwc->bchw", torch.einsum("bchw->bhwc", out) * torch.tensor([size[1] / org_w, size[0] / org_h])
+    )
+
+
+def test_flow_resized_to_the_sensor_as_the_paper_code_resizes_it():
+    # A constant field of (1, 1) input pixels at 224 x 224 is (346 / 224, 260 / 224) sensor pixels at 260 x 346.
+    flow = upsample_flow(torch.ones(1, 2, 224, 224), (260, 346))
+    assert flow.shape == (1, 2, 260, 346)
+    assert torch.allclose(flow[:, 0], torch.full((1, 260, 346), 346 / 224))
+    assert torch.allclose(flow[:, 1], torch.full((1, 260, 346), 260 / 224))
+    # Any field, straight from a 56 x 56 head output: the paper code's resize, value for value.
+    coarse = torch.randn(2, 2, 56, 56, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(upsample_flow(coarse, (260, 346)), resize_flow_as_the_paper(coarse, (260, 346)), atol=1e-6)
+
+
+def test_flow_model_resizes_its_head_output_once_to_the_size_asked_for():
+    backbone = seeded_backbone("convvit_demo")
+    model = FlowModel(backbone, channels=8, aux_channels=8).eval()
+    with torch.no_grad():
+        maps = model.neck(backbone(voxels()))
+        coarse, coarse_aux = model.flow_head(maps), model.aux_head(maps)
+        out = model(voxels(), size=(26, 35))
+    assert isinstance(model.flow_head, UPerHead)  # the paper's predictor: dropout + 1x1 conv
+    assert torch.allclose(out["flow"], resize_flow_as_the_paper(coarse, (26, 35)), atol=1e-6)
+    assert torch.allclose(out["aux_flow"], resize_flow_as_the_paper(coarse_aux, (26, 35)), atol=1e-6)
 
 
 def test_segmentation_overfits_two_fixed_samples():
@@ -204,7 +303,7 @@ def test_flow_loss_is_l1_over_valid_pixels_and_ignores_whatever_invalid_ones_hol
     target = torch.tensor([[[[0.0, 0.0, math.nan]], [[2.0, 1.0, math.inf]]]])
     valid = torch.tensor([[[True, True, False]]])
     loss = flow_loss(pred, target, valid)
-    assert loss.item() == pytest.approx(((1 + 2) + (2 + 2)) / 2)
+    assert loss.item() == pytest.approx(((1 + 2) + (2 + 2)) / 4)  # mean over the 4 components of 2 pixels
     loss.backward()
     assert torch.isfinite(pred.grad).all()
     assert torch.equal(pred.grad[..., 2], torch.zeros(1, 2, 1))
@@ -215,5 +314,18 @@ def test_flow_loss_is_l1_over_valid_pixels_and_ignores_whatever_invalid_ones_hol
 
 def test_flow_loss_without_mask_averages_every_pixel_and_with_no_valid_pixel_is_zero():
     pred, target = torch.ones(2, 2, 3, 3), torch.zeros(2, 2, 3, 3)
-    assert flow_loss(pred, target).item() == pytest.approx(2.0)
+    assert flow_loss(pred, target).item() == pytest.approx(1.0)
     assert flow_loss(pred, target, torch.zeros(2, 3, 3, dtype=torch.bool)).item() == 0.0
+
+
+def test_flow_loss_leaves_out_true_flow_of_max_flow_pixels_or_more():
+    # True flows of length 5 (3, 4), 400 (exactly the cut: left out, theirs is mag < max_flow) and 500.
+    target = torch.tensor([[[[3.0, 400.0, 300.0]], [[4.0, 0.0, 400.0]]]])
+    pred = torch.zeros(1, 2, 1, 3, requires_grad=True)
+    valid = torch.ones(1, 1, 3, dtype=torch.bool)
+    loss = flow_loss(pred, target, valid, max_flow=400)
+    assert loss.item() == pytest.approx((3 + 4) / 2)
+    loss.backward()
+    assert torch.equal(pred.grad[..., 1:], torch.zeros(1, 2, 1, 2))
+    assert flow_loss(pred, target, valid, max_flow=None).item() == pytest.approx((3 + 4 + 400 + 300 + 400) / 6)
+    assert flow_loss(pred, target, valid, max_flow=4.9).item() == 0.0

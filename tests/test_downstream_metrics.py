@@ -13,6 +13,8 @@ from hypothesis.extra import numpy as hnp
 from evpretrain.downstream.metrics import (
     ConfusionMatrix,
     FlowMetrics,
+    SegmentationMetrics,
+    batch_scores,
     confusion_matrix,
     flow_errors,
     per_class_accuracy,
@@ -118,6 +120,24 @@ def test_a_perfect_prediction_scores_one():
     assert (scores.miou, scores.macc, scores.pixel_accuracy) == (1.0, 1.0, 1.0)
 
 
+def test_the_paper_scores_a_batch_over_all_classes_and_averages_the_batches():
+    # 3 classes. Batch 1: true [0, 0, 1, 255], predicted [0, 1, 1, 2] -> IoU_0 = 1/2, IoU_1 = 1/2, IoU_2 = 0
+    # (neither true nor predicted once the ignored pixel is out: 0 in the paper's mean, not left out) -> 1/3;
+    # recall 1/2, 1, 0 -> 1/2. Batch 2: true [2, 2], predicted [2, 0] -> IoU_0 = 0, IoU_1 = 0 (absent), IoU_2 = 1/2
+    # -> 1/6; recall 0, 0, 1/2 -> 1/6.
+    metrics = SegmentationMetrics(3)
+    metrics.update(torch.tensor([[0, 1, 1, 2]]), torch.tensor([[0, 0, 1, 255]]))
+    metrics.update(torch.tensor([[2, 0]]), torch.tensor([[2, 2]]))
+    metrics.update(torch.tensor([[1, 1]]), torch.tensor([[255, 255]]))  # every pixel ignored: left out
+    assert batch_scores(torch.tensor([[1, 1, 0], [0, 1, 0], [0, 0, 0]])) == pytest.approx((1 / 3, 1 / 2))
+    scores = metrics.compute()
+    assert scores["miou_batch_mean"] == pytest.approx((1 / 3 + 1 / 6) / 2)
+    assert scores["macc_batch_mean"] == pytest.approx((1 / 2 + 1 / 6) / 2)
+    # The dataset's confusion: true 0 -> [1, 1, 0], 1 -> [0, 1, 0], 2 -> [1, 0, 1]: IoU 1/3, 1/2, 1/2.
+    assert scores["confusion"] == [[1, 1, 0], [0, 1, 0], [1, 0, 1]]
+    assert scores["miou"] == pytest.approx((1 / 3 + 1 / 2 + 1 / 2) / 3)
+
+
 def test_indices_outside_the_classes_are_refused_rather_than_dropped():
     with pytest.raises(ValueError, match=r"pred holds class indices outside \[0, 3\)"):
         confusion_matrix(torch.tensor([0, 3]), torch.tensor([0, 1]), 3)
@@ -191,7 +211,10 @@ def test_flow_errors_by_hand_with_strict_outlier_thresholds_and_invalid_pixels_i
     assert (sums.endpoint_error_sum, sums.outlier_count, sums.valid_pixels) == (15.5, 2, 4)
     metrics = FlowMetrics()
     metrics.update(pred, target, valid)
-    assert metrics.compute() == {"aee": pytest.approx(15.5 / 4), "outlier_pct": 50.0, "valid_pixels": 4}
+    scores = metrics.compute()
+    for reduction in ("batch_mean", "pixel_mean", "dense_pixel_mean"):  # one batch, every valid pixel with events
+        assert scores[f"aee_{reduction}"] == pytest.approx(15.5 / 4) and scores[f"outlier_pct_{reduction}"] == 50.0
+    assert scores["valid_pixels"] == scores["event_pixels"] == 4
 
 
 def test_aee_is_the_mean_over_all_valid_pixels_of_the_dataset_not_of_per_sample_means():
@@ -200,16 +223,51 @@ def test_aee_is_the_mean_over_all_valid_pixels_of_the_dataset_not_of_per_sample_
     metrics.update(sparse_target + 10.0, sparse_target, torch.tensor([[[True, False], [False, False]]]))
     metrics.update(torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 2, 2), torch.ones(1, 2, 2, dtype=torch.bool))
     # One pixel with error 10 * sqrt(2), four with 0: the dataset mean is 10 * sqrt(2) / 5 (per-sample: / 2).
-    assert metrics.compute()["aee"] == pytest.approx(10 * math.sqrt(2) / 5)
+    assert metrics.compute()["aee_pixel_mean"] == pytest.approx(10 * math.sqrt(2) / 5)
+    assert metrics.compute()["aee_batch_mean"] == pytest.approx(10 * math.sqrt(2) / 2)
     assert metrics.compute()["valid_pixels"] == 5
+
+
+def test_flow_scores_count_only_pixels_with_events_and_the_paper_averages_batches():
+    # Batch 1: two samples of 1 x 3 pixels. Errors (pred 0): sample a: 5 (3, 4), 10 (6, 8), 1 (1, 0); sample b: 4,
+    # 2, 0. Valid: all but b's last; events: not at a's second pixel nor b's first.
+    target1 = torch.tensor([[[[3.0, 6.0, 1.0]], [[4.0, 8.0, 0.0]]], [[[0.0, 2.0, 0.0]], [[4.0, 0.0, 0.0]]]])
+    valid1 = torch.tensor([[[True, True, True]], [[True, True, False]]])
+    events1 = torch.tensor([[[True, False, True]], [[False, True, True]]])
+    # Scored: a's 5 and 1, b's 2 -> batch AEE 8 / 3; outliers (> 3 px and > 5 %): 5 -> 1 of 3.
+    # Batch 2: one sample, errors 12 (12, 0) with events, 30 without: batch AEE 12, outliers 1 of 1.
+    target2 = torch.tensor([[[[12.0, 30.0]], [[0.0, 0.0]]]])
+    valid2 = torch.ones(1, 1, 2, dtype=torch.bool)
+    events2 = torch.tensor([[[True, False]]])
+    metrics = FlowMetrics()
+    metrics.update(torch.zeros_like(target1), target1, valid1, events1)
+    metrics.update(torch.zeros_like(target2), target2, valid2, events2)
+    scores = metrics.compute()
+    assert scores["aee_batch_mean"] == pytest.approx((8 / 3 + 12) / 2)  # the paper's: 7.333
+    assert scores["aee_pixel_mean"] == pytest.approx((5 + 1 + 2 + 12) / 4)  # 5.0
+    assert scores["outlier_pct_batch_mean"] == pytest.approx((100 / 3 + 100) / 2)
+    assert scores["outlier_pct_pixel_mean"] == pytest.approx(100 * 2 / 4)
+    # Every valid pixel: 5, 10, 1, 4, 2 and 12, 30; outliers 5, 10, 4, 12, 30.
+    assert scores["aee_dense_pixel_mean"] == pytest.approx(64 / 7)
+    assert scores["outlier_pct_dense_pixel_mean"] == pytest.approx(100 * 5 / 7)
+    assert (scores["event_pixels"], scores["valid_pixels"]) == (4, 7)
+
+
+def test_a_batch_without_a_pixel_with_events_is_left_out_of_the_batch_mean():
+    metrics = FlowMetrics()
+    target = torch.full((1, 2, 1, 2), 3.0)
+    metrics.update(torch.zeros_like(target), target, None, torch.tensor([[[True, False]]]))
+    metrics.update(torch.zeros_like(target), target, None, torch.zeros(1, 1, 2, dtype=torch.bool))
+    assert metrics.compute()["aee_batch_mean"] == pytest.approx(3 * math.sqrt(2))
+    assert metrics.compute()["valid_pixels"] == 4 and metrics.compute()["event_pixels"] == 1
 
 
 def test_flow_metrics_refuse_to_report_without_valid_pixels():
     metrics = FlowMetrics()
-    with pytest.raises(ValueError, match="no valid flow pixel"):
+    with pytest.raises(ValueError, match="no valid flow pixel with events"):
         metrics.compute()
     metrics.update(torch.ones(2, 2, 3, 3), torch.zeros(2, 2, 3, 3), torch.zeros(2, 3, 3, dtype=torch.bool))
-    with pytest.raises(ValueError, match="no valid flow pixel"):
+    with pytest.raises(ValueError, match="no valid flow pixel with events"):
         metrics.compute()
     with pytest.raises(ValueError, match=r"valid must be bool \(B, H, W\)"):
         flow_errors(torch.zeros(2, 2, 3, 3), torch.zeros(2, 2, 3, 3), torch.ones(2, 3, 3))
@@ -229,10 +287,11 @@ def test_flow_metrics_accumulated_in_parts_equal_all_at_once(seed, split):
     parts.update(pred[split:], target[split:], valid[split:])
     a, b = whole.compute(), parts.compute()
     assert a["valid_pixels"] == b["valid_pixels"] == int(valid.sum())
-    assert a["aee"] == pytest.approx(b["aee"], rel=1e-9) and a["outlier_pct"] == b["outlier_pct"]
-    assert 0.0 <= a["outlier_pct"] <= 100.0
+    assert a["aee_pixel_mean"] == pytest.approx(b["aee_pixel_mean"], rel=1e-9)
+    assert a["outlier_pct_pixel_mean"] == b["outlier_pct_pixel_mean"]
+    assert 0.0 <= a["outlier_pct_pixel_mean"] <= 100.0
     error = (pred - target).norm(dim=1)[valid]
-    assert a["aee"] == pytest.approx(error.mean().item(), rel=1e-5)
+    assert a["aee_pixel_mean"] == pytest.approx(error.mean().item(), rel=1e-5)
 
 
 def test_the_trivial_baselines_score_the_best_constant_prediction_and_zero_flow():
@@ -258,4 +317,9 @@ def test_the_trivial_baselines_score_the_best_constant_prediction_and_zero_flow(
     flow = torch.tensor([[[[3.0, 0.0, 9.0]], [[4.0, 0.0, 9.0]]]])  # (1, 2, 1, 3)
     valid = torch.tensor([[[True, True, False]]])
     zero = trivial_baseline("flow", [{"flow": flow, "valid": valid}], None)
-    assert zero["name"] == "zero flow" and zero["aee"] == pytest.approx(2.5) and zero["outlier_pct"] == 50.0
+    assert zero["name"] == "zero flow" and zero["aee_pixel_mean"] == pytest.approx(2.5)
+    assert zero["outlier_pct_pixel_mean"] == 50.0
+    # With the event mask of the samples: only the (0, 0) pixel has events.
+    events = torch.tensor([[[False, True, True]]])
+    zero = trivial_baseline("flow", [{"flow": flow, "valid": valid, "events": events}], None)
+    assert zero["aee_pixel_mean"] == 0.0 and zero["aee_dense_pixel_mean"] == pytest.approx(2.5)

@@ -44,7 +44,14 @@ def write_study(results, flow_aee=1.25):
         folder = f"flow-demo-k{variant}/seed0"
         (results / "downstream" / folder).mkdir(parents=True)
         (results / "downstream" / folder / "metrics.json").write_text(
-            json.dumps({"aee_last": flow_aee, "outlier_pct_last": 3.0})
+            json.dumps(
+                {
+                    "aee_batch_mean_last": flow_aee + 0.5,
+                    "outlier_pct_batch_mean_last": 4.0,
+                    "aee_pixel_mean_last": flow_aee,
+                    "outlier_pct_pixel_mean_last": 3.0,
+                }
+            )
         )
         evaluations.append(
             {
@@ -69,6 +76,11 @@ def test_summary_is_the_mean_and_sample_std_over_seeds(tmp_path):
     assert row["std"] == pytest.approx(100 * np.std(TOP1["no_stage2"], ddof=1)) and row["seeds"] == 3
     flow = summary[(summary["variant"] == "full") & (summary["figure"] == "AEE")].iloc[0]
     assert flow["mean"] == 1.25 and flow["std"] == 0.0 and flow["seeds"] == 1
+    # The paper code's per-batch mean is its own column, beside the pixel mean.
+    batch = summary[(summary["variant"] == "full") & (summary["figure"] == "AEE batch mean")].iloc[0]
+    assert batch["mean"] == 1.75
+    outliers = summary[(summary["variant"] == "full") & (summary["figure"] == "outliers % batch mean")].iloc[0]
+    assert outliers["mean"] == 4.0
     assert list(dict.fromkeys(summary["variant"])) == ["full", "no_stage2"]  # the manifest's order
 
 
@@ -93,7 +105,8 @@ def test_tables_are_written_in_three_formats_from_the_cli(tmp_path):
     latex = (tmp_path / "tables" / "ablation.tex").read_text()
     assert r"no\_stage2" in latex and r"60.00 $\pm$ 10.00" in latex and r"\begin{tabular}" in latex
     csv = pd.read_csv(tmp_path / "tables" / "ablation.csv")
-    assert set(csv.columns) >= {"variant", "evaluation", "figure", "mean", "std", "seeds"} and len(csv) == 2 * 5
+    # Two variants, each with 3 classification and 3 flow figures.
+    assert set(csv.columns) >= {"variant", "evaluation", "figure", "mean", "std", "seeds"} and len(csv) == 2 * (3 + 3)
 
 
 def test_a_missing_run_is_named(tmp_path):

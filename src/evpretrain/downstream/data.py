@@ -4,9 +4,15 @@ A sample becomes a dict of tensors (``default_collate`` stacks them):
 
 - ``voxel`` (num_bins, H, W) float32: the voxel grid of the sample's event window at the input size (H, W).
 - ``classify``: ``label`` () int64.
-- ``segment``: ``mask`` (H, W) int64, class ids, ``ignore_index`` (255) where a pixel has no label.
-- ``flow``: ``flow`` (2, H, W) float32, (dx, dy) in INPUT pixels, and ``valid`` (H, W) bool (all True when the
-  store holds no ``valid`` field).
+- ``segment``: ``mask`` (H', W') int64, class ids, ``ignore_index`` (255) where a pixel has no label.
+- ``flow``: ``flow`` (2, H', W') float32, (dx, dy) in pixels of (H', W'); ``valid`` (H', W') bool (all True when
+  the store holds no ``valid`` field); ``events`` (H', W') bool, the pixels where the window's voxel grid at the
+  sensor size is non-zero in some bin (the paper code's ``events_mask``, BIT-Vision/EventPretrain
+  ``trainer/finetune_flow/ft_flow_trainer.py:198``: a pixel whose events cancel in every bin counts as without).
+
+Dense targets live at (H', W') = the store's sensor size, the label's own resolution, when ``target_resolution`` is
+"label" (the paper's code: predictions are resized to the label, ``ft_flow_trainer.py:191``,
+``ft_semseg_trainer.py:207``), or at the input size (H, W) when it is "input".
 - ``index`` () int64: the sample's index in the store.
 
 Event window (classification only; the paper's ``get_random_index``, BIT-Vision/EventPretrain
@@ -19,9 +25,9 @@ Augmentation (training only, each draw a function of (seed, epoch, index) as in 
 event level, the paper's ``erase_and_add_events``: a fraction of the events in ``erase_add_fraction`` is erased and
 as many again are added as copies of random events moved by N(0, ``jitter_px``) pixels; view level, the paper's
 ``evg_augment``: a random crop of ``crop_scale`` of the area (aspect 3/4 to 4/3), resized to the input size, and a
-horizontal flip with probability ``hflip_p`` (0 for digits and text, where a mirror changes the class). Masks are
-cropped and resized with nearest neighbours; flow is resized with nearest neighbours and scaled by the resize factors
-(and dx negated under the flip), so it stays a displacement in input pixels.
+horizontal flip with probability ``hflip_p`` (0 for digits and text, where a mirror changes the class). Dense targets
+are cropped alike and resized with nearest neighbours to (H', W'); flow is scaled by the resize factors (and dx
+negated under the flip), so it stays a displacement in pixels of (H', W').
 
 ``corruption`` (robustness evaluation): applied to the window's events before anything else, with a stream given
 by ``corruption_seed(seed, index, corruption)``: the same noise whatever the evaluation order or worker count.
@@ -48,6 +54,7 @@ from evpretrain.events.representations import voxel_grid
 __all__ = ["AugmentConfig", "DownstreamDataset", "IGNORE_INDEX", "TASKS", "WindowConfig", "erase_and_add_events"]
 
 TASKS = ("classify", "segment", "flow")
+TARGET_RESOLUTIONS = ("label", "input")
 IGNORE_INDEX = 255
 Task = Literal["classify", "segment", "flow"]
 
@@ -121,6 +128,7 @@ class DownstreamDataset(Dataset):
         num_bins: temporal bins of the voxel grid.
         input_size: (H, W) of the network input, or one int for a square; None keeps the sensor size.
         window, augment: see ``WindowConfig`` and ``AugmentConfig`` (augment applies only when ``train``).
+        target_resolution: dense targets at the store's sensor size ("label") or at ``input_size`` ("input").
         corruption: a robustness corruption of the events, or None.
         seed: seed of every random draw (windows, augmentation, corruption).
     """
@@ -135,11 +143,14 @@ class DownstreamDataset(Dataset):
         input_size: tuple[int, int] | int | None = None,
         window: WindowConfig = WindowConfig(),
         augment: AugmentConfig = AugmentConfig(),
+        target_resolution: str = "label",
         corruption: Corruption | None = None,
         seed: int = 0,
     ):
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        if target_resolution not in TARGET_RESOLUTIONS:
+            raise ValueError(f"target_resolution must be one of {TARGET_RESOLUTIONS}, got {target_resolution!r}")
         self.store_path = Path(store_path)
         self._store = store = EventStore(self.store_path)  # opens a handle per process, as workers need
         self.sensor_size: tuple[int, int] = tuple(store.sensor_size)
@@ -156,6 +167,7 @@ class DownstreamDataset(Dataset):
         self.train = train
         self.num_bins = num_bins
         self.input_size = as_size(input_size) if input_size is not None else self.sensor_size
+        self.target_size = self.sensor_size if target_resolution == "label" else self.input_size
         self.window = window
         self.augment = augment
         self.corruption = corruption
@@ -214,6 +226,7 @@ class DownstreamDataset(Dataset):
             sample["flow"] = torch.from_numpy(np.asarray(store.dense("flow", index), dtype=np.float32))
             valid = store.dense("valid", index) if self.has_valid else np.ones(self.sensor_size, bool)
             sample["valid"] = torch.from_numpy(np.asarray(valid, dtype=bool))
+            sample["events"] = voxel.abs().sum(dim=0) > 0
         sample["voxel"] = voxel
         return self._view(sample, rng)
 
@@ -225,7 +238,8 @@ class DownstreamDataset(Dataset):
         return events[start : start + length]
 
     def _view(self, sample: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        """Crop (training), resize to the input size and flip (training) the voxel grid and the dense targets."""
+        """Crop (training) and flip (training) the voxel grid and the dense targets; resize the voxel grid to the input
+        size and the targets to ``target_size``."""
         height, width = self.sensor_size
         top, left, crop_h, crop_w = 0, 0, height, width
         flip = False
@@ -234,15 +248,15 @@ class DownstreamDataset(Dataset):
             flip = bool(rng.random() < self.augment.hflip_p)
         crop = (slice(None), slice(top, top + crop_h), slice(left, left + crop_w))
         sample["voxel"] = resize_maps(sample["voxel"][crop].contiguous(), self.input_size)
-        scale_y, scale_x = self.input_size[0] / crop_h, self.input_size[1] / crop_w
-        if "mask" in sample:
-            sample["mask"] = _resize_nearest(sample["mask"][crop[1:]], self.input_size)
+        size = self.target_size
+        for key in ("mask", "valid", "events"):
+            if key in sample:
+                sample[key] = _resize_nearest(sample[key][crop[1:]], size)
         if "flow" in sample:
-            flow = _resize_nearest(sample["flow"][crop], self.input_size)
-            sample["flow"] = flow * torch.tensor([scale_x, scale_y]).view(2, 1, 1)
-            sample["valid"] = _resize_nearest(sample["valid"][crop[1:]], self.input_size)
+            scale = torch.tensor([size[1] / crop_w, size[0] / crop_h]).view(2, 1, 1)
+            sample["flow"] = _resize_nearest(sample["flow"][crop], size) * scale
         if flip:
-            for key in ("voxel", "mask", "flow", "valid"):
+            for key in ("voxel", "mask", "flow", "valid", "events"):
                 if key in sample:
                     sample[key] = sample[key].flip(-1)
             if "flow" in sample:

@@ -61,7 +61,7 @@ def _dense_figure(plt, task: str, model: nn.Module, samples: list[dict[str, torc
     was_training = model.training
     model.eval()
     voxel = torch.stack([s["voxel"] for s in samples]).to(device)
-    out = model(voxel)
+    out = model(voxel, size=samples[0]["mask" if task == "segment" else "flow"].shape[-2:])  # the targets' size
     model.train(was_training)
     figure, axes = plt.subplots(len(samples), 3, figsize=(9, 3 * len(samples)), squeeze=False)
     for row, sample in enumerate(samples):

@@ -1,10 +1,20 @@
-"""Dense-prediction heads on a backbone's multi-level feature maps: UPerNet for semantic segmentation (with an FCN
-auxiliary head), and a flow regressor on the same fused features.
+"""Dense-prediction heads on a backbone's multi-level feature maps: UPerNet for semantic segmentation and optical
+flow, each with an FCN auxiliary head.
 
 Feature maps follow the backbone contract: a list of (B, C_l, h_l, w_l) maps, finest first, with channels
-``Backbone.feature_dims`` and strides ``Backbone.feature_strides`` (input pixels per map cell). A ViT returns all
-its maps at one stride (its patch size); ``MultiLevelNeck`` rescales them into a pyramid first, as BEiT / MAE /
-mmsegmentation do for ViT + UPerNet. Pyramids (ConvViT, Swin) go to the heads as they are.
+``Backbone.feature_dims`` and strides ``Backbone.feature_strides`` (input pixels per map cell). A neck turns them
+into the maps the heads read (``NECKS``):
+
+- ``none``, the paper's code (BIT-Vision/EventPretrain ``model/backbone/{vit,convvit,swin}.py``): a ViT's four
+  maps at its patch stride go to the heads as they are (``vit.py:149-150``); a ConvViT's two conv-stage maps, its
+  last stage AFTER the final norm, and a fourth level made from that by a 3x3 stride-2 conv (no padding), BatchNorm
+  and GELU (``convvit.py:53-58,200-204``: 14x14 -> 6x6 at 224 pixels); a Swin's four stage maps as they are.
+- ``beit``: a ViT's maps rescaled into a stride s/4 .. 2s pyramid by ``MultiLevelNeck`` (BEiT / MAE /
+  mmsegmentation's ViT + UPerNet); ConvViT's three stage maps (the last before the final norm) and Swin's maps as
+  they are.
+
+Predictions come out at the finest map's stride and are resized to the size the caller asks for (the label's, as
+the paper's code does, or the input's): ``upsample_to`` for logits, ``upsample_flow`` for flow.
 """
 
 from __future__ import annotations
@@ -15,7 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from evpretrain.models.base import Backbone
+from evpretrain.models.base import Backbone, BackboneOutput, tokens_to_map
+from evpretrain.models.convvit import ConvViT
+
+NECKS = ("none", "beit")
+FLOW_PREDICTORS = ("linear", "conv3x3")
 
 
 def upsample_to(logits: Tensor, size: Sequence[int]) -> Tensor:
@@ -100,13 +114,49 @@ class MultiLevelNeck(nn.Module):
         return [rescale(feature_map) for rescale, feature_map in zip(self.rescales, feature_maps)]
 
 
-def build_neck(in_channels: Sequence[int], in_strides: Sequence[int]) -> tuple[nn.Module, list[int]]:
-    """The neck for a backbone's maps and the strides after it: ``MultiLevelNeck`` when every map has the same
-    stride (a ViT), otherwise an identity (a ConvViT or Swin pyramid is already multi-scale)."""
-    if len(set(in_strides)) == 1 and len(in_strides) > 1:
-        neck = MultiLevelNeck(in_channels, in_strides[0])
-        return neck, list(neck.out_strides)
-    return nn.Identity(), list(in_strides)
+class ConvViTLevels(nn.Module):
+    """The paper code's ConvViT maps for dense heads (``convvit.py:53-58,200-204``): stage 1, stage 2, the last
+    stage after the backbone's final norm, and that map through Conv2d(C, C, 3, stride 2, no padding) ->
+    BatchNorm -> GELU. Channels (c1, c2, c3, c3); the fourth map is ((h - 3) // 2 + 1) cells high for a last-level
+    grid h high (14 -> 6), so the grid must be at least 3x3. The conv keeps PyTorch's initialisation, as theirs."""
+
+    def __init__(self, channels: int, grid_size: Sequence[int]):
+        super().__init__()
+        if min(grid_size) < 3:
+            raise ValueError(
+                f"the ConvViT fourth level needs a last-level grid of at least 3x3, got {tuple(grid_size)}"
+            )
+        self.grid_size = tuple(grid_size)
+        self.down = nn.Sequential(nn.Conv2d(channels, channels, 3, stride=2), nn.BatchNorm2d(channels), nn.GELU())
+
+    def forward(self, output: BackboneOutput) -> list[Tensor]:
+        last = tokens_to_map(output.tokens, self.grid_size)  # the final-normed tokens, as theirs
+        return [*output.feature_maps[:2], last, self.down(last)]
+
+
+class DenseNeck(nn.Module):
+    """A backbone's output -> the maps the heads read: ``feature_maps`` through ``rescale`` (an identity or
+    ``MultiLevelNeck``), or ``ConvViTLevels``. ``channels`` and ``strides`` describe the maps it returns."""
+
+    def __init__(self, backbone: Backbone, kind: str = "none"):
+        super().__init__()
+        if kind not in NECKS:
+            raise ValueError(f"neck must be one of {NECKS}, got {kind!r}")
+        dims, strides = list(backbone.feature_dims), list(backbone.feature_strides)
+        self.levels: nn.Module | None = None
+        self.rescale: nn.Module = nn.Identity()
+        if kind == "none" and isinstance(backbone, ConvViT):
+            self.levels = ConvViTLevels(dims[-1], backbone.grid_size)
+            dims, strides = [*dims, dims[-1]], [*strides, 2 * strides[-1]]
+        elif kind == "beit" and len(set(strides)) == 1 and len(strides) > 1:
+            self.rescale = MultiLevelNeck(dims, strides[0])
+            strides = list(self.rescale.out_strides)
+        self.channels, self.strides = dims, strides
+
+    def forward(self, output: BackboneOutput) -> list[Tensor]:
+        if self.levels is not None:
+            return self.levels(output)
+        return self.rescale(output.feature_maps)
 
 
 class PyramidPoolingModule(nn.Module):
@@ -219,42 +269,48 @@ class FCNHead(nn.Module):
 
 
 class SegmentationModel(nn.Module):
-    """Backbone -> neck -> UPerHead (+ FCNHead on the neck's second-to-last map when ``aux``).
+    """Backbone -> neck -> UPerHead (+ FCNHead on the neck's second-to-last map when ``aux``: with four maps the
+    third, the paper code's ``in_index=2``).
 
-    forward(x (B, C_in, H, W)) -> {"logits": (B, num_classes, H, W)} plus "aux_logits" (B, num_classes, H, W)
-    when ``aux``; both upsampled to the input size. Training loss: ``loss(logits) + 0.4 * loss(aux_logits)``.
-    Channels default to mmsegmentation's UPerNet (512 for the decoder, 256 for the auxiliary head).
+    forward(x (B, C_in, H, W), size) -> {"logits": (B, num_classes, *size)} plus "aux_logits" of the same shape
+    when ``aux``; ``size`` (the label's (H', W'), as the paper's code resizes its logits, or None for the input's).
+    Training loss: ``loss(logits) + aux_weight * loss(aux_logits)``. The paper's code: ``neck="none"``, 384
+    decoder channels, 256 auxiliary ones (``model/finetune_dense/ft_dense_decoder.py:225-244``).
     """
 
     def __init__(
         self,
         backbone: Backbone,
         num_classes: int,
-        channels: int = 512,
+        channels: int = 384,
         aux: bool = True,
         aux_channels: int = 256,
         pool_scales: Sequence[int] = (1, 2, 3, 6),
+        neck: str = "none",
     ):
         super().__init__()
         self.backbone = backbone
-        self.neck, strides = build_neck(backbone.feature_dims, backbone.feature_strides)
-        self.decode_head = UPerHead(backbone.feature_dims, strides, channels, num_classes, pool_scales)
-        self.aux_head = FCNHead(backbone.feature_dims[-2], aux_channels, num_classes) if aux else None
+        self.neck = DenseNeck(backbone, neck)
+        dims = self.neck.channels
+        self.decode_head = UPerHead(dims, self.neck.strides, channels, num_classes, pool_scales)
+        self.aux_head = FCNHead(dims[-2], aux_channels, num_classes) if aux else None
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        feature_maps = self.neck(self.backbone(x).feature_maps)
-        out = {"logits": upsample_to(self.decode_head(feature_maps), x.shape[-2:])}
+    def forward(self, x: Tensor, size: Sequence[int] | None = None) -> dict[str, Tensor]:
+        size = x.shape[-2:] if size is None else size
+        feature_maps = self.neck(self.backbone(x))
+        out = {"logits": upsample_to(self.decode_head(feature_maps), size)}
         if self.aux_head is not None:
-            out["aux_logits"] = upsample_to(self.aux_head(feature_maps), x.shape[-2:])
+            out["aux_logits"] = upsample_to(self.aux_head(feature_maps), size)
         return out
 
 
 class FlowHead(nn.Module):
-    """Optical flow from multi-level maps: ``UPerFusion`` then a 3x3 conv to 2 channels (x, y).
+    """Optical flow from multi-level maps: ``UPerFusion`` then a 3x3 conv to 2 channels (x, y); the
+    ``predictor="conv3x3"`` alternative to the paper code's ``UPerHead`` with 2 outputs (dropout, 1x1 conv).
 
     The prediction is a coarse flow at the finest map's stride, in units of that grid's cells; ``upsample_flow``
-    turns it into input pixels at input resolution (bilinear upsampling times the upsampling factor, RAFT's
-    convention), so the network never has to produce large numbers at the coarse level.
+    turns it into pixels of the size asked for (bilinear upsampling times the upsampling factor, RAFT's and the
+    paper code's ``resize_flow`` convention), so the network never has to produce large numbers at the coarse level.
     Input: maps finest first; output (B, 2, h_0, w_0).
     """
 
@@ -270,18 +326,40 @@ class FlowHead(nn.Module):
 
 
 class FlowModel(nn.Module):
-    """Backbone -> neck -> FlowHead -> flow in input pixels at input resolution.
+    """Backbone -> neck -> flow head (+ FCN auxiliary head with 2 outputs on the second-to-last map when ``aux``).
 
-    forward(x (B, C_in, H, W)) -> {"flow": (B, 2, H, W)}, channel 0 = x (columns), 1 = y (rows), pixels over the
-    time span of the input voxel grid.
+    forward(x (B, C_in, H, W), size) -> {"flow": (B, 2, *size)} plus "aux_flow" when ``aux``: channel 0 = x
+    (columns), 1 = y (rows), in pixels of ``size`` (the label's (H', W'), as the paper's code resizes its flow, or
+    None for the input's) over the time span of the input voxel grid. ``predictor``: "linear" is the paper code's
+    head (``UPerHead`` with 2 outputs, ``ft_dense_hub_model.py:26-29``), "conv3x3" ``FlowHead``.
     """
 
-    def __init__(self, backbone: Backbone, channels: int = 256, pool_scales: Sequence[int] = (1, 2, 3, 6)):
+    def __init__(
+        self,
+        backbone: Backbone,
+        channels: int = 384,
+        pool_scales: Sequence[int] = (1, 2, 3, 6),
+        neck: str = "none",
+        aux: bool = True,
+        aux_channels: int = 256,
+        predictor: str = "linear",
+    ):
         super().__init__()
+        if predictor not in FLOW_PREDICTORS:
+            raise ValueError(f"predictor must be one of {FLOW_PREDICTORS}, got {predictor!r}")
         self.backbone = backbone
-        self.neck, _ = build_neck(backbone.feature_dims, backbone.feature_strides)
-        self.flow_head = FlowHead(backbone.feature_dims, channels, pool_scales)
+        self.neck = DenseNeck(backbone, neck)
+        dims = self.neck.channels
+        if predictor == "linear":
+            self.flow_head: nn.Module = UPerHead(dims, self.neck.strides, channels, 2, pool_scales)
+        else:
+            self.flow_head = FlowHead(dims, channels, pool_scales)
+        self.aux_head = FCNHead(dims[-2], aux_channels, 2) if aux else None
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        feature_maps = self.neck(self.backbone(x).feature_maps)
-        return {"flow": upsample_flow(self.flow_head(feature_maps), x.shape[-2:])}
+    def forward(self, x: Tensor, size: Sequence[int] | None = None) -> dict[str, Tensor]:
+        size = x.shape[-2:] if size is None else size
+        feature_maps = self.neck(self.backbone(x))
+        out = {"flow": upsample_flow(self.flow_head(feature_maps), size)}
+        if self.aux_head is not None:
+            out["aux_flow"] = upsample_flow(self.aux_head(feature_maps), size)
+        return out

@@ -55,22 +55,27 @@ def segmentation_loss(
     return loss, {"ce": ce.detach(), "dice": dice.detach()}
 
 
-def flow_loss(pred: Tensor, target: Tensor, valid: Tensor | None = None) -> Tensor:
-    """L1 flow loss: |dx| + |dy| per pixel, averaged over the valid pixels of the batch.
+def flow_loss(pred: Tensor, target: Tensor, valid: Tensor | None = None, max_flow: float | None = None) -> Tensor:
+    """L1 flow loss: |dx - dx'| and |dy - dy'| averaged over both components of the counted pixels of the batch.
 
-    pred, target: (B, 2, H, W) flow in pixels; valid: (B, H, W) bool or None (every pixel). The target at an
-    invalid pixel is never used, so NaN or inf there reach neither the loss nor the gradient. Returns a scalar;
-    0 (keeping the graph) when no pixel is valid.
+    pred, target: (B, 2, H, W) flow in pixels; valid: (B, H, W) bool or None (every pixel). ``max_flow``: a pixel
+    whose true flow has magnitude >= ``max_flow`` pixels is not counted either (the paper code's ``FlowLoss``,
+    BIT-Vision/EventPretrain ``trainer/finetune_flow/flow_loss.py:11-17``, cut 400; None counts every magnitude).
+    The mean over components, not their sum per pixel, is theirs (``(predict[valid] - target[valid]).abs().mean()``).
+    The target at an uncounted pixel is never used, so NaN or inf there reach neither the loss nor the gradient.
+    Returns a scalar; 0 (keeping the graph) when no pixel counts.
     """
     if pred.ndim != 4 or pred.shape[1] != 2 or pred.shape != target.shape:
         raise ValueError(f"expected pred and target (B, 2, H, W), got {tuple(pred.shape)} and {tuple(target.shape)}")
     if valid is None:
-        return (pred.float() - target.float()).abs().sum(dim=1).mean()
+        valid = torch.ones(pred.shape[0], *pred.shape[2:], dtype=torch.bool, device=pred.device)
     if valid.dtype != torch.bool or valid.shape != (pred.shape[0], *pred.shape[2:]):
         raise ValueError(
             f"valid must be bool (B, H, W) = {(pred.shape[0], *pred.shape[2:])}, got {valid.dtype} {tuple(valid.shape)}"
         )
-    # Invalid pixels take the prediction as target: zero error and zero gradient, whatever the target holds there.
-    target = torch.where(valid.unsqueeze(1), target, pred.detach())
-    error = (pred.float() - target.float()).abs().sum(dim=1)
-    return (error * valid).sum() / valid.sum().clamp_min(1)
+    # Uncounted pixels take the prediction as target: zero error and zero gradient, whatever the target holds there.
+    target = torch.where(valid.unsqueeze(1), target, pred.detach()).float()
+    if max_flow is not None:
+        valid = valid & (torch.linalg.vector_norm(target, dim=1) < max_flow)
+    error = (pred.float() - target).abs().sum(dim=1)
+    return (error * valid).sum() / (2 * valid.sum()).clamp_min(1)

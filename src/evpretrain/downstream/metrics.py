@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -164,6 +165,50 @@ def segmentation_scores(confusion: Tensor) -> SegmentationScores:
     )
 
 
+def batch_scores(confusion: Tensor) -> tuple[float, float]:
+    """(mIoU, mAcc) of ONE batch's ``confusion`` (C, C), rows = true, as the paper's code scores a batch
+    (BIT-Vision/EventPretrain ``trainer/finetune_semseg/semseg_metric.py:20-35``): IoU and recall per class with a
+    zero denominator counting as 0, not left out, and means over ALL C classes. A class neither labelled nor
+    predicted in the batch thus pulls the batch's mIoU down; fractions in [0, 1] (theirs are percentages)."""
+    confusion = _check_confusion(confusion).double()
+    true_positive = confusion.diagonal()
+    union = confusion.sum(dim=0) + confusion.sum(dim=1) - true_positive
+    iou = true_positive / union.clamp_min(1)
+    recall = true_positive / confusion.sum(dim=1).clamp_min(1)
+    return iou.mean().item(), recall.mean().item()
+
+
+class SegmentationMetrics:
+    """Segmentation scores over an evaluation split, ``update(pred, target)`` a batch at a time (label maps (B, H,
+    W)). ``compute`` gives the dataset-level scores of the summed confusion (``segmentation_scores``: ``miou``,
+    ``macc``, ...) and the paper code's figures ``miou_batch_mean``, ``macc_batch_mean``: ``batch_scores`` of each
+    batch, averaged over batches (its ``MetricLogger`` global average, ``ft_semseg_trainer.py:210-212,240-241``);
+    these depend on the batch size and order. A batch whose pixels are all ignored is left out (theirs counts it
+    as 0)."""
+
+    def __init__(self, num_classes: int, ignore_index: int | None = 255):
+        self.confusion = ConfusionMatrix(num_classes, ignore_index)
+        self.batch_miou: list[float] = []
+        self.batch_macc: list[float] = []
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        batch = confusion_matrix(pred, target, self.confusion.num_classes, self.confusion.ignore_index).cpu()
+        self.confusion.matrix += batch
+        if batch.sum() > 0:
+            miou, macc = batch_scores(batch)
+            self.batch_miou.append(miou)
+            self.batch_macc.append(macc)
+
+    def compute(self) -> dict[str, Any]:
+        matrix = self.confusion.compute()
+        return {
+            **segmentation_scores(matrix).as_dict(),
+            "miou_batch_mean": math.fsum(self.batch_miou) / len(self.batch_miou),
+            "macc_batch_mean": math.fsum(self.batch_macc) / len(self.batch_macc),
+            "confusion": matrix.tolist(),
+        }
+
+
 def _check_confusion(confusion: Tensor) -> Tensor:
     if confusion.ndim != 2 or confusion.shape[0] != confusion.shape[1]:
         raise ValueError(f"a confusion matrix is (C, C), got {tuple(confusion.shape)}")
@@ -215,33 +260,59 @@ def flow_errors(pred: Tensor, target: Tensor, valid: Tensor | None = None) -> Fl
 
 
 class FlowMetrics:
-    """Dataset-level optical-flow metrics, accumulated with ``update(pred, target, valid)`` over batches.
+    """Optical-flow metrics over an evaluation split, accumulated with ``update(pred, target, valid, events)`` a batch
+    at a time. Three pixel sets and two reductions, each named in ``compute``'s result:
 
-    ``compute`` gives ``{"aee": ..., "outlier_pct": ..., "valid_pixels": ...}``: AEE is the mean endpoint error in
-    pixels over ALL valid pixels of the dataset (each pixel weighs the same; this is NOT the mean of per-sample
-    means, which would weigh a sample with few valid pixels as much as a full one); outlier_pct is 100 x the
-    fraction of those pixels that are outliers (see ``flow_errors``). Raises ValueError when no valid pixel was
-    seen, rather than return NaN.
+    - ``aee_batch_mean``, ``outlier_pct_batch_mean``: the paper code's figures (BIT-Vision/EventPretrain
+      ``trainer/finetune_flow/ft_flow_trainer.py:198-203,230-231``, ``flow_metric.py``): pixels with valid ground
+      truth AND events in the window, AEE and outlier % of each batch, then the plain mean over batches (its
+      ``MetricLogger`` global average). They depend on the batch size and order; a batch without such a pixel is
+      left out (theirs would average in a NaN).
+    - ``aee_pixel_mean``, ``outlier_pct_pixel_mean``: the same pixels pooled over the split, each pixel weighing
+      the same whatever the batching.
+    - ``aee_dense_pixel_mean``, ``outlier_pct_dense_pixel_mean``: every pixel with valid ground truth, pooled (the
+      paper code's commented-out "dense" figures).
+
+    ``events`` None counts every valid pixel as having events. ``event_pixels`` and ``valid_pixels`` count the two
+    sets. Raises ValueError when no scored pixel was seen, rather than return NaN.
     """
 
     def __init__(self) -> None:
-        self.sums = FlowErrorSums(0.0, 0, 0)
+        self.reset()
 
-    def update(self, pred: Tensor, target: Tensor, valid: Tensor | None = None) -> None:
-        self.sums = self.sums + flow_errors(pred, target, valid)
+    def update(self, pred: Tensor, target: Tensor, valid: Tensor | None = None, events: Tensor | None = None) -> None:
+        """pred, target (B, 2, H, W) pixels; valid, events (B, H, W) bool or None (every pixel)."""
+        dense = flow_errors(pred, target, valid)
+        self.dense = self.dense + dense
+        if events is None:
+            sparse = dense
+        else:
+            scored = events if valid is None else valid & events
+            sparse = flow_errors(pred, target, scored)
+        self.sparse = self.sparse + sparse
+        if sparse.valid_pixels:
+            self.batch_aee.append(sparse.endpoint_error_sum / sparse.valid_pixels)
+            self.batch_outlier_pct.append(100.0 * sparse.outlier_count / sparse.valid_pixels)
 
     def compute(self) -> dict[str, float | int]:
-        count = self.sums.valid_pixels
-        if count == 0:
+        if self.sparse.valid_pixels == 0:
             raise ValueError(
-                "no valid flow pixel was accumulated: AEE and outlier % are undefined "
-                "(check the validity masks and that update() was called)"
+                "no valid flow pixel with events was accumulated: AEE and outlier % are undefined "
+                "(check the validity and event masks and that update() was called)"
             )
         return {
-            "aee": self.sums.endpoint_error_sum / count,
-            "outlier_pct": 100.0 * self.sums.outlier_count / count,
-            "valid_pixels": count,
+            "aee_batch_mean": math.fsum(self.batch_aee) / len(self.batch_aee),
+            "outlier_pct_batch_mean": math.fsum(self.batch_outlier_pct) / len(self.batch_outlier_pct),
+            "aee_pixel_mean": self.sparse.endpoint_error_sum / self.sparse.valid_pixels,
+            "outlier_pct_pixel_mean": 100.0 * self.sparse.outlier_count / self.sparse.valid_pixels,
+            "aee_dense_pixel_mean": self.dense.endpoint_error_sum / self.dense.valid_pixels,
+            "outlier_pct_dense_pixel_mean": 100.0 * self.dense.outlier_count / self.dense.valid_pixels,
+            "event_pixels": self.sparse.valid_pixels,
+            "valid_pixels": self.dense.valid_pixels,
         }
 
     def reset(self) -> None:
-        self.sums = FlowErrorSums(0.0, 0, 0)
+        self.dense = FlowErrorSums(0.0, 0, 0)
+        self.sparse = FlowErrorSums(0.0, 0, 0)
+        self.batch_aee: list[float] = []
+        self.batch_outlier_pct: list[float] = []

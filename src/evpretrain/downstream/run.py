@@ -25,12 +25,19 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from evpretrain.config import ConfigError, load_section, to_mapping
-from evpretrain.downstream.data import IGNORE_INDEX, AugmentConfig, DownstreamDataset, WindowConfig
-from evpretrain.downstream.heads import FlowModel, SegmentationModel
+from evpretrain.downstream.data import (
+    IGNORE_INDEX,
+    TARGET_RESOLUTIONS,
+    AugmentConfig,
+    DownstreamDataset,
+    WindowConfig,
+)
+from evpretrain.downstream.heads import FLOW_PREDICTORS, NECKS, FlowModel, SegmentationModel
 from evpretrain.downstream.losses import flow_loss, segmentation_loss
 from evpretrain.downstream.metrics import (
     ConfusionMatrix,
     FlowMetrics,
+    SegmentationMetrics,
     constant_prediction_confusion,
     per_class_accuracy,
     segmentation_scores,
@@ -55,10 +62,15 @@ class DownstreamTaskConfig:
     """One task's settings (``downstream.classify.<mode>``, ``downstream.segment`` or ``downstream.flow``).
 
     ``layer_decay``: MAE's layer-wise lr decay for the backbone (None: one lr). ``drop_path_rate``: the backbone's
-    stochastic depth. ``label_smoothing``: classification. ``channels``, ``aux_weight``, ``dice_weight``: the dense
-    heads (UPerNet decoder width, the FCN auxiliary loss weight, the Dice term's weight). ``eval_every_epochs``:
-    how often the evaluation split is scored. ``num_classes``: overrides the count the store's attributes give
-    (``class_names``, ``mask_class_names``).
+    stochastic depth. ``label_smoothing``: classification. ``eval_every_epochs``: how often the evaluation split is
+    scored. ``num_classes``: overrides the count the store's attributes give (``class_names``, ``mask_class_names``).
+
+    Dense tasks (``evpretrain.downstream.heads``): ``channels`` the decoder's width; ``aux_weight`` the FCN
+    auxiliary loss weight (0: no auxiliary head); ``aux_channels`` its width (None: ``channels // 2``);
+    ``dice_weight`` the Dice term's weight (segmentation); ``neck`` (``heads.NECKS``); ``target_resolution``:
+    targets, loss and scores at the label's resolution or the input's (``downstream.data``); ``max_flow``: the
+    flow loss leaves out true flow of this magnitude or more, pixels (None: none left out); ``predictor``: the
+    flow head's last layer (``heads.FLOW_PREDICTORS``).
     """
 
     train: TrainConfig
@@ -70,6 +82,11 @@ class DownstreamTaskConfig:
     channels: int = 256
     aux_weight: float = 0.4
     dice_weight: float = 1.0
+    aux_channels: int | None = 256
+    neck: str = "none"
+    target_resolution: str = "label"
+    max_flow: float | None = 400.0
+    predictor: str = "linear"
     eval_batch_size: int = 64
     eval_every_epochs: int = 1
     num_classes: int | None = None
@@ -84,6 +101,19 @@ class DownstreamTaskConfig:
         for name in ("channels", "eval_batch_size", "eval_every_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.aux_channels is not None and self.aux_channels < 1:
+            raise ValueError(f"aux_channels must be >= 1 or null (channels // 2), got {self.aux_channels}")
+        if self.aux_weight < 0:
+            raise ValueError(f"aux_weight must be >= 0 (0: no auxiliary head), got {self.aux_weight}")
+        if self.max_flow is not None and self.max_flow <= 0:
+            raise ValueError(f"max_flow must be > 0 pixels or null (no cut), got {self.max_flow}")
+        for name, allowed in (
+            ("neck", NECKS),
+            ("target_resolution", TARGET_RESOLUTIONS),
+            ("predictor", FLOW_PREDICTORS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
 
 
 def task_config(study: Mapping[str, Any], task: Task, mode: str | None = None) -> DownstreamTaskConfig:
@@ -103,9 +133,15 @@ def build_model(
 ) -> nn.Module:
     if task == "classify":
         return (LinearProbe if mode == "linear" else Classifier)(backbone, num_classes)
+    dense = dict(
+        channels=config.channels,
+        neck=config.neck,
+        aux=config.aux_weight > 0,
+        aux_channels=config.aux_channels or config.channels // 2,
+    )
     if task == "segment":
-        return SegmentationModel(backbone, num_classes, channels=config.channels, aux_channels=config.channels // 2)
-    return FlowModel(backbone, channels=config.channels)
+        return SegmentationModel(backbone, num_classes, **dense)
+    return FlowModel(backbone, predictor=config.predictor, **dense)
 
 
 class CachedFeatures(Dataset):
@@ -147,7 +183,7 @@ def step_function(task: Task, config: DownstreamTaskConfig) -> Callable:
     elif task == "segment":
 
         def step(model, batch):
-            out = model(batch["voxel"])
+            out = model(batch["voxel"], size=batch["mask"].shape[-2:])
             loss, terms = segmentation_loss(out["logits"], batch["mask"], IGNORE_INDEX, config.dice_weight)
             if "aux_logits" in out:
                 aux, _ = segmentation_loss(out["aux_logits"], batch["mask"], IGNORE_INDEX, config.dice_weight)
@@ -157,7 +193,12 @@ def step_function(task: Task, config: DownstreamTaskConfig) -> Callable:
     else:
 
         def step(model, batch):
-            return flow_loss(model(batch["voxel"])["flow"], batch["flow"], batch["valid"]), {}
+            out = model(batch["voxel"], size=batch["flow"].shape[-2:])
+            loss = flow_loss(out["flow"], batch["flow"], batch["valid"], config.max_flow)
+            if "aux_flow" not in out:
+                return loss, {}
+            aux = flow_loss(out["aux_flow"], batch["flow"], batch["valid"], config.max_flow)
+            return loss + config.aux_weight * aux, {"aux": aux.detach()}
 
     return step
 
@@ -204,19 +245,19 @@ def evaluate(
                 "confusion": matrix.tolist(),
             }
         if task == "segment":
-            confusion = ConfusionMatrix(num_classes, ignore_index=IGNORE_INDEX)
+            scores = SegmentationMetrics(num_classes, ignore_index=IGNORE_INDEX)
             for batch in loader:
                 batch = to_device(batch, device)
                 with autocast():
-                    logits = model(batch["voxel"])["logits"]
-                confusion.update(logits.argmax(1), batch["mask"])
-            return {**segmentation_scores(confusion.compute()).as_dict(), "confusion": confusion.compute().tolist()}
+                    logits = model(batch["voxel"], size=batch["mask"].shape[-2:])["logits"]
+                scores.update(logits.argmax(1), batch["mask"])
+            return scores.compute()
         flow = FlowMetrics()
         for batch in loader:
             batch = to_device(batch, device)
             with autocast():
-                pred = model(batch["voxel"])["flow"]
-            flow.update(pred.float(), batch["flow"], batch["valid"])
+                pred = model(batch["voxel"], size=batch["flow"].shape[-2:])["flow"]
+            flow.update(pred.float(), batch["flow"], batch["valid"], batch.get("events"))
         return flow.compute()
     finally:
         model.train(was_training)
@@ -229,7 +270,7 @@ def trivial_baseline(task: Task, loader: DataLoader, num_classes: int | None) ->
     if task == "flow":
         flow = FlowMetrics()
         for batch in loader:
-            flow.update(torch.zeros_like(batch["flow"]), batch["flow"], batch["valid"])
+            flow.update(torch.zeros_like(batch["flow"]), batch["flow"], batch["valid"], batch.get("events"))
         return {"name": "zero flow", **flow.compute()}
     key = "label" if task == "classify" else "mask"
     counts = torch.zeros(num_classes, dtype=torch.int64)
@@ -245,7 +286,8 @@ def trivial_baseline(task: Task, loader: DataLoader, num_classes: int | None) ->
     return {"name": name, "miou": scores.miou, "macc": scores.macc, "pixel_accuracy": scores.pixel_accuracy}
 
 
-PRIMARY = {"classify": ("top1", max), "segment": ("miou", max), "flow": ("aee", min)}
+# The figure each evaluation tracks and ``*_best`` keeps; for the dense tasks the paper code's own (per-batch means).
+PRIMARY = {"classify": ("top1", max), "segment": ("miou_batch_mean", max), "flow": ("aee_batch_mean", min)}
 
 
 class EpochEvaluator(Hook):
@@ -308,7 +350,13 @@ def run_downstream(
     torch.manual_seed(seed)
     backbone = build_backbone(spec.with_overrides(drop_path_rate=config.drop_path_rate))
     init = load_backbone(backbone, checkpoint, source=checkpoint_source, allow_partial=allow_partial)
-    common = dict(num_bins=spec.in_chans, input_size=tuple(backbone.img_size), window=config.window, seed=seed)
+    common = dict(
+        num_bins=spec.in_chans,
+        input_size=tuple(backbone.img_size),
+        window=config.window,
+        target_resolution=config.target_resolution,
+        seed=seed,
+    )
     train_set = DownstreamDataset(train_store, task, train=True, augment=config.augment, **common)
     eval_set = DownstreamDataset(eval_store, task, train=False, **common)
     num_classes = config.num_classes or _num_classes(task, train_set, eval_set)

@@ -166,7 +166,7 @@ def log_study(
                     },
                 )
             )
-            for key in ("top1_last", "miou_last", "aee_last"):
+            for key in ("top1_last", "miou_last", "aee_batch_mean_last"):
                 if key in metrics:
                     summary.setdefault(f"{evaluation['label']}/{key}", []).append(float(metrics[key]))
         means = {name: sum(values) / len(values) for name, values in summary.items()}
