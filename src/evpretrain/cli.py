@@ -305,7 +305,7 @@ def _add_downstream_commands(commands: argparse._SubParsersAction) -> None:
     for task, text in (
         ("classify", "object recognition: linear probe or full fine-tuning"),
         ("segment", "semantic segmentation: UPerNet + FCN auxiliary head; mIoU, mAcc"),
-        ("flow", "optical flow: dense flow head; AEE, outlier %%"),
+        ("flow", "optical flow: UPerNet flow head + FCN auxiliary head; AEE, outlier %%"),
     ):
         p = tasks.add_parser(task, help=text)
         if task == "classify":

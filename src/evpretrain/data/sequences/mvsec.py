@@ -21,8 +21,10 @@ Protocol (sources: BIT-Vision/EventPretrain ``dataset/finetune_flow/ft_mvsec_dat
   straddles two; the paper's code, followed here, chains the two pieces.)
 - ``valid`` marks pixels whose ground truth is defined, as the paper's code: every gt vector read along the path is
   finite and non-zero (MVSEC writes zeros where depth is unknown), the path stays inside the image, and the
-  result is non-zero with |dx|, |dy| < ``max_flow_px`` (1000). Invalid pixels hold flow 0. The evaluation further
-  keeps only pixels with events in the window (the paper's ``sparse_mask``); that needs no field here.
+  result is non-zero with |dx|, |dy| < ``max_flow_px`` (1000). Invalid pixels hold flow 0. ``valid`` alone does
+  not look at the events: the paper scores only valid pixels that also have events in the window (its
+  ``sparse_mask``, ``ft_flow_trainer.py:198-203``), a mask the downstream dataset computes from each sample's events
+  (``evpretrain.downstream.data``, ``events``) and the flow metrics apply (``downstream.metrics.FlowMetrics``).
 - No crop: events and flow keep the full 260 x 346 frame, as in the paper's code (which resizes to 224 x 224 in
   the model and the flow back). EV-FlowNet instead evaluates a central 256 x 256 crop and, on outdoor sequences,
   only the top 190 rows (the car's hood fills the rest): ``outdoor_max_row = 190`` marks those rows invalid.
