@@ -17,7 +17,7 @@ from evpretrain.downstream.heads import (
     upsample_flow,
     upsample_to,
 )
-from evpretrain.downstream.losses import flow_loss, segmentation_loss, soft_dice_loss
+from evpretrain.downstream.losses import flow_loss, segmentation_loss, soft_dice_loss, squared_dice_loss
 from evpretrain.models import create_backbone
 
 DEMO = ["vit_demo", "convvit_demo", "swin_demo"]
@@ -261,6 +261,23 @@ def test_segmentation_loss_matches_cross_entropy_and_dice_by_hand():
     assert terms["ce"].item() == pytest.approx(ce, rel=1e-6)
     assert terms["dice"].item() == pytest.approx(dice.item(), rel=1e-6)
     assert loss.item() == pytest.approx(ce + 0.5 * dice.item(), rel=1e-6)
+
+
+def test_the_paper_dice_squares_its_terms_smooths_by_one_and_averages_every_class():
+    logits = torch.tensor([[[[2.0, 0.0, 1.0]], [[0.0, 1.0, 1.0]], [[-1.0, 0.5, 3.0]]]])  # (1, 3, 1, 3)
+    target = torch.tensor([[[0, 1, 255]]])  # class 2 absent, last pixel ignored
+    p = logits.softmax(dim=1)[0, :, 0, :2]  # (3 classes, the 2 counted pixels)
+    dice = [
+        (2 * p[0, 0] + 1) / (p[0].square().sum() + 1 + 1),
+        (2 * p[1, 1] + 1) / (p[1].square().sum() + 1 + 1),
+        torch.tensor(1.0) / (p[2].square().sum() + 1),  # absent: no overlap, no target
+    ]
+    expected = sum(1 - d for d in dice) / 3
+    assert squared_dice_loss(logits, target).item() == pytest.approx(expected.item(), rel=1e-6)
+    _, terms = segmentation_loss(logits, target, dice="squared")
+    assert terms["dice"].item() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="dice must be one of"):
+        segmentation_loss(logits, target, dice="v-net")
 
 
 def test_a_perfect_prediction_has_near_zero_dice_and_cross_entropy():

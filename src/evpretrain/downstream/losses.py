@@ -32,10 +32,28 @@ def soft_dice_loss(logits: Tensor, target: Tensor, ignore_index: int = 255) -> T
     return (num_present - dice.sum()) / num_present.clamp_min(1)
 
 
+def squared_dice_loss(logits: Tensor, target: Tensor, ignore_index: int = 255) -> Tensor:
+    """The paper code's Dice loss (BIT-Vision/EventPretrain ``trainer/finetune_semseg/semseg_loss.py:40-112``):
+    per class k over every non-ignored pixel of the batch, 1 - (2 sum(p_k y_k) + 1) / (sum(p_k^2) + sum(y_k^2) + 1),
+    averaged over ALL K classes (an absent class costs sum(p_k^2) / (sum(p_k^2) + 1)). logits (B, K, H, W), target
+    (B, H, W). Returns a scalar."""
+    valid = (target != ignore_index).unsqueeze(1)
+    classes = torch.arange(logits.shape[1], device=logits.device).view(1, -1, 1, 1)
+    one_hot = ((target.unsqueeze(1) == classes) & valid).float()
+    probs = logits.float().softmax(dim=1) * valid
+    numerator = 2.0 * (probs * one_hot).sum(dim=(0, 2, 3)) + 1.0
+    denominator = probs.square().sum(dim=(0, 2, 3)) + one_hot.sum(dim=(0, 2, 3)) + 1.0
+    return (1.0 - numerator / denominator).mean()
+
+
+DICE_LOSSES = {"squared": squared_dice_loss, "present": soft_dice_loss}
+
+
 def segmentation_loss(
-    logits: Tensor, target: Tensor, ignore_index: int = 255, dice_weight: float = 1.0
+    logits: Tensor, target: Tensor, ignore_index: int = 255, dice_weight: float = 1.0, dice: str = "present"
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Cross-entropy + ``dice_weight`` x soft Dice (``soft_dice_loss``), the paper's segmentation loss.
+    """Cross-entropy + ``dice_weight`` x a soft Dice loss, the paper's segmentation loss. ``dice``: "squared" the
+    paper code's (``squared_dice_loss``), "present" ours (``soft_dice_loss``).
 
     logits: (B, K, H, W) at the target's resolution; target: (B, H, W) int, ``ignore_index`` pixels left out of
     both terms. Cross-entropy is the mean over the non-ignored pixels. Returns (loss, {"ce": ..., "dice": ...})
@@ -50,9 +68,11 @@ def segmentation_loss(
     num_valid = (target != ignore_index).sum()
     # Sum / count rather than reduction="mean", which gives 0 / 0 = NaN when every pixel is ignored.
     ce = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum") / num_valid.clamp_min(1)
-    dice = soft_dice_loss(logits, target, ignore_index)
-    loss = ce + dice_weight * dice
-    return loss, {"ce": ce.detach(), "dice": dice.detach()}
+    if dice not in DICE_LOSSES:
+        raise ValueError(f"dice must be one of {list(DICE_LOSSES)}, got {dice!r}")
+    dice_term = DICE_LOSSES[dice](logits, target, ignore_index)
+    loss = ce + dice_weight * dice_term
+    return loss, {"ce": ce.detach(), "dice": dice_term.detach()}
 
 
 def flow_loss(pred: Tensor, target: Tensor, valid: Tensor | None = None, max_flow: float | None = None) -> Tensor:

@@ -33,7 +33,7 @@ from evpretrain.downstream.data import (
     WindowConfig,
 )
 from evpretrain.downstream.heads import FLOW_PREDICTORS, NECKS, FlowModel, SegmentationModel
-from evpretrain.downstream.losses import flow_loss, segmentation_loss
+from evpretrain.downstream.losses import DICE_LOSSES, flow_loss, segmentation_loss
 from evpretrain.downstream.metrics import (
     ConfusionMatrix,
     FlowMetrics,
@@ -67,10 +67,10 @@ class DownstreamTaskConfig:
 
     Dense tasks (``evpretrain.downstream.heads``): ``channels`` the decoder's width; ``aux_weight`` the FCN
     auxiliary loss weight (0: no auxiliary head); ``aux_channels`` its width (None: ``channels // 2``);
-    ``dice_weight`` the Dice term's weight (segmentation); ``neck`` (``heads.NECKS``); ``target_resolution``:
-    targets, loss and scores at the label's resolution or the input's (``downstream.data``); ``max_flow``: the
-    flow loss leaves out true flow of this magnitude or more, pixels (None: none left out); ``predictor``: the
-    flow head's last layer (``heads.FLOW_PREDICTORS``).
+    ``dice_weight`` the Dice term's weight and ``dice`` its form (segmentation, ``losses.DICE_LOSSES``); ``neck``
+    (``heads.NECKS``); ``target_resolution``: targets, loss and scores at the label's resolution or the input's
+    (``downstream.data``); ``max_flow``: the flow loss leaves out true flow of this magnitude or more, pixels (None:
+    none left out); ``predictor``: the flow head's last layer (``heads.FLOW_PREDICTORS``).
     """
 
     train: TrainConfig
@@ -87,6 +87,7 @@ class DownstreamTaskConfig:
     target_resolution: str = "label"
     max_flow: float | None = 400.0
     predictor: str = "linear"
+    dice: str = "squared"
     eval_batch_size: int = 64
     eval_every_epochs: int = 1
     num_classes: int | None = None
@@ -111,6 +112,7 @@ class DownstreamTaskConfig:
             ("neck", NECKS),
             ("target_resolution", TARGET_RESOLUTIONS),
             ("predictor", FLOW_PREDICTORS),
+            ("dice", tuple(DICE_LOSSES)),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
@@ -184,9 +186,11 @@ def step_function(task: Task, config: DownstreamTaskConfig) -> Callable:
 
         def step(model, batch):
             out = model(batch["voxel"], size=batch["mask"].shape[-2:])
-            loss, terms = segmentation_loss(out["logits"], batch["mask"], IGNORE_INDEX, config.dice_weight)
+            loss, terms = segmentation_loss(out["logits"], batch["mask"], IGNORE_INDEX, config.dice_weight, config.dice)
             if "aux_logits" in out:
-                aux, _ = segmentation_loss(out["aux_logits"], batch["mask"], IGNORE_INDEX, config.dice_weight)
+                aux, _ = segmentation_loss(
+                    out["aux_logits"], batch["mask"], IGNORE_INDEX, config.dice_weight, config.dice
+                )
                 loss = loss + config.aux_weight * aux
                 terms = {**terms, "aux": aux.detach()}
             return loss, terms
