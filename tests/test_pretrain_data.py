@@ -14,7 +14,7 @@ from evpretrain.data.store import EventStore, EventStoreWriter, StoreError
 from evpretrain.events.contract import EVENT_DTYPE
 from evpretrain.events.representations import voxel_grid
 from evpretrain.events.simulator import lin_log
-from evpretrain.pretrain.data import PretrainDataset, collate, event_density, time_flip
+from evpretrain.pretrain.data import PretrainAugment, PretrainDataset, collate, event_density, time_flip
 from evpretrain.pretrain.masking import (
     make_mask,
     normalized_patch_target,
@@ -106,7 +106,7 @@ def test_resized_input_interpolates_the_maps_and_keeps_the_event_count(store_pat
             expected = F.interpolate(a[key][None], size=size, mode="bilinear", antialias=True)[0]
             torch.testing.assert_close(b[key], expected)
         assert float(b["density"].sum()) == float(a["density"].sum())
-        flipped = PretrainDataset(store_path, input_size=size, time_flip_p=1.0)[1]
+        flipped = PretrainDataset(store_path, input_size=size, augment=PretrainAugment(time_flip_p=1.0))[1]
         torch.testing.assert_close(flipped["voxel"], time_flip(b["voxel"]))
 
 
@@ -130,7 +130,7 @@ def test_resized_maps_keep_per_pixel_values_and_sizes_read_as_pairs():
 
 def test_time_flip_reverses_bins_and_negates_voxel_and_difference(store_path):
     plain = PretrainDataset(store_path, with_image=True, image_size=48)
-    flipped = PretrainDataset(store_path, time_flip_p=1.0, with_image=True, image_size=48)
+    flipped = PretrainDataset(store_path, augment=PretrainAugment(time_flip_p=1.0), with_image=True, image_size=48)
     with EventStore(store_path) as store:
         for index in range(len(store)):
             a, b = plain[index], flipped[index]
@@ -160,12 +160,14 @@ def test_time_flips_are_deterministic_per_seed_epoch_and_index(store_path):
         dataset.set_epoch(epoch)
         return [dataset.is_flipped(i) for i in range(len(dataset))]
 
-    a = PretrainDataset(store_path, time_flip_p=0.5, seed=3)
-    b = PretrainDataset(store_path, time_flip_p=0.5, seed=3)
+    a = PretrainDataset(store_path, augment=PretrainAugment(time_flip_p=0.5), seed=3)
+    b = PretrainDataset(store_path, augment=PretrainAugment(time_flip_p=0.5), seed=3)
     epochs = [draws(a, e) for e in range(8)]
     assert epochs == [draws(b, e) for e in range(8)]
     assert len({tuple(e) for e in epochs}) > 1  # the epoch changes the draws
-    assert epochs != [draws(PretrainDataset(store_path, time_flip_p=0.5, seed=4), e) for e in range(8)]
+    assert epochs != [
+        draws(PretrainDataset(store_path, augment=PretrainAugment(time_flip_p=0.5), seed=4), e) for e in range(8)
+    ]
     assert 0.2 < np.mean(epochs) < 0.8
     a.set_epoch(5)
     sample = a[4]
@@ -175,7 +177,7 @@ def test_time_flips_are_deterministic_per_seed_epoch_and_index(store_path):
 
 
 def test_data_loader_workers_give_the_in_process_batches(store_path):
-    dataset = PretrainDataset(store_path, time_flip_p=0.5, seed=1)
+    dataset = PretrainDataset(store_path, augment=PretrainAugment(time_flip_p=0.5), seed=1)
     dataset[0]  # an open handle in the parent must not leak into the workers
     loader = DataLoader(dataset, batch_size=3, num_workers=2, collate_fn=collate, persistent_workers=True)
     draws = []
@@ -215,7 +217,7 @@ def test_uint8_frames_as_ef_stores_keep_them(tmp_path):
     frames = rng.integers(0, 256, (3, 16, 16), dtype=np.uint8)
     with EventStoreWriter(path, sensor_size=(16, 16), source="test") as writer:
         writer.add_sample(random_events(rng, 50, 16, 16), label=7, frames=frames)
-    sample = PretrainDataset(path, with_image=True, image_size=16, time_flip_p=1.0)[0]
+    sample = PretrainDataset(path, with_image=True, image_size=16, augment=PretrainAugment(time_flip_p=1.0))[0]
     assert int(sample["label"]) == 7 and "target_difference" not in sample
     torch.testing.assert_close(sample["target_frame"][0], torch.from_numpy(frames[0] / 255.0).float())
     torch.testing.assert_close(sample["image"][1], torch.from_numpy(frames[-1] / 255.0).float())
