@@ -259,8 +259,8 @@ class PretrainDataset(Dataset):
         rng = np.random.default_rng((self.seed, self.epoch, int(index)))
         interval = int(rng.integers(self.num_intervals)) if self._times is not None else None
         crop = view_crop_box(self.grid_size, self.augment.crop_scale, rng)
-        hflip = bool(rng.random() < self.augment.hflip_p)
-        return View(interval, crop, hflip, bool(rng.random() < self.augment.time_flip_p))
+        hflip = _chance(rng, self.augment.hflip_p)
+        return View(interval, crop, hflip, _chance(rng, self.augment.time_flip_p))
 
     def is_flipped(self, index: int) -> bool:
         """Whether sample ``index`` is time-flipped in the current epoch."""
@@ -339,6 +339,11 @@ class PretrainDataset(Dataset):
     def close(self) -> None:
         """Close this process's store handle (it reopens on the next read)."""
         self._store.close()
+
+
+def _chance(rng: np.random.Generator, p: float) -> bool:
+    """True with probability ``p``; a certain outcome (p 0 or 1) draws nothing, so that the other draws stay put."""
+    return p >= 1.0 or (p > 0.0 and bool(rng.random() < p))
 
 
 def _intensity(frame: np.ndarray) -> torch.Tensor:
