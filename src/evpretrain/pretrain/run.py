@@ -43,7 +43,9 @@ class PretrainDataConfig:
     ``input_size`` (H, W) pixels, None = the store's sensor size; ``window`` what a sample spans; ``augment`` the
     view drawn per read, in every stage; ``resize`` and ``target_resize`` how the voxel grid and the targets reach
     the input size; ``align_teacher_tokens`` (stages 2 and 3) moves the cached teacher tokens with the crop and the
-    horizontal flip, where the paper leaves them in place; ``seed`` of every draw.
+    horizontal flip, where the paper leaves them in place (exact for tokens of the event view, ``last_frame``'s;
+    ``rgb`` tokens cover CLIP's centre crop of the source, close to but not the simulated view); ``seed`` of every
+    draw.
     """
 
     num_bins: int = DEFAULT_NUM_BINS
