@@ -36,7 +36,7 @@ from evpretrain.data.resize import resize_maps
 from evpretrain.data.store import EventStore
 from evpretrain.events.contract import EVENT_DTYPE
 from evpretrain.events.representations import voxel_grid
-from evpretrain.pretrain.data import PretrainDataset, collate, event_density
+from evpretrain.pretrain.data import PretrainAugment, PretrainDataset, collate, event_density
 
 
 class EventsOnly(Dataset):
@@ -126,7 +126,7 @@ def breakdown(path: Path, samples: int) -> dict[str, float]:
             "read frames": mean_micros(lambda i: store.dense("frames", i)),
             "resize 5x64x64 -> 224": mean_micros(lambda i: resize_maps(torch.zeros(5, 64, 64), (224, 224))),
         }
-    dataset = PretrainDataset(path, time_flip_p=0.5)
+    dataset = PretrainDataset(path, augment=PretrainAugment(time_flip_p=0.5))
     out["whole sample 64x64"] = mean_micros(lambda i: dataset[i])
     return out
 
@@ -152,9 +152,9 @@ def main() -> None:
             "transfer only (one fixed sample)": lambda: FixedSample(PretrainDataset(path)[0], len(counts)),
             "events only (I/O bound)": lambda: EventsOnly(path),
             "events, h5py datasets kept open": lambda: EventsCachedDatasets(path),
-            "PretrainDataset 64x64": lambda: PretrainDataset(path, time_flip_p=0.5),
+            "PretrainDataset 64x64": lambda: PretrainDataset(path, augment=PretrainAugment(time_flip_p=0.5)),
             "PretrainDataset 224x224 + image": lambda: PretrainDataset(
-                path, time_flip_p=0.5, input_size=224, with_image=True, image_size=224
+                path, augment=PretrainAugment(time_flip_p=0.5), input_size=224, with_image=True, image_size=224
             ),
         }
         rows = []

@@ -36,12 +36,12 @@ from evpretrain.config import load_section, load_yaml
 from evpretrain.data.demo import DemoConfig, build_demo
 from evpretrain.downstream.models import Classifier
 from evpretrain.models.registry import create_backbone
-from evpretrain.pretrain.data import PretrainDataset
+from evpretrain.pretrain.data import PretrainAugment, PretrainDataset
 
 
 def load_split(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Voxel grids (N, 5, H, W) and labels (N,) of a store."""
-    dataset = PretrainDataset(path, num_bins=5, time_flip_p=0.0, seed=0)
+    dataset = PretrainDataset(path, num_bins=5, augment=PretrainAugment(time_flip_p=0.0), seed=0)
     samples = [dataset[i] for i in range(len(dataset))]
     return torch.stack([s["voxel"] for s in samples]), torch.stack([s["label"] for s in samples])
 

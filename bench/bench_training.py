@@ -51,7 +51,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from evpretrain.config import load_section, load_yaml
 from evpretrain.data.demo import DemoConfig, build_demo
 from evpretrain.models import create_backbone
-from evpretrain.pretrain.data import PretrainDataset, collate
+from evpretrain.pretrain.data import PretrainAugment, PretrainDataset, collate
 from evpretrain.pretrain.run import PretrainConfig, build_stage_module, pretrain_config, stage_param_groups
 from evpretrain.pretrain.stages import ContrastConfig, MaskedModelingConfig
 from evpretrain.training.optim import build_optimizer
@@ -269,7 +269,7 @@ def loader_rates(path: Path, sizes: list[int], workers: list[int], batch_size: i
     for num_workers in workers:
         loaders = {
             size: DataLoader(
-                PretrainDataset(path, time_flip_p=0.5, input_size=size),
+                PretrainDataset(path, augment=PretrainAugment(time_flip_p=0.5), input_size=size),
                 batch_size=batch_size,
                 num_workers=num_workers,
                 persistent_workers=num_workers > 0,

@@ -4,6 +4,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
@@ -175,6 +176,38 @@ def test_build_ef_writes_labelled_samples_and_resumes(tmp_path):
     assert rebuilt == [2, 4]  # the finished shard (first image 0) was not built again
     with EventStore(tmp_path / "b.h5") as store:
         assert store.attrs["content_sha256"] == checksum
+
+
+def test_build_ef_keeps_the_colour_source_as_clip_preprocesses_it(tmp_path):
+    import open_clip
+    from torchvision.transforms import Compose
+
+    from evpretrain.teachers import Teacher
+
+    images = _image_folder(tmp_path / "images", per_class=1)
+    config = EFConfig(image_size=32, num_frames=3, shard_size=2, keep_rgb=True, rgb_size=24)
+    out = build_ef(config, images, tmp_path / "ef.h5", workers=1, progress=False)
+    # CLIP's own evaluation transform: Resize(24, bicubic) on the shorter side, CenterCrop(24), ToTensor, Normalize.
+    clip_transform = open_clip.image_transform(24, is_train=False)
+    normalise = Teacher(
+        input_size=(24, 24),
+        grid_size=(1, 1),
+        embed_dim=1,
+        mean=open_clip.OPENAI_DATASET_MEAN,
+        std=open_clip.OPENAI_DATASET_STD,
+        resize_mode="bicubic",
+    )
+    with EventStore(out) as store:
+        assert "rgb" in store.fields and "frames" not in store.fields
+        for i, name in enumerate(store.names):
+            rgb = store.dense("rgb", i)
+            assert rgb.shape == (3, 24, 24) and rgb.dtype == np.uint8
+            with Image.open(images / name) as source:
+                expected = clip_transform(source)
+                unnormalised = Compose(clip_transform.transforms[:-1])(source)  # all but Normalize: [0, 1]
+            np.testing.assert_array_equal(rgb, np.round(unnormalised.numpy() * 255).astype(np.uint8))
+            image = torch.from_numpy(rgb.astype(np.float32) / 255)[None]
+            torch.testing.assert_close(normalise.preprocess(image)[0], expected, atol=1e-5, rtol=0)
 
 
 def test_build_ef_refuses_to_mix_shards_of_another_config(tmp_path):

@@ -136,35 +136,35 @@ def test_the_demo_study_keeps_its_stage_and_evaluation_keys():
     # name and every config a job reads as they were. A deliberate change of config.yaml updates these figures.
     plan = plan_study(load_yaml(Path(__file__).resolve().parents[1] / "config.yaml"))
     assert {name: variant["nodes"] for name, variant in plan.manifest().items()} == {
-        "full": ["stage1-3941df28b5", "stage2-f737238467", "stage3-68e1873b3a"],
-        "no_stage1": ["stage2-abd87a5ad0", "stage3-47a849f071"],
-        "no_stage2": ["stage1-3941df28b5", "stage3-d840a0e3ce"],
-        "no_stage3": ["stage1-3941df28b5", "stage2-f737238467"],
-        "stage1_only": ["stage1-3941df28b5"],
+        "full": ["stage1-97b2cea261", "stage2-71c5668217", "stage3-488527d627"],
+        "no_stage1": ["stage2-1196c77dae", "stage3-3073af030e"],
+        "no_stage2": ["stage1-97b2cea261", "stage3-cfdaee122b"],
+        "no_stage3": ["stage1-97b2cea261", "stage2-71c5668217"],
+        "stage1_only": ["stage1-97b2cea261"],
         "scratch": [],
-        "voxel_target": ["stage1-424e71de76", "stage2-9ddf9389cf", "stage3-c5f447a424"],
-        "no_focus": ["stage1-3941df28b5", "stage2-f737238467", "stage3-4e08be836c"],
-        "density_masking": ["stage1-e2670e596d", "stage2-d37d48cbb9", "stage3-49512f76d2"],
+        "voxel_target": ["stage1-c9b68662e1", "stage2-c661b6b00a", "stage3-2bc0e2c22c"],
+        "no_focus": ["stage1-97b2cea261", "stage2-71c5668217", "stage3-5bae6aa214"],
+        "density_masking": ["stage1-4a3561617f", "stage2-372d3d870f", "stage3-7bdb6d45c9"],
     }
     assert sorted({name.split("/")[0] for name in plan.evaluations}) == [
         f"classify-linear-demo-{key}"
         for key in (
-            "3c797ce83c",
-            "4614b12c98",
-            "761e95ba17",
-            "7a36d39039",
-            "8d3cb38a8e",
-            "955e5a5cbf",
-            "af7f7ef65f",
-            "be04b02f07",
-            "c4344cee48",
+            "2ed73abb29",
+            "5daa72bc95",
+            "65e9432e65",
+            "6d6f2074e9",
+            "74a1ad0937",
+            "80b1fbf8a8",
+            "92902b2eab",
+            "aacf922e38",
+            "b2847b93be",
         )
     ]
-    assert list(plan.teachers) == ["0ef09459ea"]
+    assert list(plan.teachers) == ["bc48295a7c"]
     # The configs the jobs read, byte for byte (content_key hashes their sorted JSON).
-    assert content_key({name: node.config for name, node in plan.nodes.items()}) == "31deed9d91"
-    assert content_key({name: e.config for name, e in plan.evaluations.items()}) == "746906a37c"
-    assert content_key(plan.teachers) == "b51f28ccbb" and content_key(plan.manifest()) == "43f07a92ea"
+    assert content_key({name: node.config for name, node in plan.nodes.items()}) == "fb0bc5ee51"
+    assert content_key({name: e.config for name, e in plan.evaluations.items()}) == "6625ac3189"
+    assert content_key(plan.teachers) == "0b782ebfc3" and content_key(plan.manifest()) == "b5e69bd49d"
 
 
 def test_a_converted_dataset_is_keyed_by_its_conversion_settings():

@@ -1,5 +1,7 @@
 """The pre-training dataset (voxel grids, targets, density, time flip, workers) and the stage-1 masks."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -11,10 +13,19 @@ from torch.utils.data import DataLoader
 from evpretrain.data.demo import DemoConfig, build_demo
 from evpretrain.data.resize import as_size, resize_maps
 from evpretrain.data.store import EventStore, EventStoreWriter, StoreError
+from evpretrain.data.view import view_crop_box
 from evpretrain.events.contract import EVENT_DTYPE
 from evpretrain.events.representations import voxel_grid
 from evpretrain.events.simulator import lin_log
-from evpretrain.pretrain.data import PretrainDataset, collate, event_density, time_flip
+from evpretrain.pretrain.data import (
+    PretrainAugment,
+    PretrainDataset,
+    View,
+    collate,
+    event_density,
+    time_flip,
+    view_tokens,
+)
 from evpretrain.pretrain.masking import (
     make_mask,
     normalized_patch_target,
@@ -106,7 +117,7 @@ def test_resized_input_interpolates_the_maps_and_keeps_the_event_count(store_pat
             expected = F.interpolate(a[key][None], size=size, mode="bilinear", antialias=True)[0]
             torch.testing.assert_close(b[key], expected)
         assert float(b["density"].sum()) == float(a["density"].sum())
-        flipped = PretrainDataset(store_path, input_size=size, time_flip_p=1.0)[1]
+        flipped = PretrainDataset(store_path, input_size=size, augment=PretrainAugment(time_flip_p=1.0))[1]
         torch.testing.assert_close(flipped["voxel"], time_flip(b["voxel"]))
 
 
@@ -130,7 +141,7 @@ def test_resized_maps_keep_per_pixel_values_and_sizes_read_as_pairs():
 
 def test_time_flip_reverses_bins_and_negates_voxel_and_difference(store_path):
     plain = PretrainDataset(store_path, with_image=True, image_size=48)
-    flipped = PretrainDataset(store_path, time_flip_p=1.0, with_image=True, image_size=48)
+    flipped = PretrainDataset(store_path, augment=PretrainAugment(time_flip_p=1.0), with_image=True, image_size=48)
     with EventStore(store_path) as store:
         for index in range(len(store)):
             a, b = plain[index], flipped[index]
@@ -160,12 +171,14 @@ def test_time_flips_are_deterministic_per_seed_epoch_and_index(store_path):
         dataset.set_epoch(epoch)
         return [dataset.is_flipped(i) for i in range(len(dataset))]
 
-    a = PretrainDataset(store_path, time_flip_p=0.5, seed=3)
-    b = PretrainDataset(store_path, time_flip_p=0.5, seed=3)
+    a = PretrainDataset(store_path, augment=PretrainAugment(time_flip_p=0.5), seed=3)
+    b = PretrainDataset(store_path, augment=PretrainAugment(time_flip_p=0.5), seed=3)
     epochs = [draws(a, e) for e in range(8)]
     assert epochs == [draws(b, e) for e in range(8)]
     assert len({tuple(e) for e in epochs}) > 1  # the epoch changes the draws
-    assert epochs != [draws(PretrainDataset(store_path, time_flip_p=0.5, seed=4), e) for e in range(8)]
+    assert epochs != [
+        draws(PretrainDataset(store_path, augment=PretrainAugment(time_flip_p=0.5), seed=4), e) for e in range(8)
+    ]
     assert 0.2 < np.mean(epochs) < 0.8
     a.set_epoch(5)
     sample = a[4]
@@ -174,14 +187,33 @@ def test_time_flips_are_deterministic_per_seed_epoch_and_index(store_path):
     torch.testing.assert_close(sample["voxel"], time_flip(plain) if a.is_flipped(4) else plain)
 
 
+def test_views_are_deterministic_per_seed_epoch_and_index(store_path):
+    augment = PretrainAugment(crop_scale=(0.5, 1.0), hflip_p=0.5, time_flip_p=0.5)
+
+    def views(seed):
+        dataset = PretrainDataset(store_path, window="interval", augment=augment, seed=seed)
+        out = []
+        for epoch in range(4):
+            dataset.set_epoch(epoch)
+            out.append([dataset.view(i) for i in range(len(dataset))])
+        return out, dataset
+
+    first, dataset = views(3)
+    assert first == views(3)[0] and first != views(4)[0]
+    assert len({v.crop for e in first for v in e}) > 10 and {v.interval for e in first for v in e} == {0, 1, 2}
+    sample = dataset[2]  # epoch 3
+    assert all(torch.equal(sample[k], dataset[2][k]) for k in sample)
+
+
 def test_data_loader_workers_give_the_in_process_batches(store_path):
-    dataset = PretrainDataset(store_path, time_flip_p=0.5, seed=1)
+    augment = PretrainAugment(crop_scale=(0.5, 1.0), hflip_p=0.5, time_flip_p=0.5)
+    dataset = PretrainDataset(store_path, window="interval", augment=augment, seed=1)
     dataset[0]  # an open handle in the parent must not leak into the workers
     loader = DataLoader(dataset, batch_size=3, num_workers=2, collate_fn=collate, persistent_workers=True)
     draws = []
     for epoch in range(2):
         dataset.set_epoch(epoch)
-        draws.append([dataset.is_flipped(i) for i in range(len(dataset))])
+        draws.append([dataset.view(i) for i in range(len(dataset))])
     assert draws[0] != draws[1]  # else a stale epoch in the workers would go unnoticed
     for epoch in range(2):
         dataset.set_epoch(epoch)  # reaches the persistent workers through shared memory
@@ -215,7 +247,7 @@ def test_uint8_frames_as_ef_stores_keep_them(tmp_path):
     frames = rng.integers(0, 256, (3, 16, 16), dtype=np.uint8)
     with EventStoreWriter(path, sensor_size=(16, 16), source="test") as writer:
         writer.add_sample(random_events(rng, 50, 16, 16), label=7, frames=frames)
-    sample = PretrainDataset(path, with_image=True, image_size=16, time_flip_p=1.0)[0]
+    sample = PretrainDataset(path, with_image=True, image_size=16, augment=PretrainAugment(time_flip_p=1.0))[0]
     assert int(sample["label"]) == 7 and "target_difference" not in sample
     torch.testing.assert_close(sample["target_frame"][0], torch.from_numpy(frames[0] / 255.0).float())
     torch.testing.assert_close(sample["image"][1], torch.from_numpy(frames[-1] / 255.0).float())
@@ -306,3 +338,188 @@ def test_normalized_patch_target_standardises_each_patch():
     assert torch.equal(normalised[0, 0], torch.zeros(16))
     torch.testing.assert_close(normalised[:, 1:].mean(-1), torch.zeros(2, 3), atol=1e-5, rtol=0)
     torch.testing.assert_close(normalised[:, 1:].var(-1), torch.ones(2, 3), atol=1e-3, rtol=0)
+
+
+# --- windows, views and resizing (the paper's sample) -------------------------------------------------------------
+
+
+class LegacyRng:
+    """numpy's global random state behind a Generator's method names: the stream the paper's code draws from."""
+
+    def uniform(self, low, high):
+        return np.random.uniform(low, high)
+
+    def integers(self, low, high):
+        return np.random.randint(low, high)
+
+
+def their_view_crop(view, scale=(0.8, 1.0), ratio=(3 / 4, 4 / 3)):
+    """BIT-Vision/EventPretrain dataset/augmentation/view_augment.py:9-33, verbatim but for names."""
+    sensor_h, sensor_w = view.shape[1], view.shape[2]
+    area = sensor_w * sensor_h
+    for _ in range(10):
+        target_area = np.random.uniform(*scale) * area
+        aspect_ratio = np.random.uniform(sensor_w / sensor_h * ratio[0], sensor_w / sensor_h * ratio[1])
+        crop_width = int(round(math.sqrt(target_area * aspect_ratio)))
+        crop_height = int(round(math.sqrt(target_area / aspect_ratio)))
+        if np.random.randint(0, 10) < 5:
+            crop_width, crop_height = crop_height, crop_width
+        if crop_width < sensor_w and crop_height < sensor_h:
+            crop_start_x = np.random.randint(0, sensor_w - crop_width)
+            crop_start_y = np.random.randint(0, sensor_h - crop_height)
+            view = view[:, crop_start_y : crop_start_y + crop_height, crop_start_x : crop_start_x + crop_width]
+            break
+    return view
+
+
+@pytest.mark.parametrize("size, scale", [((48, 64), (0.8, 1.0)), ((30, 30), (0.3, 0.6)), ((20, 50), (0.5, 1.0))])
+def test_crop_box_draws_the_paper_crop(size, scale):
+    view = torch.arange(size[0] * size[1]).reshape(1, *size)  # every pixel its own value: a crop shows where it is
+    for seed in range(200):
+        np.random.seed(seed)
+        expected = their_view_crop(view, scale)
+        np.random.seed(seed)
+        top, left, height, width = view_crop_box(size, scale, LegacyRng())
+        assert torch.equal(view[:, top : top + height, left : left + width], expected)
+    assert view_crop_box(size, (1.0, 1.0), np.random.default_rng(0)) == (0, 0, *size)
+
+
+def test_resize_nearest_takes_pixel_floor_of_the_scaled_index():
+    maps = torch.arange(8.0).reshape(1, 2, 4)
+    assert resize_maps(maps, (1, 2), "nearest").tolist() == [[[0.0, 2.0]]]
+    assert resize_maps(maps, (4, 8), "nearest")[0, :, :3].tolist() == [[0, 0, 1], [0, 0, 1], [4, 4, 5], [4, 4, 5]]
+    with pytest.raises(ValueError, match="resize mode must be one of"):
+        resize_maps(maps, (1, 2), "area")
+
+
+def interval_store(path, rate_hz=1000.0):
+    """Sensor 6x8, 4 frames 1 ms apart: interval i's events sit at pixel PIXELS[i] only (one at each boundary)."""
+    rng = np.random.default_rng(0)
+    times = [np.r_[0, rng.integers(1, 1000, 9)], np.r_[1000, rng.integers(1001, 2000, 6)], np.r_[3000, 2000, 2500]]
+    events = np.zeros(sum(map(len, times)), EVENT_DTYPE)
+    events["t"] = np.concatenate(times)
+    events["y"], events["x"] = np.repeat(np.array(PIXELS).T, [len(t) for t in times], axis=1)
+    events["p"] = rng.choice(np.array([-1, 1], np.int8), len(events))
+    events = events[np.argsort(events["t"], kind="stable")]
+    diff_maps = rng.normal(size=(3, 6, 8)).astype(np.float32)
+    frames = rng.uniform(size=(4, 6, 8)).astype(np.float32)
+    attrs = {} if rate_hz is None else {"frame_rate_hz": rate_hz}
+    with EventStoreWriter(path, sensor_size=(6, 8), source="test", attrs=attrs) as writer:
+        writer.add_sample(events, label=3, diff_maps=diff_maps, frames=frames)
+    return events, diff_maps, frames
+
+
+PIXELS = [(1, 1), (2, 5), (4, 6)]
+
+
+def test_interval_window_gives_one_intervals_grid_and_targets(tmp_path):
+    events, diff_maps, frames = interval_store(tmp_path / "s.h5")
+    dataset = PretrainDataset(tmp_path / "s.h5", num_bins=3, window="interval")
+    flipped = PretrainDataset(tmp_path / "s.h5", num_bins=3, window="interval", augment=PretrainAugment(time_flip_p=1))
+    assert dataset.num_intervals == 3
+    seen = set()
+    for epoch in range(12):
+        dataset.set_epoch(epoch)
+        flipped.set_epoch(epoch)
+        i = dataset.view(0).interval
+        seen.add(i)
+        inside = (events["t"] >= 1000 * i) & ((events["t"] < 1000 * (i + 1)) | (i == 2))
+        assert set(zip(events["y"][inside], events["x"][inside])) == {PIXELS[i]}
+        sample = dataset[0]
+        np.testing.assert_array_equal(sample["voxel"].numpy(), voxel_grid(events[inside], 3, height=6, width=8))
+        np.testing.assert_array_equal(sample["target_difference"][0].numpy(), diff_maps[i])
+        np.testing.assert_array_equal(sample["target_frame"][0].numpy(), frames[i + 1])
+        assert sample["density"][PIXELS[i]] == inside.sum() == sample["density"].sum()
+        reverse = flipped[0]  # the same interval, played backwards: it ends at the interval's first frame
+        assert flipped.view(0).interval == i
+        torch.testing.assert_close(reverse["voxel"], time_flip(sample["voxel"]))
+        np.testing.assert_array_equal(reverse["target_difference"][0].numpy(), -diff_maps[i])
+        np.testing.assert_array_equal(reverse["target_frame"][0].numpy(), frames[i])
+    assert seen == {0, 1, 2}
+
+
+def test_interval_window_needs_the_frame_rate(tmp_path):
+    interval_store(tmp_path / "s.h5", rate_hz=None)
+    with pytest.raises(StoreError, match="pretrain.data.window: interval needs the frame times"):
+        PretrainDataset(tmp_path / "s.h5", window="interval")
+    with pytest.raises(ValueError, match=r"pretrain.data.resize must be one of \['nearest'"):
+        PretrainDataset(tmp_path / "s.h5", resize="area")
+
+
+def polarity_sum_store(path, size=(12, 16)):
+    """One bin's voxel grid is each pixel's polarity sum: a store whose difference map is exactly that sum."""
+    rng = np.random.default_rng(5)
+    events = random_events(rng, 400, *size)
+    total = np.zeros(size, np.float32)
+    np.add.at(total, (events["y"], events["x"]), events["p"])
+    with EventStoreWriter(path, sensor_size=size, source="test", attrs={"frame_rate_hz": 20.0}) as writer:
+        writer.add_sample(events, diff_maps=total[None])
+    return events, total
+
+
+def test_one_view_moves_grid_target_and_density_alike(tmp_path):
+    events, total = polarity_sum_store(tmp_path / "s.h5")
+    augment = PretrainAugment(crop_scale=(0.3, 0.9), hflip_p=0.5, time_flip_p=0.5)
+    dataset = PretrainDataset(tmp_path / "s.h5", num_bins=1, input_size=(9, 10), augment=augment)
+    views = []
+    for epoch in range(16):
+        dataset.set_epoch(epoch)
+        view, sample = dataset.view(0), dataset[0]
+        views.append(view)
+        torch.testing.assert_close(sample["voxel"], sample["target_difference"])  # the same map, moved alike
+        top, left, height, width = view.crop
+        assert (height, width) != (12, 16)
+        expected = F.interpolate(
+            torch.from_numpy(total[top : top + height, left : left + width])[None, None],
+            size=(9, 10),
+            mode="bilinear",
+            antialias=True,
+        )[0]
+        expected = expected.flip(-1) if view.hflip else expected
+        torch.testing.assert_close(sample["target_difference"], -expected if view.time_flip else expected)
+        inside = (
+            (events["y"] >= top) & (events["y"] < top + height) & (events["x"] >= left) & (events["x"] < left + width)
+        )
+        assert float(sample["density"].sum()) == inside.sum()
+        column = np.flatnonzero(sample["density"].sum(0).numpy())
+        first = (events["x"][inside].min() - left) * 10 // width
+        assert (column.max() == 9 - first) if view.hflip else (column.min() == first)
+    assert {v.hflip for v in views} == {True, False} and {v.time_flip for v in views} == {True, False}
+
+
+def test_nearest_and_scale_events_resizing(tmp_path):
+    events, _ = polarity_sum_store(tmp_path / "s.h5")
+    sensor = torch.from_numpy(voxel_grid(events, 2, height=12, width=16))
+    nearest = PretrainDataset(tmp_path / "s.h5", num_bins=2, input_size=(5, 7), resize="nearest")[0]["voxel"]
+    rows, cols = np.arange(5) * 12 // 5, np.arange(7) * 16 // 7
+    torch.testing.assert_close(nearest, sensor[:, rows][:, :, cols])
+    # Event coordinates halved before the grid: each input pixel sums its 2x2 sensor pixels.
+    scaled = PretrainDataset(tmp_path / "s.h5", num_bins=2, input_size=(6, 8), resize="scale_events")[0]
+    torch.testing.assert_close(scaled["voxel"], F.avg_pool2d(sensor, 2) * 4)
+    assert scaled["target_difference"].shape == (1, 6, 8)
+
+
+def test_event_density_inside_a_crop():
+    events = np.zeros(5, EVENT_DTYPE)
+    events["x"] = [0, 2, 3, 5, 7]
+    events["y"] = [1, 1, 2, 3, 0]
+    # Crop rows 1-3, columns 2-5 of an 4x8 sensor onto a 3x2 grid: x in {2, 3} -> column 0, {4, 5} -> column 1.
+    density = event_density(events, (4, 8), (3, 2), crop=(1, 2, 3, 4))
+    np.testing.assert_array_equal(density, [[1, 0], [1, 0], [0, 1]])
+    # On a grid half the sensor's (scale_events): sensor (y, x) (2, 3) -> (1, 1) and (3, 5) -> (1, 2), the only two in
+    # the crop of row 1, columns 1-2; (1, 2) -> (0, 1) is not.
+    np.testing.assert_array_equal(event_density(events, (4, 8), (1, 2), grid_size=(2, 4), crop=(1, 1, 1, 2)), [[1, 1]])
+
+
+def test_view_tokens_follow_crop_and_flip():
+    # 4x4 tokens over a 16x16 view; token (i, j) holds its centre's pixel coordinates (y, x).
+    centres = (torch.arange(4.0) + 0.5) * 4
+    tokens = torch.stack(torch.meshgrid(centres, centres, indexing="ij"), -1).reshape(16, 2)
+    same = View(None, (0, 0, 16, 16), False, True)
+    assert torch.equal(view_tokens(tokens, (4, 4), same, (16, 16)), tokens)
+    mirrored = view_tokens(tokens, (4, 4), View(None, (0, 0, 16, 16), True, False), (16, 16)).reshape(4, 4, 2)
+    assert torch.equal(mirrored, tokens.reshape(4, 4, 2).flip(1))
+    # The crop rows 2-10, columns 4-12: its cells' centres, where linear values interpolate exactly.
+    cropped = view_tokens(tokens, (4, 4), View(None, (2, 4, 8, 8), False, False), (16, 16)).reshape(4, 4, 2)
+    torch.testing.assert_close(cropped[:, 0, 0], torch.tensor([3.0, 5.0, 7.0, 9.0]))
+    torch.testing.assert_close(cropped[0, :, 1], torch.tensor([5.0, 7.0, 9.0, 11.0]))

@@ -15,7 +15,15 @@ from evpretrain.pretrain.stages import focus_weights
 TINY = {
     "backbone": "vit_demo",
     "backbone_overrides": {"img_size": [32, 32], "depth": 2},
-    "data": {"input_size": [32, 32]},
+    # The paper's sample (one interval, crop, flips, nearest/bicubic), teacher tokens moved with the view.
+    "data": {
+        "input_size": [32, 32],
+        "window": "interval",
+        "augment": {"crop_scale": [0.8, 1.0], "hflip_p": 0.5, "time_flip_p": 0.5},
+        "resize": "nearest",
+        "target_resize": "bicubic",
+        "align_teacher_tokens": True,
+    },
     "knn": {"every_steps": 2, "memory": 8, "queries": 4, "k": 3},
     "stage1": {
         "method": {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2},
@@ -144,6 +152,12 @@ def test_config_errors_name_the_key():
         tiny_config(stage1={"method": {"masking": "edges"}, "train": TINY["stage1"]["train"]})
     with pytest.raises(ConfigError, match=r"pretrain\.stage2: missing required key\(s\) \['train'\]"):
         tiny_config(stage2={})
+    with pytest.raises(ConfigError, match=r"pretrain\.data\.augment: augment\.hflip_p must lie in \[0, 1\], got 2"):
+        tiny_config(data={"augment": {"hflip_p": 2}})
+    with pytest.raises(ConfigError, match=r"pretrain\.data\.window: expected one of \['interval', 'clip'\]"):
+        tiny_config(data={"window": "frame"})
+    with pytest.raises(ConfigError, match=r"pretrain\.teacher\.input: expected one of \['rgb', 'last_frame'\]"):
+        tiny_config(teacher={"input": "grey"})
 
 
 @pytest.mark.slow

@@ -333,15 +333,43 @@ def test_teacher_features_refuse_another_store(demo_store, tmp_path):
         TeacherFeatures(out, store=other)
 
 
-def test_teacher_features_need_frames(tmp_path):
+def test_teacher_features_need_their_input_field(demo_store, tmp_path):
     store = tmp_path / "no_frames.h5"
     events = np.zeros(1, EVENT_DTYPE)
     events["p"] = 1
     with EventStoreWriter(store, sensor_size=(8, 8), source="test") as writer:
         writer.add_sample(events)
-    with pytest.raises(StoreError, match=f"{store}: teacher features need the field 'frames'"):
+    with pytest.raises(StoreError, match=f"{store}: pretrain.teacher.input: last_frame needs the field 'frames'"):
         compute_teacher_features(store, PatchMeanTeacher(), tmp_path / "f.h5", grid_size=(2, 2), progress=False)
+    with pytest.raises(StoreError, match="pretrain.teacher.input: rgb needs the field 'rgb'.*keep_rgb"):
+        compute_teacher_features(
+            demo_store, PatchMeanTeacher(), tmp_path / "f.h5", grid_size=(2, 2), progress=False, image="rgb"
+        )
     assert not (tmp_path / "f.h5").exists()
+
+
+def test_rgb_teacher_features_see_the_colour_source(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (3, 3, 16, 16), dtype=np.uint8)
+    store = tmp_path / "rgb.h5"
+    events = np.zeros(1, EVENT_DTYPE)
+    events["p"] = 1
+    with EventStoreWriter(store, sensor_size=(8, 8), source="test") as writer:
+        for image in rgb:
+            writer.add_sample(events, frames=np.zeros((2, 8, 8), np.uint8), rgb=image)
+    out = compute_teacher_features(
+        store, PatchMeanTeacher(), tmp_path / "f.h5", grid_size=(4, 4), batch_size=2, progress=False, image="rgb"
+    )
+    # PatchMeanTeacher's token: the mean colour of a 4x4 patch of the 16x16 image (no resize, identity normalisation).
+    expected = rgb.astype(np.float64).reshape(3, 3, 4, 4, 4, 4).mean(axis=(3, 5)) / 255
+    with TeacherFeatures(out, store=store, image="rgb") as features:
+        assert features.image == "rgb" and features.attrs["input"] == "rgb"
+        for i in range(3):
+            np.testing.assert_allclose(features[i].numpy(), expected[i].reshape(3, 16).T, atol=1e-3)
+    with pytest.raises(
+        StoreError, match="teacher tokens of the input 'rgb', but pretrain.teacher.input is 'last_frame'"
+    ):
+        TeacherFeatures(out, image="last_frame")
 
 
 def test_a_failed_run_leaves_the_previous_features_untouched(demo_store, tmp_path):

@@ -1,10 +1,11 @@
 """EF-ImageNet: the paper's pre-training data recipe for any ImageNet-style image folder.
 
 Each image is moved to make a short 30 fps video (a random pan with a slight zoom, as a hand-held camera would
-see it), the video is simulated into events, and the events, the difference maps and optionally the frames go into
-one event store. Work is split into shards of ``shard_size`` images written by parallel processes; a shard is
-written atomically, so a rerun after a crash or a cancelled job skips every finished shard. When all shards exist
-they are merged into the final store and removed.
+see it), the video is simulated into events, and the events, the difference maps and optionally the frames and the
+colour source image (``keep_rgb``: what the paper's CLIP teacher sees, ``load_rgb``) go into one event store. Work
+is split into shards of ``shard_size`` images written by parallel processes; a shard is written atomically, so a
+rerun after a crash or a cancelled job skips every finished shard. When all shards exist they are merged into the
+final store and removed.
 """
 
 from __future__ import annotations
@@ -41,14 +42,16 @@ class EFConfig:
     zoom_per_frame: float = 0.01  # largest relative scale change between consecutive frames
     shard_size: int = 256
     keep_frames: bool = False
+    keep_rgb: bool = False  # the colour source, CLIP's resize and centre crop to rgb_size: (3, S, S) uint8 /rgb
+    rgb_size: int = 224
     keep_clean_events: bool = False
     dense_dtype: Literal["float16", "float32"] = "float16"
     simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
     compression: StoreCompression = field(default_factory=StoreCompression)
 
     def __post_init__(self) -> None:
-        if self.image_size < 16 or self.num_frames < 2 or self.shard_size < 1:
-            raise ValueError("image_size must be >= 16, num_frames >= 2 and shard_size >= 1")
+        if self.image_size < 16 or self.num_frames < 2 or self.shard_size < 1 or self.rgb_size < 1:
+            raise ValueError("image_size must be >= 16, num_frames >= 2, shard_size >= 1 and rgb_size >= 1")
         if not 0 <= self.pan_speed_px_per_frame[0] <= self.pan_speed_px_per_frame[1]:
             raise ValueError("pan_speed_px_per_frame must be [low, high] with 0 <= low <= high")
 
@@ -82,6 +85,29 @@ def load_gray(path: Path, min_side: int) -> np.ndarray:
             size = (max(min_side, round(image.width * scale)), max(min_side, round(image.height * scale)))
             image = image.resize(size, Image.Resampling.BILINEAR)
             return np.asarray(image, dtype=np.float32) / 255.0
+    except (OSError, UnidentifiedImageError) as err:
+        raise StoreError(path, f"cannot read image: {err}") from err
+
+
+def load_rgb(path: Path, size: int) -> np.ndarray:
+    """The colour image as CLIP's preprocessing crops it, (3, size, size) uint8: the shorter side resized to ``size``
+    (PIL bicubic, the longer one to int(size * long / short)), then the centre ``size`` x ``size`` (offsets rounded).
+    This is torchvision's ``Resize(size, BICUBIC)`` + ``CenterCrop(size)`` on a PIL image, the first steps of
+    OpenAI's ``clip.load`` preprocess, which the paper's N-ImageNet loader applies to the ImageNet JPEG
+    (BIT-Vision/EventPretrain, dataset/pretrain/pr_n_imagenet_dataset.py:66-74); the teacher then normalises."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            width, height = image.size
+            long = int(size * max(width, height) / min(width, height))
+            new_w, new_h = (size, long) if width <= height else (long, size)
+            if (new_w, new_h) != (width, height):
+                image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+            top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+            image = image.crop((left, top, left + size, top + size))
+            return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
     except (OSError, UnidentifiedImageError) as err:
         raise StoreError(path, f"cannot read image: {err}") from err
 
@@ -126,6 +152,8 @@ def _shard_job(
             dense = {"diff_maps": sim.diff_maps.astype(config.dense_dtype)}
             if config.keep_frames:
                 dense["frames"] = np.round(frames * 255).astype(np.uint8)
+            if config.keep_rgb:
+                dense["rgb"] = load_rgb(path, config.rgb_size)
             writer.add_sample(
                 sim.events,
                 label=label,

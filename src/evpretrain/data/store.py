@@ -6,8 +6,9 @@ Layout (all optional groups share the sample axis):
   /samples/name               optional (N,) UTF-8 names (source file, image id)
   /clean_events/{t,x,y,p}     optional noise-free events, indexed by /samples/{clean_offset,clean_count}
   /labels                     optional int64 (N,)
-  /frames, /diff_maps, /flow, /masks, /valid   optional dense arrays (N, ...), one chunk per sample
-                              (valid: (H, W) uint8, 1 where the flow or mask ground truth is defined)
+  /frames, /diff_maps, /flow, /masks, /valid, /rgb   optional dense arrays (N, ...), one chunk per sample
+                              (valid: (H, W) uint8, 1 where the flow or mask ground truth is defined; rgb: (3, S, S)
+                              uint8, the colour source image of an EF video, CLIP's resize and centre crop)
 File attributes: format, format_version, sensor_size (H, W), time_unit, source, builder_config (JSON),
 num_samples, num_events and content_sha256 (a digest of every dataset's bytes, see ``content_checksum``).
 
@@ -34,7 +35,7 @@ from evpretrain.files import AtomicPath
 
 STORE_FORMAT = "evpretrain-event-store"
 STORE_VERSION = 1
-DENSE_KEYS = ("frames", "diff_maps", "flow", "masks", "valid")
+DENSE_KEYS = ("frames", "diff_maps", "flow", "masks", "valid", "rgb")
 EVENT_CHUNK = 1 << 16  # events per HDF5 chunk: big enough for throughput, small enough for window reads
 
 
@@ -403,7 +404,7 @@ class EventStore:
     def dense(self, key: str, index: int) -> np.ndarray:
         """Sample ``index``'s dense field.
 
-        Frames (T, H, W), diff_maps (T-1, H, W), flow (2, H, W), masks or valid (H, W).
+        Frames (T, H, W), diff_maps (T-1, H, W), flow (2, H, W), masks or valid (H, W), rgb (3, S, S).
         """
         index = self._check_index(index)
         file = self._open()

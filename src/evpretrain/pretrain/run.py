@@ -19,22 +19,57 @@ from torch.utils.data import Dataset, Subset
 from evpretrain.config import ConfigError, load_section, to_mapping
 from evpretrain.models import BackboneSpec, build_backbone
 from evpretrain.models.spec import DEFAULT_NUM_BINS
-from evpretrain.pretrain.data import PretrainDataset
+from evpretrain.pretrain.data import (
+    GridResize,
+    PretrainAugment,
+    PretrainDataset,
+    TargetResize,
+    Window,
+    view_tokens,
+)
 from evpretrain.pretrain.stages import ContrastConfig, FeatureTransition, MaskedModeling, MaskedModelingConfig
 from evpretrain.training import KnnMonitor, MlflowHook, TrainConfig, load_checkpoint, train
 from evpretrain.training.checkpoint import backbone_entries
 from evpretrain.training.distributed import process_layout
 from evpretrain.training.optim import layer_scales, param_groups
 
+TeacherInput = Literal["rgb", "last_frame"]
+
 
 @dataclass(frozen=True)
 class PretrainDataConfig:
-    """Input of every stage. ``input_size`` (H, W) pixels, None = the store's sensor size."""
+    """Input of every stage (config section ``pretrain.data``; ``evpretrain.pretrain.data`` says what each does).
+
+    ``input_size`` (H, W) pixels, None = the store's sensor size; ``window`` what a sample spans; ``augment`` the
+    view drawn per read, in every stage; ``resize`` and ``target_resize`` how the voxel grid and the targets reach
+    the input size; ``align_teacher_tokens`` (stages 2 and 3) moves the cached teacher tokens with the crop and the
+    horizontal flip, where the paper leaves them in place (exact for tokens of the event view, ``last_frame``'s;
+    ``rgb`` tokens cover CLIP's centre crop of the source, close to but not the simulated view); ``seed`` of every
+    draw.
+    """
 
     num_bins: int = DEFAULT_NUM_BINS
     input_size: tuple[int, int] | None = None
-    time_flip_p: float = 0.5
+    window: Window = "clip"
+    augment: PretrainAugment = field(default_factory=lambda: PretrainAugment(time_flip_p=0.5))
+    resize: GridResize = "bilinear"
+    target_resize: TargetResize = "bilinear"
+    align_teacher_tokens: bool = False
     seed: int = 0
+
+    def dataset(self, store: Path, *, augment: bool = True) -> PretrainDataset:
+        """The pre-training dataset of ``store`` with these settings; ``augment=False`` for the kNN monitor and the
+        figures (the window is still drawn, seeded, per index)."""
+        return PretrainDataset(
+            store,
+            num_bins=self.num_bins,
+            input_size=self.input_size,
+            window=self.window,
+            augment=self.augment if augment else PretrainAugment(),
+            resize=self.resize,
+            target_resize=self.target_resize,
+            seed=self.seed,
+        )
 
 
 @dataclass(frozen=True)
@@ -59,11 +94,17 @@ class LayerLrConfig:
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    """The frozen image teacher whose tokens stages 2 and 3 learn from (``weights``: a local file, for CLIP)."""
+    """The frozen image teacher whose tokens stages 2 and 3 learn from (``weights``: a local file, for CLIP).
+
+    ``input``: what it sees, one image per stored video: ``rgb`` the colour source image as CLIP's preprocessing crops
+    it (the paper's; stores built with ``data.ef.keep_rgb``) or ``last_frame`` the video's last frame, grey in three
+    channels (``evpretrain.teachers.features``).
+    """
 
     name: str = "efficientnet_lite0"
     weights: str | None = None
     batch_size: int = 32
+    input: TeacherInput = "last_frame"
 
 
 @dataclass(frozen=True)
@@ -114,7 +155,13 @@ def teacher_features_for(config: PretrainConfig, store: Path, out: Path, *, devi
     teacher = create_teacher(config.teacher.name, **options)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return compute_teacher_features(
-        store, teacher, out, grid_size=tuple(backbone.grid_size), batch_size=config.teacher.batch_size, device=device
+        store,
+        teacher,
+        out,
+        grid_size=tuple(backbone.grid_size),
+        batch_size=config.teacher.batch_size,
+        device=device,
+        image=config.teacher.input,
     )
 
 
@@ -158,16 +205,21 @@ def stage_param_groups(module: nn.Module, stage: int, config: PretrainConfig, we
 
 
 class _WithTeacher(Dataset):
-    """Adds the cached teacher tokens of each sample to the pre-training batch (key ``teacher``)."""
+    """Adds the cached teacher tokens of each sample to the pre-training batch (key ``teacher``): as cached (the
+    paper's: a crop or a horizontal flip of the voxel grid leaves them misaligned), or with ``align`` moved by the
+    sample's view (``view_tokens``)."""
 
-    def __init__(self, dataset: PretrainDataset, features: Any):
-        self.dataset, self.features = dataset, features
+    def __init__(self, dataset: PretrainDataset, features: Any, *, align: bool = False):
+        self.dataset, self.features, self.align = dataset, features, align
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return self.dataset[index] | {"teacher": self.features[index]}
+        tokens = self.features[index]
+        if self.align:
+            tokens = view_tokens(tokens, self.features.grid_size, self.dataset.view(index), self.dataset.grid_size)
+        return self.dataset[index] | {"teacher": tokens}
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
@@ -186,9 +238,8 @@ def _embed(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def knn_monitor(config: PretrainConfig, train_store: Path, val_store: Path) -> KnnMonitor:
     """kNN top-1 of the pooled backbone features: the first ``knn.memory`` training samples as the labelled
     memory, the first ``knn.queries`` validation samples as queries."""
-    data = config.data
-    memory = PretrainDataset(train_store, num_bins=data.num_bins, input_size=data.input_size)
-    queries = PretrainDataset(val_store, num_bins=data.num_bins, input_size=data.input_size)
+    memory = config.data.dataset(train_store, augment=False)
+    queries = config.data.dataset(val_store, augment=False)
     return KnnMonitor(
         _embed,
         Subset(memory, range(min(config.knn.memory, len(memory)))),
@@ -229,18 +280,17 @@ def run_stage(
     if stage_config is None:
         raise ConfigError(f"config has no section 'pretrain.stage{stage}'")
     data = config.data
-    dataset: Dataset = PretrainDataset(
-        train_store, num_bins=data.num_bins, input_size=data.input_size, time_flip_p=data.time_flip_p, seed=data.seed
-    )
+    dataset: Dataset = data.dataset(train_store)
     teacher_dim = None
     if stage > 1:
         from evpretrain.teachers import TeacherFeatures
 
         if teacher_features is None:
             raise ConfigError(f"stage {stage} needs --teacher-features (see `evpretrain teacher-features`)")
-        features = TeacherFeatures(teacher_features, store=train_store)  # refuses features of another store
+        # Refuses features of another store, or of another teacher input than pretrain.teacher.input.
+        features = TeacherFeatures(teacher_features, store=train_store, image=config.teacher.input)
         teacher_dim = features.embed_dim
-        dataset = _WithTeacher(dataset, features)
+        dataset = _WithTeacher(dataset, features, align=data.align_teacher_tokens)
     torch.manual_seed(stage_config.train.seed)  # the initial weights of the new parts are part of the run's recipe
     module = build_stage_module(stage, config, teacher_dim)
     if stage > 1 and features.grid_size != tuple(module.backbone.grid_size):
@@ -269,7 +319,7 @@ def run_stage(
 
         reconstruction_figure(
             module,
-            PretrainDataset(val_store or train_store, num_bins=data.num_bins, input_size=data.input_size),
+            data.dataset(val_store or train_store, augment=False),
             out / "reconstructions.png",
         )
     return metrics

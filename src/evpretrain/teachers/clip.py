@@ -6,8 +6,10 @@ The paper's code (BIT-Vision/EventPretrain, main_pretrain.py and trainer/pretrai
 the class token (``clip_emb[:, 1:, :]``, model/pretrain/pr_hub_model.py). This teacher returns exactly those 196
 patch tokens, ``ln_post(x)[:, 1:] @ proj``, in CLIP's 512-d joint space.
 
-Input: the whole image resized to 224x224 (bicubic, as CLIP's preprocessing; no centre crop, so the tokens cover the
-event frame's whole field of view), normalised with OpenAI's mean and std.
+Input: the whole image resized to 224x224 (bicubic, as CLIP's preprocessing), normalised with OpenAI's mean and std.
+CLIP's centre crop happens where the image is stored: ``build-ef`` keeps the colour source resized (shorter side) and
+centre-cropped to ``rgb_size`` (``pretrain.teacher.input: rgb``, the paper's), so this resize is then the identity; a
+grey last frame (``last_frame``) is taken whole, so that its tokens cover the event frame's field of view.
 
 Weights never come from the network: ``weights`` names a local file, either OpenAI's TorchScript archive
 (``ViT-B-16.pt``, as ``clip.load`` caches it), a state dict saved with ``torch.save`` (loaded with
