@@ -83,6 +83,7 @@ class SwinBackbone(Backbone):
         self.feature_dims = widths
         self.feature_strides = [patch_size * 2**i for i in range(num_stages)]
         self.num_layers = sum(depths) + 2
+        self.vit_layer = None  # no plain ViT blocks (layer-grafted groups)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> BackboneOutput:
         """Encode x (B, in_chans, H, W); ``mask`` (B, N) bool on the last-level grid, True = replace by the token."""
