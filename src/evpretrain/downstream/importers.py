@@ -114,6 +114,9 @@ class KeyMap:
     transforms: rewrites of the renamed state, applied in order.
     initialised_ok: (pattern on our names, reason) for our parameters without a counterpart in the source, which keep
         their initialisation without making the import partial.
+    preset: the registered backbone that holds the source's released checkpoints, which a study's checkpoint variant
+        builds (``evpretrain.pipeline.plan``); None where the study's voxel-grid input does not fit the source.
+    in_chans: the input channels (voxel-grid bins) of that backbone.
     norm_eps: (pattern on our module names, eps) of the source's LayerNorms, the first full match wins; each of our
         LayerNorms whose eps differs from its counterpart's is noted.
     """
@@ -127,6 +130,8 @@ class KeyMap:
     renames: tuple[tuple[str, Replacement], ...] = ()
     transforms: tuple[Transform, ...] = ()
     initialised_ok: tuple[tuple[str, str], ...] = ()
+    preset: str | None = None
+    in_chans: int = 5
     norm_eps: tuple[tuple[str, float], ...] = ()
 
 
@@ -307,6 +312,7 @@ KEY_MAPS: dict[str, KeyMap] = {
             source="eventpretrain_vit",
             description="the paper's ViT-S/16 or ViT-B/16 (BIT-Vision/EventPretrain model/backbone/vit.py)",
             backbone="create_backbone('vit_small_patch16') or create_backbone('vit_base_patch16')",
+            preset="vit_small_patch16",  # released: README.md, "Pre-trained Checkpoints"; 5 bins (main_pretrain.py:117)
             backbone_prefixes=_PAPER_PREFIXES,
             dropped=_PAPER_DROPPED,
             renames=((r"vit_block\.(\d+)\.(.*)", r"blocks.\1.\2"), _PAPER_NORM),
@@ -318,6 +324,7 @@ KEY_MAPS: dict[str, KeyMap] = {
             source="eventpretrain_convvit",
             description="the paper's ConvViT-S or ConvViT-B (BIT-Vision/EventPretrain model/backbone/convvit.py)",
             backbone="create_backbone('convvit_small') or create_backbone('convvit_base')",
+            preset="convvit_small",  # released: README.md, "Pre-trained Checkpoints"; 5 bins (main_pretrain.py:117)
             backbone_prefixes=_PAPER_PREFIXES,
             dropped=_PAPER_DROPPED,
             renames=((r"conv_block([12])\.(.*)", r"blocks\1.\2"), (r"vit_block\.(.*)", r"blocks3.\1"), _PAPER_NORM),
@@ -329,6 +336,7 @@ KEY_MAPS: dict[str, KeyMap] = {
             source="eventpretrain_swin",
             description="the paper's Swin-T, GreenMIM's layout (BIT-Vision/EventPretrain model/backbone/swin.py)",
             backbone="create_backbone('swin_tiny')",
+            preset="swin_tiny",  # released: README.md, "Pre-trained Checkpoints"; 5 bins (main_pretrain.py:117)
             backbone_prefixes=_PAPER_PREFIXES,
             dropped=(
                 *_PAPER_DROPPED,
