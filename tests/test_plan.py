@@ -190,3 +190,58 @@ def test_an_evaluation_names_the_section_it_lacks():
     study["study"]["evaluations"][0]["robustness"] = True
     with pytest.raises(ConfigError, match=r"evaluations\[0\].robustness: the study has no section 'downstream.robus"):
         plan_study(study)
+
+
+RELEASED = {"checkpoint": "/weights/convvit_mm.pth", "source": "eventpretrain_convvit"}
+
+
+def with_variants(**variants):
+    study = copy.deepcopy(STUDY)
+    study["variants"] |= variants
+    return study
+
+
+def test_a_released_checkpoint_is_evaluated_on_its_sources_backbone_and_keyed_by_its_path():
+    plan = plan_study(with_variants(released=RELEASED))
+    variant = plan.variants["released"]
+    assert (variant.stages, variant.nodes, variant.checkpoint, variant.source) == (
+        (),
+        (),
+        "/weights/convvit_mm.pth",
+        "eventpretrain_convvit",
+    )
+    evaluations = [plan.evaluations[name] for name in variant.evaluations]
+    assert [(e.task, e.mode, e.seed) for e in evaluations] == [("classify", "linear", 0), ("classify", "linear", 1)]
+    for e in evaluations:
+        assert (e.checkpoint, e.checkpoint_file, e.checkpoint_source) == (None, *RELEASED.values())
+        # The paper's ConvViT-S on 5-bin voxel grids, whatever the study pre-trains (here vit_demo).
+        assert e.config["pretrain"] == {"backbone": "convvit_small", "data": {"num_bins": 5}}
+    assert plan.released == {content_key("/weights/convvit_mm.pth"): "/weights/convvit_mm.pth"}
+    manifest = plan.manifest()["released"]
+    assert (manifest["checkpoint"], manifest["source"], manifest["nodes"]) == (*RELEASED.values(), [])
+    assert "source" not in plan.manifest()["full"]
+    # The trained variants keep their plan; the released one shares no evaluation with the random initialisation.
+    trained = plan_study(STUDY)
+    assert set(trained.evaluations) | set(variant.evaluations) == set(plan.evaluations)
+    assert set(variant.evaluations).isdisjoint(plan.variants["scratch"].evaluations)
+    # Another path or another preset is another evaluation.
+    moved = plan_study(with_variants(released=RELEASED | {"checkpoint": "/elsewhere/convvit_mm.pth"}))
+    assert set(moved.variants["released"].evaluations).isdisjoint(variant.evaluations)
+    base = plan_study(with_variants(released=RELEASED | {"backbone": "convvit_base"}))
+    assert plan.evaluations[variant.evaluations[0]].config["pretrain"]["backbone"] == "convvit_small"
+    assert base.evaluations[base.variants["released"].evaluations[0]].config["pretrain"]["backbone"] == "convvit_base"
+    assert set(base.variants["released"].evaluations).isdisjoint(variant.evaluations)
+
+
+@pytest.mark.parametrize(
+    "variant, message",
+    [
+        (RELEASED | {"source": "mae_vit"}, r"variants\.bad\.source: unknown source 'mae_vit'; known sources: ecdp_vit"),
+        (RELEASED | {"source": "ecdp_vit"}, r"variants\.bad\.source: a study cannot evaluate 'ecdp_vit' checkpoints"),
+        (RELEASED | {"stages": [1]}, r"variants\.bad: a variant either trains stages or evaluates a checkpoint"),
+        ({"source": "eventpretrain_vit"}, r"variants\.bad\.checkpoint: expected the path of a released checkpoint"),
+    ],
+)
+def test_a_released_checkpoint_variant_is_checked(variant, message):
+    with pytest.raises(ConfigError, match=message):
+        plan_study(with_variants(bad=variant))

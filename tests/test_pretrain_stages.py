@@ -35,7 +35,7 @@ TINY = {
     },
     "stage3": {
         "method": {"hidden_dim": 32, "queue_length": 8, "focus": "density"},
-        "layer_lr": {"rule": "grafted"},
+        "layer_lr": {"rule": "grafted", "grafted_groups": "thirds"},
         "train": {"epochs": 1, "batch_size": 4, "base_lr": 1e-3, "max_steps": 2},
     },
 }
@@ -86,7 +86,7 @@ def test_stage3_layer_rule_scales_the_backbone_by_depth():
     module = build_stage_module(3, config, teacher_dim=12)
     groups = stage_param_groups(module, 3, config, weight_decay=0.05)
     scale = {n: g["lr_scale"] for g in groups for p in g["params"] for n, q in module.named_parameters() if q is p}
-    assert scale["backbone.blocks.0.attn.qkv.weight"] == 0.01  # first third of the blocks (grafted)
+    assert scale["backbone.blocks.0.attn.qkv.weight"] == 0.01  # first third of the blocks (grafted by thirds)
     assert scale["backbone.blocks.1.attn.qkv.weight"] == 0.1
     assert scale["projector.layers.0.weight"] == 1.0
     frozen = {n for n, p in module.named_parameters() if not p.requires_grad}

@@ -25,6 +25,16 @@ def test_registry_covers_the_papers_datasets():
     assert all(entry.obtain and entry.expect for entry in registry.values())
 
 
+def test_the_paper_datasets_name_the_authors_organised_copy_and_verify_says_where(tmp_path):
+    registry = load_registry()
+    paper = ["n-caltech101", "n-cars", "n-imagenet", "cifar10-dvs", "es-imagenet", "dsec-semantic", "ddd17", "mvsec"]
+    assert all(registry[name].authors_copy.startswith("https://pan.baidu.com/s/") for name in paper)
+    assert registry["ddd17"].authors_copy.endswith("?pwd=1v29")  # their README's DDD17 link
+    assert not registry["n-mnist"].authors_copy  # not one of theirs
+    report = verify_dataset(registry["mvsec"], tmp_path / "absent")
+    assert f"The paper's authors' organised copy: {registry['mvsec'].authors_copy}" in report.format()
+
+
 def test_a_broken_registry_names_the_entry_and_key(tmp_path):
     path = tmp_path / "registry.yaml"
     path.write_text(

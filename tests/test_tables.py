@@ -180,3 +180,31 @@ def test_the_report_draws_loss_curves_and_copies_stage_figures(tmp_path):
     (results / "pretrain" / "stage3-b" / "metrics.json").unlink()
     with pytest.raises(FileNotFoundError, match="stage3-b"):
         stage_curves(manifest, results)
+
+
+def test_a_released_checkpoints_variant_gets_its_rows_like_a_trained_one(tmp_path):
+    from evpretrain.pipeline.plan import plan_study
+
+    evaluation = {"task": "classify", "mode": "linear", "dataset": "demo", "train": "train", "eval": "test"}
+    study = {
+        "pretrain": {"backbone": "vit_demo"},
+        "downstream": {"classify": {"linear": {"train": {"epochs": 1}}}},
+        "study": {"name": "s", "pretrain_dataset": "demo", "seeds": [0, 1], "evaluations": [evaluation]},
+        "variants": {
+            "scratch": {"stages": []},
+            "released_vit_mm": {"checkpoint": "/weights/vit_mm.pth", "source": "eventpretrain_vit"},
+        },
+    }
+    manifest = plan_study(study).manifest()
+    top1 = {"scratch": [0.2, 0.4], "released_vit_mm": [0.7, 0.9]}
+    for variant, entry in manifest.items():
+        for run, value in zip(entry["evaluations"], top1[variant], strict=True):
+            (tmp_path / "downstream" / run["folder"]).mkdir(parents=True)
+            metrics = {"top1_last": value, "top1_best": value, "top5_last": 1.0}
+            (tmp_path / "downstream" / run["folder"] / "metrics.json").write_text(json.dumps(metrics))
+
+    wide = write_tables(summarise(collect_runs(manifest, tmp_path)), tmp_path / "t")["md"].read_text()
+
+    rows = {line.split("|")[1].strip(): line for line in wide.splitlines()[2:]}
+    assert list(rows) == ["scratch", "released_vit_mm"]
+    assert "80.00 ± 14.14" in rows["released_vit_mm"] and "30.00 ± 14.14" in rows["scratch"]

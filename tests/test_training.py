@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from paper_layout import their_keys, their_name
 from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.data import Dataset, Subset
@@ -226,19 +227,61 @@ def test_layer_decay_scales_are_decay_to_the_distance_from_the_top():
     assert [scales[n] for n in VIT_NAMES] == pytest.approx(expected)
 
 
-def test_layer_grafted_scales_split_the_blocks_in_thirds():
-    module = vit_with_heads()
+def their_grafted_scale(name: str) -> float:
+    """utils/lr_decay.py of the paper: get_layer_id_for_vit(layer_grafted=True) (:77-92) into layer_scales
+    [0.01, 0.1, 1] (:34-35), for a parameter name of their PrHubModel."""
+    if name.startswith(("backbone.pos_embed", "backbone.patch_embed")):
+        group = 0
+    elif name.startswith(("backbone.conv_block1", "backbone.conv_block2")):
+        group = 0
+    elif name.startswith("backbone.vit_block"):
+        block_id = int(name.split(".")[2])
+        group = 0 if block_id // 4 == 0 else 1 if block_id // 4 == 1 else 2
+    else:
+        group = 2
+    return [0.01, 0.1, 1][group]
+
+
+@pytest.mark.parametrize(
+    "kind, preset", [("vit", "vit_small_patch16"), ("convvit", "convvit_small"), ("swin", "swin_tiny")]
+)
+def test_layer_grafted_scales_are_the_papers_for_every_parameter(kind, preset):
+    with torch.device("meta"):
+        module = WithHeads(create_backbone(preset))
     scales = layer_scales(module, "grafted")
+    theirs = their_keys(f"{kind}_mm_trans_cl")
+    expected = {}
+    for name, _ in module.named_parameters():
+        if not name.startswith("backbone."):
+            expected[name] = their_grafted_scale(name)  # heads, decoders: not theirs' backbone, 1.0
+            continue
+        their = their_name(kind, name.removeprefix("backbone."))
+        if their is None:  # our Swin's mask token, which theirs lacks: with the input embedding
+            expected[name] = 0.01
+            continue
+        assert f"backbone.{their}" in theirs, name
+        expected[name] = their_grafted_scale(f"backbone.{their}")
+    assert scales == expected
+    if kind == "convvit":  # blocks3 (their vit_block) 0-3, 4-7, 8-10; the conv stages with the first group
+        assert [scales[f"backbone.blocks3.{i}.attn.qkv.weight"] for i in (3, 4, 7, 8, 10)] == [0.01, 0.1, 0.1, 1, 1]
+        assert scales["backbone.blocks2.1.mlp.fc2.weight"] == scales["backbone.patch_embed4.weight"] == 0.01
+
+
+def test_layer_grafted_scales_by_thirds_split_the_blocks_by_depth():
+    module = vit_with_heads()
+    scales = layer_scales(module, "grafted", grafted_groups="thirds")
     expected = [0.01, 0.01, 0.01, 0.01, 0.1, 0.1, 1.0, 1.0, 1.0, 1.0, 1.0]
     assert [scales[n] for n in VIT_NAMES] == expected
     assert list(scales) == [name for name, _ in module.named_parameters()]
     with torch.device("meta"):
-        deep = layer_scales(WithHeads(create_backbone("vit_small_patch16")), "grafted")  # depth 12
+        deep = layer_scales(WithHeads(create_backbone("vit_small_patch16")), "grafted", grafted_groups="thirds")
     blocks = [{v for n, v in deep.items() if n.startswith(f"backbone.blocks.{i}.")} for i in range(12)]
     assert blocks == [{0.01}] * 4 + [{0.1}] * 4 + [{1.0}] * 4
     assert set(layer_scales(module, "none").values()) == {1.0}
     with pytest.raises(ValueError, match="unknown layer-scale rule 'linear'"):
         layer_scales(module, "linear")
+    with pytest.raises(ValueError, match="unknown grafted_groups 'halves'"):
+        layer_scales(module, "grafted", grafted_groups="halves")
 
 
 def test_layer_scales_follow_each_backbones_own_layer_ids():
@@ -247,7 +290,7 @@ def test_layer_scales_follow_each_backbones_own_layer_ids():
     # opens a stage shares its first block's layer.
     convvit = WithHeads(create_backbone("convvit_demo", img_size=16))
     decay = layer_scales(convvit, "decay", 0.5)
-    grafted = layer_scales(convvit, "grafted")
+    grafted = layer_scales(convvit, "grafted", grafted_groups="thirds")
     for name, layer in [
         ("backbone.patch_embed1.proj.weight", 0),
         ("backbone.blocks1.0.norm1.weight", 1),
@@ -263,7 +306,7 @@ def test_layer_scales_follow_each_backbones_own_layer_ids():
     assert grafted["backbone.patch_embed2.proj.weight"] == grafted["backbone.blocks1.0.norm1.weight"] == 0.01
     swin = WithHeads(create_backbone("swin_demo", img_size=16))
     decay = layer_scales(swin, "decay", 0.5)
-    grafted = layer_scales(swin, "grafted")
+    grafted = layer_scales(swin, "grafted", grafted_groups="thirds")
     for name, layer, third in [
         ("backbone.mask_token", 0, 0.01),
         ("backbone.stages.0.blocks.0.norm1.weight", 1, 0.01),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from evpretrain.pipeline.plan import plan_study
+from evpretrain.pipeline.plan import content_key, plan_study
 
 RESULTS = Path(lookup(dpath="results", within=config, default="results"))
 PLAN = plan_study(config) if "study" in config else None
@@ -48,6 +48,7 @@ wildcard_constraints:
     node=r"stage[123]-[0-9a-f]+",
     teacher=r"[0-9a-f]+",
     evaluation=r"[A-Za-z0-9_.-]+-[0-9a-f]+/seed\d+",
+    released=r"[0-9a-f]+",
 
 
 def node(wildcards):
@@ -112,6 +113,8 @@ def evaluation_inputs(wildcards):
     }
     if planned.checkpoint is not None:
         inputs["checkpoint"] = RESULTS / f"pretrain/{planned.checkpoint}/checkpoint.pt"
+    if planned.checkpoint_file is not None:  # a released checkpoint, through its link (rule released_checkpoint)
+        inputs["checkpoint"] = RESULTS / f"released/{content_key(planned.checkpoint_file)}.pth"
     return inputs
 
 

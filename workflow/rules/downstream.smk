@@ -10,6 +10,18 @@ rule evaluation_config:
         WRITE_TEXT
 
 
+rule released_checkpoint:
+    """A released checkpoint that a variant names (variants.<name>.checkpoint), linked into the results by the key of
+    its path: the plan needs no file, a run stops here naming a missing one, and a new path reruns its evaluations."""
+    output:
+        RESULTS / "released/{released}.pth",
+    params:
+        file=lambda wildcards: PLAN.released[wildcards.released],
+    shell:
+        "test -f {params.file:q} || {{ echo 'released checkpoint {params.file} not found' >&2; exit 1; }};"
+        ' ln -sf "$(realpath {params.file:q})" {output}'
+
+
 rule finetune:
     input:
         unpack(evaluation_inputs),
@@ -23,10 +35,11 @@ rule finetune:
         mode=lambda wildcards: option("--mode", evaluation(wildcards).mode),
         seed=lambda wildcards: evaluation(wildcards).seed,
         checkpoint=lambda wildcards, input: option("--checkpoint", input.get("checkpoint")),
+        source=lambda wildcards: option("--checkpoint-source", evaluation(wildcards).checkpoint_source),
         out=lambda wildcards, output: Path(output[0]).parent,
     shell:
         "{LAUNCH_FINETUNE} finetune {params.task} {params.mode} --config {input.config} --train {input.train}"
-        " --eval {input.eval} {params.checkpoint} --seed {params.seed} --out {params.out} > {log} 2>&1"
+        " --eval {input.eval} {params.checkpoint} {params.source} --seed {params.seed} --out {params.out} > {log} 2>&1"
 
 
 rule robustness:

@@ -56,6 +56,9 @@ class DatasetEntry:
     layout: Layout
     expect: list[Expectation]
     checksums: dict[str, str] = field(default_factory=dict)
+    # Where the paper's authors share their organised copy (their README's "Datasets" table): laid out for their
+    # loaders, which `expect` does not check.
+    authors_copy: str = ""
 
 
 def load_registry(path: str | Path | None = None) -> dict[str, DatasetEntry]:
@@ -108,7 +111,10 @@ class VerifyReport:
 def verify_dataset(entry: DatasetEntry, root: str | Path, *, checksums: bool = False) -> VerifyReport:
     """Check a local copy against the registry's expectations; never raises for a missing or partial copy."""
     root = Path(root)
-    report = VerifyReport(entry.name, root, obtain=entry.obtain)
+    obtain = entry.obtain + (
+        f" The paper's authors' organised copy: {entry.authors_copy}" if entry.authors_copy else ""
+    )
+    report = VerifyReport(entry.name, root, obtain=obtain)
     if not root.is_dir():
         report.problems.append(f"{root} does not exist or is not a folder")
         return report

@@ -37,6 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from os import PathLike
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -113,7 +114,11 @@ class KeyMap:
     transforms: rewrites of the renamed state, applied in order.
     initialised_ok: (pattern on our names, reason) for our parameters without a counterpart in the source, which keep
         their initialisation without making the import partial.
-    norm_eps: eps of the source's final LayerNorm; a difference from ours is noted.
+    preset: the registered backbone that holds the source's released checkpoints, which a study's checkpoint variant
+        builds (``evpretrain.pipeline.plan``); None where the study's voxel-grid input does not fit the source.
+    in_chans: the input channels (voxel-grid bins) of that backbone.
+    norm_eps: (pattern on our module names, eps) of the source's LayerNorms, the first full match wins; each of our
+        LayerNorms whose eps differs from its counterpart's is noted.
     """
 
     source: str
@@ -125,7 +130,9 @@ class KeyMap:
     renames: tuple[tuple[str, Replacement], ...] = ()
     transforms: tuple[Transform, ...] = ()
     initialised_ok: tuple[tuple[str, str], ...] = ()
-    norm_eps: float | None = None
+    preset: str | None = None
+    in_chans: int = 5
+    norm_eps: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -305,26 +312,31 @@ KEY_MAPS: dict[str, KeyMap] = {
             source="eventpretrain_vit",
             description="the paper's ViT-S/16 or ViT-B/16 (BIT-Vision/EventPretrain model/backbone/vit.py)",
             backbone="create_backbone('vit_small_patch16') or create_backbone('vit_base_patch16')",
+            preset="vit_small_patch16",  # released: README.md, "Pre-trained Checkpoints"; 5 bins (main_pretrain.py:117)
             backbone_prefixes=_PAPER_PREFIXES,
             dropped=_PAPER_DROPPED,
             renames=((r"vit_block\.(\d+)\.(.*)", r"blocks.\1.\2"), _PAPER_NORM),
             transforms=(fixed_pos_embed,),
-            norm_eps=1e-6,
+            # model/sub_module/vit_block.py:57 (patch embedding, torch's default); model/backbone/vit.py:163
+            norm_eps=((r"patch_embed\.norm", 1e-5), (r".*", 1e-6)),
         ),
         KeyMap(
             source="eventpretrain_convvit",
             description="the paper's ConvViT-S or ConvViT-B (BIT-Vision/EventPretrain model/backbone/convvit.py)",
             backbone="create_backbone('convvit_small') or create_backbone('convvit_base')",
+            preset="convvit_small",  # released: README.md, "Pre-trained Checkpoints"; 5 bins (main_pretrain.py:117)
             backbone_prefixes=_PAPER_PREFIXES,
             dropped=_PAPER_DROPPED,
             renames=((r"conv_block([12])\.(.*)", r"blocks\1.\2"), (r"vit_block\.(.*)", r"blocks3.\1"), _PAPER_NORM),
             transforms=(fixed_pos_embed,),
-            norm_eps=1e-6,
+            # model/sub_module/conv_block.py:28,36 and vit_block.py:57 (torch's default); model/backbone/convvit.py:214
+            norm_eps=((r"patch_embed\d\.norm|blocks[12]\.\d+\.norm[12]", 1e-5), (r".*", 1e-6)),
         ),
         KeyMap(
             source="eventpretrain_swin",
             description="the paper's Swin-T, GreenMIM's layout (BIT-Vision/EventPretrain model/backbone/swin.py)",
             backbone="create_backbone('swin_tiny')",
+            preset="swin_tiny",  # released: README.md, "Pre-trained Checkpoints"; 5 bins (main_pretrain.py:117)
             backbone_prefixes=_PAPER_PREFIXES,
             dropped=(
                 *_PAPER_DROPPED,
@@ -345,7 +357,7 @@ KEY_MAPS: dict[str, KeyMap] = {
                     "our SimMIM mask token, used only under a mask; the paper's Swin drops hidden patches instead",
                 ),
             ),
-            norm_eps=1e-6,
+            norm_eps=((r".*", 1e-6),),  # every norm: model/backbone/swin.py:44,299
         ),
         KeyMap(
             source="ecdp_vit",
@@ -361,7 +373,7 @@ KEY_MAPS: dict[str, KeyMap] = {
                 (r"tokens|cls_token", _ECDP_TOKENS),
             ),
             transforms=(fixed_pos_embed,),
-            norm_eps=1e-6,
+            norm_eps=((r".*", 1e-6),),
         ),
         KeyMap(
             source="mem_vit",
@@ -391,7 +403,7 @@ KEY_MAPS: dict[str, KeyMap] = {
                 ),
             ),
             transforms=(fuse_qv_bias, fold_layer_scale, partial(fixed_pos_embed, num_prefix_tokens=1)),
-            norm_eps=1e-6,
+            norm_eps=((r".*", 1e-6),),
         ),
     )
 }
@@ -485,12 +497,7 @@ def map_state_dict(
     }
     absent = [key for key in ours if key not in renamed]
     kept = {key: reason for key in absent if (reason := _first_match(keymap.initialised_ok, key)) is not None}
-    norm = getattr(backbone, "norm", None)
-    if keymap.norm_eps is not None and isinstance(norm, nn.LayerNorm) and norm.eps != keymap.norm_eps:
-        notes.append(
-            f"the source's final LayerNorm has eps {keymap.norm_eps:g}, ours {norm.eps:g}: outputs differ "
-            "slightly (a relative change of about the eps difference over the token variance per norm)"
-        )
+    notes += _eps_notes(keymap, backbone)
     report = ImportReport(
         source=keymap.source,
         path=None if path is None else str(path),
@@ -561,7 +568,22 @@ def _split_backbone(state: dict[str, Tensor], keymap: KeyMap) -> tuple[dict[str,
     return inside, outside
 
 
-def _first_match(rules: Sequence[tuple[str, str]], key: str) -> str | None:
+def _eps_notes(keymap: KeyMap, backbone: nn.Module) -> list[str]:
+    """One note per (source eps, our eps) pair that differs, naming our LayerNorms concerned."""
+    differing: dict[tuple[float, float], list[str]] = {}
+    for name, module in backbone.named_modules():
+        if isinstance(module, nn.LayerNorm) and (eps := _first_match(keymap.norm_eps, name)) is not None:
+            if module.eps != eps:
+                differing.setdefault((eps, module.eps), []).append(name)
+    return [
+        f"{len(names)} LayerNorms of ours ({_abbreviate(names)}) have eps {ours:g} where the source's have "
+        f"{theirs:g}: outputs differ slightly (a relative change of about the eps difference over the token "
+        "variance per norm)"
+        for (theirs, ours), names in differing.items()
+    ]
+
+
+def _first_match(rules: Sequence[tuple[str, Any]], key: str) -> Any:
     return next((reason for pattern, reason in rules if re.fullmatch(pattern, key)), None)
 
 

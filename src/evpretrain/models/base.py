@@ -45,7 +45,9 @@ class Backbone(nn.Module):
     levels: indices (blocks for a ViT, stages otherwise) of the features returned in ``BackboneOutput.levels``;
     level_dims: their widths as tokens; feature_dims / feature_strides: channels and strides of
     ``BackboneOutput.feature_maps``; norm: the final norm (stage 2 trains only this); num_layers: how many
-    layer ids ``layer_id`` hands out (for layer-wise learning-rate scales).
+    layer ids ``layer_id`` hands out (for layer-wise learning-rate scales); vit_layer: the layer id of the first
+    plain transformer block (the paper's ``vit_block.0``, whose index the layer-grafted groups count), None when
+    there are none (Swin).
 
     Subclasses implement ``forward(x (B, in_chans, H, W), mask (B, N) bool | None) -> BackboneOutput`` and
     ``layer_id(parameter name) -> int``: 0 for the input embedding up to num_layers - 1 for the final norm.
@@ -62,6 +64,7 @@ class Backbone(nn.Module):
     feature_strides: list[int]
     norm: nn.Module
     num_layers: int
+    vit_layer: int | None
 
     @property
     def num_tokens(self) -> int:

@@ -139,6 +139,7 @@ class ConvViT(Backbone):
         self.feature_strides = [strides[0], strides[0] * strides[1], self.patch_size]
         self.depths = tuple(depths)
         self.num_layers = sum(depths) + 2
+        self.vit_layer = 1 + depths[0] + depths[1]  # blocks3.0, the paper's vit_block.0
         self._init_weights()
 
     def _init_weights(self) -> None:

@@ -8,6 +8,8 @@ attention only sees mask tokens at hidden positions, so a hidden patch's content
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from timm.layers import trunc_normal_
 from timm.models.swin_transformer import SwinTransformer, WindowAttention
@@ -25,7 +27,11 @@ from evpretrain.models.base import (
 
 class SwinBackbone(Backbone):
     """timm's patch embedding (conv + LayerNorm, NHWC), its four ``SwinTransformerStage``s (patch merging between
-    them) and final norm, plus a SimMIM mask token. Levels and feature maps are the four stage outputs."""
+    them) and final norm, plus a SimMIM mask token. Levels and feature maps are the four stage outputs.
+
+    norm_eps: eps of every LayerNorm (patch embedding, blocks, patch merging, final): 1e-6 as the paper's Swin
+        (``model/backbone/swin.py:44,299``), where timm's default is 1e-5.
+    """
 
     def __init__(
         self,
@@ -40,6 +46,7 @@ class SwinBackbone(Backbone):
         drop_path_rate: float = 0.0,
         proj_drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
+        norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
         swin = SwinTransformer(
@@ -55,6 +62,7 @@ class SwinBackbone(Backbone):
             drop_path_rate=drop_path_rate,
             proj_drop_rate=proj_drop_rate,
             attn_drop_rate=attn_drop_rate,
+            norm_layer=partial(nn.LayerNorm, eps=norm_eps),
         )
         self.patch_embed = swin.patch_embed
         self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, embed_dim))
@@ -83,6 +91,7 @@ class SwinBackbone(Backbone):
         self.feature_dims = widths
         self.feature_strides = [patch_size * 2**i for i in range(num_stages)]
         self.num_layers = sum(depths) + 2
+        self.vit_layer = None  # no plain ViT blocks (layer-grafted groups)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> BackboneOutput:
         """Encode x (B, in_chans, H, W); ``mask`` (B, N) bool on the last-level grid, True = replace by the token."""

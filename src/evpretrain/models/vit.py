@@ -83,6 +83,7 @@ class VisionTransformer(Backbone):
         self.feature_dims = [embed_dim] * len(self.feature_blocks)
         self.feature_strides = [patch_size] * len(self.feature_blocks)
         self.num_layers = depth + 2
+        self.vit_layer = 1
         self._init_weights()
 
     def _init_weights(self) -> None:

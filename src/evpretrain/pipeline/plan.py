@@ -9,6 +9,11 @@ a change to a stage's settings changes its key and the keys of everything downst
 Evaluations are keyed the same way: the downstream task's config, the backbone settings, the dataset, the seed and
 the checkpoint's node. Settings that only change how a job runs (``execution``: executor, partition, GPUs) are in no
 key, so they never invalidate an output.
+
+A variant may instead name a released checkpoint, ``{checkpoint: PATH, source: NAME}`` (an importer of
+``evpretrain.downstream.importers``, e.g. the paper's ``eventpretrain_vit``): it runs no stage, and its evaluations
+build the source's backbone (``backbone:`` to choose another preset), import the file, and are keyed by its path and
+source, so that the same evaluations, tables and MLflow runs compare it with the trained variants.
 """
 
 from __future__ import annotations
@@ -85,6 +90,8 @@ class Evaluation:
     key: str
     config: dict[str, Any]
     robustness: bool = False  # also stress the classifier with noise and dropped events (the first seed only)
+    checkpoint_file: str | None = None  # a released checkpoint's path (then ``checkpoint`` is None)
+    checkpoint_source: str | None = None  # and the importer that reads it
 
     @property
     def name(self) -> str:
@@ -93,14 +100,20 @@ class Evaluation:
 
 @dataclass(frozen=True)
 class Variant:
+    """A variant's stage nodes and evaluations; ``source`` (the importer) when it evaluates a released checkpoint,
+    ``released`` (its path)."""
+
     name: str
     stages: tuple[int, ...]
     nodes: tuple[str, ...]
     evaluations: tuple[str, ...]
+    released: str | None = None
+    source: str | None = None
 
     @property
     def checkpoint(self) -> str | None:
-        return self.nodes[-1] if self.nodes else None
+        """The last stage's node name, or the released checkpoint's path; None for a random initialisation."""
+        return self.nodes[-1] if self.nodes else self.released
 
 
 @dataclass
@@ -111,10 +124,12 @@ class StudyPlan:
     evaluations: dict[str, Evaluation] = field(default_factory=dict)
     variants: dict[str, Variant] = field(default_factory=dict)
     teachers: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> the config teacher-features reads
+    released: dict[str, str] = field(default_factory=dict)  # key of a released checkpoint's path -> the path
     pretrain_dataset: str = "demo"
 
     def manifest(self) -> dict[str, Any]:
-        """What the tables need: per variant, its stages and each evaluation's folder and description."""
+        """What the tables need: per variant, its stages and each evaluation's folder and description; a released
+        checkpoint's variant has its file as ``checkpoint`` and its importer as ``source``."""
         return {
             name: {
                 "stages": list(variant.stages),
@@ -129,6 +144,7 @@ class StudyPlan:
                     for e in variant.evaluations
                 ],
             }
+            | ({"source": variant.source} if variant.source else {})
             for name, variant in self.variants.items()
         }
 
@@ -161,6 +177,9 @@ def plan_study(study: Mapping[str, Any]) -> StudyPlan:
     data_identity = _data_identity(study, plan.pretrain_dataset)
     for name, variant in variants.items():
         where = f"variants.{name}"
+        if "checkpoint" in variant or "source" in variant:
+            _plan_released(plan, study, spec, name, variant)
+            continue
         stages = tuple(variant.get("stages", ()))
         if list(stages) != sorted(set(stages)) or not set(stages) <= {1, 2, 3}:
             raise ConfigError(f"{where}.stages: expected increasing stage numbers among 1, 2, 3, got {list(stages)}")
@@ -204,6 +223,48 @@ def plan_study(study: Mapping[str, Any]) -> StudyPlan:
     return plan
 
 
+def released_backbone(variant: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The ``pretrain`` backbone keys that build a released checkpoint's backbone: the source's preset (or the
+    variant's ``backbone``) at the source's input bins. Raises ConfigError naming the variant for an unknown source."""
+    from evpretrain.downstream.importers import KEY_MAPS, known_sources
+
+    source, path = variant.get("source"), variant.get("checkpoint")
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"{where}.checkpoint: expected the path of a released checkpoint file, got {path!r}")
+    if source not in KEY_MAPS:
+        raise ConfigError(f"{where}.source: unknown source {source!r}; known sources: {', '.join(known_sources())}")
+    keymap = KEY_MAPS[source]
+    if keymap.preset is None:
+        raise ConfigError(
+            f"{where}.source: a study cannot evaluate {source!r} checkpoints: they take another input than the "
+            f"study's voxel grid ({keymap.backbone}); use `evpretrain finetune --checkpoint-source {source}`"
+        )
+    return {"backbone": variant.get("backbone") or keymap.preset, "data": {"num_bins": keymap.in_chans}}
+
+
+def _plan_released(
+    plan: StudyPlan, study: Mapping[str, Any], spec: Mapping[str, Any], name: str, variant: Mapping[str, Any]
+) -> None:
+    """Plan the evaluations of a released-checkpoint variant: no stage, the source's backbone."""
+    where = f"variants.{name}"
+    if "stages" in variant:
+        raise ConfigError(f"{where}: a variant either trains stages or evaluates a checkpoint, not both")
+    backbone = released_backbone(variant, where)
+    resolved = apply_overrides(study, variant.get("overrides", {}), where)
+    resolved["pretrain"] = {**(optional_section(resolved, "pretrain") or {}), **backbone}
+    resolved["pretrain"].pop("backbone_overrides", None)  # the study's overrides are for its own backbone
+    released = (variant["checkpoint"], variant["source"])
+    plan.released[content_key(variant["checkpoint"])] = variant["checkpoint"]
+    evaluations = [
+        _evaluation(resolved, spec, entry, seed, None, f"study.evaluations[{i}]", released)
+        for i, entry in enumerate(spec.get("evaluations", []))
+        for seed in spec.get("seeds", [0])
+    ]
+    for evaluation in evaluations:
+        plan.evaluations.setdefault(evaluation.name, evaluation)
+    plan.variants[name] = Variant(name, (), (), tuple(e.name for e in evaluations), *released)
+
+
 def _evaluation(
     study: Mapping[str, Any],
     spec: Mapping[str, Any],
@@ -211,6 +272,7 @@ def _evaluation(
     seed: int,
     checkpoint: str | None,
     where: str,
+    released: tuple[str, str] | None = None,
 ) -> Evaluation:
     task, mode = entry["task"], entry.get("mode")
     dotted = f"downstream.{task}.{mode}" if task == "classify" and mode else f"downstream.{task}"
@@ -240,6 +302,8 @@ def _evaluation(
         "splits": [entry["train"], entry["eval"]],
         "checkpoint": checkpoint,
     }
+    if released is not None:  # the file's path and importer: a new path reruns the evaluation
+        content["released"] = {"file": released[0], "source": released[1]}
     return Evaluation(
         label,
         task,
@@ -252,4 +316,5 @@ def _evaluation(
         content_key(content),
         config,
         robustness,
+        *(released or (None, None)),
     )

@@ -174,7 +174,9 @@ def log_study(
             f"variant/{variant}",
             variant,
             parent=None,
-            params={"stages": entry["stages"], "checkpoint": entry["checkpoint"]},
+            # a released checkpoint's variant: its file and importer (no stages)
+            params={"stages": entry["stages"], "checkpoint": entry["checkpoint"]}
+            | ({"source": entry["source"]} if entry.get("source") else {}),
             metrics={f"mean/{k}": v for k, v in means.items()},
             tags={"variant": variant, "stage": "variant"},
         )

@@ -86,10 +86,13 @@ class KnnConfig:
 @dataclass(frozen=True)
 class LayerLrConfig:
     """Stage 3's layer-wise learning-rate factors: ``none``, ``decay`` (``decay`` ** depth from the top) or
-    ``grafted`` (0.01 / 0.1 / 1.0 over the thirds of the blocks)."""
+    ``grafted`` (0.01 / 0.1 / 1.0 by group). ``grafted_groups``: ``blocks_of_4``, the paper's groups
+    (``utils/lr_decay.py``: embeddings and conv stages, then plain blocks 0-3, 4-7, 8+), or ``thirds`` of all the
+    blocks by depth (ours before; the same for a 12-block ViT). See ``training.optim.layer_scales``."""
 
     rule: Literal["none", "decay", "grafted"] = "none"
     decay: float = 0.75
+    grafted_groups: Literal["blocks_of_4", "thirds"] = "blocks_of_4"
 
 
 @dataclass(frozen=True)
@@ -200,7 +203,7 @@ def stage_param_groups(module: nn.Module, stage: int, config: PretrainConfig, we
     scales = None
     if stage == 3 and config.stage3.layer_lr.rule != "none":
         rule = config.stage3.layer_lr
-        scales = layer_scales(module, rule.rule, rule.decay)
+        scales = layer_scales(module, rule.rule, rule.decay, grafted_groups=rule.grafted_groups)
     return param_groups(module, weight_decay, lr_scales=scales)
 
 

@@ -90,6 +90,7 @@ def layer_scales(
     decay: float = 0.75,
     *,
     grafted: tuple[float, float, float] = GRAFTED_SCALES,
+    grafted_groups: Literal["blocks_of_4", "thirds"] = "blocks_of_4",
 ) -> dict[str, float]:
     """Learning-rate factor of each parameter of ``module``, a model around a ``backbone``, by its layer.
 
@@ -100,10 +101,14 @@ def layer_scales(
     - ``"none"``: 1.0 everywhere.
     - ``"decay"`` (MAE's ``lr_decay.py``, fine-tuning): ``decay ** (depth + 1 - l)``: the embeddings get
       ``decay ** (depth + 1)``, block ``i`` gets ``decay ** (depth - i)``, the final norm and heads 1.0.
-    - ``"grafted"`` (layer-grafted pre-training): the blocks split into thirds by depth, block ``i`` in third
-      ``floor(3 i / depth)`` (ViT-S, depth 12: blocks 0-3, 4-7, 8-11), which get ``grafted[0]``, ``grafted[1]``,
-      ``grafted[2]`` (0.01, 0.1, 1.0); the embeddings share the first third's factor, everything after the blocks
-      (final norm, heads) the last third's.
+    - ``"grafted"`` (layer-grafted pre-training), factors ``grafted`` = (0.01, 0.1, 1.0) by group 0, 1, 2:
+      ``grafted_groups="blocks_of_4"`` is the paper's ``utils/lr_decay.py`` (``get_layer_id_for_vit``): plain
+      transformer block ``i`` (ViT ``blocks.i``, ConvViT ``blocks3.i``: their ``vit_block.i``) in group
+      ``min(i // 4, 2)``; everything before those blocks (patch embeddings, positions, ConvViT's conv stages) in
+      group 0; everything after (final norm, heads, decoders, projectors) in group 2. A backbone without plain
+      blocks (Swin, ``backbone.vit_layer`` None) has its input embedding in group 0 and the rest in group 2, as
+      theirs. ``"thirds"`` (ours before) splits all the blocks by depth, block ``i`` in ``floor(3 i / depth)``,
+      the embeddings with the first third, everything after the blocks with the last.
     """
     backbone = module.backbone
     top = backbone.num_layers - 1
@@ -111,7 +116,23 @@ def layer_scales(
         name: backbone.layer_id(name.removeprefix("backbone.")) if name.startswith("backbone.") else top
         for name, _ in module.named_parameters()
     }
+    if rule == "grafted" and grafted_groups == "blocks_of_4":
+        first = backbone.vit_layer
+        return {name: float(grafted[_group_of_4(layer, first, top)]) for name, layer in ids.items()}
+    if rule == "grafted" and grafted_groups != "thirds":
+        raise ValueError(f"unknown grafted_groups {grafted_groups!r}; expected 'blocks_of_4' or 'thirds'")
     return _scales_for_layers(ids, top - 1, rule, decay, grafted)
+
+
+def _group_of_4(layer: int, first: int | None, top: int) -> int:
+    """The paper's grafted group of layer id ``layer``: 0 before the plain block at layer ``first``, then
+    ``(layer - first) // 4`` up to 2; the top layer (final norm, heads) 2. Without plain blocks: 0 for the input
+    embedding (layer 0), else 2."""
+    if first is None:
+        return 0 if layer == 0 else 2
+    if layer >= top:
+        return 2
+    return min(max(layer - first, 0) // 4, 2)
 
 
 def _scales_for_layers(
@@ -121,7 +142,7 @@ def _scales_for_layers(
     decay: float,
     grafted: tuple[float, float, float],
 ) -> dict[str, float]:
-    """``layer_scales`` of layer ids in [0, depth + 1]."""
+    """``layer_scales`` of layer ids in [0, depth + 1]; ``grafted`` by thirds of the depth."""
     if rule == "none":
         return {name: 1.0 for name in ids}
     if rule == "decay":
