@@ -1,6 +1,7 @@
 """Downstream samples, models and runs: windows, augmentation of dense targets, the frozen probe, the CLI."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -226,7 +227,10 @@ TINY_STUDY = {
     },
     "downstream": {
         "classify": {
-            "linear": {"train": {"epochs": 2, "batch_size": 4, "base_lr": 1e-2}},
+            "linear": {
+                "augment": {"erase_add_fraction": [0.05, 0.1]},
+                "train": {"epochs": 2, "batch_size": 4, "base_lr": 1e-2},
+            },
             "finetune": {
                 "layer_decay": 0.75,
                 "drop_path_rate": 0.1,
@@ -237,7 +241,7 @@ TINY_STUDY = {
         },
         "segment": {"channels": 16, "train": {"epochs": 1, "batch_size": 4, "base_lr": 1e-3}},
         "flow": {"channels": 16, "train": {"epochs": 1, "batch_size": 4, "base_lr": 1e-3}},
-        "robustness": {"shot_noise_hz": [0.0, 100.0], "drop": [0.5]},
+        "robustness": {"shot_noise_hz": [0.0, 100.0], "drop": [0.5], "val_event_noise": True},
     },
 }
 
@@ -326,6 +330,8 @@ def test_robustness_table_from_a_finetuned_classifier(tiny_demo, tmp_path):
         )
         == 0
     )
+    variant = tmp_path / "mode_1.h5"  # another evaluation store: here the same samples, under another name
+    shutil.copy(stores["val"], variant)
     common = [
         "evaluate-robustness",
         "--config",
@@ -334,16 +340,25 @@ def test_robustness_table_from_a_finetuned_classifier(tiny_demo, tmp_path):
         str(run),
         "--eval",
         str(stores["val"]),
+        "--variants",
+        str(variant),
         "--seed",
         "0",
     ]
     assert main([*common, "--out", str(tmp_path / "a")]) == 0
     assert main([*common, "--out", str(tmp_path / "b")]) == 0
     a = json.loads((tmp_path / "a" / "metrics.json").read_text())["rows"]
-    assert [(r["corruption"], r["level"]) for r in a] == [("shot_noise", 0.0), ("shot_noise", 100.0), ("drop", 0.5)]
+    assert [(r["split"], r["corruption"], r["level"]) for r in a] == [
+        ("val", "shot_noise", 0.0),
+        ("val", "shot_noise", 100.0),
+        ("val", "drop", 0.5),
+        ("val", "val_event_noise", 0.1),  # the run's erase/add at evaluation, its upper fraction as the level
+        ("mode_1", "none", 0.0),
+    ]
     assert a == json.loads((tmp_path / "b" / "metrics.json").read_text())["rows"]  # deterministic for a seed
     clean = json.loads((run / "metrics.json").read_text())["top1_last"]
     assert a[0]["top1"] == pytest.approx(clean)  # level 0 is the clean evaluation
+    assert a[-1]["top1"] == pytest.approx(clean)  # the same samples under another name score the same
     assert (tmp_path / "a" / "robustness.png").exists()
     assert "| shot_noise" in (tmp_path / "a" / "robustness.md").read_text()
 
@@ -381,7 +396,14 @@ def test_task_and_robustness_settings_come_from_their_sections_or_name_the_missi
 
     assert task_config(TINY_STUDY, "classify", "finetune").layer_decay == 0.75
     assert task_config(TINY_STUDY, "flow").channels == 16
-    assert robustness_config(TINY_STUDY) == RobustnessConfig(shot_noise_hz=(0.0, 100.0), drop=(0.5,))
+    assert robustness_config(TINY_STUDY) == RobustnessConfig(
+        shot_noise_hz=(0.0, 100.0), drop=(0.5,), val_event_noise=True
+    )
+    finetune = TINY_STUDY["downstream"]["classify"]["finetune"]
+    with pytest.raises(ConfigError, match=r"downstream.classify.finetune.head: .* expected 'linear'"):
+        task_config({"downstream": {"classify": {"finetune": {**finetune, "head": "mae_bn"}}}}, "classify", "finetune")
+    with pytest.raises(ConfigError, match=r"downstream.classify.linear: head must be one of \('linear', 'mae_bn'\)"):
+        task_config({"downstream": {"classify": {"linear": {**finetune, "head": "bn"}}}}, "classify", "linear")
     # An empty section (what the plan writes for a study that sets no levels) means the default levels.
     assert robustness_config({"downstream": {"robustness": {}}}) == RobustnessConfig()
     no_levels = {"downstream": {k: v for k, v in TINY_STUDY["downstream"].items() if k != "robustness"}}

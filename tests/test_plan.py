@@ -131,9 +131,25 @@ def test_robustness_is_planned_for_the_first_seed_of_a_classification_only():
         plan_study(study)
 
 
+def test_also_eval_stores_go_to_the_first_seeds_robustness_evaluation_only():
+    study = copy.deepcopy(STUDY)
+    study["downstream"]["robustness"] = {"val_event_noise": True}
+    also = {"dataset": "n-imagenet-variant", "splits": ["mode_1", "brightness_4"]}
+    study["study"]["evaluations"][0] |= {"robustness": True, "also_eval": also}
+    plan, reference = plan_study(study), plan_study(STUDY)
+    assert plan.evaluations.keys() == reference.evaluations.keys()  # scoring more stores retrains nothing
+    for name, evaluation in plan.evaluations.items():
+        expected = (("n-imagenet-variant", "mode_1"), ("n-imagenet-variant", "brightness_4"))
+        assert evaluation.also_eval == (expected if name.endswith("/seed0") else ())
+    study["study"]["evaluations"][0]["robustness"] = False
+    with pytest.raises(ConfigError, match=r"evaluations\[0\].also_eval: the robustness evaluation scores these"):
+        plan_study(study)
+
+
 def test_the_demo_study_keeps_its_stage_and_evaluation_keys():
     # Pinned before the config lookups moved to evpretrain.config (issue 11): a refactor must leave every folder
-    # name and every config a job reads as they were. A deliberate change of config.yaml updates these figures.
+    # name and every config a job reads as they were. A deliberate change of config.yaml updates these figures
+    # (last: issue 12, the probe's head options and downstream.robustness.val_event_noise written out).
     plan = plan_study(load_yaml(Path(__file__).resolve().parents[1] / "config.yaml"))
     assert {name: variant["nodes"] for name, variant in plan.manifest().items()} == {
         "full": ["stage1-3941df28b5", "stage2-f737238467", "stage3-68e1873b3a"],
@@ -149,22 +165,22 @@ def test_the_demo_study_keeps_its_stage_and_evaluation_keys():
     assert sorted({name.split("/")[0] for name in plan.evaluations}) == [
         f"classify-linear-demo-{key}"
         for key in (
-            "3c797ce83c",
-            "4614b12c98",
-            "761e95ba17",
-            "7a36d39039",
-            "8d3cb38a8e",
-            "955e5a5cbf",
-            "af7f7ef65f",
-            "be04b02f07",
-            "c4344cee48",
+            "01d64e74f0",
+            "0eb485e8d7",
+            "180d546034",
+            "7e8ad943f7",
+            "8e4aaf9ffb",
+            "ae67b62a4c",
+            "c942c81817",
+            "cc0b90bddc",
+            "e5a440d591",
         )
     ]
     assert list(plan.teachers) == ["0ef09459ea"]
     # The configs the jobs read, byte for byte (content_key hashes their sorted JSON).
     assert content_key({name: node.config for name, node in plan.nodes.items()}) == "31deed9d91"
-    assert content_key({name: e.config for name, e in plan.evaluations.items()}) == "746906a37c"
-    assert content_key(plan.teachers) == "b51f28ccbb" and content_key(plan.manifest()) == "43f07a92ea"
+    assert content_key({name: e.config for name, e in plan.evaluations.items()}) == "0d32d39702"
+    assert content_key(plan.teachers) == "b51f28ccbb" and content_key(plan.manifest()) == "a5953a85f5"
 
 
 def test_a_converted_dataset_is_keyed_by_its_conversion_settings():

@@ -167,3 +167,30 @@ def test_the_report_draws_loss_curves_and_copies_stage_figures(tmp_path):
     (results / "pretrain" / "stage3-b" / "metrics.json").unlink()
     with pytest.raises(FileNotFoundError, match="stage3-b"):
         stage_curves(manifest, results)
+
+
+def test_robustness_tables_name_the_authors_protocols_and_the_variant_stores(tmp_path):
+    manifest = write_study(tmp_path / "results")
+    evaluation = manifest["full"]["evaluations"][0]
+    evaluation["robustness"] = True
+    folder = tmp_path / "results" / "downstream" / evaluation["folder"] / "robustness"
+    folder.mkdir()
+    pd.DataFrame(
+        {
+            "split": ["val", "val", "mode_1", "brightness_4"],
+            "corruption": ["shot_noise", "val_event_noise", "none", "none"],
+            "level": [0.0, 0.01, 0.0, 0.0],
+            "top1": [0.8, 0.7, 0.5, 0.4],
+            "top5": 1.0,
+        }
+    ).to_csv(folder / "robustness.csv", index=False)
+    robustness = collect_robustness(manifest, tmp_path / "results")
+    assert list(robustness["split"]) == ["val", "val", "mode_1", "brightness_4"]
+    lines = write_robustness_tables(robustness, tmp_path / "tables")["md"].read_text().splitlines()
+    assert [cell.strip() for cell in lines[0].split("|")[2:-1]] == [
+        "clean",
+        "val_event_noise",
+        "mode_1",
+        "brightness_4",
+    ]
+    assert [cell.strip() for cell in lines[2].split("|")[2:-1]] == ["80.0", "70.0", "50.0", "40.0"]
