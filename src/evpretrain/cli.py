@@ -341,7 +341,8 @@ def _add_downstream_commands(commands: argparse._SubParsersAction) -> None:
         p.set_defaults(func=_cmd_finetune)
 
     p = commands.add_parser(
-        "evaluate-robustness", help="accuracy of a fine-tuned classifier under shot noise and dropped events"
+        "evaluate-robustness",
+        help="accuracy of a fine-tuned classifier under shot noise, dropped events, val_event_noise and variant stores",
     )
     p.add_argument("--config", required=True, type=Path, help="study config (downstream.robustness sets the levels)")
     p.add_argument("--run", required=True, type=Path, help="an `evpretrain finetune classify` run folder")
