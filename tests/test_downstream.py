@@ -1,6 +1,7 @@
 """Downstream samples, models and runs: windows, augmentation of dense targets, the frozen probe, the CLI."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -118,21 +119,108 @@ def test_a_task_without_its_targets_is_refused_by_name(tmp_path):
         DownstreamDataset(store, "flow", train=True)
 
 
-def test_erase_and_add_keeps_the_count_and_the_contract():
+def test_erase_and_add_draws_independent_counts_within_the_fraction_bounds():
+    # 2000 events with distinct times and no jitter: an erased event's time is missing, an added copy's doubled.
+    n = 2000
+    events = make_events(np.arange(n) * 10, np.arange(n) % 24, np.arange(n) % 16, np.where(np.arange(n) % 2, 1, -1))
+    changes, erased, doubled = [], [], []
+    for seed in range(200):
+        out = erase_and_add_events(events, (0.001, 0.01), 0.0, SENSOR, np.random.default_rng(seed))
+        validate_events(out, sensor_size=SENSOR)
+        counts = np.bincount(out["t"] // 10, minlength=n)
+        changes.append(len(out) - n)
+        erased.append(int((counts == 0).sum()))
+        doubled.append(int((counts == 2).sum()))
+    # Each count is an integer in [int(0.001 n), int(0.01 n)) = [2, 20), as np.random.randint(2, 20) in theirs.
+    assert max(erased) < 20 and max(doubled) < 20 and min(erased + doubled) >= 0
+    assert all(-18 <= c <= 18 for c in changes)
+    # Independent draws: the length changes (one shared count would keep it), by 0 on average,
+    # with the variance of a difference of two uniform integers on 2..19: 2 (18^2 - 1) / 12 = 53.8.
+    assert len(set(changes)) > 10
+    assert abs(np.mean(changes)) < 1.5 and 40 < np.var(changes) < 70
+    # Nothing changes where int(0.01 n) is 0.
+    few = events[:99]
+    assert erase_and_add_events(few, (0.001, 0.01), 1.5, SENSOR, np.random.default_rng(0)) is few
+
+
+def test_added_events_are_jittered_in_space_and_time_and_truncated_to_pixels():
+    n, sensor = 20_000, (64, 64)
+    events = make_events(np.arange(n) * 1_000_000, np.full(n, 32), np.full(n, 32), np.ones(n))
+    out = erase_and_add_events(events, (0.4, 0.5), 1.5, sensor, np.random.default_rng(0), jitter_us=1000.0)
+    offset = out["t"] - np.rint(out["t"] / 1e6).astype(np.int64) * 1_000_000
+    added = out[offset != 0]  # originals sit on whole seconds; a copy is moved by N(0, 1 ms)
+    assert 0.4 * n * 0.99 < len(added) <= 0.5 * n
+    assert np.std(offset[offset != 0]) == pytest.approx(1000, rel=0.05)
+    # x = trunc(32 + N(0, 1.5)): the floor of a normal, mean about -0.5, spread sqrt(1.5^2 + 1/12).
+    dx = added["x"].astype(float) - 32
+    assert np.mean(dx) == pytest.approx(-0.5, abs=0.05)
+    assert np.std(dx) == pytest.approx(np.sqrt(1.5**2 + 1 / 12), rel=0.05)
+    # Unmoved events are the originals, but for the few copies whose time jitter rounds to 0 (P = 0.04%).
+    assert (out["x"][offset == 0] != 32).sum() < 0.001 * n
+
+
+def test_a_random_evaluation_window_is_a_function_of_seed_and_index(tmp_path):
+    store = _store(tmp_path / "s.h5", count=40)
+    window = WindowConfig(train_events=10, eval_events=10, eval_position="random")
+    first = DownstreamDataset(store, "classify", train=False, window=window, seed=3)
+    again = DownstreamDataset(store, "classify", train=False, window=window, seed=3)
+    first.set_epoch(5)  # evaluation draws do not follow the epoch
+    assert torch.equal(first[0]["voxel"], again[0]["voxel"]) and torch.equal(first[1]["voxel"], again[1]["voxel"])
+    assert first[0]["voxel"].abs().sum().item() == pytest.approx(10, rel=1e-5)
+    assert first.deterministic
+    draws = {
+        DownstreamDataset(store, "classify", train=False, window=window, seed=s)[0]["voxel"].numpy().tobytes()
+        for s in range(8)
+    }
+    assert len(draws) > 1  # the start moves with the seed
+    middle = DownstreamDataset(store, "classify", train=False, window=WindowConfig(eval_events=10))
+    expected = DownstreamDataset(store, "classify", train=False)  # events 15..24 of 0..39, read in full below
+    assert middle[0]["voxel"].abs().sum().item() == pytest.approx(10, rel=1e-5)
+    assert not torch.equal(middle[0]["voxel"], expected[0]["voxel"])
+    with pytest.raises(ValueError, match="window.eval_position must be one of"):
+        WindowConfig(eval_position="start")
+
+
+def test_time_flip_reverses_and_negates_the_bins_and_reverses_flow(tmp_path):
+    flow = np.stack([np.full(SENSOR, 3.0, np.float32), np.full(SENSOR, -2.0, np.float32)])
+    store = _store(tmp_path / "f.h5", flow=flow)
+    for task in ("classify", "flow"):
+        plain = DownstreamDataset(store, task, train=True, seed=1)[0]
+        flipped = DownstreamDataset(store, task, train=True, seed=1, augment=AugmentConfig(time_flip_p=1.0))[0]
+        assert plain["voxel"].abs().sum() > 0
+        assert torch.equal(flipped["voxel"], -plain["voxel"].flip(0))
+    assert torch.equal(flipped["flow"], -plain["flow"])
+
+
+def test_val_event_noise_erases_and_adds_at_evaluation_reproducibly(tmp_path):
+    store = _store(tmp_path / "s.h5", count=400)
+    augment = AugmentConfig(erase_add_fraction=(0.1, 0.2))
+    clean = DownstreamDataset(store, "classify", train=False, augment=augment, seed=0)
+    noisy = clean.with_corruption(None, event_noise=True)
+    assert clean.deterministic and not noisy.deterministic
+    assert not torch.equal(noisy[0]["voxel"], clean[0]["voxel"])
+    assert torch.equal(noisy[0]["voxel"], clean.with_corruption(None, event_noise=True)[0]["voxel"])
+
+
+def test_sensor_relative_crops_follow_the_sensor_aspect_and_swap_sides():
+    from evpretrain.downstream.data import _random_crop
+
     rng = np.random.default_rng(0)
-    t = np.sort(rng.integers(0, 10_000, 500))
-    events = make_events(t, rng.integers(0, 24, 500), rng.integers(0, 16, 500), rng.choice([-1, 1], 500))
-    out = erase_and_add_events(events, 0.1, 1.5, SENSOR, rng)
-    assert len(out) == len(events)
-    validate_events(out)
-    assert out["x"].max() < 24 and out["y"].max() < 16
-    assert len(np.intersect1d(out["t"], events["t"])) > 0.8 * len(np.unique(events["t"]))
+    height, width = 60, 120  # W/H = 2: aspect drawn in [1.5, 2.67], then swapped with p 1/2
+    crops = [_random_crop((height, width), (0.3, 0.5), "sensor_relative", rng) for _ in range(400)]
+    for top, left, h, w in crops:
+        assert 0 < h < height and 0 < w < width and top + h < height and left + w < width
+        assert 1.4 < w / h < 2.8 or 1 / 2.8 < w / h < 1 / 1.4  # either orientation, rounding aside
+    assert any(w < h for _, _, h, w in crops) and any(w > h for _, _, h, w in crops)
+    with pytest.raises(ValueError, match="augment.crop_aspect must be one of"):
+        AugmentConfig(crop_aspect="square")
 
 
-def test_linear_probe_trains_only_its_head():
+@pytest.mark.parametrize("head", ["linear", "mae_bn"])
+def test_linear_probe_trains_only_its_head(head):
     torch.manual_seed(0)
     backbone = create_backbone("vit_demo", img_size=32, depth=2)
-    probe = LinearProbe(backbone, 3).train()
+    probe = LinearProbe(backbone, 3, head=head, head_init="xavier_uniform").train()
     assert not backbone.training  # frozen: evaluation behaviour even while the head trains
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     optimizer = torch.optim.AdamW([p for p in probe.parameters() if p.requires_grad], lr=1e-2)
@@ -140,7 +228,29 @@ def test_linear_probe_trains_only_its_head():
     loss.backward()
     optimizer.step()
     assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())
-    assert [n for n, p in probe.named_parameters() if p.requires_grad] == ["head.1.weight", "head.1.bias"]
+    names = ["head.weight", "head.bias"] if head == "linear" else ["head.1.weight", "head.1.bias"]
+    assert [n for n, p in probe.named_parameters() if p.requires_grad] == names
+
+
+def test_the_authors_probe_is_a_linear_map_of_the_mean_of_the_normed_tokens():
+    torch.manual_seed(0)
+    backbone = create_backbone("vit_demo", img_size=32, depth=2)
+    probe = LinearProbe(backbone, 3, head="linear", head_init="xavier_uniform").eval()
+    bound = np.sqrt(6 / (backbone.embed_dim + 3))  # xavier_uniform's, as ft_cls_hub_model.py:111
+    assert probe.head.weight.abs().max() <= bound and probe.head.weight.abs().max() > 0.9 * bound
+    assert torch.equal(probe.head.bias, torch.zeros(3))
+    voxel = torch.randn(2, 5, 32, 32)
+    with torch.no_grad():
+        tokens = backbone(voxel).tokens  # (2, N, D), after the final LayerNorm (weight 1, bias 0 at init)
+        expected = tokens.mean(dim=1) @ probe.head.weight.T + probe.head.bias
+    assert torch.allclose(tokens.mean(-1), torch.zeros(tokens.shape[:2]), atol=1e-5)
+    assert torch.allclose(probe(voxel), expected, atol=1e-6)
+    assert torch.allclose(probe(probe.features(voxel)), expected, atol=1e-6)  # cached features: the same logits
+    # backbone_mode "train": the frozen backbone keeps its training behaviour (drop path) while the head trains.
+    stochastic = LinearProbe(
+        create_backbone("vit_demo", img_size=32, depth=2, drop_path_rate=0.5), 3, backbone_mode="train"
+    )
+    assert stochastic.train().backbone.training
 
 
 TINY_STUDY = {
@@ -154,7 +264,10 @@ TINY_STUDY = {
     },
     "downstream": {
         "classify": {
-            "linear": {"train": {"epochs": 2, "batch_size": 4, "base_lr": 1e-2}},
+            "linear": {
+                "augment": {"erase_add_fraction": [0.05, 0.1]},
+                "train": {"epochs": 2, "batch_size": 4, "base_lr": 1e-2},
+            },
             "finetune": {
                 "layer_decay": 0.75,
                 "drop_path_rate": 0.1,
@@ -165,7 +278,7 @@ TINY_STUDY = {
         },
         "segment": {"channels": 16, "train": {"epochs": 1, "batch_size": 4, "base_lr": 1e-3}},
         "flow": {"channels": 16, "train": {"epochs": 1, "batch_size": 4, "base_lr": 1e-3}},
-        "robustness": {"shot_noise_hz": [0.0, 100.0], "drop": [0.5]},
+        "robustness": {"shot_noise_hz": [0.0, 100.0], "drop": [0.5], "val_event_noise": True},
     },
 }
 
@@ -254,6 +367,8 @@ def test_robustness_table_from_a_finetuned_classifier(tiny_demo, tmp_path):
         )
         == 0
     )
+    variant = tmp_path / "mode_1.h5"  # another evaluation store: here the same samples, under another name
+    shutil.copy(stores["val"], variant)
     common = [
         "evaluate-robustness",
         "--config",
@@ -262,16 +377,25 @@ def test_robustness_table_from_a_finetuned_classifier(tiny_demo, tmp_path):
         str(run),
         "--eval",
         str(stores["val"]),
+        "--variants",
+        str(variant),
         "--seed",
         "0",
     ]
     assert main([*common, "--out", str(tmp_path / "a")]) == 0
     assert main([*common, "--out", str(tmp_path / "b")]) == 0
     a = json.loads((tmp_path / "a" / "metrics.json").read_text())["rows"]
-    assert [(r["corruption"], r["level"]) for r in a] == [("shot_noise", 0.0), ("shot_noise", 100.0), ("drop", 0.5)]
+    assert [(r["split"], r["corruption"], r["level"]) for r in a] == [
+        ("val", "shot_noise", 0.0),
+        ("val", "shot_noise", 100.0),
+        ("val", "drop", 0.5),
+        ("val", "val_event_noise", 0.1),  # the run's erase/add at evaluation, its upper fraction as the level
+        ("mode_1", "none", 0.0),
+    ]
     assert a == json.loads((tmp_path / "b" / "metrics.json").read_text())["rows"]  # deterministic for a seed
     clean = json.loads((run / "metrics.json").read_text())["top1_last"]
     assert a[0]["top1"] == pytest.approx(clean)  # level 0 is the clean evaluation
+    assert a[-1]["top1"] == pytest.approx(clean)  # the same samples under another name score the same
     assert (tmp_path / "a" / "robustness.png").exists()
     assert "| shot_noise" in (tmp_path / "a" / "robustness.md").read_text()
 
@@ -309,7 +433,14 @@ def test_task_and_robustness_settings_come_from_their_sections_or_name_the_missi
 
     assert task_config(TINY_STUDY, "classify", "finetune").layer_decay == 0.75
     assert task_config(TINY_STUDY, "flow").channels == 16
-    assert robustness_config(TINY_STUDY) == RobustnessConfig(shot_noise_hz=(0.0, 100.0), drop=(0.5,))
+    assert robustness_config(TINY_STUDY) == RobustnessConfig(
+        shot_noise_hz=(0.0, 100.0), drop=(0.5,), val_event_noise=True
+    )
+    finetune = TINY_STUDY["downstream"]["classify"]["finetune"]
+    with pytest.raises(ConfigError, match=r"downstream.classify.finetune.head: .* expected 'linear'"):
+        task_config({"downstream": {"classify": {"finetune": {**finetune, "head": "mae_bn"}}}}, "classify", "finetune")
+    with pytest.raises(ConfigError, match=r"downstream.classify.linear: head must be one of \('linear', 'mae_bn'\)"):
+        task_config({"downstream": {"classify": {"linear": {**finetune, "head": "bn"}}}}, "classify", "linear")
     # An empty section (what the plan writes for a study that sets no levels) means the default levels.
     assert robustness_config({"downstream": {"robustness": {}}}) == RobustnessConfig()
     no_levels = {"downstream": {k: v for k, v in TINY_STUDY["downstream"].items() if k != "robustness"}}

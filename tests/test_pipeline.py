@@ -234,6 +234,7 @@ def test_the_paper_preset_plans_without_any_data(tmp_path):
         "convert_n_caltech101",
         "convert_n_cars",
         "convert_n_imagenet",
+        "convert_n_imagenet_variant",  # its mode/brightness splits, scored by the N-ImageNet robustness job
         "convert_cifar10_dvs",
         "convert_dsec_semantic",
         "convert_ddd17",

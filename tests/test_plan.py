@@ -131,9 +131,25 @@ def test_robustness_is_planned_for_the_first_seed_of_a_classification_only():
         plan_study(study)
 
 
+def test_also_eval_stores_go_to_the_first_seeds_robustness_evaluation_only():
+    study = copy.deepcopy(STUDY)
+    study["downstream"]["robustness"] = {"val_event_noise": True}
+    also = {"dataset": "n-imagenet-variant", "splits": ["mode_1", "brightness_4"]}
+    study["study"]["evaluations"][0] |= {"robustness": True, "also_eval": also}
+    plan, reference = plan_study(study), plan_study(STUDY)
+    assert plan.evaluations.keys() == reference.evaluations.keys()  # scoring more stores retrains nothing
+    for name, evaluation in plan.evaluations.items():
+        expected = (("n-imagenet-variant", "mode_1"), ("n-imagenet-variant", "brightness_4"))
+        assert evaluation.also_eval == (expected if name.endswith("/seed0") else ())
+    study["study"]["evaluations"][0]["robustness"] = False
+    with pytest.raises(ConfigError, match=r"evaluations\[0\].also_eval: the robustness evaluation scores these"):
+        plan_study(study)
+
+
 def test_the_demo_study_keeps_its_stage_and_evaluation_keys():
     # Pinned before the config lookups moved to evpretrain.config (issue 11): a refactor must leave every folder
-    # name and every config a job reads as they were. A deliberate change of config.yaml updates these figures.
+    # name and every config a job reads as they were. A deliberate change of config.yaml updates these figures
+    # (last: issue 12, the probe's head options and downstream.robustness.val_event_noise written out).
     plan = plan_study(load_yaml(Path(__file__).resolve().parents[1] / "config.yaml"))
     assert {name: variant["nodes"] for name, variant in plan.manifest().items()} == {
         "full": ["stage1-97b2cea261", "stage2-71c5668217", "stage3-488527d627"],

@@ -208,3 +208,30 @@ def test_a_released_checkpoints_variant_gets_its_rows_like_a_trained_one(tmp_pat
     rows = {line.split("|")[1].strip(): line for line in wide.splitlines()[2:]}
     assert list(rows) == ["scratch", "released_vit_mm"]
     assert "80.00 ± 14.14" in rows["released_vit_mm"] and "30.00 ± 14.14" in rows["scratch"]
+
+
+def test_robustness_tables_name_the_authors_protocols_and_the_variant_stores(tmp_path):
+    manifest = write_study(tmp_path / "results")
+    evaluation = manifest["full"]["evaluations"][0]
+    evaluation["robustness"] = True
+    folder = tmp_path / "results" / "downstream" / evaluation["folder"] / "robustness"
+    folder.mkdir()
+    pd.DataFrame(
+        {
+            "split": ["val", "val", "mode_1", "brightness_4"],
+            "corruption": ["shot_noise", "val_event_noise", "none", "none"],
+            "level": [0.0, 0.01, 0.0, 0.0],
+            "top1": [0.8, 0.7, 0.5, 0.4],
+            "top5": 1.0,
+        }
+    ).to_csv(folder / "robustness.csv", index=False)
+    robustness = collect_robustness(manifest, tmp_path / "results")
+    assert list(robustness["split"]) == ["val", "val", "mode_1", "brightness_4"]
+    lines = write_robustness_tables(robustness, tmp_path / "tables")["md"].read_text().splitlines()
+    assert [cell.strip() for cell in lines[0].split("|")[2:-1]] == [
+        "clean",
+        "val_event_noise",
+        "mode_1",
+        "brightness_4",
+    ]
+    assert [cell.strip() for cell in lines[2].split("|")[2:-1]] == ["80.0", "70.0", "50.0", "40.0"]

@@ -157,7 +157,13 @@ def _cmd_robustness(args: argparse.Namespace) -> int:
     from evpretrain.downstream.robustness import evaluate_robustness
 
     rows = evaluate_robustness(
-        load_yaml(args.config), args.run, args.eval, args.out, seed=args.seed, device=args.device
+        load_yaml(args.config),
+        args.run,
+        args.eval,
+        args.out,
+        seed=args.seed,
+        device=args.device,
+        variants=args.variants,
     )
     for row in rows:
         print(json.dumps(row))
@@ -335,12 +341,20 @@ def _add_downstream_commands(commands: argparse._SubParsersAction) -> None:
         p.set_defaults(func=_cmd_finetune)
 
     p = commands.add_parser(
-        "evaluate-robustness", help="accuracy of a fine-tuned classifier under shot noise and dropped events"
+        "evaluate-robustness",
+        help="accuracy of a fine-tuned classifier under shot noise, dropped events, val_event_noise and variant stores",
     )
     p.add_argument("--config", required=True, type=Path, help="study config (downstream.robustness sets the levels)")
     p.add_argument("--run", required=True, type=Path, help="an `evpretrain finetune classify` run folder")
     p.add_argument("--eval", required=True, type=Path, help="evaluation event store (.h5)")
     p.add_argument("--seed", required=True, type=int, help="seed of the corruptions")
+    p.add_argument(
+        "--variants",
+        nargs="*",
+        type=Path,
+        default=[],
+        help="more evaluation stores scored clean, one row each named by the file (N-ImageNet's mode_1.h5, ...)",
+    )
     p.add_argument("--out", required=True, type=Path, help="output folder: robustness.{csv,md,png}, metrics.json")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.set_defaults(func=_cmd_robustness)

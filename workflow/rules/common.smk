@@ -169,4 +169,6 @@ def datasets_to_convert():
     needed = {PLAN.pretrain_dataset: {"train", "val"}}
     for planned in PLAN.evaluations.values():
         needed.setdefault(planned.dataset, set()).update({planned.train_split, planned.eval_split})
+        for dataset, split in planned.also_eval:
+            needed.setdefault(dataset, set()).add(split)
     return {name: sorted(splits) for name, splits in needed.items() if name not in ("demo", "ef")}

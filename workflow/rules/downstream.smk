@@ -43,11 +43,13 @@ rule finetune:
 
 
 rule robustness:
-    """The classifier of an evaluation under shot noise and dropped events (downstream.robustness)."""
+    """The classifier of an evaluation under shot noise, dropped events and the authors' val_event_noise
+    (downstream.robustness), and clean on the evaluation's also_eval stores (N-ImageNet's variants)."""
     input:
         config=RESULTS / "downstream/{evaluation}/study.yaml",
         run=RESULTS / "downstream/{evaluation}/metrics.json",
         eval=lambda wildcards: evaluation_inputs(wildcards)["eval"],
+        variants=lambda wildcards: [store(*pair) for pair in evaluation(wildcards).also_eval],
     output:
         RESULTS / "downstream/{evaluation}/robustness/robustness.csv",
     log:
@@ -59,7 +61,7 @@ rule robustness:
         out=lambda wildcards, output: Path(output[0]).parent,
     shell:
         "{LAUNCH_FINETUNE} evaluate-robustness --config {input.config} --run {params.run}"
-        " --eval {input.eval} --seed {params.seed} --out {params.out} > {log} 2>&1"
+        " --eval {input.eval} --variants {input.variants} --seed {params.seed} --out {params.out} > {log} 2>&1"
 
 
 rule manifest:

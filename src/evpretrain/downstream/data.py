@@ -16,21 +16,27 @@ Dense targets live at (H', W') = the store's sensor size, the label's own resolu
 - ``index`` () int64: the sample's index in the store.
 
 Event window (classification only; the paper's ``get_random_index``, BIT-Vision/EventPretrain
-dataset/augmentation/events_augment.py): training takes ``train_events`` consecutive events at a random start,
-evaluation ``eval_events`` at a fixed start (the middle of the sample, where the paper's code draws it at random with
-a fixed seed); None or a sample with fewer events takes them all. Segmentation and flow samples are windows already
-(their labels belong to the window's end), so they always take every event.
+dataset/augmentation/events_augment.py:5-20): training takes ``train_events`` consecutive events at a random start,
+evaluation ``eval_events`` at a start set by ``eval_position``: ``random`` (theirs: a random start at evaluation too;
+here drawn from (seed, index), so an evaluation is the same every epoch and every run of a seed) or ``middle`` (the
+middle of the sample, deterministic without a seed). A random start lies in [0, N - L), as theirs; None or a sample
+with at most L events takes them all. Segmentation and flow samples are windows already (their labels belong to the
+window's end), so they always take every event.
 
 Augmentation (training only, each draw a function of (seed, epoch, index) as in ``PretrainDataset``):
-event level, the paper's ``erase_and_add_events``: a fraction of the events in ``erase_add_fraction`` is erased and
-as many again are added as copies of random events moved by N(0, ``jitter_px``) pixels; view level, the paper's
-``evg_augment``: a random crop of ``crop_scale`` of the area (aspect 3/4 to 4/3), resized to the input size, and a
-horizontal flip with probability ``hflip_p`` (0 for digits and text, where a mirror changes the class). Dense targets
-are cropped alike and resized with nearest neighbours to (H', W'); flow is scaled by the resize factors (and dx
-negated under the flip), so it stays a displacement in pixels of (H', W').
+event level, the paper's ``erase_and_add_events`` (events_augment.py:28-55): of N events, a count drawn in
+[int(low N), int(high N)) of ``erase_add_fraction`` is erased and an independent count in the same range is added as
+copies of random events moved by N(0, ``jitter_px``) pixels and N(0, ``jitter_us``) microseconds; view level, the
+paper's ``evg_augment`` (view_augment.py:65-77): a random crop of ``crop_scale`` of the area (aspect rule
+``crop_aspect``), resized to the input size, a horizontal flip with probability ``hflip_p`` (0 for digits and text,
+where a mirror changes the class) and a time flip with probability ``time_flip_p`` (bins reversed and negated, flow
+negated). Dense targets are cropped alike and resized with nearest neighbours to (H', W'); flow is scaled by the resize
+factors (and dx negated under the flip), so it stays a displacement in pixels of (H', W').
 
 ``corruption`` (robustness evaluation): applied to the window's events before anything else, with a stream given
 by ``corruption_seed(seed, index, corruption)``: the same noise whatever the evaluation order or worker count.
+``event_noise`` (the authors' ``--val_event_noise``, main_finetune_cls.py:51): the training erase-and-add applied
+to evaluation samples too, drawn from (seed, index).
 """
 
 from __future__ import annotations
@@ -51,7 +57,16 @@ from evpretrain.data.store import EventStore, StoreError
 from evpretrain.events.corruption import Corruption, apply_corruption, corruption_seed
 from evpretrain.events.representations import voxel_grid
 
-__all__ = ["AugmentConfig", "DownstreamDataset", "IGNORE_INDEX", "TASKS", "WindowConfig", "erase_and_add_events"]
+__all__ = [
+    "AugmentConfig",
+    "CROP_ASPECTS",
+    "DownstreamDataset",
+    "EVAL_POSITIONS",
+    "IGNORE_INDEX",
+    "TASKS",
+    "WindowConfig",
+    "erase_and_add_events",
+]
 
 TASKS = ("classify", "segment", "flow")
 TARGET_RESOLUTIONS = ("label", "input")
@@ -59,28 +74,42 @@ IGNORE_INDEX = 255
 Task = Literal["classify", "segment", "flow"]
 
 
+EVAL_POSITIONS = ("middle", "random")
+CROP_ASPECTS = ("sensor_relative", "torchvision")
+
+
 @dataclass(frozen=True)
 class WindowConfig:
-    """Events per classification sample: ``train_events`` at a random start, ``eval_events`` in the middle."""
+    """Events per classification sample: ``train_events`` at a random start, ``eval_events`` at ``eval_position``
+    (``random``: a start drawn from (seed, index); ``middle``: the middle of the sample)."""
 
     train_events: int | None = None
     eval_events: int | None = None
+    eval_position: str = "middle"
 
     def __post_init__(self) -> None:
         for name in ("train_events", "eval_events"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"window.{name} must be >= 1 or null (every event), got {value}")
+        if self.eval_position not in EVAL_POSITIONS:
+            raise ValueError(f"window.eval_position must be one of {EVAL_POSITIONS}, got {self.eval_position!r}")
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Training-time augmentation (see the module docstring). Fractions of events; pixels of the sensor."""
+    """Training-time augmentation (see the module docstring). Fractions of events; pixels of the sensor;
+    microseconds. ``crop_aspect``: ``sensor_relative`` (theirs, view_augment.py:14-22: aspect uniform in
+    [3/4, 4/3] x the sensor's W/H, width and height swapped with p 1/2, the crop strictly inside the view) or
+    ``torchvision`` (RandomResizedCrop's log-uniform 3/4 to 4/3)."""
 
     erase_add_fraction: tuple[float, float] = (0.0, 0.0)
     jitter_px: float = 1.5
+    jitter_us: float = 0.0
     crop_scale: tuple[float, float] = (1.0, 1.0)
+    crop_aspect: str = "torchvision"
     hflip_p: float = 0.0
+    time_flip_p: float = 0.0
 
     def __post_init__(self) -> None:
         low, high = self.erase_add_fraction
@@ -94,26 +123,42 @@ class AugmentConfig:
             raise ValueError(
                 f"augment.crop_scale must be [low, high] with 0 < low <= high <= 1, got {list(self.crop_scale)}"
             )
-        if not 0.0 <= self.hflip_p <= 1.0:
-            raise ValueError(f"augment.hflip_p must lie in [0, 1], got {self.hflip_p}")
-        if self.jitter_px < 0:
-            raise ValueError(f"augment.jitter_px must be >= 0, got {self.jitter_px}")
+        if self.crop_aspect not in CROP_ASPECTS:
+            raise ValueError(f"augment.crop_aspect must be one of {CROP_ASPECTS}, got {self.crop_aspect!r}")
+        for name in ("hflip_p", "time_flip_p"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"augment.{name} must lie in [0, 1], got {getattr(self, name)}")
+        for name in ("jitter_px", "jitter_us"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"augment.{name} must be >= 0, got {getattr(self, name)}")
 
 
 def erase_and_add_events(
-    events: np.ndarray, fraction: float, jitter_px: float, sensor_size: tuple[int, int], rng: np.random.Generator
+    events: np.ndarray,
+    fraction: tuple[float, float],
+    jitter_px: float,
+    sensor_size: tuple[int, int],
+    rng: np.random.Generator,
+    jitter_us: float = 0.0,
 ) -> np.ndarray:
-    """Erase ``round(fraction N)`` random events and add as many copies of random events moved by N(0, jitter_px)
-    pixels (clipped to the sensor), sorted by time. ``events`` follow the event contract; a new array is returned."""
-    count = int(round(fraction * len(events)))
-    if count == 0:
+    """The authors' ``erase_and_add_events`` (events_augment.py:28-55) on ``events`` (the event contract, N events).
+
+    Erases a count drawn uniformly in [int(low N), int(high N)) of random events and adds an independent count in
+    the same range: copies of random events (erased ones included) moved by N(0, ``jitter_px``) pixels, clipped
+    to the sensor (height, width) and truncated to whole pixels as their voxel grid's ``.long()`` does, and by
+    N(0, ``jitter_us``) microseconds. Nothing changes when int(high N) is 0. Returns a new array sorted by t.
+    """
+    low, high = (int(f * len(events)) for f in fraction)
+    if high == 0:
         return events
-    kept = np.delete(events, rng.choice(len(events), size=count, replace=False))
-    added = events[rng.choice(len(events), size=count, replace=False)].copy()
+    erase, add = (int(rng.integers(low, high)) if high > low else low for _ in range(2))
+    kept = np.delete(events, rng.choice(len(events), size=erase, replace=False))
+    added = events[rng.choice(len(events), size=add, replace=False)].copy()
     height, width = sensor_size
     for axis, size in (("x", width), ("y", height)):
-        moved = np.rint(added[axis] + rng.normal(0.0, jitter_px, count))
-        added[axis] = np.clip(moved, 0, size - 1)
+        added[axis] = np.clip(added[axis] + rng.normal(0.0, jitter_px, add), 0, size - 1)  # assignment truncates
+    if jitter_us > 0:
+        added["t"] = np.rint(added["t"] + rng.normal(0.0, jitter_us, add)).astype(np.int64)
     merged = np.concatenate([kept, added])
     return merged[np.argsort(merged["t"], kind="stable")]
 
@@ -130,6 +175,7 @@ class DownstreamDataset(Dataset):
         window, augment: see ``WindowConfig`` and ``AugmentConfig`` (augment applies only when ``train``).
         target_resolution: dense targets at the store's sensor size ("label") or at ``input_size`` ("input").
         corruption: a robustness corruption of the events, or None.
+        event_noise: apply ``augment``'s erase-and-add at evaluation too (the authors' ``--val_event_noise``).
         seed: seed of every random draw (windows, augmentation, corruption).
     """
 
@@ -145,6 +191,7 @@ class DownstreamDataset(Dataset):
         augment: AugmentConfig = AugmentConfig(),
         target_resolution: str = "label",
         corruption: Corruption | None = None,
+        event_noise: bool = False,
         seed: int = 0,
     ):
         if task not in TASKS:
@@ -171,6 +218,7 @@ class DownstreamDataset(Dataset):
         self.window = window
         self.augment = augment
         self.corruption = corruption
+        self.event_noise = event_noise
         self.seed = int(seed)
         self.has_valid = "valid" in fields
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # reaches persistent workers
@@ -186,16 +234,18 @@ class DownstreamDataset(Dataset):
 
     @property
     def deterministic(self) -> bool:
-        """Whether every epoch reads the same inputs: no random window, augmentation or corruption."""
+        """Whether every epoch reads the same inputs: no random window, augmentation or corruption. (An evaluation
+        window at a random start is drawn from (seed, index) alone: the same every epoch.)"""
         if not self.train:
-            return self.corruption is None
+            return self.corruption is None and not self.event_noise
         random_window = self.task == "classify" and self.window.train_events is not None
         return self.corruption is None and not random_window and self.augment == AugmentConfig()
 
-    def with_corruption(self, corruption: Corruption | None) -> DownstreamDataset:
-        """This dataset reading its samples under ``corruption`` (a shallow copy)."""
+    def with_corruption(self, corruption: Corruption | None, event_noise: bool = False) -> DownstreamDataset:
+        """This dataset reading its samples under ``corruption`` and, with ``event_noise``, the training
+        erase-and-add of ``augment`` (a shallow copy)."""
         other = copy.copy(self)
-        other.corruption = corruption
+        other.corruption, other.event_noise = corruption, event_noise
         return other
 
     def set_epoch(self, epoch: int) -> None:
@@ -212,9 +262,11 @@ class DownstreamDataset(Dataset):
             events = apply_corruption(
                 events, self.sensor_size, self.corruption, corruption_seed(self.seed, index, self.corruption)
             )
-        if self.train and self.augment.erase_add_fraction[1] > 0:
-            fraction = rng.uniform(*self.augment.erase_add_fraction)
-            events = erase_and_add_events(events, fraction, self.augment.jitter_px, self.sensor_size, rng)
+        if (self.train or self.event_noise) and self.augment.erase_add_fraction[1] > 0:
+            augment = self.augment
+            events = erase_and_add_events(
+                events, augment.erase_add_fraction, augment.jitter_px, self.sensor_size, rng, augment.jitter_us
+            )
         height, width = self.sensor_size
         voxel = torch.from_numpy(voxel_grid(events, self.num_bins, height=height, width=width))
         sample: dict[str, Any] = {"index": torch.tensor(index, dtype=torch.int64)}
@@ -234,18 +286,23 @@ class DownstreamDataset(Dataset):
         length = self.window.train_events if self.train else self.window.eval_events
         if self.task != "classify" or length is None or len(events) <= length:
             return events
-        start = int(rng.integers(0, len(events) - length + 1)) if self.train else (len(events) - length) // 2
+        if self.train or self.window.eval_position == "random":
+            start = int(rng.integers(0, len(events) - length))  # [0, N - L), as np.random.randint in theirs
+        else:
+            start = (len(events) - length) // 2
         return events[start : start + length]
 
     def _view(self, sample: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        """Crop (training) and flip (training) the voxel grid and the dense targets; resize the voxel grid to the input
-        size and the targets to ``target_size``."""
+        """Crop (training) and flip in space and time (training) the voxel grid and the dense targets; resize the voxel
+        grid to the input size and the targets to ``target_size``."""
         height, width = self.sensor_size
         top, left, crop_h, crop_w = 0, 0, height, width
-        flip = False
+        flip = time_flip = False
         if self.train:
-            top, left, crop_h, crop_w = _random_crop(self.sensor_size, self.augment.crop_scale, rng)
-            flip = bool(rng.random() < self.augment.hflip_p)
+            augment = self.augment
+            top, left, crop_h, crop_w = _random_crop(self.sensor_size, augment.crop_scale, augment.crop_aspect, rng)
+            flip = bool(rng.random() < augment.hflip_p)
+            time_flip = augment.time_flip_p > 0 and bool(rng.random() < augment.time_flip_p)
         crop = (slice(None), slice(top, top + crop_h), slice(left, left + crop_w))
         sample["voxel"] = resize_maps(sample["voxel"][crop].contiguous(), self.input_size)
         size = self.target_size
@@ -261,24 +318,47 @@ class DownstreamDataset(Dataset):
                     sample[key] = sample[key].flip(-1)
             if "flow" in sample:
                 sample["flow"][0].neg_()
+        if time_flip:  # evg_time_flip (view_augment.py:49-58): the events played backwards; flow reverses too
+            sample["voxel"] = -sample["voxel"].flip(0)
+            if "flow" in sample:
+                sample["flow"] = -sample["flow"]
         return sample
 
 
 def _random_crop(
-    size: tuple[int, int], scale: tuple[float, float], rng: np.random.Generator
+    size: tuple[int, int], scale: tuple[float, float], aspect: str, rng: np.random.Generator
 ) -> tuple[int, int, int, int]:
-    """(top, left, height, width) of torchvision's RandomResizedCrop draw (10 tries, else the whole view)."""
+    """(top, left, height, width) of a random crop of ``scale`` of the area (10 tries, else the whole view).
+
+    ``aspect`` ``torchvision``: RandomResizedCrop's draw, log-uniform aspect in [3/4, 4/3], the crop within the view.
+    ``sensor_relative``: the authors' ``view_crop`` (view_augment.py:9-33), aspect uniform in [3/4, 4/3] x W/H, width
+    and height swapped with p 1/2, a crop strictly smaller than the view on both sides, its start in [0, W - w).
+    """
     height, width = size
     if scale == (1.0, 1.0):
         return 0, 0, height, width
     area = height * width
     for _ in range(10):
         target = rng.uniform(*scale) * area
-        aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-        crop_w = int(round(math.sqrt(target * aspect)))
-        crop_h = int(round(math.sqrt(target / aspect)))
-        if 0 < crop_w <= width and 0 < crop_h <= height:
-            return int(rng.integers(0, height - crop_h + 1)), int(rng.integers(0, width - crop_w + 1)), crop_h, crop_w
+        if aspect == "torchvision":
+            ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        else:
+            ratio = rng.uniform(width / height * 3 / 4, width / height * 4 / 3)
+        crop_w = int(round(math.sqrt(target * ratio)))
+        crop_h = int(round(math.sqrt(target / ratio)))
+        if aspect == "torchvision":
+            if 0 < crop_w <= width and 0 < crop_h <= height:
+                return (
+                    int(rng.integers(0, height - crop_h + 1)),
+                    int(rng.integers(0, width - crop_w + 1)),
+                    crop_h,
+                    crop_w,
+                )
+            continue
+        if rng.random() < 0.5:
+            crop_w, crop_h = crop_h, crop_w
+        if 0 < crop_w < width and 0 < crop_h < height:
+            return int(rng.integers(0, height - crop_h)), int(rng.integers(0, width - crop_w)), crop_h, crop_w
     return 0, 0, height, width
 
 

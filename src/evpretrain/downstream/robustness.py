@@ -1,16 +1,25 @@
-"""Accuracy of a fine-tuned classifier under corrupted events: background shot noise at several rates and a
-fraction of events dropped (``downstream.robustness`` in the study config).
+"""Accuracy of a fine-tuned classifier under corrupted events (``downstream.robustness`` in the study config).
 
-The paper claims robustness to noisy, sparse events; this measures it. Each level re-reads the evaluation store
-with the corruption applied to every sample's events (``evpretrain.events.corruption``), each sample's noise a
+Ours: background shot noise at several rates and a fraction of events dropped. Each level re-reads the evaluation
+store with the corruption applied to every sample's events (``evpretrain.events.corruption``), each sample's noise a
 function of (seed, sample index, kind), so a table is the same for a seed whatever the batch size or worker count,
 and the levels of one kind share each sample's random stream (the curves are smoother than independent draws).
+
+The authors' (BIT-Vision/EventPretrain): ``val_event_noise``, their ``--val_event_noise`` (main_finetune_cls.py:51,
+e.g. dataset/finetune_cls/ft_n_caltech101_dataset.py:68-69): the training erase-and-add of the run's
+``augment`` section applied to every evaluation sample, drawn from (seed, index); and other evaluation stores
+scored as they are (``variants``: N-ImageNet's re-recorded mode_* and brightness_* validation sets,
+main_finetune_cls.py:109-118,227-231), one row each, named by the store's file name. Their code scores these every
+epoch and keeps each one's maximum; here the final classifier is scored once.
+
+Rows: ``split`` (the store's file name without ``.h5``), ``corruption`` (shot_noise, drop, val_event_noise, or none
+for a variant store), ``level`` (Hz, a fraction, the upper erase-and-add fraction, 0), ``top1``, ``top5``.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,10 +40,12 @@ __all__ = ["RobustnessConfig", "evaluate_robustness", "robustness_config", "robu
 
 @dataclass(frozen=True)
 class RobustnessConfig:
-    """Levels to evaluate: shot-noise rates in events per pixel per second (Hz), drop fractions in [0, 1]."""
+    """Levels to evaluate: shot-noise rates in events per pixel per second (Hz), drop fractions in [0, 1];
+    ``val_event_noise``: also the authors' protocol (the run's training erase-and-add at evaluation)."""
 
     shot_noise_hz: tuple[float, ...] = (0.0, 10.0, 30.0, 100.0)
     drop: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 0.9)
+    val_event_noise: bool = False
     batch_size: int = 64
 
     def corruptions(self) -> list[Corruption]:
@@ -50,10 +61,18 @@ def robustness_config(study: Mapping[str, Any]) -> RobustnessConfig:
 
 
 def evaluate_robustness(
-    study: Mapping[str, Any], run_dir: Path, eval_store: Path, out: Path, *, seed: int = 0, device: str | None = None
+    study: Mapping[str, Any],
+    run_dir: Path,
+    eval_store: Path,
+    out: Path,
+    *,
+    seed: int = 0,
+    device: str | None = None,
+    variants: Sequence[Path] = (),
 ) -> list[dict[str, Any]]:
     """Score the classifier of ``run_dir`` (an ``evpretrain finetune classify`` run folder) on ``eval_store`` under
-    each corruption; write ``out/robustness.{csv,md,png}`` and ``out/metrics.json``; return the table's rows."""
+    each corruption, and clean on each store of ``variants``; write ``out/robustness.{csv,md,png}`` and
+    ``out/metrics.json``; return the table's rows (see the module docstring)."""
     run_dir, out = Path(run_dir), Path(out)
     try:
         run = json.loads((run_dir / METRICS_NAME).read_text())
@@ -66,30 +85,37 @@ def evaluate_robustness(
     config = robustness_config(study)
     spec = backbone_spec(study)
     task = task_config(study, "classify", run["mode"])
+    if config.val_event_noise and task.augment.erase_add_fraction[1] == 0:
+        raise ConfigError(
+            f"downstream.robustness.val_event_noise: scores the training erase-and-add at evaluation, but "
+            f"downstream.classify.{run['mode']}.augment.erase_add_fraction is [0, 0]; expected a positive upper bound"
+        )
     model = build_model("classify", run["mode"], build_backbone(spec), run["num_classes"], task)
     model.load_state_dict(load_checkpoint(run_dir / CHECKPOINT_NAME)["model"])
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
-    base = DownstreamDataset(
-        eval_store,
-        "classify",
-        train=False,
-        num_bins=spec.in_chans,
-        input_size=tuple(model.backbone.img_size),
-        window=task.window,
-        seed=seed,
-    )
-    rows = []
-    for corruption in config.corruptions():
-        loader = DataLoader(base.with_corruption(corruption), batch_size=config.batch_size, shuffle=False)
-        scores = evaluate("classify", model, loader, device, run["num_classes"])
+
+    def dataset(store: Path) -> DownstreamDataset:
+        common = dict(num_bins=spec.in_chans, input_size=tuple(model.backbone.img_size), window=task.window)
+        return DownstreamDataset(store, "classify", train=False, augment=task.augment, seed=seed, **common)
+
+    def row(data: DownstreamDataset, kind: str, level: float) -> dict[str, Any]:
+        scores = evaluate("classify", model, DataLoader(data, batch_size=config.batch_size), device, run["num_classes"])
+        split = Path(data.store_path).name.removesuffix(".h5")
+        return {"split": split, "corruption": kind, "level": level, "top1": scores["top1"], "top5": scores["top5"]}
+
+    base = dataset(eval_store)
+    rows = [row(base.with_corruption(c), c.kind, c.level) for c in config.corruptions()]
+    if config.val_event_noise:
         rows.append(
-            {"corruption": corruption.kind, "level": corruption.level, "top1": scores["top1"], "top5": scores["top5"]}
+            row(base.with_corruption(None, event_noise=True), "val_event_noise", task.augment.erase_add_fraction[1])
         )
+    rows += [row(dataset(Path(store)), "none", 0.0) for store in variants]
     out.mkdir(parents=True, exist_ok=True)
     _write_tables(rows, out)
     robustness_figure({"": rows}, out / "robustness.png")
-    write_json({"run": str(run_dir), "eval_store": str(eval_store), "seed": seed, "rows": rows}, out / METRICS_NAME)
+    stores = {"eval_store": str(eval_store), "variant_stores": [str(v) for v in variants]}
+    write_json({"run": str(run_dir), **stores, "seed": seed, "rows": rows}, out / METRICS_NAME)
     return rows
 
 

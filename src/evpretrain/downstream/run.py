@@ -43,7 +43,14 @@ from evpretrain.downstream.metrics import (
     segmentation_scores,
     topk_accuracy,
 )
-from evpretrain.downstream.models import Classifier, LinearProbe, load_backbone
+from evpretrain.downstream.models import (
+    BACKBONE_MODES,
+    HEAD_INITS,
+    PROBE_HEADS,
+    Classifier,
+    LinearProbe,
+    load_backbone,
+)
 from evpretrain.models import backbone_spec, build_backbone
 from evpretrain.training import TrainConfig, train
 from evpretrain.training.checkpoint import METRICS_NAME, write_json
@@ -61,9 +68,12 @@ Task = Literal["classify", "segment", "flow"]
 class DownstreamTaskConfig:
     """One task's settings (``downstream.classify.<mode>``, ``downstream.segment`` or ``downstream.flow``).
 
-    ``layer_decay``: MAE's layer-wise lr decay for the backbone (None: one lr). ``drop_path_rate``: the backbone's
-    stochastic depth. ``label_smoothing``: classification. ``eval_every_epochs``: how often the evaluation split is
-    scored. ``num_classes``: overrides the count the store's attributes give (``class_names``, ``mask_class_names``).
+    ``layer_decay``: MAE's layer-wise lr decay for the backbone (None: one lr, as the authors' without
+    ``--use_layer_decay``). ``drop_path_rate``: the backbone's stochastic depth. ``label_smoothing``: classification.
+    ``head``, ``head_init``, ``probe_backbone_mode``: classification heads (``evpretrain.downstream.models``):
+    the probe's head (``linear`` or ``mae_bn``; fine-tuning takes ``linear``), its initialisation, and the frozen
+    backbone's mode while a probe trains. ``eval_every_epochs``: how often the evaluation split is scored.
+    ``num_classes``: overrides the count the store's attributes give (``class_names``, ``mask_class_names``).
 
     Dense tasks (``evpretrain.downstream.heads``): ``channels`` the decoder's width; ``aux_weight`` the FCN
     auxiliary loss weight (0: no auxiliary head); ``aux_channels`` its width (None: ``channels // 2``);
@@ -79,6 +89,9 @@ class DownstreamTaskConfig:
     layer_decay: float | None = None
     drop_path_rate: float = 0.0
     label_smoothing: float = 0.0
+    head: str = "linear"
+    head_init: str = "trunc_normal"
+    probe_backbone_mode: str = "eval"
     channels: int = 256
     aux_weight: float = 0.4
     dice_weight: float = 1.0
@@ -99,6 +112,13 @@ class DownstreamTaskConfig:
             raise ValueError(f"drop_path_rate must lie in [0, 1), got {self.drop_path_rate}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
+        for name, allowed in (
+            ("head", PROBE_HEADS),
+            ("head_init", HEAD_INITS),
+            ("probe_backbone_mode", BACKBONE_MODES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("channels", "eval_batch_size", "eval_every_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -124,7 +144,13 @@ def task_config(study: Mapping[str, Any], task: Task, mode: str | None = None) -
         return load_section(DownstreamTaskConfig, study, f"downstream.{task}")
     if mode not in CLASSIFY_MODES:
         raise ConfigError(f"classification mode must be one of {CLASSIFY_MODES}, got {mode!r}")
-    return load_section(DownstreamTaskConfig, study, f"downstream.classify.{mode}")
+    config = load_section(DownstreamTaskConfig, study, f"downstream.classify.{mode}")
+    if mode == "finetune" and config.head != "linear":
+        raise ConfigError(
+            f"downstream.classify.finetune.head: fine-tuning trains a plain Linear head; expected 'linear' (the "
+            f"probe's {config.head!r} belongs to downstream.classify.linear), got {config.head!r}"
+        )
+    return config
 
 
 # --- models and steps ------------------------------------------------------------------------------------------
@@ -133,8 +159,10 @@ def task_config(study: Mapping[str, Any], task: Task, mode: str | None = None) -
 def build_model(
     task: Task, mode: str | None, backbone: nn.Module, num_classes: int | None, config: DownstreamTaskConfig
 ) -> nn.Module:
+    if task == "classify" and mode == "linear":
+        return LinearProbe(backbone, num_classes, config.head, config.head_init, config.probe_backbone_mode)
     if task == "classify":
-        return (LinearProbe if mode == "linear" else Classifier)(backbone, num_classes)
+        return Classifier(backbone, num_classes, config.head_init)
     dense = dict(
         channels=config.channels,
         neck=config.neck,
@@ -366,7 +394,8 @@ def run_downstream(
     num_classes = config.num_classes or _num_classes(task, train_set, eval_set)
     class_names = _class_names(task, eval_set)
     model = build_model(task, mode, backbone, num_classes, config)
-    if mode == "linear" and train_set.deterministic:
+    stochastic_backbone = config.probe_backbone_mode == "train" and config.drop_path_rate > 0
+    if mode == "linear" and train_set.deterministic and not stochastic_backbone:
         # A frozen backbone and fixed inputs: the features are the same every epoch, so compute them once.
         run_device = resolve_device(device, process_layout())
         train_set, eval_set = (
@@ -406,6 +435,7 @@ def run_downstream(
         "history": evaluator.history,
         "train_log": summary.get("log", []),
         "num_classes": num_classes,
+        "eval_window": _eval_window(task, config.window),
         "config": to_mapping(config),
     }
     if process_layout().is_main:  # under DDP every rank scored the split; one writes
@@ -414,6 +444,14 @@ def run_downstream(
 
         write_task_figure(task, model, eval_set, final, out, class_names=class_names)
     return metrics
+
+
+def _eval_window(task: Task, window: WindowConfig) -> str:
+    """How the evaluation samples' events were chosen, for the tables: e.g. "40000 events at a random start"."""
+    if task != "classify" or window.eval_events is None:
+        return "every event"
+    where = "at a random start" if window.eval_position == "random" else "from the middle"
+    return f"{window.eval_events} events {where}"
 
 
 def _num_classes(task: Task, train_set: DownstreamDataset, eval_set: DownstreamDataset) -> int | None:

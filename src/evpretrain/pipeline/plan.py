@@ -92,6 +92,7 @@ class Evaluation:
     robustness: bool = False  # also stress the classifier with noise and dropped events (the first seed only)
     checkpoint_file: str | None = None  # a released checkpoint's path (then ``checkpoint`` is None)
     checkpoint_source: str | None = None  # and the importer that reads it
+    also_eval: tuple[tuple[str, str], ...] = ()  # (dataset, split) stores the robustness evaluation scores clean
 
     @property
     def name(self) -> str:
@@ -291,6 +292,10 @@ def _evaluation(
             raise ConfigError(f"{where}.robustness: the study has no section 'downstream.robustness' (the levels)")
     if robustness:  # the levels live beside the run's config; they are no part of the run's key
         task_section["robustness"] = levels
+    also = entry.get("also_eval")
+    if also and not entry.get("robustness"):
+        raise ConfigError(f"{where}.also_eval: the robustness evaluation scores these stores; set robustness: true")
+    also_eval = tuple((also["dataset"], split) for split in also["splits"]) if also and robustness else ()
     config = {"pretrain": shared, "downstream": task_section}
     label = entry.get("name") or (f"{task}-{mode}" if mode else task) + f"-{entry['dataset']}"
     content = {
@@ -317,4 +322,5 @@ def _evaluation(
         config,
         robustness,
         *(released or (None, None)),
+        also_eval,
     )

@@ -70,8 +70,9 @@ def collect_runs(manifest: Mapping[str, Any], results: Path) -> pd.DataFrame:
 
 
 def collect_robustness(manifest: Mapping[str, Any], results: Path) -> pd.DataFrame:
-    """One row per (variant, evaluation, corruption, level) with top-1 (a fraction), from the robustness tables of the
-    evaluations that the manifest marks ``robustness`` (``<folder>/robustness/robustness.csv``)."""
+    """One row per (variant, evaluation, split, corruption, level) with top-1 (a fraction), from the robustness
+    tables of the evaluations that the manifest marks ``robustness`` (``<folder>/robustness/robustness.csv``)."""
+    columns = ["variant", "evaluation", "split", "corruption", "level", "top1"]
     frames = []
     for variant, entry in manifest.items():
         for evaluation in entry["evaluations"]:
@@ -80,17 +81,18 @@ def collect_robustness(manifest: Mapping[str, Any], results: Path) -> pd.DataFra
             path = Path(results) / "downstream" / evaluation["folder"] / "robustness" / "robustness.csv"
             if not path.exists():
                 raise ConfigError(f"{path}: missing; the manifest marks {evaluation['folder']} for robustness")
-            table = pd.read_csv(path)
-            frames.append(
-                table.assign(variant=variant, evaluation=evaluation["label"])[
-                    ["variant", "evaluation", "corruption", "level", "top1"]
-                ]
-            )
-    columns = ["variant", "evaluation", "corruption", "level", "top1"]
+            table = pd.read_csv(path, keep_default_na=False)
+            if "split" not in table:  # a table written before variant stores were scored: one split
+                table["split"] = evaluation.get("eval_split", "")
+            frames.append(table.assign(variant=variant, evaluation=evaluation["label"])[columns])
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
 
-def _level_label(corruption: str, level: float) -> str:
+def _level_label(corruption: str, level: float, split: str = "") -> str:
+    if corruption == "none":
+        return split  # another evaluation store, clean: N-ImageNet's mode_1, brightness_4, ...
+    if corruption == "val_event_noise":
+        return "val_event_noise"  # the authors' protocol: the training erase-and-add at evaluation
     if level == 0:
         return "clean"  # shot noise 0 and drop 0 are the same evaluation: one column
     return f"{level:g} Hz shot noise" if corruption == "shot_noise" else f"{100 * level:g}% dropped"
@@ -101,7 +103,10 @@ def write_robustness_tables(robustness: pd.DataFrame, out_dir: Path) -> dict[str
     out_dir.mkdir(parents=True, exist_ok=True)
     cells = robustness.assign(
         row=robustness["variant"] + " / " + robustness["evaluation"],
-        column=[_level_label(c, level) for c, level in zip(robustness["corruption"], robustness["level"])],
+        column=[
+            _level_label(c, level, split)
+            for c, level, split in zip(robustness["corruption"], robustness["level"], robustness["split"])
+        ],
         cell=(100 * robustness["top1"]).map("{:.1f}".format),
     ).drop_duplicates(["row", "column"])
     wide = _ordered_pivot(cells, "row")
