@@ -191,9 +191,12 @@ def plan_study(study: Mapping[str, Any]) -> StudyPlan:
         upstream, names = None, []
         teacher = None
         if any(stage > 1 for stage in stages):
-            teacher_config = {
-                "pretrain": {**{k: shared[k] for k in BACKBONE_KEYS if k in shared}, "teacher": teacher_section}
-            }
+            # Only what the features depend on: the token grid (backbone, bins) and the teacher; the sample's window,
+            # view and seed do not change them, so variants that differ there share one teacher job.
+            teacher_config = {"pretrain": {k: pretrain[k] for k in ("backbone", "backbone_overrides") if k in pretrain}}
+            if "num_bins" in (pretrain.get("data") or {}):
+                teacher_config["pretrain"]["data"] = {"num_bins": pretrain["data"]["num_bins"]}
+            teacher_config["pretrain"]["teacher"] = teacher_section
             teacher = content_key({"config": teacher_config, "data": data_identity})
             plan.teachers.setdefault(teacher, teacher_config)
         for stage in stages:
