@@ -125,6 +125,7 @@ def probes(results: Path, evaluations: list[dict]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, required=True, help="a finished study's results folder")
+    parser.add_argument("--dataset", default="demo", help="the study's pretrain_dataset (its stores under <results>/data)")
     parser.add_argument("--store", type=Path, help="scored store (default: <results>/data/<dataset>/val.h5)")
     parser.add_argument("--fit-store", type=Path, help="the oracle's fitting store (default: the train split)")
     parser.add_argument("--batches", type=int, default=8, help="batches of --batch-size scored per run")
@@ -142,9 +143,8 @@ def main() -> None:
     print(" | ".join(header))
     for node, names in sorted(runs.items(), key=lambda item: item[1][0]):
         run = args.results / "pretrain" / node
-        dataset = yaml.safe_load((run / "study.yaml").read_text())["study"]["pretrain_dataset"]
-        store = args.store or args.results / "data" / dataset / "val.h5"
-        fit_store = args.fit_store or args.results / "data" / dataset / "train.h5"
+        store = args.store or args.results / "data" / args.dataset / "val.h5"
+        fit_store = args.fit_store or args.results / "data" / args.dataset / "train.h5"
         row = diagnose(run, store, fit_store, args.batches, args.batch_size)
         labels = ", ".join(f"{n} ({probes(args.results, manifest[n]['evaluations']):.1f})" for n in names)
         print(
