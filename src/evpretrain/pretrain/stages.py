@@ -5,7 +5,8 @@ visible ones, fuse early, middle and last features, decode every patch, and regr
 target on the masked patches. The target is the temporal intensity difference map (the paper), the input voxel grid
 (MAE-style) or the intensity frame.
 Stage 2, backbone-fixed feature transition: student tokens -> projector -> predictor, teacher tokens -> LayerNorm ->
-bias-free Linear, token-level InfoNCE; only the backbone's final norm and the heads train (``freeze_for_transition``).
+bias-free Linear (or a stride-2 Conv2d from a grid twice as fine), token-level InfoNCE; only the backbone's final
+norm and the heads train (``freeze_for_transition``).
 Stage 3, focus-aimed contrastive learning: the same heads and loss with everything trainable, each token's loss
 weighted by the value of its region (``focus``): its event density or its difference-map energy, normalised to mean
 1 over the tokens of each sample, so that informative regions count more and empty ones less.
