@@ -294,6 +294,15 @@ def test_every_job_of_a_preset_reads_a_valid_typed_config(preset):
         assert (full.stage3.method.focus, full.stage3.method.teacher_projection) == ("none", "trained")
         assert full.stage3.layer_lr.rule == "none" and full.stage3.train.clip_grad is None
         assert (full.data.window, full.data.resize, full.teacher.input) == ("interval", "nearest", "rgb")
+        assert full.teacher.grid == "conv"
+        contrast = [
+            getattr(pretrain_config(n.config), f"stage{n.stage}").method for n in plan.nodes.values() if n.stage > 1
+        ]
+        assert {(m.queue_exclude_same_sample, m.queue_enqueue) for m in contrast} == {(False, "local")}
+        stage1 = pretrain_config(plan.nodes[plan.variants["full"].nodes[0]].config).stage1.method
+        assert (stage1.mask_token_init, stage1.density_score) == ("zeros", "abs_sum")
+        teachers = [pretrain_config(config).teacher for config in plan.teachers.values()]
+        assert {t.grid for t in teachers} == {"conv"}  # the teacher job caches on the grid the stages read
         trains = [getattr(pretrain_config(n.config), f"stage{n.stage}").train for n in plan.nodes.values()]
         assert {(t.base_lr, t.warmup_epochs, t.clip_grad) for t in trains} == {(1e-3, 20, None)}
         tasks = {(e.task, e.mode): task_config(e.config, e.task, e.mode) for e in plan.evaluations.values()}

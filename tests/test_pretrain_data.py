@@ -30,6 +30,7 @@ from evpretrain.pretrain.masking import (
     make_mask,
     normalized_patch_target,
     num_masked,
+    patch_abs_sum,
     patch_density,
     patchify,
     unpatchify,
@@ -304,11 +305,55 @@ def test_mask_ties_are_random_but_reproducible():
     assert make_mask("sparsest", density, 0.5).tolist() == [[False, True, False, True, False, True]]
 
 
+def test_patch_abs_sum_is_the_papers_score_where_on_and_off_cancel():
+    voxel = torch.zeros(1, 2, 4, 4)  # 2 bins, 2x2 patches of 2x2 pixels
+    voxel[0, :, 0, 0] = torch.tensor([1.0, -1.0])  # as many ON as OFF: |sum| 0
+    voxel[0, :, 0, 1] = torch.tensor([2.0, 1.0])  # 3
+    voxel[0, :, 1, 0] = torch.tensor([-1.0, -1.0])  # 2
+    voxel[0, :, 2, 0] = torch.tensor([0.5, 0.0])  # 0.5, patch (1, 0)
+    voxel[0, :, 3, 3] = torch.tensor([-3.0, 1.0])  # 2, patch (1, 1)
+    voxel[0, :, 2, 2] = torch.tensor([1.0, 1.0])  # 2
+    score = patch_abs_sum(voxel, 2)
+    assert score.tolist() == [[(0 + 3 + 2 + 0) / 4, 0.0, 0.5 / 4, (2 + 2) / 4]]
+    with pytest.raises(ValueError, match="does not split"):
+        patch_abs_sum(voxel, 3)
+
+
+def their_density_mask(voxel: torch.Tensor, patch_size: int, ratio: float, strategy: str) -> torch.Tensor:
+    """BIT-Vision/EventPretrain model/backbone/vit.py:72-105 (random_masking, density strategies), transcribed."""
+    batch, _, height, width = voxel.shape
+    num_patches = (height // patch_size) * (width // patch_size)
+    len_keep = int(num_patches * (1 - ratio))
+    sum_events = abs(torch.sum(voxel, dim=1))
+    density = torch.nn.AvgPool2d(patch_size, patch_size)(sum_events).flatten(1)
+    noise = density if strategy == "density" else -density
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    mask = torch.ones([batch, num_patches])
+    mask[:, :len_keep] = 0
+    return torch.gather(mask, dim=1, index=ids_restore).bool()
+
+
+@pytest.mark.parametrize("kind, strategy", [("densest", "density"), ("sparsest", "anti-density")])
+def test_argsort_ties_mask_what_the_papers_code_masks(kind, strategy):
+    # Sparse grids with cancelling polarities: most patches score 0 and their order is torch.argsort's.
+    generator = torch.Generator().manual_seed(0)
+    voxel = torch.randint(-1, 2, (4, 3, 16, 16), generator=generator).float()
+    voxel *= torch.rand(4, 1, 16, 16, generator=generator) < 0.05
+    score = patch_abs_sum(voxel, 4)
+    assert (score == 0).sum() > 16  # many ties
+    mask = make_mask(kind, score, 0.5, ties="argsort")
+    assert torch.equal(mask, their_density_mask(voxel, 4, 0.5, strategy))
+    assert torch.equal(mask, make_mask(kind, score, 0.5, ties="argsort"))  # no draw: the same every time
+
+
 def test_make_mask_rejects_unknown_kind_and_ratio():
     with pytest.raises(ValueError, match="mask kind"):
         make_mask("dense", torch.zeros(1, 4), 0.5)
     with pytest.raises(ValueError, match="mask ratio"):
         make_mask("random", torch.zeros(1, 4), 1.5)
+    with pytest.raises(ValueError, match="ties must be 'random' or 'argsort', got 'stable'"):
+        make_mask("densest", torch.zeros(1, 4), 0.5, ties="stable")
 
 
 @settings(max_examples=30, deadline=None)

@@ -1,9 +1,12 @@
 """Stage losses and heads: what counts in the loss, the negatives, the queue, BatchNorm over tokens."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from evpretrain.pretrain import losses
 from evpretrain.pretrain.heads import FeatureFusion, ReconstructionDecoder, TeacherProjection, TokenMLP
 from evpretrain.pretrain.losses import TokenInfoNCE, masked_reconstruction_loss, weighted_token_mean
 
@@ -76,6 +79,40 @@ def test_queue_leaves_out_keys_of_the_same_sample():
     assert (without_ids > with_ids + 0.5).all()  # its own copy costs at least log 2 - a little
 
 
+@pytest.mark.parametrize("exclude", [True, False])
+def test_queue_keeps_the_same_samples_keys_unless_told_to_exclude_them(exclude):
+    criterion = TokenInfoNCE(2, 1, queue_length=2, temperature=1.0, exclude_same_sample=exclude).eval()
+    criterion.queue.copy_(torch.eye(2).view(2, 1, 2))  # slot 0 holds e1 (sample 7), slot 1 e2 (sample 8)
+    criterion.queue_ids.copy_(torch.tensor([7, 8]))
+    e1 = torch.tensor([[[1.0, 0.0]]])
+    loss = criterion(e1, e1, torch.tensor([7]))  # positive e1.e1 = 1; negatives e1.e1 = 1 (sample 7), e1.e2 = 0
+    # -log(e / (e + e^0)) without its own key; -log(e / (e + e + e^0)) with it (the paper's code).
+    expected = math.log(1 + math.exp(-1)) if exclude else math.log(2 + math.exp(-1))
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "enqueue, expected_ids", [("gathered", [3, 4, 103, 104, -1, -1]), ("local", [3, 4, -1, -1, -1, -1])]
+)
+def test_the_queue_takes_every_ranks_keys_or_this_ranks(monkeypatch, enqueue, expected_ids):
+    # A stand-in for two ranks: the other rank's keys are ours negated, its sample ids ours + 100.
+    def two_ranks(tensor):
+        other = tensor + 100 if tensor.dtype == torch.long else -tensor
+        return torch.cat([tensor, other])
+
+    monkeypatch.setattr(losses, "_gather", two_ranks)
+    criterion = TokenInfoNCE(2, 1, queue_length=6, enqueue=enqueue)
+    teacher = torch.tensor([[[3.0, 4.0]], [[0.0, 2.0]]])
+    criterion(torch.randn(2, 1, 2), teacher, torch.tensor([3, 4]))
+    assert criterion.queue_ids.tolist() == expected_ids
+    keys = torch.tensor([[0.6, 0.8], [0.0, 1.0]])
+    stored = torch.cat([keys, -keys]) if enqueue == "gathered" else keys
+    torch.testing.assert_close(criterion.queue[:, 0, : len(stored)], stored.T)
+    assert int(criterion.queue_ptr) == len(stored)
+    with pytest.raises(ValueError, match="enqueue must be 'gathered' or 'local'"):
+        TokenInfoNCE(2, 1, enqueue="all")
+
+
 def test_weighted_token_mean():
     loss = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     assert weighted_token_mean(loss, None).item() == 2.5
@@ -128,8 +165,37 @@ def test_decoder_places_kept_tokens_at_their_positions():
     )
 
 
+def test_decoder_mask_token_is_drawn_or_left_at_zeros():
+    torch.manual_seed(0)
+    zeros = ReconstructionDecoder(6, (2, 2), 2, dim=512, depth=0, num_heads=2, mask_token_init="zeros")
+    assert torch.equal(zeros.mask_token.data, torch.zeros(1, 1, 512))  # the paper's: never initialised
+    normal = ReconstructionDecoder(6, (2, 2), 2, dim=512, depth=0, num_heads=2)
+    assert normal.mask_token.std().item() == pytest.approx(0.02, rel=0.15)  # 512 draws of N(0, 0.02^2)
+    # With no block, a hidden position of the zeros decoder sees its position embedding only.
+    out = zeros(torch.randn(1, 1, 6), torch.tensor([[0]]))
+    torch.testing.assert_close(out[0, 3], zeros.pred(zeros.norm(zeros.pos_embed[0, 3])))
+    with pytest.raises(ValueError, match="mask_token_init must be 'normal' or 'zeros', got 'ones'"):
+        ReconstructionDecoder(6, (2, 2), 2, dim=8, depth=0, num_heads=2, mask_token_init="ones")
+
+
 def test_teacher_projection_is_layernorm_then_bias_free_linear():
     projection = TeacherProjection(12, 5)
     assert projection.proj.bias is None
     tokens = torch.randn(2, 3, 12) * 7 + 2
     torch.testing.assert_close(projection(tokens), projection.proj(F.layer_norm(tokens, (12,))))
+
+
+def test_teacher_projection_convolves_a_grid_twice_as_fine_into_the_backbones():
+    torch.manual_seed(5)
+    projection = TeacherProjection(3, 4, grid_size=(4, 6), stride=2)
+    tokens = torch.randn(2, 24, 3) * 5 + 1
+    out = projection(tokens)
+    assert out.shape == (2, 6, 4)  # a 4x6 grid onto 2x3
+    normed = F.layer_norm(tokens, (3,)).view(2, 4, 6, 3)  # row-major (row, column) grid
+    weight, bias = projection.proj.weight, projection.proj.bias  # (4, 3, 2, 2), (4,)
+    for i, j in [(0, 0), (1, 2), (0, 1)]:
+        block = normed[:, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2]  # (2, 2, 2, 3): the output cell's 2x2 tokens
+        expected = torch.einsum("bpqc,ocpq->bo", block, weight) + bias
+        torch.testing.assert_close(out[:, 3 * i + j], expected)
+    with pytest.raises(ValueError, match="stride must be 1, or 2 with an even token grid"):
+        TeacherProjection(3, 4, grid_size=(7, 7), stride=2)

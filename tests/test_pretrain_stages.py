@@ -7,9 +7,18 @@ import torch
 import yaml
 
 from evpretrain.cli import main
+from evpretrain.config import ConfigError
 from evpretrain.data.demo import DemoConfig, build_demo
 from evpretrain.models import BackboneSpec, backbone_spec
-from evpretrain.pretrain.run import PretrainConfig, build_stage_module, initialise, pretrain_config, stage_param_groups
+from evpretrain.pretrain.run import (
+    PretrainConfig,
+    build_stage_module,
+    initialise,
+    pretrain_config,
+    stage_param_groups,
+    teacher_cache_grid,
+    teacher_features_for,
+)
 from evpretrain.pretrain.stages import focus_weights
 
 TINY = {
@@ -97,6 +106,54 @@ def test_stage3_layer_rule_scales_the_backbone_by_depth():
     }
 
 
+@pytest.mark.parametrize("score", ["events", "abs_sum"])
+def test_density_masking_scores_patches_by_event_count_or_by_the_papers_abs_sum(score):
+    stage1 = {**TINY["stage1"], "method": {**TINY["stage1"]["method"], "masking": "densest", "density_score": score}}
+    module = build_stage_module(1, tiny_config(stage1=stage1), None)  # 4x4 patches of 8x8 pixels, 8 masked
+    batch = random_batch(module, batch=1)
+    signed = torch.tensor([0, 2, 5, 7, 8, 10, 13, 15])  # patches with net polarity
+    voxel, density = torch.zeros(1, 5, 4, 8, 4, 8), torch.zeros(1, 4, 8, 4, 8)
+    rows, cols = signed // 4, signed % 4
+    voxel[0, 0, rows, 0, cols, 0] = 1.0  # one ON event: |sum| 1, one event
+    cancelling = torch.tensor([i for i in range(16) if i not in signed.tolist()])
+    rows, cols = cancelling // 4, cancelling % 4
+    voxel[0, 1, rows, :, cols, :] = 1.0  # ON and OFF at every pixel: |sum| 0, 128 events per pixel
+    voxel[0, 2, rows, :, cols, :] = -1.0
+    density[0, rows, :, cols, :] = 2.0
+    density[0, signed // 4, 0, signed % 4, 0] = 1.0
+    batch |= {"voxel": voxel.reshape(1, 5, 32, 32), "density": density.reshape(1, 32, 32)}
+    _, _, outputs = module(batch)
+    expected = signed if score == "abs_sum" else cancelling
+    assert outputs["mask"][0].nonzero().flatten().tolist() == expected.tolist()
+
+
+def test_the_teacher_grid_setting_decides_the_cached_grid_and_the_projection(monkeypatch):
+    assert teacher_cache_grid("resize", (4, 4), (14, 14)) == (4, 4)
+    assert teacher_cache_grid("conv", (7, 7), (14, 14)) == (14, 14)  # the paper's Swin: a stride-2 conv
+    assert teacher_cache_grid("conv", (14, 14), (14, 14)) == (14, 14)  # the paper's ViT: a Linear layer
+    with pytest.raises(ConfigError, match=r"pretrain\.teacher\.grid: conv needs the teacher's token grid \(14, 14\)"):
+        teacher_cache_grid("conv", (4, 4), (14, 14))
+    config = tiny_config(teacher={"grid": "conv"})
+    module = build_stage_module(2, config, teacher_dim=12, teacher_grid=(8, 8))  # the backbone's grid is 4x4
+    assert isinstance(module.teacher_projection.proj, torch.nn.Conv2d)
+    batch = random_batch(module, teacher_dim=12) | {"teacher": torch.randn(4, 64, 12)}
+    loss, _, _ = module(batch)
+    assert loss.isfinite()
+    assert module.teacher_projection(batch["teacher"]).shape == (4, 16, 192)
+    assert isinstance(build_stage_module(2, config, 12, (4, 4)).teacher_projection.proj, torch.nn.Linear)
+    with pytest.raises(ValueError, match=r"teacher tokens on a \(6, 6\) grid: expected the backbone's \(4, 4\)"):
+        build_stage_module(2, config, teacher_dim=12, teacher_grid=(6, 6))
+    # teacher-features caches on the grid the setting asks for: the teacher's own (7x7 for EfficientNet-Lite0).
+    import evpretrain.teachers as teachers
+
+    calls = []
+    monkeypatch.setattr(teachers, "create_teacher", lambda name, **_: type("T", (), {"grid_size": (8, 8)})())
+    monkeypatch.setattr(teachers, "compute_teacher_features", lambda *a, grid_size, **_: calls.append(grid_size))
+    teacher_features_for(config, "store.h5", "out.h5", device="cpu")
+    teacher_features_for(tiny_config(), "store.h5", "out.h5", device="cpu")
+    assert calls == [(8, 8), (4, 4)]
+
+
 def test_focus_weights_follow_the_region_value_with_mean_one():
     density = torch.zeros(1, 4, 4)
     density[0, :2, :2] = 10.0  # all events in the top-left patch of a 2x2 grid of 2-pixel patches
@@ -146,8 +203,6 @@ def test_the_pretrain_config_and_downstream_build_the_same_backbone():
 
 
 def test_config_errors_name_the_key():
-    from evpretrain.config import ConfigError
-
     with pytest.raises(ConfigError, match=r"pretrain\.stage1\.method\.masking: expected one of"):
         tiny_config(stage1={"method": {"masking": "edges"}, "train": TINY["stage1"]["train"]})
     with pytest.raises(ConfigError, match=r"pretrain\.stage2: missing required key\(s\) \['train'\]"):
@@ -158,6 +213,11 @@ def test_config_errors_name_the_key():
         tiny_config(data={"window": "frame"})
     with pytest.raises(ConfigError, match=r"pretrain\.teacher\.input: expected one of \['rgb', 'last_frame'\]"):
         tiny_config(teacher={"input": "grey"})
+    with pytest.raises(ConfigError, match=r"pretrain\.teacher\.grid: expected one of \['resize', 'conv'\]"):
+        tiny_config(teacher={"grid": "pool"})
+    stage1 = {"method": {"density_score": "count"}, "train": TINY["stage1"]["train"]}
+    with pytest.raises(ConfigError, match=r"pretrain\.stage1\.method\.density_score: expected one of"):
+        tiny_config(stage1=stage1)
 
 
 @pytest.mark.slow

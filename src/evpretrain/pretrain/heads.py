@@ -43,6 +43,8 @@ class ReconstructionDecoder(nn.Module):
 
     The kept tokens are embedded, mask tokens fill the hidden positions, a fixed 2-D sin-cos position embedding is
     added, and ``depth`` transformer blocks run on the full grid. Output (B, N, patch_size**2 * out_chans).
+    ``mask_token_init``: ``normal`` (std 0.02, MAE's) or ``zeros`` (the paper's code never initialises it,
+    model/pretrain/pr_rec_decoder.py:21,34-50).
     """
 
     def __init__(
@@ -55,8 +57,11 @@ class ReconstructionDecoder(nn.Module):
         depth: int = 8,
         num_heads: int = 8,
         mlp_ratio: float = 4.0,
+        mask_token_init: str = "normal",
     ):
         super().__init__()
+        if mask_token_init not in ("normal", "zeros"):
+            raise ValueError(f"mask_token_init must be 'normal' or 'zeros', got {mask_token_init!r}")
         self.grid_size = tuple(grid_size)
         self.embed = nn.Linear(in_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -67,7 +72,8 @@ class ReconstructionDecoder(nn.Module):
         self.norm = _layer_norm(dim)
         self.pred = nn.Linear(dim, patch_size**2 * out_chans)
         self.apply(init_xavier)
-        nn.init.normal_(self.mask_token, std=0.02)
+        if mask_token_init == "normal":
+            nn.init.normal_(self.mask_token, std=0.02)
 
     def forward(self, tokens: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
         batch, num_positions = tokens.shape[0], self.grid_size[0] * self.grid_size[1]
@@ -111,12 +117,29 @@ class TokenMLP(nn.Module):
 
 
 class TeacherProjection(nn.Module):
-    """Teacher tokens -> student space: LayerNorm, then a bias-free Linear. (B, N, D_t) -> (B, N, D)."""
+    """Teacher tokens -> student space: LayerNorm, then a bias-free Linear, (B, N, D_t) -> (B, N, D); or, with
+    ``grid_size`` (h, w) of the input tokens and ``stride`` 2, a Conv2d(D_t, D, 2, stride 2) with bias on the token
+    grid, (B, h * w, D_t) -> (B, h / 2 * w / 2, D), row-major (the paper's Swin branch: a 14 x 14 CLIP grid onto
+    the 7 x 7 backbone grid, model/pretrain/pr_hub_model.py:94-97,218-219)."""
 
-    def __init__(self, teacher_dim: int, out_dim: int):
+    def __init__(self, teacher_dim: int, out_dim: int, grid_size: Sequence[int] | None = None, stride: int = 1):
         super().__init__()
+        if stride not in (1, 2) or (stride == 2 and (grid_size is None or any(int(s) % 2 for s in grid_size))):
+            raise ValueError(f"stride must be 1, or 2 with an even token grid, got stride {stride} on {grid_size}")
+        self.grid_size = None if grid_size is None else (int(grid_size[0]), int(grid_size[1]))
         self.norm = nn.LayerNorm(teacher_dim)
-        self.proj = nn.Linear(teacher_dim, out_dim, bias=False)
+        if stride == 1:
+            self.proj = nn.Linear(teacher_dim, out_dim, bias=False)
+        else:
+            self.proj = nn.Conv2d(teacher_dim, out_dim, 2, stride=2)  # PyTorch's default init, as theirs
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.norm(tokens))
+        tokens = self.norm(tokens)
+        if isinstance(self.proj, nn.Linear):
+            return self.proj(tokens)
+        batch, num, dim = tokens.shape
+        h, w = self.grid_size
+        if num != h * w:
+            raise ValueError(f"expected {h * w} tokens of a {h}x{w} grid, got {num}")
+        grid = tokens.transpose(1, 2).reshape(batch, dim, h, w)
+        return self.proj(grid).flatten(2).transpose(1, 2)

@@ -36,14 +36,32 @@ class TokenInfoNCE(nn.Module):
 
     False negatives: the teacher is frozen and its tokens cached, so a sample's key is the same every epoch, and a
     queue longer than the dataset (the demo: 1024 > 600 samples) or spanning an epoch boundary holds the positive's
-    own key as a negative; the loss then rises as training goes on. Given ``ids`` (B,) (the samples' dataset
-    indices), queue entries of the same sample are left out of its negatives.
+    own key as a negative; the loss then rises as training goes on. With ``exclude_same_sample`` and ``ids`` (B,)
+    (the samples' dataset indices), queue entries of the same sample are left out of its negatives (ours; the
+    paper's code keeps them, model/pretrain/pr_hub_model.py:144-168).
+
+    ``enqueue``: ``gathered`` puts every rank's keys into the queue (MoCo's); ``local`` this rank's only (the paper's,
+    pr_hub_model.py:166, no gather). Under DDP the queue is a buffer that rank 0 broadcasts at each forward, so with
+    ``local`` the queue holds rank 0's keys only and turns over world-size times slower.
     """
 
-    def __init__(self, dim: int, num_positions: int, queue_length: int = 1024, temperature: float = 0.07):
+    def __init__(
+        self,
+        dim: int,
+        num_positions: int,
+        queue_length: int = 1024,
+        temperature: float = 0.07,
+        *,
+        exclude_same_sample: bool = True,
+        enqueue: str = "gathered",
+    ):
         super().__init__()
+        if enqueue not in ("gathered", "local"):
+            raise ValueError(f"enqueue must be 'gathered' or 'local', got {enqueue!r}")
         self.temperature = temperature
         self.queue_length = queue_length
+        self.exclude_same_sample = exclude_same_sample
+        self.enqueue = enqueue
         if queue_length > 0:
             queue = F.normalize(torch.randn(dim, num_positions, queue_length), dim=0)
             self.register_buffer("queue", queue)
@@ -58,14 +76,15 @@ class TokenInfoNCE(nn.Module):
             positive = torch.einsum("bnc,bnc->bn", q, k).unsqueeze(-1)
             # A copy: the enqueue below writes the queue in place, and autograd keeps it for the backward pass.
             negative = torch.einsum("bnc,cnk->bnk", q, self.queue.clone())
-            if ids is not None:
+            if ids is not None and self.exclude_same_sample:
                 same_sample = ids.view(-1, 1) == self.queue_ids.view(1, -1)  # (B, K)
                 negative = negative.masked_fill(same_sample.unsqueeze(1), float("-inf"))
             logits = torch.cat([positive, negative], dim=-1) / self.temperature
             labels = torch.zeros(logits.shape[:2], dtype=torch.long, device=logits.device)
             if self.training:
-                gathered_ids = _gather(ids) if ids is not None else torch.full((k.shape[0],), -1, device=k.device)
-                self._enqueue(_gather(k.detach()), gathered_ids.view(-1))
+                ids = ids if ids is not None else torch.full((k.shape[0],), -1, device=k.device)
+                gather = _gather if self.enqueue == "gathered" else _local
+                self._enqueue(gather(k.detach()), gather(ids).view(-1))
         else:
             keys = _gather_with_grad(k)
             logits = torch.einsum("bnc,mnc->bnm", q, keys) / self.temperature
@@ -93,6 +112,10 @@ def weighted_token_mean(per_token: torch.Tensor, weights: torch.Tensor | None) -
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 @torch.no_grad()

@@ -102,12 +102,19 @@ class TeacherConfig:
     ``input``: what it sees, one image per stored video: ``rgb`` the colour source image as CLIP's preprocessing crops
     it (the paper's; stores built with ``data.ef.keep_rgb``) or ``last_frame`` the video's last frame, grey in three
     channels (``evpretrain.teachers.features``).
+
+    ``grid``: how its tokens reach the backbone's token grid. ``resize`` (ours): cached resized onto the backbone's
+    grid (antialiased bilinear, ``resize_tokens``), then LayerNorm + Linear. ``conv`` (the paper's): cached on the
+    teacher's own grid; one equal to the backbone's takes LayerNorm + Linear, one twice as fine LayerNorm + a
+    stride-2 Conv2d (model/pretrain/pr_hub_model.py:94-97: CLIP's 14 x 14 onto Swin's 7 x 7); any other is refused.
+    One setting for both stages: they share the features, and stage 3 starts from stage 2's projection.
     """
 
     name: str = "efficientnet_lite0"
     weights: str | None = None
     batch_size: int = 32
     input: TeacherInput = "last_frame"
+    grid: Literal["resize", "conv"] = "resize"
 
 
 @dataclass(frozen=True)
@@ -149,8 +156,23 @@ def pretrain_config(study: dict[str, Any]) -> PretrainConfig:
     return load_section(PretrainConfig, study, "pretrain")
 
 
+def teacher_cache_grid(grid: str, backbone_grid: tuple[int, int], teacher_grid: tuple[int, int]) -> tuple[int, int]:
+    """The token grid (h, w) the teacher features are cached on for ``pretrain.teacher.grid``: the backbone's for
+    ``resize``, the teacher's own for ``conv`` (which must equal the backbone's or be twice as fine)."""
+    backbone_grid, teacher_grid = tuple(backbone_grid), tuple(teacher_grid)
+    if grid == "resize":
+        return backbone_grid
+    if teacher_grid not in (backbone_grid, (2 * backbone_grid[0], 2 * backbone_grid[1])):
+        raise ConfigError(
+            f"pretrain.teacher.grid: conv needs the teacher's token grid {teacher_grid} equal to the backbone's "
+            f"{backbone_grid} or twice as fine (a stride-2 conv); use resize"
+        )
+    return teacher_grid
+
+
 def teacher_features_for(config: PretrainConfig, store: Path, out: Path, *, device: str | None = None) -> Path:
-    """Compute the teacher's tokens of every sample of ``store`` on the backbone's token grid into ``out``."""
+    """Compute the teacher's tokens of every sample of ``store`` on the grid ``pretrain.teacher.grid`` asks for
+    (``teacher_cache_grid``) into ``out``."""
     from evpretrain.teachers import compute_teacher_features, create_teacher
 
     backbone = build_backbone(config.backbone_spec)
@@ -161,22 +183,25 @@ def teacher_features_for(config: PretrainConfig, store: Path, out: Path, *, devi
         store,
         teacher,
         out,
-        grid_size=tuple(backbone.grid_size),
+        grid_size=teacher_cache_grid(config.teacher.grid, backbone.grid_size, teacher.grid_size),
         batch_size=config.teacher.batch_size,
         device=device,
         image=config.teacher.input,
     )
 
 
-def build_stage_module(stage: int, config: PretrainConfig, teacher_dim: int | None) -> nn.Module:
-    """The stage's module around a fresh backbone (weights loaded separately by ``initialise``)."""
+def build_stage_module(
+    stage: int, config: PretrainConfig, teacher_dim: int | None, teacher_grid: tuple[int, int] | None = None
+) -> nn.Module:
+    """The stage's module around a fresh backbone (weights loaded separately by ``initialise``); ``teacher_grid``
+    the grid of the cached teacher tokens (stages 2 and 3), None = the backbone's."""
     backbone = build_backbone(config.backbone_spec)
     if stage == 1:
         return MaskedModeling(backbone, config.stage1.method)
     if teacher_dim is None:
         raise ConfigError(f"stage {stage} needs teacher features (--teacher-features)")
     method = (config.stage2 if stage == 2 else config.stage3).method
-    return FeatureTransition(backbone, teacher_dim, method)
+    return FeatureTransition(backbone, teacher_dim, method, teacher_grid)
 
 
 def initialise(module: nn.Module, stage: int, init: Path | None) -> dict[str, list[str]]:
@@ -284,7 +309,7 @@ def run_stage(
         raise ConfigError(f"config has no section 'pretrain.stage{stage}'")
     data = config.data
     dataset: Dataset = data.dataset(train_store)
-    teacher_dim = None
+    teacher_dim = teacher_grid = None
     if stage > 1:
         from evpretrain.teachers import TeacherFeatures
 
@@ -292,15 +317,19 @@ def run_stage(
             raise ConfigError(f"stage {stage} needs --teacher-features (see `evpretrain teacher-features`)")
         # Refuses features of another store, or of another teacher input than pretrain.teacher.input.
         features = TeacherFeatures(teacher_features, store=train_store, image=config.teacher.input)
-        teacher_dim = features.embed_dim
+        teacher_dim, teacher_grid = features.embed_dim, features.grid_size
+        own_grid = tuple(features.attrs.get("teacher_grid", teacher_grid))
+        backbone_grid = tuple(build_backbone(config.backbone_spec).grid_size)  # before the seed: only its grid
+        expected = teacher_cache_grid(config.teacher.grid, backbone_grid, own_grid)
+        if teacher_grid != expected:
+            raise ConfigError(
+                f"{teacher_features}: teacher tokens on a {teacher_grid} grid, but pretrain.teacher.grid: "
+                f"{config.teacher.grid} with this backbone needs {expected}: recompute them (`evpretrain "
+                "teacher-features`)"
+            )
         dataset = _WithTeacher(dataset, features, align=data.align_teacher_tokens)
     torch.manual_seed(stage_config.train.seed)  # the initial weights of the new parts are part of the run's recipe
-    module = build_stage_module(stage, config, teacher_dim)
-    if stage > 1 and features.grid_size != tuple(module.backbone.grid_size):
-        raise ConfigError(
-            f"{teacher_features}: teacher tokens on a {features.grid_size} grid, the backbone's is "
-            f"{tuple(module.backbone.grid_size)}: compute them for the backbone's grid (`evpretrain teacher-features`)"
-        )
+    module = build_stage_module(stage, config, teacher_dim, teacher_grid)
     left_out = initialise(module, stage, init)
     groups = stage_param_groups(module, stage, config, stage_config.train.weight_decay)
     hooks = []

@@ -5,7 +5,8 @@ visible ones, fuse early, middle and last features, decode every patch, and regr
 target on the masked patches. The target is the temporal intensity difference map (the paper), the input voxel grid
 (MAE-style) or the intensity frame.
 Stage 2, backbone-fixed feature transition: student tokens -> projector -> predictor, teacher tokens -> LayerNorm ->
-bias-free Linear, token-level InfoNCE; only the backbone's final norm and the heads train (``freeze_for_transition``).
+bias-free Linear (or a stride-2 Conv2d from a grid twice as fine), token-level InfoNCE; only the backbone's final
+norm and the heads train (``freeze_for_transition``).
 Stage 3, focus-aimed contrastive learning: the same heads and loss with everything trainable, each token's loss
 weighted by the value of its region (``focus``): its event density or its difference-map energy, normalised to mean
 1 over the tokens of each sample, so that informative regions count more and empty ones less.
@@ -22,14 +23,20 @@ from torch import nn
 
 from evpretrain.pretrain.heads import FeatureFusion, ReconstructionDecoder, TeacherProjection, TokenMLP
 from evpretrain.pretrain.losses import TokenInfoNCE, masked_reconstruction_loss, weighted_token_mean
-from evpretrain.pretrain.masking import make_mask, patch_density, patchify
+from evpretrain.pretrain.masking import make_mask, patch_abs_sum, patch_density, patchify
 
 TARGET_KEYS = {"difference": "target_difference", "voxel": "voxel", "frame": "target_frame"}
 
 
 @dataclass(frozen=True)
 class MaskedModelingConfig:
-    """Stage 1 (config section ``pretrain.stage1.method``)."""
+    """Stage 1 (config section ``pretrain.stage1.method``).
+
+    ``mask_token_init``: the decoder's mask token drawn from N(0, 0.02^2) (``normal``, MAE's and ours) or left at
+    zeros (``zeros``, the paper's code). ``density_score`` (``densest`` / ``sparsest`` masking): a patch's event
+    count with ties broken at random (``events``, ours) or the paper's mean ``|sum over bins|`` of the input voxel
+    grid with ties in ``torch.argsort``'s order (``abs_sum``; ``evpretrain.pretrain.masking``).
+    """
 
     mask_ratio: float = 0.5
     masking: Literal["random", "densest", "sparsest"] = "random"
@@ -38,6 +45,8 @@ class MaskedModelingConfig:
     decoder_dim: int = 256
     decoder_depth: int = 8
     decoder_heads: int = 8
+    mask_token_init: Literal["normal", "zeros"] = "normal"
+    density_score: Literal["events", "abs_sum"] = "events"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.mask_ratio < 1.0:
@@ -55,6 +64,10 @@ class ContrastConfig:
     similar keys (the loss climbs back towards log(queue_length + 1); docs/results.md); a frozen random projection
     keeps the queue consistent at no cost, as it preserves the teacher tokens' angles closely. In-batch negatives
     (``queue_length: 0``) repel the keys too, so a trained projection is safe there.
+
+    ``queue_exclude_same_sample``: leave a sample's own queued keys out of its negatives (ours) or keep them (the
+    paper's code); ``queue_enqueue``: every rank's keys into the queue (``gathered``, MoCo's) or this rank's only
+    (``local``, the paper's code). See ``TokenInfoNCE``.
     """
 
     projector_layers: int = 3
@@ -64,6 +77,8 @@ class ContrastConfig:
     temperature: float = 0.07
     focus: Literal["none", "density", "difference"] = "none"
     teacher_projection: Literal["trained", "frozen"] = "frozen"
+    queue_exclude_same_sample: bool = True
+    queue_enqueue: Literal["gathered", "local"] = "gathered"
 
 
 class MaskedModeling(nn.Module):
@@ -83,12 +98,18 @@ class MaskedModeling(nn.Module):
             dim=config.decoder_dim,
             depth=config.decoder_depth,
             num_heads=config.decoder_heads,
+            mask_token_init=config.mask_token_init,
         )
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor]]:
-        voxel = batch["voxel"]
-        density = patch_density(batch["density"], self.backbone.patch_size)
-        mask = make_mask(self.config.masking, density, self.config.mask_ratio, generator=None)
+        voxel, patch_size = batch["voxel"], self.backbone.patch_size
+        if self.config.density_score == "abs_sum":  # the paper's, on the (augmented) network input
+            mask = make_mask(
+                self.config.masking, patch_abs_sum(voxel, patch_size), self.config.mask_ratio, ties="argsort"
+            )
+        else:
+            density = patch_density(batch["density"], patch_size)
+            mask = make_mask(self.config.masking, density, self.config.mask_ratio, generator=None)
         out = self.backbone(voxel, mask=mask)
         pred = self.decoder(self.fusion(out.levels), out.kept)
         target = patchify(batch[TARGET_KEYS[self.config.target]], self.backbone.patch_size)
@@ -97,19 +118,40 @@ class MaskedModeling(nn.Module):
 
 
 class FeatureTransition(nn.Module):
-    """Stages 2 and 3 around a backbone: token InfoNCE against cached teacher tokens (``batch["teacher"]``)."""
+    """Stages 2 and 3 around a backbone: token InfoNCE against cached teacher tokens (``batch["teacher"]``).
 
-    def __init__(self, backbone: nn.Module, teacher_dim: int, config: ContrastConfig):
+    ``teacher_grid`` (h, w): the grid of the cached tokens, None = the backbone's. On the backbone's grid the teacher
+    projection is a Linear layer; on a grid twice as fine (the paper's Swin with CLIP) a stride-2 Conv2d.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        teacher_dim: int,
+        config: ContrastConfig,
+        teacher_grid: tuple[int, int] | None = None,
+    ):
         super().__init__()
         self.backbone = backbone
         self.config = config
         dim = backbone.embed_dim
         self.projector = TokenMLP(config.projector_layers, dim, config.hidden_dim, dim)
         self.predictor = TokenMLP(config.predictor_layers, dim, config.hidden_dim, dim)
-        self.teacher_projection = TeacherProjection(teacher_dim, dim)
+        grid, teacher_grid = tuple(backbone.grid_size), tuple(teacher_grid or backbone.grid_size)
+        if teacher_grid not in (grid, (2 * grid[0], 2 * grid[1])):
+            raise ValueError(f"teacher tokens on a {teacher_grid} grid: expected the backbone's {grid} or twice it")
+        stride = 1 if teacher_grid == grid else 2
+        self.teacher_projection = TeacherProjection(teacher_dim, dim, teacher_grid, stride)
         if config.teacher_projection == "frozen":
             self.teacher_projection.requires_grad_(False)
-        self.criterion = TokenInfoNCE(dim, backbone.num_tokens, config.queue_length, config.temperature)
+        self.criterion = TokenInfoNCE(
+            dim,
+            backbone.num_tokens,
+            config.queue_length,
+            config.temperature,
+            exclude_same_sample=config.queue_exclude_same_sample,
+            enqueue=config.queue_enqueue,
+        )
 
     def freeze_for_transition(self) -> None:
         """Stage 2: the backbone is frozen except its final norm; the heads train."""

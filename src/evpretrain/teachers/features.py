@@ -1,8 +1,8 @@
 """Teacher features computed once per event store and cached in their own HDF5 file.
 
-Layout: ``/tokens`` (N, gh * gw, D) float16, one chunk per sample: sample i's teacher tokens on the student's token
-grid (gh, gw), from one image per stored video (as the paper's one ``clip_emb`` per ImageNet image), chosen by
-``image`` (config ``pretrain.teacher.input``):
+Layout: ``/tokens`` (N, gh * gw, D) float16, one chunk per sample: sample i's teacher tokens on the grid ``grid``
+(gh, gw) (the student's token grid, or the teacher's own: ``pretrain.teacher.grid``), from one image per stored
+video (as the paper's one ``clip_emb`` per ImageNet image), chosen by ``image`` (config ``pretrain.teacher.input``):
 
 - ``rgb`` (the paper's): the colour source image as CLIP's preprocessing crops it, the store's ``/rgb`` (written by
   ``build-ef`` with ``keep_rgb``: shorter side resized to ``rgb_size`` bicubic, centre crop; ``evpretrain.data.ef``),
@@ -84,8 +84,8 @@ def compute_teacher_features(
     image: str = "last_frame",
 ) -> Path:
     """Run ``teacher`` (moved to ``device``) on every sample's ``image`` (``rgb`` or ``last_frame``, see the module
-    docstring); write the tokens resized to ``grid_size`` (gh, gw), the student's token grid, into ``out_path``.
-    Returns ``out_path``."""
+    docstring); write the tokens resized to ``grid_size`` (gh, gw) (unchanged where it is the teacher's own grid)
+    into ``out_path``. Returns ``out_path``."""
     from tqdm import tqdm
 
     store_path, out_path = Path(store_path), Path(out_path)
