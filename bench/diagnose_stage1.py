@@ -14,6 +14,10 @@ validation split) without augmentation, with the same seeded masks for every run
 - ``probe``: the linear-probe top-1 (last epoch, %) of every variant whose pre-training starts with this run, mean
   over the seeds found, from ``downstream/*/metrics.json``.
 
+Then, from ``tables/ablation.csv``, each variant whose pre-training was rerun under other seeds (variants named
+``<name>_seed<N>``, ``workflow/presets/demo-diagnosis.yaml``) with ``<name>``'s: the probe top-1 of each pre-training
+seed (its mean over the probe seeds) and their mean ± sample std, the spread that pre-training adds to the probe's.
+
 Run (after ``make demo`` and the diagnosis variants, docs/results.md):
     .venv/bin/python bench/diagnose_stage1.py --results results --batches 8
 """
@@ -125,7 +129,9 @@ def probes(results: Path, evaluations: list[dict]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, required=True, help="a finished study's results folder")
-    parser.add_argument("--dataset", default="demo", help="the study's pretrain_dataset (its stores under <results>/data)")
+    parser.add_argument(
+        "--dataset", default="demo", help="the study's pretrain_dataset (its stores under <results>/data)"
+    )
     parser.add_argument("--store", type=Path, help="scored store (default: <results>/data/<dataset>/val.h5)")
     parser.add_argument("--fit-store", type=Path, help="the oracle's fitting store (default: the train split)")
     parser.add_argument("--batches", type=int, default=8, help="batches of --batch-size scored per run")
@@ -159,6 +165,25 @@ def main() -> None:
                 ]
             )
         )
+    pretraining_seeds(args.results)
+
+
+def pretraining_seeds(results: Path) -> None:
+    """Print each ``<name>`` with its ``<name>_seed<N>`` variants: top-1 per pre-training seed, mean ± sample std."""
+    import re
+
+    import pandas as pd
+
+    table = pd.read_csv(results / "tables" / "ablation.csv")
+    top1 = table[table["figure"] == "top-1"].set_index("variant")["mean"]
+    groups: dict[str, list[str]] = defaultdict(list)
+    for name in top1.index:
+        groups[re.sub(r"_seed\d+$", "", name)].append(name)
+    print("\nvariant | top-1 per pre-training seed | mean ± std")
+    for name, members in groups.items():
+        if len(members) > 1 and name in members:
+            values = top1[[name] + sorted(m for m in members if m != name)]
+            print(f"{name} | {', '.join(f'{v:.2f}' for v in values)} | {values.mean():.2f} ± {values.std():.2f}")
 
 
 if __name__ == "__main__":
