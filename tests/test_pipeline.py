@@ -227,8 +227,8 @@ def test_the_paper_preset_plans_without_any_data(tmp_path):
     plan = snakemake("-n", "--configfile", str(ROOT / "workflow/presets/paper.yaml"), cwd=tmp_path)
     assert plan.returncode == 0, plan.stderr[-3000:]
     jobs = planned_jobs(plan.stdout)
-    assert jobs["pretrain_stage"] == 13 and jobs["teacher_features"] == 1 and jobs["build_ef"] == 2
-    assert jobs["finetune"] == (9 + 6) * 8 * 3  # (trained + released variants) x evaluations x seeds
+    assert jobs["pretrain_stage"] == 15 and jobs["teacher_features"] == 1 and jobs["build_ef"] == 2
+    assert jobs["finetune"] == (11 + 6) * 8 * 3  # (trained + released variants) x evaluations x seeds
     assert jobs["released_checkpoint"] == 6  # the authors' six checkpoints, linked in; no file needed to plan
     assert {name for name in jobs if name.startswith("convert_")} == {
         "convert_n_caltech101",
