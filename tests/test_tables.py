@@ -28,7 +28,14 @@ def write_study(results, flow_aee=1.25):
             path = results / "downstream" / folder
             path.mkdir(parents=True)
             (path / "metrics.json").write_text(
-                json.dumps({"top1_last": top1, "top1_best": top1 + 0.01, "top5_last": 1.0})
+                json.dumps(
+                    {
+                        "top1_last": top1,
+                        "top1_best": top1 + 0.01,
+                        "top5_last": 1.0,
+                        "eval_window": "40 events from the middle",
+                    }
+                )
             )
             evaluations.append(
                 {
@@ -102,6 +109,8 @@ def test_tables_are_written_in_three_formats_from_the_cli(tmp_path):
     )
     markdown = (tmp_path / "tables" / "ablation.md").read_text()
     assert "| full " in markdown and "85.00 ± 5.00" in markdown and "1.250" in markdown
+    # The window each classification column scored follows the table; flow samples are windows already.
+    assert markdown.endswith("\nlinear: evaluated on 40 events from the middle\n") and "flow: evaluated" not in markdown
     latex = (tmp_path / "tables" / "ablation.tex").read_text()
     assert r"no\_stage2" in latex and r"60.00 $\pm$ 10.00" in latex and r"\begin{tabular}" in latex
     csv = pd.read_csv(tmp_path / "tables" / "ablation.csv")

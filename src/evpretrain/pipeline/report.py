@@ -11,6 +11,7 @@ from evpretrain.pipeline.tables import (
     collect_robustness,
     collect_runs,
     summarise,
+    window_notes,
     write_robustness_tables,
     write_tables,
 )
@@ -23,7 +24,8 @@ def write_report(
     ``robustness.{md,csv}``; with ``figures_dir``, also ``loss_curves.png``, each stage's figures and
     ``robustness.png`` there. Returns the written paths by name (``md`` is the ablation table)."""
     results = Path(results)
-    paths = write_tables(summarise(collect_runs(manifest, results)), Path(tables_dir))
+    runs = collect_runs(manifest, results)
+    paths = write_tables(summarise(runs), Path(tables_dir), notes=window_notes(runs))
     robustness = collect_robustness(manifest, results)
     if len(robustness):
         paths |= {f"robustness_{k}": v for k, v in write_robustness_tables(robustness, Path(tables_dir)).items()}

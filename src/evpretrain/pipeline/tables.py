@@ -18,7 +18,15 @@ import pandas as pd
 from evpretrain.config import ConfigError
 from evpretrain.files import write_text_atomic
 
-__all__ = ["FIGURES", "collect_robustness", "collect_runs", "summarise", "write_robustness_tables", "write_tables"]
+__all__ = [
+    "FIGURES",
+    "collect_robustness",
+    "collect_runs",
+    "summarise",
+    "window_notes",
+    "write_robustness_tables",
+    "write_tables",
+]
 
 # (metrics.json key, column name, scale, higher is better) per task.
 FIGURES: dict[str, list[tuple[str, str, float, bool]]] = {
@@ -64,6 +72,8 @@ def collect_runs(manifest: Mapping[str, Any], results: Path) -> pd.DataFrame:
                         "figure": figure,
                         "value": scale * float(metrics[key]),
                         "higher_is_better": higher,
+                        # dense samples are fixed windows already; classification says which window it scored
+                        "window": metrics.get("eval_window", "") if evaluation["task"] == "classify" else "",
                     }
                 )
     return pd.DataFrame(rows)
@@ -117,6 +127,15 @@ def write_robustness_tables(robustness: pd.DataFrame, out_dir: Path) -> dict[str
     return paths
 
 
+def window_notes(runs: pd.DataFrame) -> list[str]:
+    """One line per evaluation that records its evaluation window (classification: ``eval_window`` of metrics.json,
+    e.g. "40000 events at a random start"), saying which window its column scored."""
+    if "window" not in runs:
+        return []
+    windows = runs[runs["window"] != ""].groupby("evaluation", sort=False)["window"].unique()
+    return [f"{label}: evaluated on {', '.join(values)}" for label, values in windows.items()]
+
+
 def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     """Mean, std (sample, ddof 1; 0 for one seed) and seed count per (variant, evaluation, figure), in the
     manifest's variant order."""
@@ -151,13 +170,19 @@ def _ordered_pivot(cells: pd.DataFrame, index: str) -> pd.DataFrame:
 
 
 def write_tables(
-    summary: pd.DataFrame, out_dir: Path, name: str = "ablation", figures: list[str] | None = None
+    summary: pd.DataFrame,
+    out_dir: Path,
+    name: str = "ablation",
+    figures: list[str] | None = None,
+    notes: list[str] = (),
 ) -> dict[str, Path]:
-    """Write ``out_dir/<name>.{md,tex,csv}``: the wide table (md, tex) and the long summary (csv)."""
+    """Write ``out_dir/<name>.{md,tex,csv}``: the wide table (md, tex) and the long summary (csv); ``notes``
+    (``window_notes``) follow the Markdown table, one line each."""
     out_dir.mkdir(parents=True, exist_ok=True)
     wide = wide_table(summary, figures)
     paths = {"md": out_dir / f"{name}.md", "tex": out_dir / f"{name}.tex", "csv": out_dir / f"{name}.csv"}
-    write_text_atomic(paths["md"], wide.to_markdown(disable_numparse=True) + "\n")  # keep "1.250" as written
+    footer = "".join(f"\n{note}\n" for note in notes)
+    write_text_atomic(paths["md"], wide.to_markdown(disable_numparse=True) + "\n" + footer)  # keep "1.250"
     write_text_atomic(paths["tex"], _latex(wide, caption=f"{name}: mean $\\pm$ std over seeds") + "\n")
     write_text_atomic(paths["csv"], summary.to_csv(index=False))
     return paths
