@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from evpretrain.cli import main
-from evpretrain.pipeline.tracking import TAG_FOLDER, TAG_RUNS, job_times, variant_settings
+from evpretrain.pipeline.tracking import TAG_FOLDER, TAG_RUNS, job_times, study_record, variant_settings
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -121,6 +121,21 @@ def test_every_variant_has_the_overridden_keys_with_its_value_or_the_studys():
         "focus": {"pretrain.stage1.mask_ratio": 0.5, "pretrain.stage3.focus": "none"},
     }
     assert variant_settings({"variants": {"full": {"stages": [1]}}}) == {"full": {}}
+
+
+def test_the_record_of_a_study_leaves_out_how_its_jobs_run():
+    config = {
+        "results": "results",
+        "executor": "slurm",
+        "execution": {"threads_per_job": 1},
+        "tracking": {"uri": None},
+        "pretrain": {"stage1": {"train": {"base_lr": 0.01, "num_workers": 4, "max_steps": 5}, "mask_ratio": 0.5}},
+        "variants": {"full": {"stages": [1]}},
+    }
+    assert study_record(config) == {
+        "pretrain": {"stage1": {"train": {"base_lr": 0.01}, "mask_ratio": 0.5}},
+        "variants": {"full": {"stages": [1]}},
+    }
 
 
 def test_a_job_spans_its_wall_time_up_to_its_file_or_its_recorded_times(tmp_path):

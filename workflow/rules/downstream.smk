@@ -99,11 +99,11 @@ rule tables:
 
 
 rule study_config:
-    """The study config as the pipeline read it (with its variants): the MLflow parents' settings and configs."""
+    """The study config (with its variants, without how jobs run): the MLflow parents' settings and configs."""
     output:
         RESULTS / "config/study.json",
     params:
-        text=lambda wildcards: json.dumps(config, indent=1, default=str),
+        text=lambda wildcards: json.dumps(study_record(config), indent=1, sort_keys=True, default=str),
     shell:
         WRITE_TEXT
 

@@ -23,9 +23,10 @@ from typing import Any
 import yaml
 
 from evpretrain.pipeline.plan import apply_overrides
+from evpretrain.training.config import EXECUTION_FIELDS
 from evpretrain.training.mlflow_hook import default_artifact_location, flatten
 
-__all__ = ["job_times", "log_study", "variant_settings"]
+__all__ = ["job_times", "log_study", "study_record", "variant_settings"]
 
 TAG_FOLDER = "evpretrain.folder"
 TAG_SHA = "evpretrain.content_sha256"
@@ -35,6 +36,19 @@ MAX_BATCH = 100  # MLflow's limit of params (and a safe size for metrics) per lo
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 # Each task's headline figure (downstream.run.PRIMARY): the parent shows its mean over seeds, last and best.
 HEADLINE = ("top1", "miou_batch_mean", "aee_batch_mean")
+RUN_SECTIONS = ("results", "executor", "execution", "tracking")  # where and how jobs run: no result depends on them
+
+
+def study_record(config: Mapping[str, Any]) -> dict[str, Any]:
+    """What the mirror records of a study config: all but the sections and ``train`` fields that only change how
+    jobs run (``RUN_SECTIONS``, ``EXECUTION_FIELDS``), so that changing those reruns no tracking either."""
+
+    def strip(node: Any, key: str = "") -> Any:
+        if not isinstance(node, Mapping):
+            return node
+        return {k: strip(v, k) for k, v in node.items() if not (key == "train" and k in EXECUTION_FIELDS)}
+
+    return {k: strip(v, k) for k, v in config.items() if k not in RUN_SECTIONS}
 
 
 def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
