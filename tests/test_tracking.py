@@ -103,6 +103,11 @@ def track(tmp_path, uri):
     assert main(args) == 0
     logged = json.loads((tmp_path / "logged.json").read_text())
     assert logged.pop("tracking_uri") == uri and logged.pop("experiment") == "demo"
+    experiment = mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name("demo").experiment_id
+    assert (
+        logged.pop("ui")
+        == f"/#/experiments/{experiment}/runs?workflowType=machine_learning&viewStateShareKey=ablations"
+    )
     return logged
 
 
@@ -153,6 +158,13 @@ def test_a_study_is_mirrored_once_with_parents_shared_stages_settings_and_times(
     client = mlflow.MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("demo")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on its runs
+    view = json.loads(experiment.tags["mlflow.sharedViewState.ablations"])  # the runs table's columns
+    assert view["selectedColumns"] == [
+        "params.`pretrain.stage3.method.focus`",
+        *(f"params.`{key}`" for key in ("stages", "stage1", "stage2", "stage3")),
+        "metrics.`mean/linear/top1_last`",
+        "metrics.`mean/linear/top1_best`",
+    ]
     runs = {run.data.tags[TAG_FOLDER]: run for run in client.search_runs([experiment.experiment_id])}
     assert len(runs) == 7  # stage 1 is one run though both variants use it
     full, no_focus = runs["variant/full"], runs["variant/no_focus"]

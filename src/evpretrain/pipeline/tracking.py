@@ -26,7 +26,7 @@ from evpretrain.pipeline.plan import apply_overrides
 from evpretrain.training.config import EXECUTION_FIELDS
 from evpretrain.training.mlflow_hook import default_artifact_location, flatten
 
-__all__ = ["job_times", "log_study", "study_record", "variant_settings"]
+__all__ = ["job_times", "log_study", "study_record", "ui_path", "variant_settings", "view_state"]
 
 TAG_FOLDER = "evpretrain.folder"
 TAG_SHA = "evpretrain.content_sha256"
@@ -36,6 +36,9 @@ MAX_BATCH = 100  # MLflow's limit of params (and a safe size for metrics) per lo
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 # Each task's headline figure (downstream.run.PRIMARY): the parent shows its mean over seeds, last and best.
 HEADLINE = ("top1", "miou_batch_mean", "aee_batch_mean")
+# A view of the runs table saved on the experiment (MLflow's "share view": the experiment tag
+# mlflow.sharedViewState.KEY, opened by ?viewStateShareKey=KEY): the differing settings and headline metrics as columns.
+VIEW = "ablations"
 RUN_SECTIONS = ("results", "executor", "execution", "tracking")  # where and how jobs run: no result depends on them
 
 
@@ -73,6 +76,23 @@ def variant_settings(study: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         name: {key: (variant.get("overrides") or {}).get(key, _dotted(study, key)) for key in keys}
         for name, variant in variants.items()
     }
+
+
+def view_state(settings: list[str], metrics: list[str]) -> dict[str, Any]:
+    """The runs table's state (MLflow UI 3) showing the ``settings`` params, the stages and the ``metrics``."""
+    params = [*settings, "stages", "stage1", "stage2", "stage3"]
+    return {
+        "searchFilter": "",
+        "orderByKey": "attributes.start_time",
+        "orderByAsc": True,
+        "selectedColumns": [f"params.`{key}`" for key in params] + [f"metrics.`{key}`" for key in metrics],
+    }
+
+
+def ui_path(experiment_id: str) -> str:
+    """The MLflow UI's path (after the host) of a study's runs table, in the saved view, with the sidebar on model
+    training (MLflow 3.17 picks the experiment's page from that switch, not from ``mlflow.experimentKind``)."""
+    return f"/#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={VIEW}"
 
 
 def job_times(folder: Path, metrics: Mapping[str, Any]) -> tuple[int, int]:
@@ -195,8 +215,9 @@ def log_study(
     tags: Mapping[str, str] | None = None,
 ) -> dict[str, int]:
     """Log every variant of ``manifest`` (``StudyPlan.manifest()``) found under ``results``; return how many runs
-    were logged, skipped (already logged) and replaced (content changed). ``study``: the study config (with its
-    ``variants``), for the parents' settings and resolved configs. ``tags`` go on every run (e.g. the git commit)."""
+    were logged, skipped (already logged) and replaced (content changed), and ``ui``, the UI's path of the comparison.
+    ``study``: the study config (with its ``variants``), for the parents' settings and resolved configs. ``tags`` go
+    on every run (e.g. the git commit)."""
     logger = _Logger(tracking_uri, experiment, tags or {})
     results = Path(results)
     study = dict(study or {})
@@ -206,6 +227,7 @@ def log_study(
         for folder in [*entry.get("nodes", []), *(e["folder"] for e in entry["evaluations"])]:
             users.setdefault(folder, []).append(variant)
     parents: dict[str, str] = {}
+    headline: dict[str, None] = {}  # the parents' metric names, in order
     with tempfile.TemporaryDirectory() as scratch:
         for variant, entry in manifest.items():
             nodes, evaluations = entry.get("nodes", []), entry["evaluations"]
@@ -235,12 +257,14 @@ def log_study(
                 | {"stages": ",".join(map(str, entry["stages"])) or "none", **stage_nodes}
                 | {"checkpoint": entry["checkpoint"] or "none", "source": entry.get("source") or "none"}
             )
+            means = {f"mean/{k}": sum(v) / len(v) for k, v in summary.items()}
+            headline |= dict.fromkeys(means)
             parents[variant] = logger.run(
                 f"variant/{variant}",
                 variant,
                 parent=None,
                 params=params,
-                metrics={f"mean/{k}": sum(v) / len(v) for k, v in summary.items()},
+                metrics=means,
                 times=span,
                 artifacts=artifacts,
                 tags={"variant": variant, "stage": "variant"},
@@ -289,4 +313,7 @@ def log_study(
                     },
                 )
             logger.link(parents[variant], runs)
-    return logger.counts
+    keys = sorted({key for values in settings.values() for key in values})
+    state = json.dumps(view_state(keys, list(headline)))
+    logger.client.set_experiment_tag(logger.experiment_id, f"mlflow.sharedViewState.{VIEW}", state)
+    return logger.counts | {"ui": ui_path(logger.experiment_id)}
