@@ -226,6 +226,18 @@ def test_a_study_is_mirrored_once_with_parents_shared_stages_settings_and_times(
     }
 
 
+def test_runs_an_older_mirror_logged_once_per_variant_become_one(tmp_path):
+    write_study(tmp_path / "results")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("demo", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    old = [client.create_run(experiment, tags={TAG_FOLDER: "pretrain/stage1-aaa"}).info.run_id for _ in range(2)]
+    assert track(tmp_path, uri) == {"logged": 7, "skipped": 0, "replaced": 1}
+    stage1 = client.search_runs([experiment], filter_string=f"tags.`{TAG_FOLDER}` = 'pretrain/stage1-aaa'")
+    assert len(stage1) == 1 and stage1[0].info.run_id not in old
+    assert {client.get_run(run_id).info.lifecycle_stage for run_id in old} == {"deleted"}
+
+
 @pytest.mark.slow
 def test_a_study_is_mirrored_into_a_real_mlflow_server(tmp_path):
     import os

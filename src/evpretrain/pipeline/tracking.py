@@ -32,7 +32,8 @@ TAG_FOLDER = "evpretrain.folder"
 TAG_SHA = "evpretrain.content_sha256"
 TAG_RUNS = "evpretrain.runs"
 MAX_BATCH = 100  # MLflow's limit of params (and a safe size for metrics) per log_batch request
-# MLflow 3 opens an experiment by its kind (tag mlflow.experimentKind); without it, on the GenAI overview (traces).
+# MLflow 3 opens an experiment by its kind (tag mlflow.experimentKind; without it, on the GenAI overview of traces);
+# 3.17 by its sidebar's switch instead, which ``ui_path`` sets.
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 # Each task's headline figure (downstream.run.PRIMARY): the parent shows its mean over seeds, last and best.
 HEADLINE = ("top1", "miou_batch_mean", "aee_batch_mean")
@@ -147,17 +148,20 @@ class _Logger:
         content = [flat, metrics, curves, run_tags, times, [p.name for p in artifacts]]
         sha = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
         query = f"tags.`{TAG_FOLDER}` = '{folder}'"
-        found = self.client.search_runs([self.experiment_id], filter_string=query, max_results=1)
-        if found and found[0].data.tags.get(TAG_SHA) == sha:
-            run_id = found[0].info.run_id
-            if parent is not None and found[0].data.tags.get("mlflow.parentRunId") != parent:  # its parent replaced
+        found = self.client.search_runs([self.experiment_id], filter_string=query)
+        same = [run for run in found if run.data.tags.get(TAG_SHA) == sha][:1]
+        keep = same[0].info.run_id if same else None
+        for run in found:  # content changed (or an older mirror logged a shared run once per variant): replace
+            if run.info.run_id != keep:
+                self.client.delete_run(run.info.run_id)  # its nested runs move under the new one as they're seen
+        self.counts["replaced"] += bool(found) and not same
+        if same:
+            run_id = keep
+            if parent is not None and same[0].data.tags.get("mlflow.parentRunId") != parent:  # its parent replaced
                 self.client.set_tag(run_id, "mlflow.parentRunId", parent)
             self.counts["skipped"] += 1
             self.ids[folder] = run_id
             return run_id
-        if found:  # content changed: replace the run (its nested runs are nested under the new one as they're seen)
-            self.client.delete_run(found[0].info.run_id)
-            self.counts["replaced"] += 1
         run_tags[TAG_SHA] = sha
         if parent is not None:
             run_tags["mlflow.parentRunId"] = parent
@@ -237,8 +241,8 @@ def log_study(
             for evaluation in evaluations:
                 for key, value in _headline(loaded[evaluation["folder"]][0], evaluation["label"]).items():
                     summary.setdefault(key, []).append(value)
-            times = [times for *_, times in loaded.values()]
-            span = (min(t[0] for t in times), max(t[1] for t in times)) if times else (0, 0)
+            spans = [times for *_, times in loaded.values()]
+            span = (min(t[0] for t in spans), max(t[1] for t in spans)) if spans else (0, 0)
             stage_nodes = {f"stage{stage}": "none" for stage in (1, 2, 3)}
             stage_nodes |= {f"stage{n.split('-')[0].removeprefix('stage')}": n for n in nodes}
             artifacts = []
