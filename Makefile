@@ -47,7 +47,9 @@ demo: $(STAMP) profiles
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --profile local all
 	cat results/tables/ablation.md
 
-ui: $(STAMP)  # the MLflow UI on the demo study's store, http://127.0.0.1:5000
+ui: $(STAMP)  # the MLflow UI on the demo study's store, http://127.0.0.1:5000; the comparison view's address first
+	@$(BIN)/python -c 'import json; print("open http://127.0.0.1:5000" + json.load(open("results/mlflow/logged.json"))["ui"])' \
+		2>/dev/null || true
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath results/mlflow.db) --host 127.0.0.1 --port 5000
 
 bench: $(STAMP)

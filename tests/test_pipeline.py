@@ -168,7 +168,7 @@ def test_the_study_runs_to_its_tables_and_replans_only_what_a_change_invalidates
     html = (tmp_path / "report.html").read_text()
     assert "ablation.csv" in html and "loss_curves.png" in html and "robustness.png" in html
     logged = json.loads((tmp_path / "results" / "mlflow" / "logged.json").read_text())
-    assert logged["experiment"] == "tiny" and logged["logged"] == 3 + (3 + 1) + 3 * 2  # parents, stages, evaluations
+    assert logged["experiment"] == "tiny" and logged["logged"] == 3 + 3 + 3 * 2  # parents, stages (once), evaluations
     assert logged["tracking_uri"] == f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}"
 
     nothing = snakemake("--configfile", str(study), "-n", cwd=tmp_path)
@@ -178,6 +178,7 @@ def test_the_study_runs_to_its_tables_and_replans_only_what_a_change_invalidates
         "--configfile", str(tiny_study(tmp_path, **{"pretrain.stage3.train.base_lr": 2e-3})), "-n", cwd=tmp_path
     )
     assert planned_jobs(stage3.stdout) == {
+        "study_config": 1,  # the MLflow parents' settings
         "stage_config": 1,
         "pretrain_stage": 1,
         "evaluation_config": 2,
@@ -196,6 +197,7 @@ def test_the_study_runs_to_its_tables_and_replans_only_what_a_change_invalidates
         cwd=tmp_path,
     )
     assert planned_jobs(downstream.stdout) == {
+        "study_config": 1,
         "evaluation_config": 6,
         "finetune": 6,
         "robustness": 3,
@@ -209,7 +211,14 @@ def test_the_study_runs_to_its_tables_and_replans_only_what_a_change_invalidates
     levels = snakemake(
         "--configfile", str(tiny_study(tmp_path, **{"downstream.robustness.drop": [0.25]})), "-n", cwd=tmp_path
     )
-    assert planned_jobs(levels.stdout) == {"evaluation_config": 3, "robustness": 3, "tables": 1, "all": 1}
+    assert planned_jobs(levels.stdout) == {
+        "study_config": 1,
+        "evaluation_config": 3,
+        "robustness": 3,
+        "tables": 1,
+        "track": 1,  # the parents' resolved configs
+        "all": 1,
+    }
 
     # Execution-only settings rewrite the stage's config file but retrain nothing.
     execution = snakemake(

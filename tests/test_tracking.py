@@ -1,18 +1,32 @@
 """MLflow mirror of a study: a parent run per variant, nested stage and evaluation runs, logged once."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import yaml
 
 from evpretrain.cli import main
+from evpretrain.pipeline.tracking import TAG_FOLDER, TAG_RUNS, job_times, study_record, variant_settings
 
 mlflow = pytest.importorskip("mlflow")
 
 
+STUDY = {
+    "pretrain": {"stage1": {"train": {"base_lr": 0.01}}, "stage3": {"method": {"focus": "entropy"}}},
+    "variants": {
+        "full": {"stages": [1, 3]},
+        "no_focus": {"stages": [1, 3], "overrides": {"pretrain.stage3.method.focus": "none"}},
+    },
+}
+END = 1_700_000_000.0  # the metrics.json files' modification time (s)
+
+
 def write_study(results, top1=0.8):
-    """Two variants sharing stage 1; one evaluation each (a seed), with figures."""
-    for node, loss in (("stage1-aaa", 0.9), ("stage3-bbb", 4.2)):
+    """Two variants sharing stage 1 (their stage 3 differs); one evaluation each (a seed), with figures. Every job
+    ended at ``END`` (its file time): the stages after 80 s, the evaluations after 2 s."""
+    for node, loss in (("stage1-aaa", 0.9), ("stage3-bbb", 4.2), ("stage3-ccc", 4.4)):
         folder = results / "pretrain" / node
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "metrics.json").write_text(
@@ -20,16 +34,18 @@ def write_study(results, top1=0.8):
                 {
                     "loss": loss,
                     "step": 10,
+                    "wall_time_s": 80.0,
                     "slurm_job_id": "4242",
                     "log": [{"step": 5, "epoch": 0.5, "loss": 2 * loss}, {"step": 10, "epoch": 1.0, "loss": loss}],
                 }
             )
         )
+        os.utime(folder / "metrics.json", (END, END))
         (folder / "study.yaml").write_text(
             yaml.safe_dump({"pretrain": {"backbone": "vit_demo", "stage1": {"train": {"base_lr": 0.01}}}})
         )
     manifest = {}
-    for variant, nodes in (("full", ["stage1-aaa", "stage3-bbb"]), ("stage1_only", ["stage1-aaa"])):
+    for variant, nodes in (("full", ["stage1-aaa", "stage3-bbb"]), ("no_focus", ["stage1-aaa", "stage3-ccc"])):
         folder = f"classify-linear-demo-k{variant}/seed0"
         path = results / "downstream" / folder
         path.mkdir(parents=True, exist_ok=True)
@@ -37,14 +53,17 @@ def write_study(results, top1=0.8):
             json.dumps(
                 {
                     "top1_last": top1,
+                    "top1_best": 0.95,
                     "step": 20,
+                    "train_wall_time_s": 2.0,
                     "history": [{"step": 10, "epoch": 1.0, "top1": 0.5}, {"step": 20, "epoch": 2.0, "top1": top1}],
                 }
             )
         )
+        os.utime(path / "metrics.json", (END, END))
         (path / "confusion.png").write_bytes(b"\x89PNG fake")
         manifest[variant] = {
-            "stages": [1, 3][: len(nodes)],
+            "stages": [1, 3],
             "nodes": nodes,
             "checkpoint": nodes[-1],
             "evaluations": [
@@ -60,6 +79,7 @@ def write_study(results, top1=0.8):
             ],
         }
     (results / "manifest.json").write_text(json.dumps(manifest))
+    (results / "study.json").write_text(json.dumps(STUDY))
 
 
 def track(tmp_path, uri):
@@ -67,6 +87,8 @@ def track(tmp_path, uri):
         "track",
         "--manifest",
         str(tmp_path / "results" / "manifest.json"),
+        "--study",
+        str(tmp_path / "results" / "study.json"),
         "--results",
         str(tmp_path / "results"),
         "--tracking-uri",
@@ -81,38 +103,139 @@ def track(tmp_path, uri):
     assert main(args) == 0
     logged = json.loads((tmp_path / "logged.json").read_text())
     assert logged.pop("tracking_uri") == uri and logged.pop("experiment") == "demo"
+    experiment = mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name("demo").experiment_id
+    assert (
+        logged.pop("ui")
+        == f"/#/experiments/{experiment}/runs?workflowType=machine_learning&viewStateShareKey=ablations"
+    )
     return logged
 
 
-def test_a_study_is_mirrored_once_with_parents_children_tags_and_artifacts(tmp_path):
+def test_every_variant_has_the_overridden_keys_with_its_value_or_the_studys():
+    study = {
+        "pretrain": {"stage1": {"mask_ratio": 0.5}, "stage3": {}},
+        "variants": {
+            "full": {"stages": [1]},
+            "masked": {"stages": [1], "overrides": {"pretrain.stage1.mask_ratio": 0.75}},
+            "focus": {"stages": [1], "overrides": {"pretrain.stage3.focus": "none"}},  # the study has no value
+        },
+    }
+    assert variant_settings(study) == {
+        "full": {"pretrain.stage1.mask_ratio": 0.5, "pretrain.stage3.focus": None},
+        "masked": {"pretrain.stage1.mask_ratio": 0.75, "pretrain.stage3.focus": None},
+        "focus": {"pretrain.stage1.mask_ratio": 0.5, "pretrain.stage3.focus": "none"},
+    }
+    assert variant_settings({"variants": {"full": {"stages": [1]}}}) == {"full": {}}
+
+
+def test_the_record_of_a_study_leaves_out_how_its_jobs_run():
+    config = {
+        "results": "results",
+        "executor": "slurm",
+        "execution": {"threads_per_job": 1},
+        "tracking": {"uri": None},
+        "pretrain": {"stage1": {"train": {"base_lr": 0.01, "num_workers": 4, "max_steps": 5}, "mask_ratio": 0.5}},
+        "variants": {"full": {"stages": [1]}},
+    }
+    assert study_record(config) == {
+        "pretrain": {"stage1": {"train": {"base_lr": 0.01}, "mask_ratio": 0.5}},
+        "variants": {"full": {"stages": [1]}},
+    }
+
+
+def test_a_job_spans_its_wall_time_up_to_its_file_or_its_recorded_times(tmp_path):
+    (tmp_path / "metrics.json").write_text("{}")
+    os.utime(tmp_path / "metrics.json", (END, END))
+    assert job_times(tmp_path, {"wall_time_s": 80.5}) == (1_699_999_919_500, 1_700_000_000_000)
+    assert job_times(tmp_path, {"train_wall_time_s": 2.0}) == (1_699_999_998_000, 1_700_000_000_000)
+    assert job_times(tmp_path, {"start_time": 100.0, "end_time": 160.25, "wall_time_s": 1.0}) == (100_000, 160_250)
+
+
+def test_a_study_is_mirrored_once_with_parents_shared_stages_settings_and_times(tmp_path):
     write_study(tmp_path / "results")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert track(tmp_path, uri) == {"logged": 2 + 5, "skipped": 0, "replaced": 0}  # 2 parents, 3 + 2 children
+    assert track(tmp_path, uri) == {"logged": 2 + 3 + 2, "skipped": 0, "replaced": 0}  # parents, stages, evaluations
     client = mlflow.MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name("demo").experiment_id
-    parents = client.search_runs([experiment], filter_string="tags.stage = 'variant'")
-    assert sorted(run.info.run_name for run in parents) == ["full", "stage1_only"]
-    full = next(run for run in parents if run.info.run_name == "full")
+    experiment = client.get_experiment_by_name("demo")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on its runs
+    view = json.loads(experiment.tags["mlflow.sharedViewState.ablations"])  # the runs table's columns
+    assert view["selectedColumns"] == [
+        "params.`pretrain.stage3.method.focus`",
+        *(f"params.`{key}`" for key in ("stages", "stage1", "stage2", "stage3")),
+        "metrics.`mean/linear/top1_last`",
+        "metrics.`mean/linear/top1_best`",
+    ]
+    runs = {run.data.tags[TAG_FOLDER]: run for run in client.search_runs([experiment.experiment_id])}
+    assert len(runs) == 7  # stage 1 is one run though both variants use it
+    full, no_focus = runs["variant/full"], runs["variant/no_focus"]
+
+    # The parents: the same params, the differing setting, the stages, the resolved config, last and best figures.
+    assert set(full.data.params) == set(no_focus.data.params)
+    assert full.data.params["pretrain.stage3.method.focus"] == "entropy"  # the study's, where the variant keeps it
+    assert no_focus.data.params["pretrain.stage3.method.focus"] == "none"
+    assert full.data.params["stages"] == "1,3" and full.data.params["stage2"] == "none"
+    assert full.data.params["stage1"] == no_focus.data.params["stage1"] == "stage1-aaa"
+    assert (full.data.params["stage3"], no_focus.data.params["stage3"]) == ("stage3-bbb", "stage3-ccc")
+    resolved = yaml.safe_load(
+        Path(client.download_artifacts(no_focus.info.run_id, "config.yaml", str(tmp_path))).read_text()
+    )
+    assert resolved == {"pretrain": {"stage1": {"train": {"base_lr": 0.01}}, "stage3": {"method": {"focus": "none"}}}}
     assert full.data.metrics["mean/linear/top1_last"] == pytest.approx(0.8)
-    children = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{full.info.run_id}'")
-    assert sorted(run.data.tags["stage"] for run in children) == ["1", "3", "eval"]
-    stage1 = next(run for run in children if run.data.tags["stage"] == "1")
+    assert full.data.metrics["mean/linear/top1_best"] == pytest.approx(0.95)
+
+    # A shared stage: one run, nested under the first variant, listed (and linked) by every parent using it.
+    stage1 = runs["pretrain/stage1-aaa"]
+    assert stage1.data.tags["mlflow.parentRunId"] == full.info.run_id and stage1.data.tags["variant"] == "full,no_focus"
+    for parent in (full, no_focus):
+        assert json.loads(parent.data.tags[TAG_RUNS])["stage1-aaa"] == stage1.info.run_id
+        assert f"/runs/{stage1.info.run_id})" in parent.data.tags["mlflow.note.content"]
+    assert runs["pretrain/stage3-ccc"].data.tags["mlflow.parentRunId"] == no_focus.info.run_id
     assert stage1.data.params["pretrain.stage1.train.base_lr"] == "0.01"
     assert stage1.data.tags["git_commit"] == "abc123" and stage1.data.tags["slurm_job_id"] == "4242"
     curve = client.get_metric_history(stage1.info.run_id, "train/loss")  # the loss curve, per logged step
     assert [(m.step, m.value) for m in curve] == [(5, pytest.approx(1.8)), (10, pytest.approx(0.9))]
     assert "log" not in stage1.data.metrics and stage1.data.metrics["loss"] == pytest.approx(0.9)
-    evaluation = next(run for run in children if run.data.tags["stage"] == "eval")
-    assert [m.value for m in client.get_metric_history(evaluation.info.run_id, "eval/top1")] == [0.5, 0.8]
+
+    # The evaluations carry their variant; the curves are per epoch.
+    evaluation = runs["downstream/classify-linear-demo-kno_focus/seed0"]
+    assert evaluation.info.run_name == "no_focus linear seed0" and evaluation.data.params["variant"] == "no_focus"
+    assert evaluation.data.tags["mlflow.parentRunId"] == no_focus.info.run_id
+    history = client.get_metric_history(evaluation.info.run_id, "eval/top1")
+    assert [(m.step, m.value) for m in history] == [(1, 0.5), (2, 0.8)]
     assert {a.path for a in client.list_artifacts(evaluation.info.run_id)} == {"metrics.json", "confusion.png"}
     assert (tmp_path / "mlartifacts").is_dir()  # beside the database, not ./mlruns wherever the command ran
 
+    # The jobs' real times (ms): each ended at its file time after its wall time; a parent spans its jobs.
+    end = int(END * 1000)
+    assert (stage1.info.start_time, stage1.info.end_time) == (end - 80_000, end)
+    assert (evaluation.info.start_time, evaluation.info.end_time) == (end - 2_000, end)
+    assert (full.info.start_time, full.info.end_time) == (end - 80_000, end)
+
     assert track(tmp_path, uri) == {"logged": 0, "skipped": 7, "replaced": 0}  # nothing new: nothing logged
     write_study(tmp_path / "results", top1=0.9)  # new evaluation results: those runs and their parents replaced
-    counts = track(tmp_path, uri)
-    assert counts["replaced"] == 2 and counts["logged"] == 2 + 5
-    parents = client.search_runs([experiment], filter_string="tags.stage = 'variant'")
-    assert len(parents) == 2 and all(run.data.metrics["mean/linear/top1_last"] == pytest.approx(0.9) for run in parents)
+    assert track(tmp_path, uri) == {"logged": 4, "skipped": 3, "replaced": 4}
+    runs = {run.data.tags[TAG_FOLDER]: run for run in client.search_runs([experiment.experiment_id])}
+    assert len(runs) == 7 and runs["variant/full"].data.metrics["mean/linear/top1_last"] == pytest.approx(0.9)
+    # the stages kept their runs, nested under the new parent and listed by it
+    assert runs["pretrain/stage1-aaa"].info.run_id == stage1.info.run_id
+    assert runs["pretrain/stage1-aaa"].data.tags["mlflow.parentRunId"] == runs["variant/full"].info.run_id
+    assert json.loads(runs["variant/no_focus"].data.tags[TAG_RUNS]) == {
+        folder.split("/", 1)[1]: run.info.run_id
+        for folder, run in runs.items()
+        if not folder.startswith("variant/") and "no_focus" in run.data.tags["variant"]
+    }
+
+
+def test_runs_an_older_mirror_logged_once_per_variant_become_one(tmp_path):
+    write_study(tmp_path / "results")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("demo", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    old = [client.create_run(experiment, tags={TAG_FOLDER: "pretrain/stage1-aaa"}).info.run_id for _ in range(2)]
+    assert track(tmp_path, uri) == {"logged": 7, "skipped": 0, "replaced": 1}
+    stage1 = client.search_runs([experiment], filter_string=f"tags.`{TAG_FOLDER}` = 'pretrain/stage1-aaa'")
+    assert len(stage1) == 1 and stage1[0].info.run_id not in old
+    assert {client.get_run(run_id).info.lifecycle_stage for run_id in old} == {"deleted"}
 
 
 @pytest.mark.slow
@@ -164,7 +287,7 @@ def test_a_study_is_mirrored_into_a_real_mlflow_server(tmp_path):
                     pytest.fail("the MLflow server did not answer /health")
                 time.sleep(0.5)
         write_study(tmp_path / "results")
-        assert track(tmp_path, uri) == {"logged": 7, "skipped": 0, "replaced": 0}
+        assert track(tmp_path, uri) == {"logged": 7, "skipped": 0, "replaced": 0}  # 2 parents, 3 stages, 2 evaluations
         runs = mlflow.MlflowClient(tracking_uri=uri).search_runs(
             [mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name("demo").experiment_id],
             filter_string="tags.stage = 'eval'",

@@ -179,11 +179,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_track(args: argparse.Namespace) -> int:
+    import yaml
+
     from evpretrain.pipeline.tracking import log_study
 
     tags = dict(tag.split("=", 1) for tag in args.tag)
+    study = yaml.safe_load(args.study.read_text()) if args.study else None  # YAML reads JSON too
     counts = log_study(
-        json.loads(args.manifest.read_text()), args.results, args.tracking_uri, args.experiment, tags=tags
+        json.loads(args.manifest.read_text()), args.results, args.tracking_uri, args.experiment, study=study, tags=tags
     )
     print(json.dumps(counts))
     if args.out is not None:
@@ -376,6 +379,11 @@ def _add_study_commands(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("track", help="mirror a study's runs into MLflow: a parent run per variant, nested runs")
     p.add_argument("--manifest", required=True, type=Path, help="the study's manifest.json (written by the pipeline)")
     p.add_argument("--results", required=True, type=Path, help="the study's results folder")
+    p.add_argument(
+        "--study",
+        type=Path,
+        help="the study config (YAML or JSON, with its variants): each parent's settings and resolved config",
+    )
     p.add_argument(
         "--tracking-uri", required=True, help="MLflow tracking URI (sqlite:///results/mlflow.db, http://...)"
     )

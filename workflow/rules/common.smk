@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from evpretrain.pipeline.plan import content_key, plan_study
+from evpretrain.pipeline.tracking import study_record
 
 RESULTS = Path(lookup(dpath="results", within=config, default="results"))
 PLAN = plan_study(config) if "study" in config else None

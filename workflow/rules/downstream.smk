@@ -98,10 +98,21 @@ rule tables:
         " --figures {output.figures} > {log} 2>&1"
 
 
+rule study_config:
+    """The study config (with its variants, without how jobs run): the MLflow parents' settings and configs."""
+    output:
+        RESULTS / "config/study.json",
+    params:
+        text=lambda wildcards: json.dumps(study_record(config), indent=1, sort_keys=True, default=str),
+    shell:
+        WRITE_TEXT
+
+
 rule track:
     """Mirror the study into MLflow (the metrics.json files stay the source of truth)."""
     input:
         manifest=RESULTS / "manifest.json",
+        study=RESULTS / "config/study.json",
         stages=all_stage_metrics(),
         metrics=all_evaluation_metrics(),
     output:
@@ -113,5 +124,6 @@ rule track:
         experiment=lookup(dpath="study/name", within=config) if PLAN else None,
         commit=git_commit(),
     shell:
-        "evpretrain track --manifest {input.manifest} --results {RESULTS} --tracking-uri '{params.uri}'"
+        "evpretrain track --manifest {input.manifest} --study {input.study} --results {RESULTS}"
+        " --tracking-uri '{params.uri}'"
         " --experiment '{params.experiment}' --tag git_commit={params.commit} --out {output} > {log} 2>&1"

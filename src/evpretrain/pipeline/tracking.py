@@ -1,32 +1,110 @@
-"""Mirror a study's results into MLflow: one parent run per variant, nested runs for its stages and evaluations.
+"""Mirror a study's results into MLflow: one parent run per variant, one run per stage and per evaluation.
 
-The metrics.json files stay the source of truth; MLflow is the view for comparing ablations in its UI. A stage
-that several variants share appears under each of them. Logging is idempotent: every run carries the folder it
-mirrors and the SHA-256 of that folder's metrics.json as tags, so a rerun skips what is already logged and replaces a
-run whose metrics changed.
+The metrics.json files stay the source of truth; MLflow is the view for comparing ablations in its UI. Every parent
+carries the same params: each setting some variant overrides (dotted key, the variant's value or the study's), its
+stages and their nodes, and its resolved config as an artifact; its metrics are the evaluations' headline figures
+(last and best, mean over seeds). A stage or evaluation is one run however many variants use it: it is nested under
+the first variant (manifest order) that uses it, and every parent lists the runs it uses in its description (links
+in the UI) and in the tag ``evpretrain.runs`` (JSON, folder -> run id). Runs span the jobs' real times.
+
+Logging is idempotent: every run carries the folder it mirrors and the SHA-256 of what was logged as tags, so a rerun
+skips what is already logged and replaces a run whose content changed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from evpretrain.pipeline.plan import apply_overrides
+from evpretrain.training.config import EXECUTION_FIELDS
 from evpretrain.training.mlflow_hook import default_artifact_location, flatten
 
-__all__ = ["log_study"]
+__all__ = ["job_times", "log_study", "study_record", "ui_path", "variant_settings", "view_state"]
 
 TAG_FOLDER = "evpretrain.folder"
-TAG_SHA = "evpretrain.metrics_sha256"
+TAG_SHA = "evpretrain.content_sha256"
+TAG_RUNS = "evpretrain.runs"
 MAX_BATCH = 100  # MLflow's limit of params (and a safe size for metrics) per log_batch request
+# MLflow 3 opens an experiment by its kind (tag mlflow.experimentKind; without it, on the GenAI overview of traces);
+# 3.17 by its sidebar's switch instead, which ``ui_path`` sets.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+# Each task's headline figure (downstream.run.PRIMARY): the parent shows its mean over seeds, last and best.
+HEADLINE = ("top1", "miou_batch_mean", "aee_batch_mean")
+# A view of the runs table saved on the experiment (MLflow's "share view": the experiment tag
+# mlflow.sharedViewState.KEY, opened by ?viewStateShareKey=KEY): the differing settings and headline metrics as columns.
+VIEW = "ablations"
+RUN_SECTIONS = ("results", "executor", "execution", "tracking")  # where and how jobs run: no result depends on them
+
+
+def study_record(config: Mapping[str, Any]) -> dict[str, Any]:
+    """What the mirror records of a study config: all but the sections and ``train`` fields that only change how
+    jobs run (``RUN_SECTIONS``, ``EXECUTION_FIELDS``), so that changing those reruns no tracking either."""
+
+    def strip(node: Any, key: str = "") -> Any:
+        if not isinstance(node, Mapping):
+            return node
+        return {k: strip(v, k) for k, v in node.items() if not (key == "train" and k in EXECUTION_FIELDS)}
+
+    return {k: strip(v, k) for k, v in config.items() if k not in RUN_SECTIONS}
 
 
 def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _dotted(config: Mapping[str, Any], key: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def variant_settings(study: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per variant of ``study`` (its ``variants`` section): every dotted key that some variant overrides, with this
+    variant's value, or the study's where it keeps it (None where the study has none). The same keys for all."""
+    variants = study.get("variants") or {}
+    keys = sorted({key for variant in variants.values() for key in (variant.get("overrides") or {})})
+    return {
+        name: {key: (variant.get("overrides") or {}).get(key, _dotted(study, key)) for key in keys}
+        for name, variant in variants.items()
+    }
+
+
+def view_state(settings: list[str], metrics: list[str]) -> dict[str, Any]:
+    """The runs table's state (MLflow UI 3) showing the ``settings`` params, the stages and the ``metrics``."""
+    params = [*settings, "stages", "stage1", "stage2", "stage3"]
+    return {
+        "searchFilter": "",
+        "orderByKey": "attributes.start_time",
+        "orderByAsc": True,
+        "selectedColumns": [f"params.`{key}`" for key in params] + [f"metrics.`{key}`" for key in metrics],
+    }
+
+
+def ui_path(experiment_id: str) -> str:
+    """The MLflow UI's path (after the host) of a study's runs table, in the saved view, with the sidebar on model
+    training (MLflow 3.17 picks the experiment's page from that switch, not from ``mlflow.experimentKind``)."""
+    return f"/#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={VIEW}"
+
+
+def job_times(folder: Path, metrics: Mapping[str, Any]) -> tuple[int, int]:
+    """A job's (start, end) in ms since the epoch: ``start_time``/``end_time`` (s) where the job recorded them, else
+    its metrics.json's modification time as the end and that minus ``wall_time_s`` (``train_wall_time_s``) as the
+    start."""
+    if isinstance(metrics.get("start_time"), (int, float)) and isinstance(metrics.get("end_time"), (int, float)):
+        return int(metrics["start_time"] * 1000), int(metrics["end_time"] * 1000)
+    end = (folder / "metrics.json").stat().st_mtime
+    wall = metrics.get("wall_time_s", metrics.get("train_wall_time_s")) or 0.0
+    return int((end - float(wall)) * 1000), int(end * 1000)
 
 
 class _Logger:
@@ -40,15 +118,11 @@ class _Logger:
             if found
             else self.client.create_experiment(experiment, artifact_location=default_artifact_location(tracking_uri))
         )
+        for key, value in EXPERIMENT_TAGS.items():
+            self.client.set_experiment_tag(self.experiment_id, key, value)
         self.tags = dict(tags)
         self.counts = {"logged": 0, "skipped": 0, "replaced": 0}
-
-    def existing(self, folder: str, parent: str | None) -> Any:
-        query = f"tags.`{TAG_FOLDER}` = '{folder}'"
-        if parent is not None:
-            query += f" and tags.`mlflow.parentRunId` = '{parent}'"
-        runs = self.client.search_runs([self.experiment_id], filter_string=query, max_results=1)
-        return runs[0] if runs else None
+        self.ids: dict[str, str] = {}  # folder -> run id, of this call
 
     def run(
         self,
@@ -58,53 +132,81 @@ class _Logger:
         parent: str | None,
         params: Mapping[str, Any],
         metrics: Mapping[str, Any],
-        curves: Mapping[str, list[Mapping[str, Any]]] | None = None,
+        times: tuple[int, int],
+        curves: Mapping[str, tuple[str, list[Mapping[str, Any]]]] | None = None,
         artifacts: list[Path] = (),
         tags: Mapping[str, str] | None = None,
     ) -> str:
-        """Log one run (or find it already logged with the same metrics); return its id."""
+        """Log the run of ``folder`` (or find it logged with the same content, and nest it under ``parent``); return
+        its id. ``curves``: metric prefix -> (the row key that is the step, rows), e.g. ``eval`` per epoch."""
         from mlflow.entities import Metric, Param
 
-        sha = hashlib.sha256(json.dumps(metrics, sort_keys=True, default=str).encode()).hexdigest()
-        found = self.existing(folder, parent)
-        if found is not None and found.data.tags.get(TAG_SHA) == sha:
+        if folder in self.ids:
+            return self.ids[folder]
+        flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
+        run_tags = {**self.tags, **(tags or {}), TAG_FOLDER: folder}
+        content = [flat, metrics, curves, run_tags, times, [p.name for p in artifacts]]
+        sha = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+        query = f"tags.`{TAG_FOLDER}` = '{folder}'"
+        found = self.client.search_runs([self.experiment_id], filter_string=query)
+        same = [run for run in found if run.data.tags.get(TAG_SHA) == sha][:1]
+        keep = same[0].info.run_id if same else None
+        for run in found:  # content changed (or an older mirror logged a shared run once per variant): replace
+            if run.info.run_id != keep:
+                self.client.delete_run(run.info.run_id)  # its nested runs move under the new one as they're seen
+        self.counts["replaced"] += bool(found) and not same
+        if same:
+            run_id = keep
+            if parent is not None and same[0].data.tags.get("mlflow.parentRunId") != parent:  # its parent replaced
+                self.client.set_tag(run_id, "mlflow.parentRunId", parent)
             self.counts["skipped"] += 1
-            return found.info.run_id
-        if found is not None:  # metrics changed: replace the run, and the children of a replaced parent
-            query = f"tags.`mlflow.parentRunId` = '{found.info.run_id}'"
-            for child in self.client.search_runs([self.experiment_id], filter_string=query):
-                self.client.delete_run(child.info.run_id)
-            self.client.delete_run(found.info.run_id)
-            self.counts["replaced"] += 1
-        run_tags = {**self.tags, **(tags or {}), TAG_FOLDER: folder, TAG_SHA: sha}
+            self.ids[folder] = run_id
+            return run_id
+        run_tags[TAG_SHA] = sha
         if parent is not None:
             run_tags["mlflow.parentRunId"] = parent
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=run_tags)
-        run_id = run.info.run_id
-        entries = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+        run_id = self.client.create_run(
+            self.experiment_id, start_time=times[0], run_name=name, tags=run_tags
+        ).info.run_id
+        entries = [Param(k, v) for k, v in flat.items()]
         for start in range(0, len(entries), MAX_BATCH):
             self.client.log_batch(run_id, params=entries[start : start + MAX_BATCH])
-        points = [Metric(k, v, 0, int(metrics.get("step", 0) or 0)) for k, v in _scalars(metrics).items()]
-        for prefix, rows in (curves or {}).items():  # e.g. train/loss per log step, eval/top1 per epoch
+        points = [Metric(k, v, times[1], int(metrics.get("step", 0) or 0)) for k, v in _scalars(metrics).items()]
+        for prefix, (step_key, rows) in (curves or {}).items():
             for row in rows:
-                step = int(row.get("step", 0))
-                points += [Metric(f"{prefix}/{k}", v, 0, step) for k, v in _scalars(row).items() if k != "step"]
+                step = int(row.get(step_key, 0))
+                points += [Metric(f"{prefix}/{k}", v, times[1], step) for k, v in _scalars(row).items()]
         for start in range(0, len(points), MAX_BATCH):
             self.client.log_batch(run_id, metrics=points[start : start + MAX_BATCH])
         for path in artifacts:
             self.client.log_artifact(run_id, str(path))
-        self.client.set_terminated(run_id, "FINISHED")
+        self.client.set_terminated(run_id, "FINISHED", end_time=times[1])
         self.counts["logged"] += 1
+        self.ids[folder] = run_id
         return run_id
 
+    def link(self, parent: str, runs: Mapping[str, str]) -> None:
+        """List ``runs`` (folder -> run id) on ``parent``: a tag, and its description with a link to each."""
+        lines = [f"- [{folder}](#/experiments/{self.experiment_id}/runs/{run_id})" for folder, run_id in runs.items()]
+        tags = {TAG_RUNS: json.dumps(runs), "mlflow.note.content": "Runs of this variant:\n\n" + "\n".join(lines)}
+        current = self.client.get_run(parent).data.tags
+        for key, value in tags.items():
+            if current.get(key) != value:
+                self.client.set_tag(parent, key, value)
 
-def _folder_run(results: Path, kind: str, folder: str) -> tuple[dict, dict, list[Path]]:
+
+def _folder(results: Path, kind: str, folder: str) -> tuple[dict, dict, list[Path], tuple[int, int]]:
     path = results / kind / folder
     metrics = json.loads((path / "metrics.json").read_text())
     config_path = path / "study.yaml"
     params = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
     artifacts = [path / "metrics.json", *sorted(path.glob("*.png")), *sorted(path.glob("*.md"))]
-    return metrics, params, artifacts
+    return metrics, params, artifacts, job_times(path, metrics)
+
+
+def _headline(metrics: Mapping[str, Any], label: str) -> dict[str, float]:
+    names = [f"{name}_{which}" for name in HEADLINE for which in ("last", "best")]
+    return {f"{label}/{key}": float(metrics[key]) for key in names if key in metrics}
 
 
 def log_study(
@@ -113,51 +215,100 @@ def log_study(
     tracking_uri: str,
     experiment: str,
     *,
+    study: Mapping[str, Any] | None = None,
     tags: Mapping[str, str] | None = None,
 ) -> dict[str, int]:
     """Log every variant of ``manifest`` (``StudyPlan.manifest()``) found under ``results``; return how many runs
-    were logged, skipped (already logged) and replaced (metrics changed). ``tags`` go on every run (e.g. the git
-    commit)."""
+    were logged, skipped (already logged) and replaced (content changed), and ``ui``, the UI's path of the comparison.
+    ``study``: the study config (with its ``variants``), for the parents' settings and resolved configs. ``tags`` go
+    on every run (e.g. the git commit)."""
     logger = _Logger(tracking_uri, experiment, tags or {})
     results = Path(results)
+    study = dict(study or {})
+    settings = variant_settings(study)
+    users: dict[str, list[str]] = {}  # folder -> the variants that use it, in manifest order
     for variant, entry in manifest.items():
-        summary: dict[str, list[float]] = {}
-        children = []
-        for node in entry.get("nodes", []):
-            metrics, params, artifacts = _folder_run(results, "pretrain", node)
-            curves = {"train": metrics.get("log", [])}
-            scalars = {k: v for k, v in metrics.items() if k != "log"}
-            children.append(
-                (
-                    "pretrain",
+        for folder in [*entry.get("nodes", []), *(e["folder"] for e in entry["evaluations"])]:
+            users.setdefault(folder, []).append(variant)
+    parents: dict[str, str] = {}
+    headline: dict[str, None] = {}  # the parents' metric names, in order
+    with tempfile.TemporaryDirectory() as scratch:
+        for variant, entry in manifest.items():
+            nodes, evaluations = entry.get("nodes", []), entry["evaluations"]
+            loaded = {n: _folder(results, "pretrain", n) for n in nodes}
+            loaded |= {e["folder"]: _folder(results, "downstream", e["folder"]) for e in evaluations}
+            summary: dict[str, list[float]] = {}
+            for evaluation in evaluations:
+                for key, value in _headline(loaded[evaluation["folder"]][0], evaluation["label"]).items():
+                    summary.setdefault(key, []).append(value)
+            spans = [times for *_, times in loaded.values()]
+            span = (min(t[0] for t in spans), max(t[1] for t in spans)) if spans else (0, 0)
+            stage_nodes = {f"stage{stage}": "none" for stage in (1, 2, 3)}
+            stage_nodes |= {f"stage{n.split('-')[0].removeprefix('stage')}": n for n in nodes}
+            artifacts = []
+            if variant in (study.get("variants") or {}):  # the study config this variant's jobs read
+                resolved = apply_overrides(
+                    {k: v for k, v in study.items() if k != "variants"},
+                    study["variants"][variant].get("overrides") or {},
+                    f"variants.{variant}",
+                )
+                path = Path(scratch) / variant / "config.yaml"
+                path.parent.mkdir()
+                path.write_text(yaml.safe_dump(resolved, sort_keys=False))
+                artifacts.append(path)
+            params = (
+                dict(settings.get(variant, {}))
+                | {"stages": ",".join(map(str, entry["stages"])) or "none", **stage_nodes}
+                | {"checkpoint": entry["checkpoint"] or "none", "source": entry.get("source") or "none"}
+            )
+            means = {f"mean/{k}": sum(v) / len(v) for k, v in summary.items()}
+            headline |= dict.fromkeys(means)
+            parents[variant] = logger.run(
+                f"variant/{variant}",
+                variant,
+                parent=None,
+                params=params,
+                metrics=means,
+                times=span,
+                artifacts=artifacts,
+                tags={"variant": variant, "stage": "variant"},
+            )
+            runs = {}
+            for node in nodes:
+                metrics, config, files, times = loaded[node]
+                runs[node] = logger.run(
+                    f"pretrain/{node}",
                     node,
-                    node,
-                    params,
-                    scalars,
-                    curves,
-                    artifacts,
-                    {
-                        "variant": variant,
+                    parent=parents[users[node][0]],
+                    params=config,
+                    metrics={k: v for k, v in metrics.items() if k != "log"},
+                    times=times,
+                    curves={"train": ("step", metrics.get("log", []))},
+                    artifacts=files,
+                    tags={
+                        "variant": ",".join(users[node]),
                         "stage": node.split("-")[0].removeprefix("stage"),
                         "slurm_job_id": str(metrics.get("slurm_job_id") or ""),
                     },
                 )
-            )
-        for evaluation in entry["evaluations"]:
-            metrics, params, artifacts = _folder_run(results, "downstream", evaluation["folder"])
-            curves = {"train": metrics.get("train_log", []), "eval": metrics.get("history", [])}
-            scalars = {k: v for k, v in metrics.items() if k not in ("history", "train_log")}
-            children.append(
-                (
-                    "downstream",
-                    evaluation["folder"],
-                    f"{evaluation['label']} seed {evaluation['seed']}",
-                    params,
-                    scalars,
-                    curves,
-                    artifacts,
-                    {
-                        "variant": variant,
+            for evaluation in evaluations:
+                folder = evaluation["folder"]
+                metrics, config, files, times = loaded[folder]
+                runs[folder] = logger.run(
+                    f"downstream/{folder}",
+                    f"{','.join(users[folder])} {evaluation['label']} seed{evaluation['seed']}",
+                    parent=parents[users[folder][0]],
+                    params={"variant": ",".join(users[folder]), **config},
+                    metrics={k: v for k, v in metrics.items() if k not in ("history", "train_log")},
+                    times=times,
+                    # per epoch: the scores of each evaluation; per optimizer step: the training log
+                    curves={
+                        "eval": ("epoch", metrics.get("history", [])),
+                        "train": ("step", metrics.get("train_log", [])),
+                    },
+                    artifacts=files,
+                    tags={
+                        "variant": ",".join(users[folder]),
                         "stage": "eval",
                         "task": evaluation["task"],
                         "dataset": evaluation["dataset"],
@@ -165,30 +316,8 @@ def log_study(
                         "slurm_job_id": str(metrics.get("slurm_job_id") or ""),
                     },
                 )
-            )
-            for key in ("top1_last", "miou_last", "aee_batch_mean_last"):
-                if key in metrics:
-                    summary.setdefault(f"{evaluation['label']}/{key}", []).append(float(metrics[key]))
-        means = {name: sum(values) / len(values) for name, values in summary.items()}
-        parent = logger.run(
-            f"variant/{variant}",
-            variant,
-            parent=None,
-            # a released checkpoint's variant: its file and importer (no stages)
-            params={"stages": entry["stages"], "checkpoint": entry["checkpoint"]}
-            | ({"source": entry["source"]} if entry.get("source") else {}),
-            metrics={f"mean/{k}": v for k, v in means.items()},
-            tags={"variant": variant, "stage": "variant"},
-        )
-        for kind, folder, name, params, metrics, curves, artifacts, child_tags in children:
-            logger.run(
-                f"{kind}/{folder}",
-                name,
-                parent=parent,
-                params=params,
-                metrics=metrics,
-                curves=curves,
-                artifacts=artifacts,
-                tags=child_tags,
-            )
-    return logger.counts
+            logger.link(parents[variant], runs)
+    keys = sorted({key for values in settings.values() for key in values})
+    state = json.dumps(view_state(keys, list(headline)))
+    logger.client.set_experiment_tag(logger.experiment_id, f"mlflow.sharedViewState.{VIEW}", state)
+    return logger.counts | {"ui": ui_path(logger.experiment_id)}
