@@ -1,6 +1,8 @@
 """The three stages: freezing, focus weights, initialisation from the previous stage, the CLI end to end."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -308,3 +310,30 @@ def test_three_stages_run_from_the_cli_and_resume(tmp_path):
         == 0
     )
     assert (tmp_path / "s3" / "checkpoint.pt").stat().st_mtime_ns == before
+
+
+@pytest.mark.slow
+def test_a_stage_writes_one_log_line_per_log_interval_and_no_progress_bar_to_a_log_file(tmp_path):
+    stores = build_demo(
+        DemoConfig(samples={"train": 8, "val": 4}, image_size=32, digit_size=12, num_frames=3),
+        tmp_path / "data",
+        workers=1,
+        progress=False,
+    )
+    study = TINY | {"stage1": {**TINY["stage1"], "train": {**TINY["stage1"]["train"], "log_every_steps": 1}}}
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump({"pretrain": study}))
+    log = tmp_path / "stage1.log"
+    command = ["pretrain", "--stage", "1", "--config", str(config), "--data", str(stores["train"])]
+    with log.open("w") as stderr:  # as a Snakemake rule's `2>&1 > log` or a SLURM job's log file
+        done = subprocess.run(
+            [sys.executable, "-m", "evpretrain.cli", *command, "--out", str(tmp_path / "s1")],
+            stderr=stderr,
+            stdout=subprocess.DEVNULL,
+        )
+    text = log.read_text()
+    assert done.returncode == 0, text[-2000:]
+    steps = json.loads((tmp_path / "s1" / "metrics.json").read_text())["step"]
+    lines = [line for line in text.splitlines() if " step " in line]
+    assert [line.split(" step ")[1].split()[0] for line in lines] == [f"{n}/{steps}" for n in range(1, steps + 1)]
+    assert "\r" not in text and "step/s" not in text  # no tqdm bar

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -408,8 +409,28 @@ def _add_study_commands(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_submit)
 
 
+class _CurrentStderr(logging.Handler):
+    """Writes to whatever ``sys.stderr`` is when a record comes (a test harness may swap it between calls)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sys.stderr.write(self.format(record) + "\n")
+
+
+def _log_lines_unless_terminal() -> None:
+    """In a log file (stderr not a terminal) training reports one line per ``log_every_steps`` (and resumes) in
+    place of a progress bar; on a terminal the bar shows that. Once per process: main may run more than once."""
+    package = logging.getLogger("evpretrain")
+    if sys.stderr.isatty() or package.handlers:
+        return
+    handler = _CurrentStderr()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _log_lines_unless_terminal()
     from evpretrain.config import ConfigError
     from evpretrain.events.contract import EventFormatError
 

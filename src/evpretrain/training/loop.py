@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -290,8 +291,13 @@ def _run_steps(
     state.model.train()
     for hook in hooks:
         hook.on_train_start(state)
+    # A bar on a terminal only: in a job's log file, _log's one line per log_every_steps says the same.
     progress = tqdm(
-        total=state.stop_step, initial=state.step, unit="step", disable=not layout.is_main, dynamic_ncols=True
+        total=state.stop_step,
+        initial=state.step,
+        unit="step",
+        disable=not (layout.is_main and sys.stderr.isatty()),
+        dynamic_ncols=True,
     )
     session_start = time.perf_counter()
     try:
