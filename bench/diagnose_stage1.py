@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from evpretrain.pretrain.masking import make_mask, patch_density, patchify
+from evpretrain.pretrain.losses import masked_reconstruction_loss
+from evpretrain.pretrain.masking import patchify
 from evpretrain.pretrain.run import build_stage_module, pretrain_config
 from evpretrain.pretrain.stages import TARGET_KEYS
 from evpretrain.training.checkpoint import load_checkpoint
@@ -85,18 +86,18 @@ def diagnose(run: Path, store: Path, fit_store: Path, count: int, batch_size: in
         oracle = fit_ridge(torch.cat([x for x, _ in pairs]), torch.cat([y for _, y in pairs]))
 
     sums: dict[str, float] = defaultdict(float)
-    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)  # the masks the stage draws: the same for every run
     for batch in batches(config.data.dataset(store, augment=False), count, batch_size):
-        p = module.backbone.patch_size
-        mask = make_mask(method.masking, patch_density(batch["density"], p), method.mask_ratio, generator=generator)
-        out = module.backbone(batch["voxel"], mask=mask)
-        pred = module.decoder(module.fusion(out.levels), out.kept)
-        target, flat = normalised(patchify(batch[target_key].float(), p))
+        loss, _, out = module(batch)  # the stage's own masking, decoder and loss
+        mask = out["mask"]
         masked = mask.float()
-        sums["loss"] += (((pred - target) ** 2).mean(-1) * masked).sum().item()
-        sums["mean"] += ((target**2).mean(-1) * masked).sum().item()
-        sums["flat"] += (flat.float() * masked).sum().item()
-        sums["masked"] += masked.sum().item()
+        count_masked = masked.sum().item()
+        zeros = torch.zeros_like(out["pred"])  # each patch's mean, on a per-patch normalised target
+        mean = masked_reconstruction_loss(zeros, out["target"], mask, normalize_target=method.normalize_target)
+        sums["loss"] += loss.item() * count_masked
+        sums["mean"] += mean.item() * count_masked
+        sums["flat"] += (normalised(out["target"].float())[1].float() * masked).sum().item()
+        sums["masked"] += count_masked
         raw = batch[target_key].float()
         events = (batch["density"] > 0).unsqueeze(1).expand_as(raw)
         sums["energy"] += (raw**2).sum().item()
