@@ -28,7 +28,7 @@ import numpy as np
 from scipy import ndimage
 
 from evpretrain.config import to_mapping
-from evpretrain.data.store import EventStoreWriter, StoreCompression
+from evpretrain.data.store import EventStoreWriter, StoreCompression, frame_times
 from evpretrain.events.simulator import SimulatorConfig, simulate
 
 SPLITS = ("train", "val", "test")
@@ -177,7 +177,7 @@ def render_sample(
     on_digit_first = alphas[0] > 0.5
     flow = np.where(on_digit_first, digit_path[-1][:, None, None], pan[-1][:, None, None]).astype(np.float32)
     mask = np.where(alphas[-1] > 0.5, label + 1, 0).astype(np.uint8)
-    timestamps = np.round(np.arange(config.num_frames) * 1e6 / config.frame_rate_hz).astype(np.int64)
+    timestamps = frame_times(config.num_frames, config.frame_rate_hz)
     return DemoSample(np.clip(frames, 0.0, 1.0), timestamps, mask, flow)
 
 

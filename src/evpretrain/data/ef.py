@@ -23,7 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from evpretrain.config import to_mapping
-from evpretrain.data.store import EventStore, EventStoreWriter, StoreCompression, StoreError
+from evpretrain.data.store import EventStore, EventStoreWriter, StoreCompression, StoreError, frame_times
 from evpretrain.events.simulator import SimulatorConfig, simulate
 from evpretrain.files import write_text_atomic
 
@@ -133,7 +133,7 @@ def moving_video(image: np.ndarray, config: EFConfig, rng: np.random.Generator) 
 def _shard_job(
     config: EFConfig, paths: list[Path], labels: list[int], first_index: int, out: Path, classes: list[str]
 ) -> int:
-    timestamps = np.round(np.arange(config.num_frames) * 1e6 / config.frame_rate_hz).astype(np.int64)
+    timestamps = frame_times(config.num_frames, config.frame_rate_hz)
     # The window must stay inside the image over the whole pan: pad the shorter side by the travel.
     travel = config.pan_speed_px_per_frame[1] * (config.num_frames - 1)
     min_side = int(np.ceil(config.image_size * (1 + config.zoom_per_frame) ** config.num_frames + travel + 2))

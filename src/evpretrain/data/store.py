@@ -39,6 +39,12 @@ DENSE_KEYS = ("frames", "diff_maps", "flow", "masks", "valid", "rgb")
 EVENT_CHUNK = 1 << 16  # events per HDF5 chunk: big enough for throughput, small enough for window reads
 
 
+def frame_times(num_frames: int, frame_rate_hz: float) -> np.ndarray:
+    """(T,) int64 microseconds of the frames of a stored video: round(n * 1e6 / frame_rate_hz), the times the
+    builders render at and the store's ``frame_rate_hz`` attribute lets a reader rebuild."""
+    return np.round(np.arange(num_frames) * 1e6 / frame_rate_hz).astype(np.int64)
+
+
 @dataclass(frozen=True)
 class StoreCompression:
     """HDF5 filters. ``events`` applies to the event columns, ``dense`` to frames, maps, flow and masks.

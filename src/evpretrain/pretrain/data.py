@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, default_collate
 
 from evpretrain.data.resize import as_size, resize_maps
-from evpretrain.data.store import EventStore, StoreError
+from evpretrain.data.store import EventStore, StoreError, frame_times
 from evpretrain.data.view import CropBox, apply_view, view_crop_box
 from evpretrain.events.representations import voxel_grid
 
@@ -110,11 +110,6 @@ class View:
     crop: CropBox
     hflip: bool
     time_flip: bool
-
-
-def frame_times(num_frames: int, frame_rate_hz: float) -> np.ndarray:
-    """(T,) int64 microseconds of the frames of a stored video: round(n * 1e6 / frame_rate_hz), as the builders."""
-    return np.round(np.arange(num_frames) * 1e6 / frame_rate_hz).astype(np.int64)
 
 
 def event_density(
