@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from mlflow_testing import mlflow_server
 
 from evpretrain.cli import main
 from evpretrain.pipeline.tracking import TAG_FOLDER, TAG_RUNS, job_times, study_record, variant_settings
@@ -240,60 +241,12 @@ def test_runs_an_older_mirror_logged_once_per_variant_become_one(tmp_path):
 
 @pytest.mark.slow
 def test_a_study_is_mirrored_into_a_real_mlflow_server(tmp_path):
-    import os
-    import signal
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    with socket.socket() as probe:  # a free port
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination",
-            str(tmp_path / "server-artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    pytest.fail("the MLflow server did not answer /health")
-                time.sleep(0.5)
+    with mlflow_server(tmp_path) as uri:
         write_study(tmp_path / "results")
         assert track(tmp_path, uri) == {"logged": 7, "skipped": 0, "replaced": 0}  # 2 parents, 3 stages, 2 evaluations
-        runs = mlflow.MlflowClient(tracking_uri=uri).search_runs(
-            [mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name("demo").experiment_id],
-            filter_string="tags.stage = 'eval'",
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        runs = client.search_runs(
+            [client.get_experiment_by_name("demo").experiment_id], filter_string="tags.stage = 'eval'"
         )
         assert len(runs) == 2 and all(run.data.metrics["top1_last"] == 0.8 for run in runs)
         assert (tmp_path / "server-artifacts").is_dir()  # artifacts went through the server
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
