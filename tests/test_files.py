@@ -1,11 +1,15 @@
+import json
 import os
+import socket
 import stat
+import subprocess
+import sys
 
 import h5py
 import numpy as np
 import pytest
 
-from evpretrain.files import AtomicPath, write_atomic, write_text_atomic
+from evpretrain.files import AtomicPath, FolderLock, FolderLockedError, write_atomic, write_text_atomic
 
 
 def test_write_atomic_writes_the_whole_file_and_nothing_beside_it(tmp_path):
@@ -76,3 +80,43 @@ def test_files_get_the_permissions_of_any_new_file(tmp_path):
     finally:
         os.umask(umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_a_writer_removes_what_dead_writers_on_its_host_left_and_keeps_the_rest(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # a process that has exited
+    host = socket.gethostname().replace(".", "_")
+    left = tmp_path / f".a.txt.{host}-{dead_pid}.0123456789ab.tmp"
+    live = tmp_path / f".a.txt.{host}-{os.getppid()}.0123456789ab.tmp"  # our parent is alive
+    remote = tmp_path / f".a.txt.elsewhere-{dead_pid}.0123456789ab.tmp"  # a pid of another host means nothing here
+    other = tmp_path / f".b.txt.{host}-{dead_pid}.0123456789ab.tmp"  # another target's
+    for path in (left, live, remote, other):
+        path.write_text("half")
+    write_text_atomic(tmp_path / "a.txt", "whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a.txt", live.name, remote.name, other.name])
+
+
+HOLD = """
+import sys, time
+from evpretrain.files import FolderLock
+lock = FolderLock(sys.argv[1]).acquire()
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_folder_lock_refuses_a_second_writer_naming_the_holder_and_is_taken_over_when_it_dies(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(FolderLockedError, match=rf"{tmp_path} is being written .*pid {holder.pid} on "):
+            FolderLock(tmp_path).acquire()
+    finally:
+        holder.kill()  # SIGKILL: the holder cannot clean up; the lock file stays
+        holder.wait()
+    assert (tmp_path / ".lock").exists()
+    with FolderLock(tmp_path) as lock:  # a dead holder's lock is taken over
+        assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+        with pytest.raises(FolderLockedError):  # and held, against this process's other attempts too
+            FolderLock(tmp_path).acquire()
+    FolderLock(tmp_path).acquire().release()

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from evpretrain.config import ConfigError, from_mapping
+from evpretrain.files import FolderLockedError
 from evpretrain.models import create_backbone
 from evpretrain.training import (
     CHECKPOINT_NAME,
@@ -445,6 +446,32 @@ def test_resuming_with_other_settings_is_refused_and_names_them(tmp_path):
     with pytest.raises(ResumeError, match=r"base_lr: 0\.5 -> 0\.25"):
         run(tmp_path, replace(CONFIG, base_lr=0.25))
     run(tmp_path, replace(CONFIG, num_workers=2, log_every_steps=1, max_steps=3))  # execution-only: fine
+
+
+def test_resuming_a_run_of_other_data_method_or_init_is_refused_and_names_them(tmp_path):
+    identity = {"data": {"train": "sha-a"}, "method": {"mask_ratio": 0.75}, "init": None}
+    run(tmp_path, replace(CONFIG, max_steps=2), identity=identity)
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["identity"] == identity
+    other = {"data": {"train": "sha-b"}, "method": {"mask_ratio": 0.5}, "init": "sha-c"}
+    with pytest.raises(ResumeError) as error:
+        run(tmp_path, identity=other)
+    message = str(error.value)
+    for difference in ("data.train: 'sha-a' -> 'sha-b'", "method.mask_ratio: 0.75 -> 0.5", "init: None -> 'sha-c'"):
+        assert difference in message
+    run(tmp_path, replace(CONFIG, max_steps=3), identity=dict(identity))  # the same identity resumes
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["step"] == 3
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused_naming_the_first(tmp_path):
+    class SecondRunAt(Hook):  # while the first run trains, a second one starts on the same folder
+        def on_step_end(self, state, metrics):
+            if state.step == 2:
+                with pytest.raises(FolderLockedError, match=rf"pid {os.getpid()} on {socket.gethostname()}"):
+                    run(tmp_path)
+
+    run(tmp_path, replace(CONFIG, max_steps=3), hooks=[SecondRunAt()])
+    run(tmp_path, replace(CONFIG, max_steps=4))  # released at the end: the next run continues
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["step"] == 4
 
 
 def test_a_nan_loss_stops_with_the_step_and_terms_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,6 +29,7 @@ from scipy import ndimage
 from evpretrain.config import to_mapping
 from evpretrain.data.store import EventStoreWriter, StoreCompression, frame_times
 from evpretrain.events.simulator import SimulatorConfig, simulate
+from evpretrain.workers import worker_pool
 
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = {"train": 0.7, "val": 0.15, "test": 0.15}  # of the 1,797 digit images; no image in two splits
@@ -246,7 +246,7 @@ def build_demo(
         _init_worker(config)
         pool = contextlib.nullcontext(SimpleNamespace(map=lambda fn, jobs, chunksize: map(fn, jobs)))
     else:
-        pool = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(config,))
+        pool = worker_pool(workers, _init_worker, (config,))
     with pool as pool, tqdm(total=total, desc="build-demo", unit="sample", disable=not progress) as bar:
         for split in SPLITS:
             if config.samples.get(split, 0) == 0:

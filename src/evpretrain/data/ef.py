@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import shutil
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -26,6 +26,7 @@ from evpretrain.config import to_mapping
 from evpretrain.data.store import EventStore, EventStoreWriter, StoreCompression, StoreError, frame_times
 from evpretrain.events.simulator import SimulatorConfig, simulate
 from evpretrain.files import write_text_atomic
+from evpretrain.workers import worker_pool
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 
@@ -206,7 +207,7 @@ def build_ef(
             for job in jobs:
                 bar.update(_shard_job(*job))
         else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
+            with worker_pool(workers) as pool:
                 for future in as_completed([pool.submit(_shard_job, *job) for job in jobs]):
                     bar.update(future.result())
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Mapping
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from importlib import import_module, resources
 from pathlib import Path
@@ -16,6 +15,7 @@ import yaml
 
 from evpretrain.config import ConfigError, from_mapping
 from evpretrain.data.store import EventStoreWriter
+from evpretrain.workers import worker_pool
 
 
 @dataclass(frozen=True)
@@ -234,7 +234,7 @@ def convert_dataset(
     splits, class_names = class_folder_splits(entry, root)
     written = []
     workers = workers or len(os.sched_getaffinity(0))
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with worker_pool(workers) as pool:
         for split, files in splits.items():
             path = Path(out) / f"{split}.h5"
             with EventStoreWriter(

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from evpretrain.config import to_mapping
+from evpretrain.files import FolderLock
 from evpretrain.training.checkpoint import (
     CHECKPOINT_NAME,
     METRICS_NAME,
@@ -94,6 +95,7 @@ def train(
     param_groups: Sequence[Mapping[str, Any]] | None = None,
     hooks: Sequence[Hook] = (),
     device: str | torch.device | None = None,
+    identity: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place and return the final metrics (also written to ``out_dir/metrics.json``).
 
@@ -111,16 +113,37 @@ def train(
     exists, the run resumes from it (a finished run returns its metrics at once). Launched with several
     processes (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT`` set), the loop joins the process group
     (NCCL on GPUs, gloo on CPUs), shards the data, and rank 0 writes the files.
-    Raises NonFiniteLossError on a NaN or infinite loss, ResumeError on a checkpoint of other settings.
+
+    ``identity`` names what the run trains on and from, beyond ``config``: e.g. the data's checksum, the method's
+    settings, the initial weights' checksum (JSON-like values). It is saved in the checkpoint, and a checkpoint of
+    another identity is not resumed. Rank 0 holds ``out_dir`` (``FolderLock``) while it runs: a second run on the
+    same folder is refused, naming this one.
+    Raises NonFiniteLossError on a NaN or infinite loss, ResumeError on a checkpoint of other settings or identity,
+    FolderLockedError when another live run holds ``out_dir``.
     """
     layout = process_layout()
     device = resolve_device(device, layout)
+    lock = FolderLock(out_dir).acquire() if layout.is_main else None
     joined = init_process_group(layout, device)
     try:
-        return _train(model, step_fn, dataset, config, Path(out_dir), collate_fn, param_groups, hooks, device, layout)
+        return _train(
+            model,
+            step_fn,
+            dataset,
+            config,
+            Path(out_dir),
+            collate_fn,
+            param_groups,
+            hooks,
+            device,
+            layout,
+            to_mapping(dict(identity or {})),
+        )
     finally:
         if joined:
             dist.destroy_process_group()
+        if lock is not None:
+            lock.release()
 
 
 def _train(
@@ -134,6 +157,7 @@ def _train(
     hooks: Sequence[Hook],
     device: torch.device,
     layout: ProcessLayout,
+    identity: Mapping[str, Any],
 ) -> dict[str, Any]:
     sampler = EpochBatchSampler(
         len(dataset), config.batch_size, seed=config.seed, rank=layout.rank, world_size=layout.world_size
@@ -142,7 +166,7 @@ def _train(
     model.to(device)
     optimizer = build_optimizer(model if param_groups is None else param_groups, config, layout.world_size)
     state = _initial_state(model, config, out_dir, device, layout, sampler.batches_per_epoch, schedule)
-    record = _Record(checkpoint=out_dir / CHECKPOINT_NAME)
+    record = _Record(checkpoint=out_dir / CHECKPOINT_NAME, identity=identity)
     if record.checkpoint.exists():
         finished = _resume(model, optimizer, hooks, schedule, state, record, layout)
         if finished is not None:
@@ -225,7 +249,7 @@ def _resume(
     metrics.json if it is missing), else None."""
     checkpoint_path = record.checkpoint
     checkpoint = load_checkpoint(checkpoint_path)
-    _check_resumable(checkpoint, state.config, schedule, layout.world_size, checkpoint_path)
+    _check_resumable(checkpoint, state.config, schedule, layout.world_size, checkpoint_path, record.identity)
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     restore_rng_state(checkpoint["rng"][layout.rank])
@@ -401,9 +425,15 @@ def _summary(
 
 
 def _check_resumable(
-    checkpoint: Mapping[str, Any], config: TrainConfig, schedule: Mapping[str, Any], world_size: int, path: Path
+    checkpoint: Mapping[str, Any],
+    config: TrainConfig,
+    schedule: Mapping[str, Any],
+    world_size: int,
+    path: Path,
+    identity: Mapping[str, Any],
 ) -> None:
-    """Raise ResumeError unless the checkpoint's run has the same trajectory-defining settings as this one."""
+    """Raise ResumeError unless the checkpoint's run has the same trajectory-defining settings and identity (data,
+    method, initial weights) as this one."""
     if checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise ResumeError(f"{path}: checkpoint format {checkpoint.get('format')!r}, expected {CHECKPOINT_FORMAT}")
     saved, current = checkpoint["config"], to_mapping(config)
@@ -411,6 +441,13 @@ def _check_resumable(
         f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"
         for key in sorted(saved.keys() | current.keys())
         if key not in EXECUTION_FIELDS and saved.get(key) != current.get(key)
+    ]
+    saved_identity = _flat(checkpoint.get("identity", {}))
+    current_identity = _flat(identity)
+    differences += [
+        f"{key}: {saved_identity.get(key)!r} -> {current_identity.get(key)!r}"
+        for key in sorted(saved_identity.keys() | current_identity.keys())
+        if saved_identity.get(key) != current_identity.get(key)
     ]
     if checkpoint["world_size"] != world_size:
         differences.append(f"world_size: {checkpoint['world_size']} -> {world_size}")
@@ -421,6 +458,17 @@ def _check_resumable(
             f"{path} was written by a run with other settings ({'; '.join(differences)}): resuming would not "
             "continue it; remove the checkpoint to start over, or write to another output folder"
         )
+
+
+def _flat(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: differences named by their dotted key."""
+    flat = {}
+    for key, value in mapping.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _save(
@@ -447,6 +495,7 @@ def _save(
         "world_size": layout.world_size,
         "rng": rng,
         "config": to_mapping(state.config),
+        "identity": dict(record.identity),
         "window": record.window.state_dict(),
         "logged": dict(record.logged),
         "elapsed_s": metrics["wall_time_s"],
@@ -485,9 +534,11 @@ class _MeanWindow:
 class _Record:
     """What a run carries from step to step and in its checkpoint besides the weights: the scalars since the last
     log (``window``), the last log's means (``logged``), one row per log (``rows``: the loss curves), the wall time
-    of earlier sessions (``elapsed_before``, seconds), and the checkpoint's path and the step it last held."""
+    of earlier sessions (``elapsed_before``, seconds), the checkpoint's path and the step it last held, and the
+    run's identity (what it trains on and from; see ``train``)."""
 
     checkpoint: Path
+    identity: Mapping[str, Any] = field(default_factory=dict)
     window: _MeanWindow = field(default_factory=_MeanWindow)
     logged: dict[str, float] = field(default_factory=dict)
     rows: list[dict[str, float]] = field(default_factory=list)

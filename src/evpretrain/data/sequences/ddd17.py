@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +35,7 @@ from evpretrain.config import from_mapping, to_mapping
 from evpretrain.data.store import EventStoreWriter, StoreCompression
 from evpretrain.events.contract import EVENT_DTYPE, EventFormatError, validate_events
 from evpretrain.events.readers.ddd17 import SENSOR_SIZE, T_FILE, XYP_FILE, Ddd17Events
+from evpretrain.workers import worker_pool
 
 # Class ids 0-5 as ESS names them (config/settings.py); EV-SegNet's README: flat, construction+sky, object,
 # nature, human, vehicle.
@@ -221,7 +222,7 @@ def _ordered_map(fn: Callable[[Any], Any], jobs: Iterable[Any], workers: int) ->
     if workers == 1:
         yield from map(fn, jobs)
         return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with worker_pool(workers) as pool:
         pending: deque[Future] = deque()
         try:
             for job in jobs:

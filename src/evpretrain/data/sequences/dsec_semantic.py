@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +39,7 @@ from evpretrain.config import from_mapping, to_mapping
 from evpretrain.data.store import EventStoreWriter, StoreCompression
 from evpretrain.events.contract import EventFormatError
 from evpretrain.events.readers.dsec import SENSOR_SIZE, DsecEvents
+from evpretrain.workers import worker_pool
 
 # ESS's provider.py (and the paper's FinetuneDSECDataset): the sequences DSEC-Semantic labels.
 TRAIN_SEQUENCES = (
@@ -305,7 +306,7 @@ def convert(root: Path, out: Path, settings: Mapping[str, Any] | None, *, worker
     total = sum(len(s.selected(config)) for sequences in splits.values() for s in sequences)
     written = []
     with contextlib.ExitStack() as stack:
-        pool = stack.enter_context(ProcessPoolExecutor(max_workers=workers)) if workers > 1 else None
+        pool = stack.enter_context(worker_pool(workers)) if workers > 1 else None
         bar = stack.enter_context(tqdm(total=total, desc="dsec-semantic", unit="window", disable=not progress))
         for split, sequences in splits.items():
             jobs = _jobs(sequences, config)

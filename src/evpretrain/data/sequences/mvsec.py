@@ -43,7 +43,7 @@ from __future__ import annotations
 import random
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +56,7 @@ from evpretrain.data.store import EventStoreWriter, StoreCompression
 from evpretrain.events.contract import EventFormatError
 from evpretrain.events.readers._io import h5_dataset, h5_read, open_h5
 from evpretrain.events.readers.mvsec import SENSOR_SIZE, MvsecEvents
+from evpretrain.workers import worker_pool
 
 SPLITS = ("train", "test")
 IMAGE_TS_KEY = "davis/left/image_raw_ts"
@@ -333,7 +334,7 @@ def convert(
     plans = [plan_sequence(*files[s], s, split, config) for s, split in sequences.items()]
 
     written = []
-    with ProcessPoolExecutor(max_workers=workers) if workers > 1 else nullcontext() as pool:
+    with worker_pool(workers) if workers > 1 else nullcontext() as pool:
         for split in SPLITS:
             tasks = [
                 _Task(*files[plan.sequence], tuple(chunk), config.max_flow_px, _max_row(plan.sequence, config))
