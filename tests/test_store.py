@@ -137,3 +137,58 @@ def test_a_store_open_before_fork_reads_in_the_child_through_its_own_handle(tmp_
     assert child.exitcode == 0 and events == expected
     assert own_handle  # the child opened the file itself rather than use the inherited HDF5 state
     assert store.events(2).tobytes() == expected  # and the parent's handle still reads
+
+
+def _labelled_store(path):
+    rng = np.random.default_rng(0)
+    return write_store(path, [dict(events=random_events(rng, 400), label=i) for i in range(3)])
+
+
+def _flip_byte_in_chunk(path, name, byte=7):
+    """Flip one byte of dataset ``name``'s first chunk on disk, behind HDF5's back."""
+    with h5py.File(path, "r") as file:
+        offset = file[name].id.get_chunk_info(0).byte_offset
+    with open(path, "r+b") as raw:
+        raw.seek(offset + byte)
+        value = raw.read(1)[0]
+        raw.seek(offset + byte)
+        raw.write(bytes([value ^ 0x10]))
+
+
+@pytest.mark.parametrize("name", ["events/t", "events/x", "labels"])
+def test_a_flipped_byte_in_the_data_is_an_error_when_read_not_silent_training_data(tmp_path, name):
+    path = _labelled_store(tmp_path / "s.h5")
+    _flip_byte_in_chunk(path, name)
+    with EventStore(path) as store, pytest.raises(StoreError, match=rf"s\.h5: cannot read /{name}\[.*corrupt"):
+        store.labels if name == "labels" else store.events(0)
+    with pytest.raises(StoreError):
+        EventStore(path).verify()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("samples/offset", 10**9, r"sample 1 \(1000000000, 400\) point outside the 1200 events"),
+        ("samples/count", -3, r"sample 1 \(400, -3\) point outside"),
+        ("samples/count", 801, r"sample 1 \(400, 801\) point outside"),
+    ],
+)
+def test_a_corrupt_sample_index_is_refused_on_open_naming_the_sample(tmp_path, name, value, message):
+    path = _labelled_store(tmp_path / "s.h5")
+    with h5py.File(path, "r+") as file:  # through HDF5, so the chunk checksum is right and only the values are wrong
+        file[name][1] = value
+    with pytest.raises(StoreError, match=message):
+        EventStore(path)
+
+
+def test_a_zero_filled_tail_is_a_store_error(tmp_path):
+    path = _labelled_store(tmp_path / "s.h5")
+    size = path.stat().st_size
+    with open(path, "r+b") as raw:
+        raw.seek(size // 2)
+        raw.write(bytes(size - size // 2))
+    with pytest.raises(StoreError, match=r"s\.h5"):
+        with EventStore(path) as store:
+            for index in range(len(store)):
+                store.sample(index)
+            store.verify()

@@ -56,14 +56,18 @@ class StoreCompression:
     events: Literal["none", "gzip", "lzf"] = "none"
     dense: Literal["none", "gzip", "lzf"] = "none"
     gzip_level: int = 1
+    # HDF5's fletcher32 checksum per chunk, checked on every read: flipped bits fail loudly instead of training
+    # silently (read cost: bench/bench_store.py).
+    checksum: bool = True
 
     def filters(self, which: str) -> dict[str, Any]:
         name = self.events if which == "events" else self.dense
+        checksum = {"fletcher32": self.checksum}
         if name == "none":
-            return {}
+            return checksum
         if name == "lzf":
-            return {"compression": "lzf", "shuffle": True}
-        return {"compression": "gzip", "compression_opts": self.gzip_level, "shuffle": True}
+            return {"compression": "lzf", "shuffle": True, **checksum}
+        return {"compression": "gzip", "compression_opts": self.gzip_level, "shuffle": True, **checksum}
 
 
 class StoreError(EventFormatError):
@@ -265,7 +269,12 @@ class EventStoreWriter:
         return self.path
 
     def _write_whole(self, name: str, data: np.ndarray) -> None:
-        self._file.create_dataset(name, data=data)
+        if data.dtype.kind == "O":  # variable-length strings take no filter (the content digest covers them)
+            self._file.create_dataset(name, data=data)
+        else:
+            self._file.create_dataset(
+                name, data=data, chunks=True, maxshape=(None, *data.shape[1:]), fletcher32=self.compression.checksum
+            )
         payload = data.tobytes() if data.dtype.kind != "O" else "\0".join(data.tolist()).encode()
         self._hashes[name] = hashlib.sha256(payload)
 
@@ -277,6 +286,14 @@ class EventStoreWriter:
                 self._file.close()
         finally:
             self._target.discard()
+
+
+def _describe(selection: Any) -> str:
+    if isinstance(selection, slice):
+        return (
+            f"{'' if selection.start is None else selection.start}:{'' if selection.stop is None else selection.stop}"
+        )
+    return str(selection)
 
 
 def _combine(hashes: Mapping[str, Any]) -> str:
@@ -295,7 +312,16 @@ class EventStore:
         self._file: h5py.File | None = None
         self._pid: int | None = None
         self._datasets: dict[str, h5py.Dataset] = {}
-        file = self._open()
+        try:
+            self._check_header(self._open())
+        except StoreError:
+            self.close()
+            raise
+        except (OSError, KeyError, ValueError, RuntimeError) as err:  # what h5py raises on damaged metadata
+            self.close()
+            raise StoreError(self.path, f"damaged HDF5 structure ({err}); the file is corrupt: rebuild it") from err
+
+    def _check_header(self, file: h5py.File) -> None:
         if file.attrs.get("format") != STORE_FORMAT:
             raise StoreError(
                 self.path,
@@ -309,9 +335,56 @@ class EventStore:
         for name in ("events/t", "samples/offset", "samples/count"):
             if name not in file:
                 raise StoreError(self.path, f"missing dataset /{name}")
-        self._offset = file["samples/offset"][:]
-        self._count = file["samples/count"][:]
+        self._offset = self._read("samples/offset", slice(None))
+        self._count = self._read("samples/count", slice(None))
         self.sensor_size: tuple[int, int] = tuple(int(v) for v in file.attrs["sensor_size"])
+        self._check_index_tables(file)
+
+    def _check_index_tables(self, file: h5py.File) -> None:
+        """Raise StoreError unless the sample index fits the data: a corrupt index would read other samples'
+        events, or fail deep inside a training run. Costs O(samples), not O(events)."""
+        samples = len(self._offset)
+        if len(self._count) != samples or int(file.attrs.get("num_samples", samples)) != samples:
+            raise StoreError(
+                self.path,
+                f"/samples/offset has {samples} entries, /samples/count {len(self._count)}, attribute num_samples "
+                f"{file.attrs.get('num_samples')}: the index is corrupt",
+            )
+        for group in ("events", "clean_events"):
+            if group not in file:
+                continue
+            lengths = {
+                column: file[f"{group}/{column}"].shape[0] for column in EVENT_DTYPE.names if column in file[group]
+            }
+            if len(lengths) != len(EVENT_DTYPE.names) or len(set(lengths.values())) != 1:
+                raise StoreError(self.path, f"/{group} columns differ in length or are missing: {lengths}")
+            prefix = "" if group == "events" else "clean_"
+            offset, count = (
+                (self._offset, self._count)
+                if group == "events"
+                else (self._read("samples/clean_offset", slice(None)), self._read("samples/clean_count", slice(None)))
+            )
+            bad = np.flatnonzero((offset < 0) | (count < 0) | (offset + count > lengths["t"]))
+            if len(bad):
+                raise StoreError(
+                    self.path,
+                    f"/samples/{prefix}offset and /samples/{prefix}count of sample {bad[0]} ({offset[bad[0]]}, "
+                    f"{count[bad[0]]}) point outside the {lengths['t']} events of /{group} ({len(bad)} samples do): "
+                    "the index is corrupt",
+                )
+        for name in ("labels", *DENSE_KEYS):
+            if name in file and file[name].shape[0] != samples:
+                raise StoreError(self.path, f"/{name} has {file[name].shape[0]} entries for {samples} samples")
+
+    def _read(self, name: str, selection: Any) -> np.ndarray:
+        """``dataset[selection]``, with a failed chunk checksum (or any HDF5 read error) turned into a StoreError
+        that names the dataset."""
+        try:
+            return self._dataset(name)[selection]
+        except (OSError, KeyError) as err:
+            raise StoreError(
+                self.path, f"cannot read /{name}[{_describe(selection)}]: {err}; the file is corrupt: rebuild it"
+            ) from err
 
     def _open(self) -> h5py.File:
         if self._file is None or self._pid != os.getpid():
@@ -379,7 +452,7 @@ class EventStore:
     @property
     def labels(self) -> np.ndarray | None:
         file = self._open()
-        return file["labels"][:] if "labels" in file else None
+        return self._read("labels", slice(None)) if "labels" in file else None
 
     @property
     def names(self) -> list[str] | None:
@@ -398,13 +471,13 @@ class EventStore:
             if "clean_events" not in file:
                 raise StoreError(self.path, "this store holds no clean events")
             group = "clean_events"
-            start, count = self._dataset("samples/clean_offset")[index], self._dataset("samples/clean_count")[index]
+            start, count = self._read("samples/clean_offset", index), self._read("samples/clean_count", index)
         else:
             group = "events"
             start, count = self._offset[index], self._count[index]
         out = np.empty(int(count), dtype=EVENT_DTYPE)
         for column in EVENT_DTYPE.names:
-            out[column] = self._dataset(f"{group}/{column}")[start : start + count]
+            out[column] = self._read(f"{group}/{column}", slice(start, start + count))
         return out
 
     def dense(self, key: str, index: int) -> np.ndarray:
@@ -418,7 +491,7 @@ class EventStore:
             raise StoreError(
                 self.path, f"no dense field {key!r}; this store has {[k for k in DENSE_KEYS if k in file]}"
             )
-        return self._dataset(key)[index]
+        return self._read(key, index)
 
     def sample(self, index: int) -> dict[str, Any]:
         """Everything stored for one sample, keyed by field name (``events`` always present)."""
@@ -427,10 +500,10 @@ class EventStore:
         if "clean_events" in file:
             out["clean_events"] = self.events(index, clean=True)
         if "labels" in file:
-            out["label"] = int(self._dataset("labels")[index])
+            out["label"] = int(self._read("labels", index))
         for key in DENSE_KEYS:
             if key in file:
-                out[key] = self._dataset(key)[index]
+                out[key] = self._read(key, index)
         return out
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -460,7 +533,10 @@ class EventStore:
                         h.update(np.ascontiguousarray(node[start : start + step]).tobytes())
                 hashes[name] = h
 
-        file.visititems(visit)
+        try:
+            file.visititems(visit)
+        except OSError as err:  # a failed chunk checksum, a damaged header
+            raise StoreError(self.path, f"cannot read the whole file: {err}; the file is corrupt: rebuild it") from err
         return _combine(hashes)
 
     def verify(self) -> None:
