@@ -140,7 +140,7 @@ def test_a_job_preempted_with_usr2_requeues_and_resumes_to_the_same_end(tmp_path
         text=True,
     )
     job_id = submit.stdout.readline().split()[3].rstrip(":")
-    checkpoint = tmp_path / "slurm" / "checkpoint.pt"
+    checkpoint = tmp_path / "slurm" / "resume.pt"  # the state of the run in progress
     deadline = time.monotonic() + 300
     while not checkpoint.exists() and time.monotonic() < deadline:  # pre-empt once the run has a checkpoint
         time.sleep(0.5)

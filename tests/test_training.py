@@ -28,6 +28,7 @@ from evpretrain.models import create_backbone
 from evpretrain.training import (
     CHECKPOINT_NAME,
     METRICS_NAME,
+    RESUME_NAME,
     Hook,
     KnnMonitor,
     MlflowHook,
@@ -100,6 +101,14 @@ class NoisyPoints(Dataset):
 def cross_entropy_step(model, batch):
     loss = F.cross_entropy(model(batch["x"]), batch["label"])
     return loss, {"ce": loss.detach()}
+
+
+class StepCounter(Hook):
+    def __init__(self):
+        self.count = 0
+
+    def on_step_end(self, state, metrics):
+        self.count += 1
 
 
 class StopAt(Hook):
@@ -390,8 +399,8 @@ def test_a_run_stopped_between_checkpoints_resumes_to_exactly_the_uninterrupted_
     config = replace(CONFIG, num_workers=num_workers)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, config, hooks=[StopAt(7)])  # dies at step 7, in epoch 1; last checkpoint at step 5
-    assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["step"] == 5
-    assert not (tmp_path / METRICS_NAME).exists()
+    assert load_checkpoint(tmp_path / RESUME_NAME)["step"] == 5
+    assert not (tmp_path / METRICS_NAME).exists() and not (tmp_path / CHECKPOINT_NAME).exists()
     model, metrics = run(tmp_path, config)
     reference, reference_metrics = uninterrupted
     assert_same_weights(model, reference)
@@ -427,7 +436,7 @@ def test_a_process_killed_by_sigkill_resumes_to_exactly_the_uninterrupted_weight
 
     assert in_forked_child(lambda: save_run(tmp_path / "uninterrupted", "reference.pt")) == 0
     assert in_forked_child(lambda: run(tmp_path / "killed", hooks=[StopAt(8, kill=True)])) == -signal.SIGKILL
-    assert load_checkpoint(tmp_path / "killed" / CHECKPOINT_NAME)["step"] == 5
+    assert load_checkpoint(tmp_path / "killed" / RESUME_NAME)["step"] == 5
     assert in_forked_child(lambda: save_run(tmp_path / "killed", "resumed.pt")) == 0
     reference, resumed = (torch.load(tmp_path / name, weights_only=True) for name in ("reference.pt", "resumed.pt"))
     assert all(torch.equal(reference[name], resumed[name]) for name in reference)
@@ -439,6 +448,21 @@ def test_rerunning_a_finished_run_loads_its_weights_and_returns_its_metrics(unin
     model, metrics = run(tmp_path, model=tiny_net(seed=9))
     assert metrics == first_metrics == json.loads((tmp_path / METRICS_NAME).read_text())
     assert_same_weights(model, first_model)
+
+
+def test_a_finished_run_whose_checkpoint_a_pipeline_deleted_publishes_it_again_without_training(
+    uninterrupted, tmp_path
+):
+    first_model, first_metrics = run(tmp_path)
+    checkpoint, resume = tmp_path / CHECKPOINT_NAME, tmp_path / RESUME_NAME
+    assert os.path.samefile(checkpoint, resume)  # one file, two names: no copy
+    checkpoint.unlink()  # what Snakemake does to the outputs of a job that failed after training
+    (tmp_path / METRICS_NAME).unlink()
+    steps = StepCounter()
+    model, metrics = run(tmp_path, model=tiny_net(seed=9), hooks=[steps])
+    assert steps.count == 0 and metrics == first_metrics
+    assert_same_weights(model, first_model)
+    assert os.path.samefile(checkpoint, resume)
 
 
 def test_resuming_with_other_settings_is_refused_and_names_them(tmp_path):
@@ -487,11 +511,11 @@ def test_a_nan_loss_stops_with_the_step_and_terms_and_keeps_the_last_good_checkp
     with pytest.raises(
         NonFiniteLossError,
         match=r"non-finite loss nan at step 7 \(loss terms \{'ce': nan, 'reg': 0.25\}\)"
-        r".*checkpoint\.pt \(step 5\) is kept",
+        r".*resume\.pt \(step 5\) is kept",
     ) as error:
         train(tiny_net(), poisoned_step, NoisyPoints(), CONFIG, tmp_path, device="cpu")
     assert error.value.step == 7 and error.value.checkpoint_step == 5
-    saved = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    saved = load_checkpoint(tmp_path / RESUME_NAME)
     assert saved["step"] == 5
     reference, _ = run(tmp_path / "five", replace(CONFIG, max_steps=5))
     assert all(torch.equal(saved["model"][k], v) for k, v in reference.state_dict().items())

@@ -5,7 +5,7 @@ from ``out_dir/checkpoint.pt``, stops on a non-finite loss, runs under DDP when 
 and writes ``out_dir/metrics.json``. Hooks: ``MlflowHook`` (logging), ``KnnMonitor`` (representation quality).
 """
 
-from evpretrain.training.checkpoint import CHECKPOINT_NAME, METRICS_NAME, load_checkpoint
+from evpretrain.training.checkpoint import CHECKPOINT_NAME, METRICS_NAME, RESUME_NAME, load_checkpoint
 from evpretrain.training.config import TrainConfig
 from evpretrain.training.hooks import Hook, TrainState
 from evpretrain.training.knn import KnnMonitor, knn_accuracy
@@ -21,6 +21,7 @@ from evpretrain.training.optim import (
 
 __all__ = [
     "CHECKPOINT_NAME",
+    "RESUME_NAME",
     "METRICS_NAME",
     "Hook",
     "KnnMonitor",

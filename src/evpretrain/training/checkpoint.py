@@ -12,7 +12,10 @@ import torch
 
 from evpretrain.files import write_atomic, write_text_atomic
 
-CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_NAME = "checkpoint.pt"  # a run's final state: published when it reaches its stop step
+# The state of a run in progress, written every checkpoint_every_steps. Not a pipeline output: Snakemake deletes the
+# outputs of a job that fails or is interrupted, and the run must resume from this file when rerun.
+RESUME_NAME = "resume.pt"
 METRICS_NAME = "metrics.json"
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -27,10 +28,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from evpretrain.config import to_mapping
-from evpretrain.files import FolderLock
+from evpretrain.files import AtomicPath, FolderLock
 from evpretrain.training.checkpoint import (
     CHECKPOINT_NAME,
     METRICS_NAME,
+    RESUME_NAME,
     load_checkpoint,
     save_checkpoint,
     write_json,
@@ -109,8 +111,9 @@ def train(
     ``device``: default ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU. A dataset with a
     ``set_epoch(epoch)`` method (as for ``DistributedSampler``) is told each epoch before its batches are loaded.
 
-    ``out_dir/checkpoint.pt`` is written every ``config.checkpoint_every_steps`` steps and at the end; when it
-    exists, the run resumes from it (a finished run returns its metrics at once). Launched with several
+    ``out_dir/resume.pt`` is written every ``config.checkpoint_every_steps`` steps and at the end, when it becomes
+    ``out_dir/checkpoint.pt`` too (a hard link); a rerun resumes from it (a finished run returns its metrics at
+    once). Pipelines declare only checkpoint.pt, so the state of an interrupted run survives them. Launched with several
     processes (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT`` set), the loop joins the process group
     (NCCL on GPUs, gloo on CPUs), shards the data, and rank 0 writes the files.
 
@@ -166,8 +169,8 @@ def _train(
     model.to(device)
     optimizer = build_optimizer(model if param_groups is None else param_groups, config, layout.world_size)
     state = _initial_state(model, config, out_dir, device, layout, sampler.batches_per_epoch, schedule)
-    record = _Record(checkpoint=out_dir / CHECKPOINT_NAME, identity=identity)
-    if record.checkpoint.exists():
+    record = _Record(checkpoint=out_dir / CHECKPOINT_NAME, resume=out_dir / RESUME_NAME, identity=identity)
+    if record.resume.exists() or record.checkpoint.exists():
         finished = _resume(model, optimizer, hooks, schedule, state, record, layout)
         if finished is not None:
             return finished
@@ -192,10 +195,26 @@ def _train(
         layout,
     )
     if layout.is_main:
+        _publish(record)
         write_json(metrics, out_dir / METRICS_NAME)
     for hook in hooks:
         hook.on_train_end(state, metrics)
     return metrics
+
+
+def _publish(record: _Record) -> None:
+    """Make the finished run's state ``checkpoint.pt``: a hard link to ``resume.pt`` (no copy), so that when a
+    pipeline deletes checkpoint.pt (a job failing after training), a rerun finds the finished state and
+    publishes it again at once."""
+    if record.checkpoint.exists() and os.path.samefile(record.checkpoint, record.resume):
+        return
+    target = AtomicPath(record.checkpoint)
+    try:
+        target.tmp.unlink()
+        os.link(record.resume, target.tmp)
+    except OSError:  # a file system without hard links
+        shutil.copyfile(record.resume, target.tmp)
+    os.replace(target.tmp, record.checkpoint)
 
 
 def _schedule(config: TrainConfig, steps_per_epoch: int, world_size: int) -> dict[str, Any]:
@@ -244,10 +263,11 @@ def _resume(
     record: _Record,
     layout: ProcessLayout,
 ) -> dict[str, Any] | None:
-    """Continue from ``record.checkpoint``: load the model, optimizer, this rank's RNG states and the hooks, and
-    bring ``state`` and ``record`` to its step. Returns its metrics when that run had already finished (writing
-    metrics.json if it is missing), else None."""
-    checkpoint_path = record.checkpoint
+    """Continue from ``record.resume`` (a run in progress, or finished), else ``record.checkpoint`` (a finished
+    run, continued past its ``max_steps``): load the model, optimizer, this rank's RNG states and the hooks, and
+    bring ``state`` and ``record`` to its step. Returns its metrics when that run had already finished (publishing
+    checkpoint.pt and writing metrics.json if they are missing), else None."""
+    checkpoint_path = record.resume if record.resume.exists() else record.checkpoint
     checkpoint = load_checkpoint(checkpoint_path)
     _check_resumable(checkpoint, state.config, schedule, layout.world_size, checkpoint_path, record.identity)
     model.load_state_dict(checkpoint["model"])
@@ -269,6 +289,8 @@ def _resume(
     record.elapsed_before = checkpoint["elapsed_s"]
     state.step = state.start_step = record.checkpoint_step = checkpoint["step"]
     if state.step >= state.stop_step:
+        if layout.is_main and checkpoint_path == record.resume:
+            _publish(record)
         if layout.is_main and not (state.out_dir / METRICS_NAME).exists():
             write_json(checkpoint["metrics"], state.out_dir / METRICS_NAME)
         return dict(checkpoint["metrics"])
@@ -379,7 +401,7 @@ def _optimisation_step(
     loss_value = mean_across_ranks(loss.detach().float(), layout).item()
     terms = {name: float(value) for name, value in terms.items()}
     if not math.isfinite(loss_value):  # every rank sees the mean, so every rank stops here
-        raise NonFiniteLossError(state.step + 1, loss_value, terms, record.checkpoint, record.checkpoint_step)
+        raise NonFiniteLossError(state.step + 1, loss_value, terms, record.resume, record.checkpoint_step)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     scalars = {**terms, "loss": loss_value, "lr": lr}
@@ -502,7 +524,7 @@ def _save(
         "metrics": dict(metrics),
         "hooks": [hook.state_dict() for hook in hooks],
     }
-    save_checkpoint(checkpoint, record.checkpoint)
+    save_checkpoint(checkpoint, record.resume)
 
 
 class _MeanWindow:
@@ -534,10 +556,11 @@ class _MeanWindow:
 class _Record:
     """What a run carries from step to step and in its checkpoint besides the weights: the scalars since the last
     log (``window``), the last log's means (``logged``), one row per log (``rows``: the loss curves), the wall time
-    of earlier sessions (``elapsed_before``, seconds), the checkpoint's path and the step it last held, and the
-    run's identity (what it trains on and from; see ``train``)."""
+    of earlier sessions (``elapsed_before``, seconds), the paths of the final and in-progress checkpoints and the
+    step the latter last held, and the run's identity (what it trains on and from; see ``train``)."""
 
     checkpoint: Path
+    resume: Path
     identity: Mapping[str, Any] = field(default_factory=dict)
     window: _MeanWindow = field(default_factory=_MeanWindow)
     logged: dict[str, float] = field(default_factory=dict)
