@@ -279,8 +279,8 @@ def merged(base: dict, extra: dict) -> dict:
 
 @pytest.mark.parametrize("preset", ["paper.yaml", "demo-diagnosis.yaml"])
 def test_every_job_of_a_preset_reads_a_valid_typed_config(preset):
-    from evpretrain.downstream.run import task_config
-    from evpretrain.pretrain.run import pretrain_config
+    from evpretrain.downstream.config import task_config
+    from evpretrain.pretrain.config import pretrain_config
 
     study = merged(load_yaml(ROOT / "config.yaml"), load_yaml(ROOT / "workflow" / "presets" / preset))
     plan = plan_study(study)
