@@ -16,7 +16,7 @@ from typing import Any
 from evpretrain.config import ConfigError
 from evpretrain.downstream.config import robustness_config, task_config
 from evpretrain.models.spec import backbone_spec
-from evpretrain.pipeline.plan import Evaluation, StudyPlan
+from evpretrain.pipeline.plan import Evaluation, StudyPlan, content_key
 from evpretrain.pretrain.config import pretrain_config
 
 __all__ = ["validate_plan"]
@@ -30,8 +30,17 @@ def validate_plan(plan: StudyPlan) -> None:
         _check(pretrain_config, node.config, users[name], f"stage {node.stage} ({name})")
     for key, config in plan.teachers.items():
         _check(pretrain_config, config, users[key], f"teacher features ({key})")
+    # Seeds and checkpoints share a config: load each distinct one once (paper.yaml: 408 evaluations, 20 configs),
+    # naming every variant that reads it.
+    distinct: dict[tuple, tuple[str, list[str]]] = {}
     for name, evaluation in plan.evaluations.items():
-        _check(_evaluation_checks(evaluation), evaluation.config, users[name], f"evaluation {name}")
+        job = (evaluation.task, evaluation.mode, evaluation.robustness, content_key(evaluation.config))
+        first, variants = distinct.setdefault(job, (name, []))
+        variants.extend(v for v in users[name] if v not in variants)
+    for first, variants in distinct.values():
+        _check(
+            _evaluation_checks(plan.evaluations[first]), plan.evaluations[first].config, variants, f"evaluation {first}"
+        )
 
 
 def _evaluation_checks(evaluation: Evaluation) -> Callable[[Mapping[str, Any]], None]:
