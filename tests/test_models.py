@@ -340,7 +340,7 @@ def test_the_study_backbone_spec_reads_the_shared_pretrain_keys_only():
         backbone_spec({"pretrain": {"backbone": "vit_demo", "data": {"num_bins": "5"}}})
     with pytest.raises(ConfigError, match="pretrain.data: expected a mapping"):
         backbone_spec({"pretrain": {"backbone": "vit_demo", "data": None}})
-    with pytest.raises(ConfigError, match=r"pretrain: backbone must be one of \['convvit_base'.*got 'vit_dmeo'"):
+    with pytest.raises(ConfigError, match="pretrain: unknown backbone 'vit_dmeo'; known backbones: convvit_base, "):
         backbone_spec({"pretrain": {"backbone": "vit_dmeo"}})
     with pytest.raises(ConfigError, match="pretrain: data.num_bins must be >= 1, got 0"):
         backbone_spec({"pretrain": {"backbone": "vit_demo", "data": {"num_bins": 0}}})

@@ -349,8 +349,11 @@ def test_the_plan_check_names_the_variant_and_the_key_a_job_would_refuse():
         validate_plan(shared)
     refused = {
         "downstream.classify.linear.train.batch_size": (0, "downstream.classify.linear.train: batch_size must be >= 1"),
-        "pretrain.teacher.name": ("clip", "pretrain.teacher: name must be one of ['clip_vit_b16'"),
-        "pretrain.backbone": ("vit_dmeo", "pretrain: backbone must be one of"),
+        "pretrain.teacher.name": (
+            "clip",
+            "pretrain.teacher: unknown teacher 'clip'; known teachers: clip_vit_b16, efficientnet_lite0",
+        ),
+        "pretrain.backbone": ("vit_dmeo", "pretrain: unknown backbone 'vit_dmeo'; known backbones:"),
         "pretrain.knn.k": (0, "pretrain.knn: k must be >= 1, got 0"),
     }
     for dotted, (value, message) in refused.items():

@@ -36,7 +36,7 @@ BACKBONES = (
 def check_backbone(name: str, num_bins: int) -> None:
     """Raise ValueError unless ``name`` is a registered backbone and ``num_bins`` (its input channels) >= 1."""
     if name not in BACKBONES:
-        raise ValueError(f"backbone must be one of {list(BACKBONES)}, got {name!r}")
+        raise ValueError(f"unknown backbone {name!r}; known backbones: {', '.join(BACKBONES)}")
     if num_bins < 1:
         raise ValueError(f"data.num_bins must be >= 1, got {num_bins}")
 

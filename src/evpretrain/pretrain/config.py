@@ -197,7 +197,7 @@ class TeacherConfig:
 
     def __post_init__(self) -> None:
         if self.name not in TEACHERS:
-            raise ValueError(f"name must be one of {list(TEACHERS)}, got {self.name!r}")
+            raise ValueError(f"unknown teacher {self.name!r}; known teachers: {', '.join(TEACHERS)}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
