@@ -36,7 +36,8 @@ from evpretrain.data.resize import resize_maps
 from evpretrain.data.store import EventStore
 from evpretrain.events.contract import EVENT_DTYPE
 from evpretrain.events.representations import voxel_grid
-from evpretrain.pretrain.data import PretrainAugment, PretrainDataset, collate, event_density
+from evpretrain.pretrain.config import PretrainAugment
+from evpretrain.pretrain.data import PretrainDataset, collate, event_density
 
 
 class EventsOnly(Dataset):

@@ -36,7 +36,8 @@ from evpretrain.config import load_section, load_yaml
 from evpretrain.data.demo import DemoConfig, build_demo
 from evpretrain.downstream.models import Classifier
 from evpretrain.models.registry import create_backbone
-from evpretrain.pretrain.data import PretrainAugment, PretrainDataset
+from evpretrain.pretrain.config import PretrainAugment
+from evpretrain.pretrain.data import PretrainDataset
 
 
 def load_split(path: Path) -> tuple[torch.Tensor, torch.Tensor]:

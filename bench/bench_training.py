@@ -51,9 +51,15 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from evpretrain.config import load_section, load_yaml
 from evpretrain.data.demo import DemoConfig, build_demo
 from evpretrain.models import create_backbone
-from evpretrain.pretrain.data import PretrainAugment, PretrainDataset, collate
-from evpretrain.pretrain.run import PretrainConfig, build_stage_module, pretrain_config, stage_param_groups
-from evpretrain.pretrain.stages import ContrastConfig, MaskedModelingConfig
+from evpretrain.pretrain.config import (
+    ContrastConfig,
+    MaskedModelingConfig,
+    PretrainAugment,
+    PretrainConfig,
+    pretrain_config,
+)
+from evpretrain.pretrain.data import PretrainDataset, collate
+from evpretrain.pretrain.run import build_stage_module, stage_param_groups
 from evpretrain.training.optim import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -32,9 +32,10 @@ from pathlib import Path
 import torch
 import yaml
 
+from evpretrain.pretrain.config import pretrain_config
 from evpretrain.pretrain.losses import masked_reconstruction_loss
 from evpretrain.pretrain.masking import patchify
-from evpretrain.pretrain.run import build_stage_module, pretrain_config
+from evpretrain.pretrain.run import build_stage_module
 from evpretrain.pretrain.stages import TARGET_KEYS
 from evpretrain.training.checkpoint import load_checkpoint
 

@@ -11,7 +11,8 @@ import yaml
 from evpretrain.cli import main
 from evpretrain.data.demo import DemoConfig, build_demo
 from evpretrain.data.store import EventStoreWriter, StoreError
-from evpretrain.downstream.data import AugmentConfig, DownstreamDataset, WindowConfig, erase_and_add_events
+from evpretrain.downstream.config import AugmentConfig, WindowConfig
+from evpretrain.downstream.data import DownstreamDataset, erase_and_add_events
 from evpretrain.downstream.models import LinearProbe
 from evpretrain.events.contract import make_events, validate_events
 from evpretrain.models import create_backbone
@@ -428,8 +429,7 @@ def test_robustness_refuses_a_run_that_is_not_a_classifier(tmp_path, capsys):
 
 def test_task_and_robustness_settings_come_from_their_sections_or_name_the_missing_one():
     from evpretrain.config import ConfigError
-    from evpretrain.downstream.robustness import RobustnessConfig, robustness_config
-    from evpretrain.downstream.run import task_config
+    from evpretrain.downstream.config import RobustnessConfig, robustness_config, task_config
 
     assert task_config(TINY_STUDY, "classify", "finetune").layer_decay == 0.75
     assert task_config(TINY_STUDY, "flow").channels == 16

@@ -17,7 +17,7 @@ from evpretrain.downstream.heads import (
     upsample_flow,
     upsample_to,
 )
-from evpretrain.downstream.losses import flow_loss, segmentation_loss, soft_dice_loss, squared_dice_loss
+from evpretrain.downstream.losses import DICE_LOSSES, flow_loss, segmentation_loss, soft_dice_loss, squared_dice_loss
 from evpretrain.models import create_backbone
 
 DEMO = ["vit_demo", "convvit_demo", "swin_demo"]
@@ -247,6 +247,12 @@ def test_segmentation_overfits_two_fixed_samples():
 
 
 # --- losses ----------------------------------------------------------------------------------------------------
+
+
+def test_the_torch_free_config_names_every_dice_loss():
+    from evpretrain.downstream.config import DICE_FORMS
+
+    assert DICE_FORMS == tuple(DICE_LOSSES)
 
 
 def test_segmentation_loss_matches_cross_entropy_and_dice_by_hand():

@@ -14,6 +14,7 @@ from evpretrain.config import ConfigError
 from evpretrain.models import BackboneSpec, SwinBackbone, backbone_spec, build_backbone, create_backbone, list_backbones
 from evpretrain.models.base import kept_indices, space_to_depth_tokens
 from evpretrain.models.pos_embed import sincos_pos_embed_2d
+from evpretrain.models.spec import BACKBONES
 
 PAPER_SIZE = ["vit_small_patch16", "vit_base_patch16", "convvit_small", "convvit_base", "swin_tiny"]
 DEMO = ["vit_demo", "vit_tiny_demo", "convvit_demo", "swin_demo"]
@@ -55,6 +56,16 @@ def patch_pixels(model, position):
 
 def test_the_registry_holds_the_papers_backbones_and_the_demo_presets():
     assert list_backbones() == sorted(PAPER_SIZE + DEMO)
+    assert list(BACKBONES) == list_backbones()  # the torch-free names the plan checks pretrain.backbone against
+
+
+def test_the_package_loads_each_name_from_its_module_on_use():
+    import evpretrain.models as models
+
+    assert models.create_backbone is create_backbone and models.build_backbone is build_backbone
+    assert all(getattr(models, name) is not None for name in models.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'VisionTransformr'"):
+        models.VisionTransformr  # noqa: B018
 
 
 def test_an_unknown_name_or_argument_is_refused_with_the_known_ones():
@@ -329,6 +340,10 @@ def test_the_study_backbone_spec_reads_the_shared_pretrain_keys_only():
         backbone_spec({"pretrain": {"backbone": "vit_demo", "data": {"num_bins": "5"}}})
     with pytest.raises(ConfigError, match="pretrain.data: expected a mapping"):
         backbone_spec({"pretrain": {"backbone": "vit_demo", "data": None}})
+    with pytest.raises(ConfigError, match="pretrain: unknown backbone 'vit_dmeo'; known backbones: convvit_base, "):
+        backbone_spec({"pretrain": {"backbone": "vit_dmeo"}})
+    with pytest.raises(ConfigError, match="pretrain: data.num_bins must be >= 1, got 0"):
+        backbone_spec({"pretrain": {"backbone": "vit_demo", "data": {"num_bins": 0}}})
 
 
 @pytest.mark.parametrize("name", DEMO)

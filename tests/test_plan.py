@@ -1,12 +1,18 @@
 """The study plan: variants share stages with identical upstream settings; a change reaches exactly its dependants."""
 
 import copy
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from evpretrain.config import ConfigError, load_yaml
 from evpretrain.pipeline.plan import apply_overrides, content_key, plan_study
+from evpretrain.pipeline.validate import validate_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -279,11 +285,12 @@ def merged(base: dict, extra: dict) -> dict:
 
 @pytest.mark.parametrize("preset", ["paper.yaml", "demo-diagnosis.yaml"])
 def test_every_job_of_a_preset_reads_a_valid_typed_config(preset):
-    from evpretrain.downstream.run import task_config
-    from evpretrain.pretrain.run import pretrain_config
+    from evpretrain.downstream.config import task_config
+    from evpretrain.pretrain.config import pretrain_config
 
     study = merged(load_yaml(ROOT / "config.yaml"), load_yaml(ROOT / "workflow" / "presets" / preset))
     plan = plan_study(study)
+    validate_plan(plan)  # what `snakemake -n` runs: every stage's, teacher's and evaluation's config loads
 
     stages = {node.stage: pretrain_config(node.config) for node in plan.nodes.values()}
     evaluations = [task_config(e.config, e.task, e.mode) for e in plan.evaluations.values()]
@@ -328,3 +335,67 @@ def test_variants_that_differ_only_in_the_sample_share_their_teacher_features():
     assert plan.variants["seeded"].nodes[0] != plan.variants["no_stage1"].nodes[0]  # the stage itself differs
     other_teacher = plan_study(changed("pretrain.teacher.batch_size", 7)).teachers
     assert list(other_teacher) != list(plan.teachers)
+
+
+def test_the_plan_check_names_the_variant_and_the_key_a_job_would_refuse():
+    typo = changed("variants.voxel_target.overrides", {"pretrain.stage1.method.mask_ratoi": 0.3})
+    with pytest.raises(ConfigError) as err:
+        validate_plan(plan_study(typo))
+    assert str(err.value).startswith("variant 'voxel_target', stage 1 (stage1-")
+    assert "pretrain.stage1.method: unknown key(s) ['mask_ratoi']" in str(err.value)
+
+    shared = plan_study(changed("pretrain.stage2.train.batch_size", 0))  # full's stage 2 is no_stage3's and no_focus's
+    with pytest.raises(ConfigError, match=r"variants 'full', 'no_stage3', .*: pretrain.stage2.train: batch_size must"):
+        validate_plan(shared)
+    refused = {
+        "downstream.classify.linear.train.batch_size": (0, "downstream.classify.linear.train: batch_size must be >= 1"),
+        "pretrain.teacher.name": (
+            "clip",
+            "pretrain.teacher: unknown teacher 'clip'; known teachers: clip_vit_b16, efficientnet_lite0",
+        ),
+        "pretrain.backbone": ("vit_dmeo", "pretrain: unknown backbone 'vit_dmeo'; known backbones:"),
+        "pretrain.knn.k": (0, "pretrain.knn: k must be >= 1, got 0"),
+    }
+    for dotted, (value, message) in refused.items():
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            validate_plan(plan_study(changed(dotted, value)))
+    validate_plan(plan_study(STUDY))
+
+
+def test_the_plan_check_imports_no_torch():
+    code = "import sys, evpretrain.pipeline.validate; assert 'torch' not in sys.modules, 'torch imported'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            {"variants": {"voxel_target": {"overrides": {"pretrain.stage1.method.mask_ratoi": 0.3}}}},
+            "variant 'voxel_target', stage 1 (stage1-",
+        ),
+        (
+            {"downstream": {"classify": {"linear": {"train": {"batch_size": 0}}}}},
+            "downstream.classify.linear.train: batch_size must be >= 1, got 0",
+        ),
+    ],
+)
+def test_a_value_a_job_would_refuse_fails_the_dry_run(tmp_path, change, expected):
+    study = merged(load_yaml(ROOT / "config.yaml"), {"results": str(tmp_path / "results"), **change})
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    snakemake = Path(sys.executable).with_name("snakemake")
+    result = subprocess.run(
+        [str(snakemake), "-n", "all", "--cores", "1", "--snakefile", str(ROOT / "Snakefile")]
+        + ["--configfile", str(tmp_path / "study.yaml")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={  # PYTHONPATH: a worktree's sources rather than the editable install's
+            "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+            "HOME": str(tmp_path),
+            "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+        },
+    )
+    assert result.returncode != 0
+    assert expected in result.stdout + result.stderr

@@ -17,8 +17,8 @@ from evpretrain.data.view import view_crop_box
 from evpretrain.events.contract import EVENT_DTYPE
 from evpretrain.events.representations import voxel_grid
 from evpretrain.events.simulator import lin_log
+from evpretrain.pretrain.config import PretrainAugment
 from evpretrain.pretrain.data import (
-    PretrainAugment,
     PretrainDataset,
     View,
     collate,

@@ -12,11 +12,10 @@ from evpretrain.cli import main
 from evpretrain.config import ConfigError
 from evpretrain.data.demo import DemoConfig, build_demo
 from evpretrain.models import BackboneSpec, backbone_spec
+from evpretrain.pretrain.config import PretrainConfig, pretrain_config
 from evpretrain.pretrain.run import (
-    PretrainConfig,
     build_stage_module,
     initialise,
-    pretrain_config,
     stage_param_groups,
     teacher_cache_grid,
     teacher_features_for,

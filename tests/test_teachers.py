@@ -67,7 +67,10 @@ def demo_store(tmp_path_factory):
 
 
 def test_registry_lists_both_teachers_and_rejects_unknown_names():
+    from evpretrain.pretrain.config import TEACHERS
+
     assert {"efficientnet_lite0", "clip_vit_b16"} <= set(list_teachers())
+    assert list(TEACHERS) == list_teachers()  # the torch-free names the plan checks pretrain.teacher.name against
     with pytest.raises(ConfigError, match=r"unknown teacher 'dino'; known teachers: clip_vit_b16, efficientnet_lite0"):
         create_teacher("dino")
     with pytest.raises(TypeError, match="colour"):

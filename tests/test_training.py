@@ -148,6 +148,16 @@ def uninterrupted(tmp_path_factory):
 # --- config, optimizer, schedule -------------------------------------------------------------------------------
 
 
+def test_the_package_loads_each_name_from_its_module_on_use():
+    import evpretrain.training as training
+    from evpretrain.training.loop import train as loop_train
+
+    assert training.train is loop_train and training.TrainConfig is TrainConfig
+    assert all(getattr(training, name) is not None for name in training.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'trian'"):
+        training.trian  # noqa: B018
+
+
 def test_config_builds_from_the_study_config_and_names_bad_keys():
     built = from_mapping(TrainConfig, {"epochs": 3, "batch_size": 8, "base_lr": 1.5e-4, "betas": [0.9, 0.99]}, "t")
     assert built.betas == (0.9, 0.99) and built.weight_decay == 0.05 and built.amp == "auto"

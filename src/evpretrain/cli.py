@@ -96,7 +96,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from evpretrain.config import load_yaml
-    from evpretrain.pretrain.run import pretrain_config, run_stage
+    from evpretrain.pretrain.config import pretrain_config
+    from evpretrain.pretrain.run import run_stage
 
     config = pretrain_config(load_yaml(args.config))
     metrics = run_stage(
@@ -114,7 +115,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 def _cmd_knn(args: argparse.Namespace) -> int:
     from evpretrain.config import load_yaml
-    from evpretrain.pretrain.run import knn_of_checkpoint, pretrain_config
+    from evpretrain.pretrain.config import pretrain_config
+    from evpretrain.pretrain.run import knn_of_checkpoint
 
     config = pretrain_config(load_yaml(args.config))
     accuracy = knn_of_checkpoint(config, args.checkpoint, args.data, args.val, seed=args.seed)
@@ -124,7 +126,8 @@ def _cmd_knn(args: argparse.Namespace) -> int:
 
 def _cmd_teacher_features(args: argparse.Namespace) -> int:
     from evpretrain.config import load_yaml
-    from evpretrain.pretrain.run import pretrain_config, teacher_features_for
+    from evpretrain.pretrain.config import pretrain_config
+    from evpretrain.pretrain.run import teacher_features_for
 
     print(teacher_features_for(pretrain_config(load_yaml(args.config)), args.data, args.out, device=args.device))
     return 0

@@ -9,9 +9,12 @@ import yaml
 
 from evpretrain.pipeline.plan import content_key, plan_study
 from evpretrain.pipeline.tracking import study_record
+from evpretrain.pipeline.validate import validate_plan
 
 RESULTS = Path(lookup(dpath="results", within=config, default="results"))
 PLAN = plan_study(config) if "study" in config else None
+if PLAN is not None:
+    validate_plan(PLAN)  # every job's settings, as the job loads them: a typo stops `-n`, not a queued job
 DEMO_SPLITS = [split for split, n in lookup(dpath="data/demo/samples", within=config, default={}).items() if n > 0]
 
 # How heavy rules run evpretrain: here, or as checkpointable SLURM jobs through submitit (`executor: slurm`, which

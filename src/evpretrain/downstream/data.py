@@ -43,9 +43,8 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,83 +53,19 @@ from torch.utils.data import Dataset
 
 from evpretrain.data.resize import as_size, resize_maps
 from evpretrain.data.store import EventStore, StoreError
+from evpretrain.downstream.config import TARGET_RESOLUTIONS, AugmentConfig, Task, WindowConfig
 from evpretrain.events.corruption import Corruption, apply_corruption, corruption_seed
 from evpretrain.events.representations import voxel_grid
 
 __all__ = [
-    "AugmentConfig",
-    "CROP_ASPECTS",
     "DownstreamDataset",
-    "EVAL_POSITIONS",
     "IGNORE_INDEX",
     "TASKS",
-    "WindowConfig",
     "erase_and_add_events",
 ]
 
 TASKS = ("classify", "segment", "flow")
-TARGET_RESOLUTIONS = ("label", "input")
 IGNORE_INDEX = 255
-Task = Literal["classify", "segment", "flow"]
-
-
-EVAL_POSITIONS = ("middle", "random")
-CROP_ASPECTS = ("sensor_relative", "torchvision")
-
-
-@dataclass(frozen=True)
-class WindowConfig:
-    """Events per classification sample: ``train_events`` at a random start, ``eval_events`` at ``eval_position``
-    (``random``: a start drawn from (seed, index); ``middle``: the middle of the sample)."""
-
-    train_events: int | None = None
-    eval_events: int | None = None
-    eval_position: str = "middle"
-
-    def __post_init__(self) -> None:
-        for name in ("train_events", "eval_events"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"window.{name} must be >= 1 or null (every event), got {value}")
-        if self.eval_position not in EVAL_POSITIONS:
-            raise ValueError(f"window.eval_position must be one of {EVAL_POSITIONS}, got {self.eval_position!r}")
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Training-time augmentation (see the module docstring). Fractions of events; pixels of the sensor;
-    microseconds. ``crop_aspect``: ``sensor_relative`` (theirs, view_augment.py:14-22: aspect uniform in
-    [3/4, 4/3] x the sensor's W/H, width and height swapped with p 1/2, the crop strictly inside the view) or
-    ``torchvision`` (RandomResizedCrop's log-uniform 3/4 to 4/3)."""
-
-    erase_add_fraction: tuple[float, float] = (0.0, 0.0)
-    jitter_px: float = 1.5
-    jitter_us: float = 0.0
-    crop_scale: tuple[float, float] = (1.0, 1.0)
-    crop_aspect: str = "torchvision"
-    hflip_p: float = 0.0
-    time_flip_p: float = 0.0
-
-    def __post_init__(self) -> None:
-        low, high = self.erase_add_fraction
-        if not 0.0 <= low <= high <= 0.5:
-            raise ValueError(
-                f"augment.erase_add_fraction must be [low, high] with 0 <= low <= high <= 0.5, got "
-                f"{list(self.erase_add_fraction)}"
-            )
-        low, high = self.crop_scale
-        if not 0.0 < low <= high <= 1.0:
-            raise ValueError(
-                f"augment.crop_scale must be [low, high] with 0 < low <= high <= 1, got {list(self.crop_scale)}"
-            )
-        if self.crop_aspect not in CROP_ASPECTS:
-            raise ValueError(f"augment.crop_aspect must be one of {CROP_ASPECTS}, got {self.crop_aspect!r}")
-        for name in ("hflip_p", "time_flip_p"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"augment.{name} must lie in [0, 1], got {getattr(self, name)}")
-        for name in ("jitter_px", "jitter_us"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"augment.{name} must be >= 0, got {getattr(self, name)}")
 
 
 def erase_and_add_events(

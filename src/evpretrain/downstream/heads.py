@@ -25,11 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from evpretrain.downstream.config import FLOW_PREDICTORS, NECKS
 from evpretrain.models.base import Backbone, BackboneOutput, tokens_to_map
 from evpretrain.models.convvit import ConvViT
-
-NECKS = ("none", "beit")
-FLOW_PREDICTORS = ("linear", "conv3x3")
 
 
 def upsample_to(logits: Tensor, size: Sequence[int]) -> Tensor:

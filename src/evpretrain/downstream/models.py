@@ -21,13 +21,10 @@ import torch
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
+from evpretrain.downstream.config import BACKBONE_MODES, HEAD_INITS, PROBE_HEADS
 from evpretrain.training.checkpoint import backbone_entries, load_checkpoint
 
-__all__ = ["BACKBONE_MODES", "Classifier", "HEAD_INITS", "LinearProbe", "PROBE_HEADS", "init_head", "load_backbone"]
-
-PROBE_HEADS = ("linear", "mae_bn")
-HEAD_INITS = ("xavier_uniform", "trunc_normal")
-BACKBONE_MODES = ("eval", "train")
+__all__ = ["Classifier", "LinearProbe", "init_head", "load_backbone"]
 
 
 def init_head(linear: nn.Linear, rule: str, std: float) -> nn.Linear:

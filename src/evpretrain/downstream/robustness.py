@@ -20,44 +20,29 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
-from evpretrain.config import ConfigError, load_section
+from evpretrain.config import ConfigError
+from evpretrain.downstream.config import RobustnessConfig, robustness_config, task_config
 from evpretrain.downstream.data import DownstreamDataset
-from evpretrain.downstream.run import build_model, evaluate, task_config
+from evpretrain.downstream.run import build_model, evaluate
 from evpretrain.events.corruption import Corruption
 from evpretrain.models import backbone_spec, build_backbone
 from evpretrain.plotting import pyplot, save_figure
 from evpretrain.training.checkpoint import CHECKPOINT_NAME, METRICS_NAME, load_checkpoint, write_json
 
-__all__ = ["RobustnessConfig", "evaluate_robustness", "robustness_config", "robustness_figure"]
+__all__ = ["corruptions", "evaluate_robustness", "robustness_figure"]
 
 
-@dataclass(frozen=True)
-class RobustnessConfig:
-    """Levels to evaluate: shot-noise rates in events per pixel per second (Hz), drop fractions in [0, 1];
-    ``val_event_noise``: also the authors' protocol (the run's training erase-and-add at evaluation)."""
-
-    shot_noise_hz: tuple[float, ...] = (0.0, 10.0, 30.0, 100.0)
-    drop: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 0.9)
-    val_event_noise: bool = False
-    batch_size: int = 64
-
-    def corruptions(self) -> list[Corruption]:
-        return [Corruption("shot_noise", float(level)) for level in self.shot_noise_hz] + [
-            Corruption("drop", float(level)) for level in self.drop
-        ]
-
-
-def robustness_config(study: Mapping[str, Any]) -> RobustnessConfig:
-    """The levels of ``downstream.robustness``; the pipeline writes the study's section into each stressed
-    evaluation's config. An empty section means the default levels; a missing one is a ConfigError."""
-    return load_section(RobustnessConfig, study, "downstream.robustness")
+def corruptions(config: RobustnessConfig) -> list[Corruption]:
+    """The corruptions of ``config``'s levels: every shot-noise rate, then every drop fraction."""
+    return [Corruption("shot_noise", float(level)) for level in config.shot_noise_hz] + [
+        Corruption("drop", float(level)) for level in config.drop
+    ]
 
 
 def evaluate_robustness(
@@ -105,7 +90,7 @@ def evaluate_robustness(
         return {"split": split, "corruption": kind, "level": level, "top1": scores["top1"], "top5": scores["top5"]}
 
     base = dataset(eval_store)
-    rows = [row(base.with_corruption(c), c.kind, c.level) for c in config.corruptions()]
+    rows = [row(base.with_corruption(c), c.kind, c.level) for c in corruptions(config)]
     if config.val_event_noise:
         rows.append(
             row(base.with_corruption(None, event_noise=True), "val_event_noise", task.augment.erase_add_fraction[1])

@@ -15,25 +15,20 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from evpretrain.config import ConfigError, load_section, to_mapping
-from evpretrain.downstream.data import (
-    IGNORE_INDEX,
-    TARGET_RESOLUTIONS,
-    AugmentConfig,
-    DownstreamDataset,
-    WindowConfig,
-)
-from evpretrain.downstream.heads import FLOW_PREDICTORS, NECKS, FlowModel, SegmentationModel
-from evpretrain.downstream.losses import DICE_LOSSES, flow_loss, segmentation_loss
+from evpretrain.config import ConfigError, to_mapping
+from evpretrain.downstream.config import DownstreamTaskConfig, Task, WindowConfig, task_config
+from evpretrain.downstream.data import IGNORE_INDEX, DownstreamDataset
+from evpretrain.downstream.heads import FlowModel, SegmentationModel
+from evpretrain.downstream.losses import flow_loss, segmentation_loss
 from evpretrain.downstream.metrics import (
     ConfusionMatrix,
     FlowMetrics,
@@ -43,115 +38,15 @@ from evpretrain.downstream.metrics import (
     segmentation_scores,
     topk_accuracy,
 )
-from evpretrain.downstream.models import (
-    BACKBONE_MODES,
-    HEAD_INITS,
-    PROBE_HEADS,
-    Classifier,
-    LinearProbe,
-    load_backbone,
-)
+from evpretrain.downstream.models import Classifier, LinearProbe, load_backbone
 from evpretrain.models import backbone_spec, build_backbone
-from evpretrain.training import TrainConfig, train
+from evpretrain.training import train
 from evpretrain.training.checkpoint import METRICS_NAME, write_json
 from evpretrain.training.distributed import process_layout, resolve_device, to_device
 from evpretrain.training.hooks import Hook, TrainState
 from evpretrain.training.optim import layer_scales, param_groups
 
-__all__ = ["CLASSIFY_MODES", "DownstreamTaskConfig", "EpochEvaluator", "run_downstream", "task_config"]
-
-CLASSIFY_MODES = ("linear", "finetune")
-Task = Literal["classify", "segment", "flow"]
-
-
-@dataclass(frozen=True)
-class DownstreamTaskConfig:
-    """One task's settings (``downstream.classify.<mode>``, ``downstream.segment`` or ``downstream.flow``).
-
-    ``layer_decay``: MAE's layer-wise lr decay for the backbone (None: one lr, as the authors' without
-    ``--use_layer_decay``). ``drop_path_rate``: the backbone's stochastic depth. ``label_smoothing``: classification.
-    ``head``, ``head_init``, ``probe_backbone_mode``: classification heads (``evpretrain.downstream.models``):
-    the probe's head (``linear`` or ``mae_bn``; fine-tuning takes ``linear``), its initialisation, and the frozen
-    backbone's mode while a probe trains. ``eval_every_epochs``: how often the evaluation split is scored.
-    ``num_classes``: overrides the count the store's attributes give (``class_names``, ``mask_class_names``).
-
-    Dense tasks (``evpretrain.downstream.heads``): ``channels`` the decoder's width; ``aux_weight`` the FCN
-    auxiliary loss weight (0: no auxiliary head); ``aux_channels`` its width (None: ``channels // 2``);
-    ``dice_weight`` the Dice term's weight and ``dice`` its form (segmentation, ``losses.DICE_LOSSES``); ``neck``
-    (``heads.NECKS``); ``target_resolution``: targets, loss and scores at the label's resolution or the input's
-    (``downstream.data``); ``max_flow``: the flow loss leaves out true flow of this magnitude or more, pixels (None:
-    none left out); ``predictor``: the flow head's last layer (``heads.FLOW_PREDICTORS``).
-    """
-
-    train: TrainConfig
-    window: WindowConfig = field(default_factory=WindowConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    layer_decay: float | None = None
-    drop_path_rate: float = 0.0
-    label_smoothing: float = 0.0
-    head: str = "linear"
-    head_init: str = "trunc_normal"
-    probe_backbone_mode: str = "eval"
-    channels: int = 256
-    aux_weight: float = 0.4
-    dice_weight: float = 1.0
-    aux_channels: int | None = 256
-    neck: str = "none"
-    target_resolution: str = "label"
-    max_flow: float | None = 400.0
-    predictor: str = "linear"
-    dice: str = "squared"
-    eval_batch_size: int = 64
-    eval_every_epochs: int = 1
-    num_classes: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
-            raise ValueError(f"layer_decay must lie in (0, 1] or be null, got {self.layer_decay}")
-        if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ValueError(f"drop_path_rate must lie in [0, 1), got {self.drop_path_rate}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
-        for name, allowed in (
-            ("head", PROBE_HEADS),
-            ("head_init", HEAD_INITS),
-            ("probe_backbone_mode", BACKBONE_MODES),
-        ):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("channels", "eval_batch_size", "eval_every_epochs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.aux_channels is not None and self.aux_channels < 1:
-            raise ValueError(f"aux_channels must be >= 1 or null (channels // 2), got {self.aux_channels}")
-        if self.aux_weight < 0:
-            raise ValueError(f"aux_weight must be >= 0 (0: no auxiliary head), got {self.aux_weight}")
-        if self.max_flow is not None and self.max_flow <= 0:
-            raise ValueError(f"max_flow must be > 0 pixels or null (no cut), got {self.max_flow}")
-        for name, allowed in (
-            ("neck", NECKS),
-            ("target_resolution", TARGET_RESOLUTIONS),
-            ("predictor", FLOW_PREDICTORS),
-            ("dice", tuple(DICE_LOSSES)),
-        ):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
-
-
-def task_config(study: Mapping[str, Any], task: Task, mode: str | None = None) -> DownstreamTaskConfig:
-    """The validated settings of ``task`` (and classification ``mode``) from a study config."""
-    if task != "classify":
-        return load_section(DownstreamTaskConfig, study, f"downstream.{task}")
-    if mode not in CLASSIFY_MODES:
-        raise ConfigError(f"classification mode must be one of {CLASSIFY_MODES}, got {mode!r}")
-    config = load_section(DownstreamTaskConfig, study, f"downstream.classify.{mode}")
-    if mode == "finetune" and config.head != "linear":
-        raise ConfigError(
-            f"downstream.classify.finetune.head: fine-tuning trains a plain Linear head; expected 'linear' (the "
-            f"probe's {config.head!r} belongs to downstream.classify.linear), got {config.head!r}"
-        )
-    return config
-
+__all__ = ["EpochEvaluator", "run_downstream"]
 
 # --- models and steps ------------------------------------------------------------------------------------------
 

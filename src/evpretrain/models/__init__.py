@@ -4,26 +4,31 @@ backbone = create_backbone("vit_small_patch16")          # in_chans=5, 224x224, 
 out = backbone(voxels, mask)                              # mask (B, 196) bool, True = hidden
 out.tokens, out.levels, out.kept, backbone.pool(out)
 build_backbone(backbone_spec(study))                      # the study's backbone: pretrain.backbone, its overrides
+
+Names load lazily so that ``import evpretrain.models.spec`` stays torch-free (the pipeline checks the study's
+backbone while Snakemake plans, without torch).
 """
 
-from evpretrain.models.base import Backbone, BackboneOutput
-from evpretrain.models.convvit import ConvViT
-from evpretrain.models.pos_embed import sincos_pos_embed_2d
-from evpretrain.models.registry import create_backbone, list_backbones
-from evpretrain.models.spec import BackboneSpec, backbone_spec, build_backbone
-from evpretrain.models.swin import SwinBackbone
-from evpretrain.models.vit import VisionTransformer
+from importlib import import_module
 
-__all__ = [
-    "Backbone",
-    "BackboneOutput",
-    "BackboneSpec",
-    "ConvViT",
-    "SwinBackbone",
-    "VisionTransformer",
-    "backbone_spec",
-    "build_backbone",
-    "create_backbone",
-    "list_backbones",
-    "sincos_pos_embed_2d",
-]
+_EXPORTS = {
+    "Backbone": "base",
+    "BackboneOutput": "base",
+    "ConvViT": "convvit",
+    "sincos_pos_embed_2d": "pos_embed",
+    "create_backbone": "registry",
+    "list_backbones": "registry",
+    "BackboneSpec": "spec",
+    "backbone_spec": "spec",
+    "build_backbone": "spec",
+    "SwinBackbone": "swin",
+    "VisionTransformer": "vit",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'evpretrain.models' has no attribute {name!r}")
+    return getattr(import_module(f"evpretrain.models.{_EXPORTS[name]}"), name)

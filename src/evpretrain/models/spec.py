@@ -9,14 +9,36 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from evpretrain.config import from_mapping, section
-from evpretrain.models.base import Backbone
-from evpretrain.models.registry import create_backbone
+
+if TYPE_CHECKING:
+    from evpretrain.models.base import Backbone
 
 # The voxel bins when ``pretrain.data.num_bins`` is not set: 5, the presets' own ``in_chans``.
 DEFAULT_NUM_BINS = 5
+# The registered backbones (``registry.list_backbones()``; a test keeps the two equal), known here without torch so
+# that the pipeline refuses an unknown ``pretrain.backbone`` while it plans.
+BACKBONES = (
+    "convvit_base",
+    "convvit_demo",
+    "convvit_small",
+    "swin_demo",
+    "swin_tiny",
+    "vit_base_patch16",
+    "vit_demo",
+    "vit_small_patch16",
+    "vit_tiny_demo",
+)
+
+
+def check_backbone(name: str, num_bins: int) -> None:
+    """Raise ValueError unless ``name`` is a registered backbone and ``num_bins`` (its input channels) >= 1."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; known backbones: {', '.join(BACKBONES)}")
+    if num_bins < 1:
+        raise ValueError(f"data.num_bins must be >= 1, got {num_bins}")
 
 
 @dataclass(frozen=True)
@@ -34,6 +56,8 @@ class BackboneSpec:
 
 def build_backbone(spec: BackboneSpec) -> Backbone:
     """A freshly initialised backbone of ``spec``."""
+    from evpretrain.models.registry import create_backbone
+
     return create_backbone(spec.name, in_chans=spec.in_chans, **spec.overrides)
 
 
@@ -49,6 +73,9 @@ class _BackboneKeys:
     backbone: str
     backbone_overrides: dict[str, Any] = field(default_factory=dict)
     data: _Data = field(default_factory=_Data)
+
+    def __post_init__(self) -> None:
+        check_backbone(self.backbone, self.data.num_bins)
 
 
 def backbone_spec(study: Mapping[str, Any]) -> BackboneSpec:

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -61,9 +60,9 @@ from evpretrain.data.resize import as_size, resize_maps
 from evpretrain.data.store import EventStore, StoreError, frame_times
 from evpretrain.data.view import CropBox, apply_view, view_crop_box
 from evpretrain.events.representations import voxel_grid
+from evpretrain.pretrain.config import GridResize, PretrainAugment, TargetResize, Window
 
 __all__ = [
-    "PretrainAugment",
     "PretrainDataset",
     "View",
     "collate",
@@ -73,32 +72,8 @@ __all__ = [
     "view_tokens",
 ]
 
-Window = Literal["interval", "clip"]
-GridResize = Literal["nearest", "bilinear", "scale_events"]
-TargetResize = Literal["bicubic", "bilinear"]
-
 # Every field has one shape per dataset, so stacking is all a batch needs.
 collate = default_collate
-
-
-@dataclass(frozen=True)
-class PretrainAugment:
-    """The view augmentation (config section ``pretrain.data.augment``): ``crop_scale`` [low, high] fraction of the
-    area ([1, 1]: no crop), ``hflip_p`` and ``time_flip_p`` the chances of a horizontal and a time flip."""
-
-    crop_scale: tuple[float, float] = (1.0, 1.0)
-    hflip_p: float = 0.0
-    time_flip_p: float = 0.0
-
-    def __post_init__(self) -> None:
-        low, high = self.crop_scale
-        if not 0.0 < low <= high <= 1.0:
-            raise ValueError(
-                f"augment.crop_scale must be [low, high] with 0 < low <= high <= 1, got {list(self.crop_scale)}"
-            )
-        for name in ("hflip_p", "time_flip_p"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"augment.{name} must lie in [0, 1], got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)

@@ -8,152 +8,22 @@ regions. Every stage writes ``out/checkpoint.pt`` (resumable) and ``out/metrics.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from evpretrain.config import ConfigError, load_section, to_mapping
-from evpretrain.models import BackboneSpec, build_backbone
-from evpretrain.models.spec import DEFAULT_NUM_BINS
-from evpretrain.pretrain.data import (
-    GridResize,
-    PretrainAugment,
-    PretrainDataset,
-    TargetResize,
-    Window,
-    view_tokens,
-)
-from evpretrain.pretrain.stages import ContrastConfig, FeatureTransition, MaskedModeling, MaskedModelingConfig
-from evpretrain.training import KnnMonitor, MlflowHook, TrainConfig, load_checkpoint, train
+from evpretrain.config import ConfigError, to_mapping
+from evpretrain.models import build_backbone
+from evpretrain.pretrain.config import PretrainConfig
+from evpretrain.pretrain.data import PretrainDataset, view_tokens
+from evpretrain.pretrain.stages import FeatureTransition, MaskedModeling
+from evpretrain.training import KnnMonitor, MlflowHook, load_checkpoint, train
 from evpretrain.training.checkpoint import backbone_entries
 from evpretrain.training.distributed import process_layout
 from evpretrain.training.optim import layer_scales, param_groups
-
-TeacherInput = Literal["rgb", "last_frame"]
-
-
-@dataclass(frozen=True)
-class PretrainDataConfig:
-    """Input of every stage (config section ``pretrain.data``; ``evpretrain.pretrain.data`` says what each does).
-
-    ``input_size`` (H, W) pixels, None = the store's sensor size; ``window`` what a sample spans; ``augment`` the
-    view drawn per read, in every stage; ``resize`` and ``target_resize`` how the voxel grid and the targets reach
-    the input size; ``align_teacher_tokens`` (stages 2 and 3) moves the cached teacher tokens with the crop and the
-    horizontal flip, where the paper leaves them in place (exact for tokens of the event view, ``last_frame``'s;
-    ``rgb`` tokens cover CLIP's centre crop of the source, close to but not the simulated view); ``seed`` of every
-    draw.
-    """
-
-    num_bins: int = DEFAULT_NUM_BINS
-    input_size: tuple[int, int] | None = None
-    window: Window = "clip"
-    augment: PretrainAugment = field(default_factory=lambda: PretrainAugment(time_flip_p=0.5))
-    resize: GridResize = "bilinear"
-    target_resize: TargetResize = "bilinear"
-    align_teacher_tokens: bool = False
-    seed: int = 0
-
-    def dataset(self, store: Path, *, augment: bool = True) -> PretrainDataset:
-        """The pre-training dataset of ``store`` with these settings; ``augment=False`` for the kNN monitor and the
-        figures (the window is still drawn, seeded, per index)."""
-        return PretrainDataset(
-            store,
-            num_bins=self.num_bins,
-            input_size=self.input_size,
-            window=self.window,
-            augment=self.augment if augment else PretrainAugment(),
-            resize=self.resize,
-            target_resize=self.target_resize,
-            seed=self.seed,
-        )
-
-
-@dataclass(frozen=True)
-class KnnConfig:
-    """The kNN monitor: ``memory`` labelled training samples, ``queries`` validation samples (0 = off)."""
-
-    every_steps: int = 100
-    memory: int = 600
-    queries: int = 150
-    k: int = 20
-    temperature: float = 0.07
-
-
-@dataclass(frozen=True)
-class LayerLrConfig:
-    """Stage 3's layer-wise learning-rate factors: ``none``, ``decay`` (``decay`` ** depth from the top) or
-    ``grafted`` (0.01 / 0.1 / 1.0 by group). ``grafted_groups``: ``blocks_of_4``, the paper's groups
-    (``utils/lr_decay.py``: embeddings and conv stages, then plain blocks 0-3, 4-7, 8+), or ``thirds`` of all the
-    blocks by depth (ours before; the same for a 12-block ViT). See ``training.optim.layer_scales``."""
-
-    rule: Literal["none", "decay", "grafted"] = "none"
-    decay: float = 0.75
-    grafted_groups: Literal["blocks_of_4", "thirds"] = "blocks_of_4"
-
-
-@dataclass(frozen=True)
-class TeacherConfig:
-    """The frozen image teacher whose tokens stages 2 and 3 learn from (``weights``: a local file, for CLIP).
-
-    ``input``: what it sees, one image per stored video: ``rgb`` the colour source image as CLIP's preprocessing crops
-    it (the paper's; stores built with ``data.ef.keep_rgb``) or ``last_frame`` the video's last frame, grey in three
-    channels (``evpretrain.teachers.features``).
-
-    ``grid``: how its tokens reach the backbone's token grid. ``resize`` (ours): cached resized onto the backbone's
-    grid (antialiased bilinear, ``resize_tokens``), then LayerNorm + Linear. ``conv`` (the paper's): cached on the
-    teacher's own grid; one equal to the backbone's takes LayerNorm + Linear, one twice as fine LayerNorm + a
-    stride-2 Conv2d (model/pretrain/pr_hub_model.py:94-97: CLIP's 14 x 14 onto Swin's 7 x 7); any other is refused.
-    One setting for both stages: they share the features, and stage 3 starts from stage 2's projection.
-    """
-
-    name: str = "efficientnet_lite0"
-    weights: str | None = None
-    batch_size: int = 32
-    input: TeacherInput = "last_frame"
-    grid: Literal["resize", "conv"] = "resize"
-
-
-@dataclass(frozen=True)
-class Stage1Config:
-    train: TrainConfig
-    method: MaskedModelingConfig = field(default_factory=MaskedModelingConfig)
-
-
-@dataclass(frozen=True)
-class ContrastStageConfig:
-    train: TrainConfig
-    method: ContrastConfig = field(default_factory=ContrastConfig)
-    layer_lr: LayerLrConfig = field(default_factory=LayerLrConfig)
-
-
-@dataclass(frozen=True)
-class PretrainConfig:
-    """Config section ``pretrain``. A stage's section may be absent where that stage does not run (the pipeline
-    gives each stage a config holding its own section only, so that another stage's change does not touch it)."""
-
-    backbone: str
-    stage1: Stage1Config | None = None
-    stage2: ContrastStageConfig | None = None
-    stage3: ContrastStageConfig | None = None
-    backbone_overrides: dict[str, Any] = field(default_factory=dict)
-    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    knn: KnnConfig = field(default_factory=KnnConfig)
-    mlflow: dict[str, str] = field(default_factory=dict)  # {tracking_uri, experiment}; empty = no MLflow
-
-    @property
-    def backbone_spec(self) -> BackboneSpec:
-        """The study's backbone: ``backbone`` with the voxel bins as input channels and the overrides."""
-        return BackboneSpec(self.backbone, self.data.num_bins, self.backbone_overrides)
-
-
-def pretrain_config(study: dict[str, Any]) -> PretrainConfig:
-    """The validated ``pretrain`` section of a study config."""
-    return load_section(PretrainConfig, study, "pretrain")
 
 
 def teacher_cache_grid(grid: str, backbone_grid: tuple[int, int], teacher_grid: tuple[int, int]) -> tuple[int, int]:

@@ -14,71 +14,16 @@ weighted by the value of its region (``focus``): its event density or its differ
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from evpretrain.pretrain.config import ContrastConfig, MaskedModelingConfig
 from evpretrain.pretrain.heads import FeatureFusion, ReconstructionDecoder, TeacherProjection, TokenMLP
 from evpretrain.pretrain.losses import TokenInfoNCE, masked_reconstruction_loss, weighted_token_mean
 from evpretrain.pretrain.masking import make_mask, patch_abs_sum, patch_density, patchify
 
 TARGET_KEYS = {"difference": "target_difference", "voxel": "voxel", "frame": "target_frame"}
-
-
-@dataclass(frozen=True)
-class MaskedModelingConfig:
-    """Stage 1 (config section ``pretrain.stage1.method``).
-
-    ``mask_token_init``: the decoder's mask token drawn from N(0, 0.02^2) (``normal``, MAE's and ours) or left at
-    zeros (``zeros``, the paper's code). ``density_score`` (``densest`` / ``sparsest`` masking): a patch's event
-    count with ties broken at random (``events``, ours) or the paper's mean ``|sum over bins|`` of the input voxel
-    grid with ties in ``torch.argsort``'s order (``abs_sum``; ``evpretrain.pretrain.masking``).
-    """
-
-    mask_ratio: float = 0.5
-    masking: Literal["random", "densest", "sparsest"] = "random"
-    target: Literal["difference", "voxel", "frame"] = "difference"
-    normalize_target: bool = True
-    decoder_dim: int = 256
-    decoder_depth: int = 8
-    decoder_heads: int = 8
-    mask_token_init: Literal["normal", "zeros"] = "normal"
-    density_score: Literal["events", "abs_sum"] = "events"
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
-
-
-@dataclass(frozen=True)
-class ContrastConfig:
-    """Stages 2 and 3 (config sections ``pretrain.stage2.method`` and ``pretrain.stage3.method``).
-
-    ``teacher_projection``: whether the teacher side's LayerNorm + Linear trains ("trained", the paper's code,
-    model/pretrain/pr_hub_model.py:92-97, and the ``paper`` preset) or keeps its initialisation ("frozen", the default
-    and the demo's). Why frozen is offered: queued negatives are detached, so a trained projection feels
-    only the positives' pull, drifts towards what every student token matches and fills the queue with ever more
-    similar keys (the loss climbs back towards log(queue_length + 1); docs/results.md); a frozen random projection
-    keeps the queue consistent at no cost, as it preserves the teacher tokens' angles closely. In-batch negatives
-    (``queue_length: 0``) repel the keys too, so a trained projection is safe there.
-
-    ``queue_exclude_same_sample``: leave a sample's own queued keys out of its negatives (ours) or keep them (the
-    paper's code); ``queue_enqueue``: every rank's keys into the queue (``gathered``, MoCo's) or this rank's only
-    (``local``, the paper's code). See ``TokenInfoNCE``.
-    """
-
-    projector_layers: int = 3
-    predictor_layers: int = 2
-    hidden_dim: int = 4096
-    queue_length: int = 1024
-    temperature: float = 0.07
-    focus: Literal["none", "density", "difference"] = "none"
-    teacher_projection: Literal["trained", "frozen"] = "frozen"
-    queue_exclude_same_sample: bool = True
-    queue_enqueue: Literal["gathered", "local"] = "gathered"
 
 
 class MaskedModeling(nn.Module):
