@@ -222,7 +222,7 @@ def test_config_errors_name_the_key():
 
 
 @pytest.mark.slow
-def test_three_stages_run_from_the_cli_and_resume(tmp_path):
+def test_three_stages_run_from_the_cli_and_resume(tmp_path, capsys):
     stores = build_demo(
         DemoConfig(
             samples={"train": 8, "val": 4},
@@ -309,6 +309,14 @@ def test_three_stages_run_from_the_cli_and_resume(tmp_path):
         == 0
     )
     assert (tmp_path / "s3" / "checkpoint.pt").stat().st_mtime_ns == before
+    # An --init that is not a checkpoint, an --out that is a file: one line each, naming the file, exit status 2.
+    stage3 = ["pretrain", "--stage", "3", *common, *features]
+    not_a_checkpoint = str(tmp_path / "s3" / "metrics.json")
+    assert main([*stage3, "--init", not_a_checkpoint, "--out", str(tmp_path / "s3b")]) == 2
+    assert f"{not_a_checkpoint}: not a readable torch checkpoint" in capsys.readouterr().err
+    init = ["--init", str(tmp_path / "s2" / "checkpoint.pt")]
+    assert main([*stage3, *init, "--out", not_a_checkpoint]) == 2
+    assert not_a_checkpoint in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from evpretrain.config import ConfigError, from_mapping
+from evpretrain.errors import CheckpointError
 from evpretrain.files import FolderLockedError
 from evpretrain.models import create_backbone
 from evpretrain.training import (
@@ -735,3 +736,23 @@ def test_on_cuda_autocast_is_bf16_and_a_resumed_run_matches_exactly(tmp_path):
     resumed = cuda_run(tmp_path / "b", CONFIG)
     assert seen == {torch.bfloat16}
     assert_same_weights(resumed, reference)
+
+
+def test_a_file_that_is_not_a_checkpoint_is_an_error_naming_it(tmp_path):
+    save_checkpoint({"format": 1, "model": {}, "step": 3}, tmp_path / "whole.pt")
+    whole = (tmp_path / "whole.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    torch.save([1, 2], tmp_path / "list.pt")
+    cases = {
+        "missing.pt": "no such checkpoint file",
+        "truncated.pt": "not a readable torch checkpoint",
+        "text.pt": "not a readable torch checkpoint",
+        "list.pt": "holds a list, expected a dict",
+    }
+    for name, reason in cases.items():
+        with pytest.raises(CheckpointError, match=rf"{name}: {reason}"):
+            load_checkpoint(tmp_path / name)
+    with pytest.raises(CheckpointError, match=r"whole\.pt: lacks \['optimizer'\]"):
+        load_checkpoint(tmp_path / "whole.pt", required=("model", "optimizer"))
+    assert load_checkpoint(tmp_path / "whole.pt", required=("model",))["step"] == 3

@@ -435,11 +435,22 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _log_lines_unless_terminal()
     from evpretrain.config import ConfigError
+    from evpretrain.errors import CheckpointError, ResumeError
     from evpretrain.events.contract import EventFormatError
+    from evpretrain.files import FolderLockedError
 
     try:
         return args.func(args)
-    except (ConfigError, EventFormatError, FileNotFoundError) as err:
+    except (
+        ConfigError,
+        EventFormatError,
+        CheckpointError,
+        ResumeError,
+        FolderLockedError,
+        FileNotFoundError,
+        NotADirectoryError,
+        FileExistsError,
+    ) as err:
         print(f"evpretrain: error: {err}", file=sys.stderr)
         return 2
 

@@ -116,5 +116,7 @@ def load_backbone(
             "init_complete": report.complete,
             "init_report": report.summary(),
         }
-    backbone.load_state_dict(backbone_entries(load_checkpoint(Path(path))["model"], path), strict=True)
+    backbone.load_state_dict(
+        backbone_entries(load_checkpoint(Path(path), required=("model",))["model"], path), strict=True
+    )
     return {"init": str(path), "init_source": "evpretrain", "init_complete": True}

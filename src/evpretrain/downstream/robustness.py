@@ -76,7 +76,7 @@ def evaluate_robustness(
             f"downstream.classify.{run['mode']}.augment.erase_add_fraction is [0, 0]; expected a positive upper bound"
         )
     model = build_model("classify", run["mode"], build_backbone(spec), run["num_classes"], task)
-    model.load_state_dict(load_checkpoint(run_dir / CHECKPOINT_NAME)["model"])
+    model.load_state_dict(load_checkpoint(run_dir / CHECKPOINT_NAME, required=("model",))["model"])
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
 

@@ -83,7 +83,7 @@ def initialise(module: nn.Module, stage: int, init: Path | None) -> dict[str, li
     """
     if init is None:
         return {"missing": [], "unexpected": []}
-    state = load_checkpoint(init)["model"]
+    state = load_checkpoint(init, required=("model",))["model"]
     if stage == 3 and any(key.startswith("projector.") for key in state):
         result = module.load_state_dict(state, strict=True)
     else:
@@ -156,7 +156,9 @@ def knn_of_checkpoint(
     holder = nn.Module()  # what the monitor embeds with: a module with a ``backbone``
     holder.backbone = build_backbone(config.backbone_spec)
     if checkpoint is not None:
-        holder.backbone.load_state_dict(backbone_entries(load_checkpoint(checkpoint)["model"], checkpoint))
+        holder.backbone.load_state_dict(
+            backbone_entries(load_checkpoint(checkpoint, required=("model",))["model"], checkpoint)
+        )
     return knn_monitor(config, train_store, val_store).evaluate(holder, torch.device("cpu"))
 
 

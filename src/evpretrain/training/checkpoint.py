@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from evpretrain.errors import CheckpointError
 from evpretrain.files import write_atomic, write_text_atomic
 
 CHECKPOINT_NAME = "checkpoint.pt"  # a run's final state: published when it reaches its stop step
@@ -24,9 +25,23 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> Path:
     return write_atomic(path, lambda file: torch.save(checkpoint, file))
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint onto the CPU, with ``weights_only=True`` (no code runs while loading)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+def load_checkpoint(path: str | Path, *, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A checkpoint onto the CPU, with ``weights_only=True`` (no code runs while loading): a dict holding the keys
+    ``required``. Raises CheckpointError naming the file when it is missing, truncated, not a torch file, or
+    holds something else."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "no such checkpoint file" if not path.exists() else "not a file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, zipfile errors...
+        raise CheckpointError(path, f"not a readable torch checkpoint ({type(err).__name__}: {err})") from err
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(path, f"holds a {type(checkpoint).__name__}, expected a dict of saved state")
+    missing = [key for key in required if key not in checkpoint]
+    if missing:
+        raise CheckpointError(path, f"lacks {missing}: not a checkpoint of this kind (it has {sorted(checkpoint)[:8]})")
+    return checkpoint
 
 
 def write_json(data: Any, path: str | Path) -> Path:

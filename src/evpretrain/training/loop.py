@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from evpretrain.config import to_mapping
+from evpretrain.errors import ResumeError
 from evpretrain.files import AtomicPath, FolderLock
 from evpretrain.training.checkpoint import (
     CHECKPOINT_NAME,
@@ -80,10 +81,6 @@ class NonFiniteLossError(FloatingPointError):
             else "no checkpoint had been written yet"
         )
         super().__init__(f"non-finite loss {loss} at step {step} (loss terms {self.terms}); {kept}")
-
-
-class ResumeError(ValueError):
-    """The checkpoint in the output folder belongs to a run with other settings: resuming would not continue it."""
 
 
 def train(
@@ -268,7 +265,7 @@ def _resume(
     bring ``state`` and ``record`` to its step. Returns its metrics when that run had already finished (publishing
     checkpoint.pt and writing metrics.json if they are missing), else None."""
     checkpoint_path = record.resume if record.resume.exists() else record.checkpoint
-    checkpoint = load_checkpoint(checkpoint_path)
+    checkpoint = load_checkpoint(checkpoint_path, required=("format", "model", "optimizer", "step"))
     _check_resumable(checkpoint, state.config, schedule, layout.world_size, checkpoint_path, record.identity)
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
