@@ -79,6 +79,18 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_download(args: argparse.Namespace) -> int:
+    from evpretrain.data.download import download_dataset, download_weights
+    from evpretrain.data.registry import get_dataset
+
+    progress = False if args.quiet else None  # None: a bar on a terminal, log lines in a log file
+    if args.weights:
+        print(download_weights(args.weights, args.root, mirror=args.mirror, progress=progress))
+    else:
+        print(download_dataset(get_dataset(args.dataset), args.root, mirror=args.mirror, progress=progress))
+    return 0
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from evpretrain.config import load_yaml, optional_section
     from evpretrain.data.registry import convert_dataset, get_dataset
@@ -270,6 +282,15 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--checksums", action="store_true", help="also hash the files that have a known checksum")
     p.set_defaults(func=_cmd_verify)
 
+    p = sub.add_parser("download", help="fetch a registry dataset (or teacher weights): resumable, verified, unpacked")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--dataset", help="registry name; prints the copy's root (the --root of verify and convert)")
+    what.add_argument("--weights", choices=["clip_vit_b16"], help="teacher weights; prints the file's path")
+    p.add_argument("--root", required=True, type=Path, help="download folder; .evpretrain-download.json when complete")
+    p.add_argument("--mirror", help="base URL serving the files under their names, instead of the publisher's")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (a log line per 10%% still)")
+    p.set_defaults(func=_cmd_download)
+
     p = sub.add_parser("convert", help="turn a verified local copy of a registry dataset into event stores")
     p.add_argument("--dataset", required=True, help="registry name")
     p.add_argument("--root", required=True, type=Path, help="the dataset's local folder")
@@ -432,11 +453,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _log_lines_unless_terminal()
     from evpretrain.config import ConfigError
+    from evpretrain.data.download import DownloadError
     from evpretrain.events.contract import EventFormatError
 
     try:
         return args.func(args)
-    except (ConfigError, EventFormatError, FileNotFoundError) as err:
+    except (ConfigError, EventFormatError, FileNotFoundError, DownloadError) as err:
         print(f"evpretrain: error: {err}", file=sys.stderr)
         return 2
 
