@@ -223,7 +223,10 @@ def _transfer(url: str, part: Path, size: int | None, other_ways: str, retry: Re
                     have = 0
                 length = response.headers.get("Content-Length")
                 total = have + int(length) if length is not None else size
-                with part.open("ab" if have else "wb") as out, _Progress(part.name, total, have, progress) as bar:
+                with (
+                    part.open("ab" if have else "wb") as out,
+                    _Progress(part.name.removesuffix(".part"), total, have, progress) as bar,
+                ):
                     while block := response.read(1 << 20):
                         out.write(block)
                         bar.update(len(block))
