@@ -137,15 +137,19 @@ def download_dataset(
     """
     folder = Path(folder)
     if not entry.files:
-        raise DownloadError(
-            f"{entry.name} has no direct download (the publisher asks for a form or a request, or publishes no "
-            f"checksum). Obtain it yourself: {entry.other_ways} Put the copy in {folder.resolve()} (that folder is "
-            f"--root; `evpretrain data verify --dataset {entry.name} --root {folder}` says what it lacks), or set "
-            f"data.roots.{entry.name} to where your copy is."
-        )
+        raise DownloadError(manual_steps(entry, folder) + f" Or set data.roots.{entry.name} to where your copy is.")
     download_files(entry.name, entry.files, folder, other_ways=entry.other_ways, mirror=mirror, retry=retry,
                    progress=progress)  # fmt: skip
     return folder / entry.download_root
+
+
+def manual_steps(entry: DatasetEntry, folder: str | Path) -> str:
+    """What to do for a dataset without public files: the registry's steps and the folder to put the copy in."""
+    return (
+        f"{entry.name} has no direct download (the publisher asks for a form or a request, or publishes no "
+        f"checksum). Obtain it yourself: {entry.other_ways} Put the copy in {Path(folder).resolve()} (that folder is "
+        f"--root; `evpretrain data verify --dataset {entry.name} --root {folder}` says what it lacks)."
+    )
 
 
 def download_weights(name: str, folder: str | Path, **kwargs) -> Path:

@@ -78,10 +78,17 @@ class DatasetEntry:
         return self.obtain + (f" The paper's authors' organised copy: {self.authors_copy}" if self.authors_copy else "")
 
 
-def load_registry(path: str | Path | None = None) -> dict[str, DatasetEntry]:
-    """Read and validate the registry (the packaged registry.yaml by default), keyed by dataset name."""
+def load_registry(path: str | Path | None = None, *, extra: str | Path | None = None) -> dict[str, DatasetEntry]:
+    """Read and validate the registry (the packaged registry.yaml by default), keyed by dataset name; the entries of
+    ``extra`` (a file of the same form, config ``data.registry``) add datasets or replace whole entries."""
     text = Path(path).read_text() if path else resources.files("evpretrain.data").joinpath("registry.yaml").read_text()
-    raw = yaml.safe_load(text)
+    entries = _parse_registry(yaml.safe_load(text))
+    if extra:
+        entries |= _parse_registry(yaml.safe_load(Path(extra).read_text()) or {})
+    return entries
+
+
+def _parse_registry(raw: Mapping[str, Any]) -> dict[str, DatasetEntry]:
     entries = {}
     for name, values in raw.items():
         values = dict(values)
