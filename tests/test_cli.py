@@ -31,7 +31,7 @@ def test_every_commands_help_formats():
                     yield from parsers(sub)
 
     helps = [parser.format_help() for parser in parsers(build_parser())]  # a stray % in a help text raises here
-    assert len(helps) == 20 and "outlier %" in "".join(helps)
+    assert len(helps) == 21 and "outlier %" in "".join(helps)
 
 
 def test_info_describes_a_store(tmp_path, capsys):
@@ -125,3 +125,12 @@ def test_a_missing_section_or_format_name_exits_2_naming_it(tmp_path, capsys):
     recording.write_bytes(bytes(5))
     assert main(["data", "info", str(recording), "--format", "evt4"]) == 2
     assert "unknown format 'evt4'; supported: bin, dat," in capsys.readouterr().err
+
+
+def test_download_of_a_dataset_behind_a_form_exits_2_with_its_steps_and_folder(tmp_path, capsys):
+    assert main(["data", "download", "--dataset", "n-imagenet", "--root", str(tmp_path / "n")]) == 2
+    err = capsys.readouterr().err
+    assert "n-imagenet has no direct download" in err and "https://github.com/82magnolia/n_imagenet" in err
+    assert str((tmp_path / "n").resolve()) in err
+    with pytest.raises(SystemExit):  # one of --dataset and --weights
+        main(["data", "download", "--dataset", "n-mnist", "--weights", "clip_vit_b16", "--root", str(tmp_path)])

@@ -47,6 +47,48 @@ def test_a_broken_registry_names_the_entry_and_key(tmp_path):
         get_dataset("nope")
 
 
+BASE = (
+    "mine:\n  title: t\n  task: classification\n  format: bin\n  sensor_size: [1, 1]\n  obtain: o\n"
+    "  layout: {kind: class_folders}\n  expect: []\n"
+)
+
+
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        (
+            "[{url: 'https://h/a.zip', name: a.zip}]",
+            r"registry\.mine\.files\[0\]: a\.zip: give exactly one published checksum",
+        ),
+        ("[{url: 'https://h/a.zip', name: a.zip, md5: abc}]", r"md5 must be 32 lower-case hex digits"),
+        ("[{url: 'ftp://h/a.zip', name: a.zip, md5: " + "a" * 32 + "}]", r"url must be an http\(s\) address"),
+        ("[{url: 'https://h/a.zip', name: ../a.zip, md5: " + "a" * 32 + "}]", r"name must be a plain file name"),
+        (
+            "[{url: 'https://h/a.zip', name: a.zip, md5: " + "a" * 32 + ", extract: {into: ../up, format: zip}}]",
+            r"files\[0\]\.extract: extract\.into must be a folder inside the download folder",
+        ),
+        (
+            "[{url: 'https://h/a', name: a, sha256: " + "a" * 64 + ", extract: {format: rar}}]",
+            r"expected one of \['zip', 'tar', 'none'\]",
+        ),
+    ],
+)
+def test_a_broken_download_entry_names_the_key(tmp_path, files, message):
+    path = tmp_path / "registry.yaml"
+    path.write_text(BASE + f"  files: {files}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_registry(path)
+
+
+def test_the_downloadable_entries_name_their_files_and_root():
+    registry = load_registry()
+    assert {name for name, entry in registry.items() if entry.files} == {"n-caltech101", "n-mnist", "cifar10-dvs"}
+    assert [f.name for f in registry["n-mnist"].files] == ["train.zip", "test.zip"]
+    assert registry["n-caltech101"].files[0].md5 == "66201824eabb0239c7ab992480b50ba3"
+    assert registry["n-caltech101"].download_root == "Caltech101"
+    assert not registry["n-cars"].files and not registry["n-imagenet"].files  # behind a form or a request
+
+
 def _n_caltech_like(root, per_class):
     """An N-Caltech101-shaped folder: class folders of ATIS .bin files (and the background class to drop)."""
     rng = np.random.default_rng(0)

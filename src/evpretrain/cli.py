@@ -72,18 +72,32 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from evpretrain.data.registry import get_dataset, verify_dataset
+    from evpretrain.data.registry import get_dataset, load_registry, verify_dataset
 
-    report = verify_dataset(get_dataset(args.dataset), args.root, checksums=args.checksums)
+    entry = get_dataset(args.dataset, load_registry(extra=args.registry))
+    report = verify_dataset(entry, args.root, checksums=args.checksums)
     print(report.format())
     return 0 if report.ok else 1
 
 
+def _cmd_download(args: argparse.Namespace) -> int:
+    from evpretrain.data.download import download_dataset, download_weights
+    from evpretrain.data.registry import get_dataset, load_registry
+
+    progress = False if args.quiet else None  # None: a bar on a terminal, log lines in a log file
+    if args.weights:
+        print(download_weights(args.weights, args.root, mirror=args.mirror, progress=progress))
+    else:
+        entry = get_dataset(args.dataset, load_registry(extra=args.registry))
+        print(download_dataset(entry, args.root, mirror=args.mirror, progress=progress))
+    return 0
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from evpretrain.config import load_yaml, optional_section
-    from evpretrain.data.registry import convert_dataset, get_dataset
+    from evpretrain.data.registry import convert_dataset, get_dataset, load_registry
 
-    entry = get_dataset(args.dataset)
+    entry = get_dataset(args.dataset, load_registry(extra=args.registry))
     settings = None  # no config, or no data.convert.<dataset> in it: the converter's defaults
     if args.config is not None:
         settings = optional_section(load_yaml(args.config), f"data.convert.{args.dataset}")
@@ -234,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+REGISTRY_HELP = "registry entries of your own (YAML, as registry.yaml) that add or replace datasets"
+
+
 def _add_data_commands(commands: argparse._SubParsersAction) -> None:
     """``evpretrain data ...``: build, inspect, verify and convert stores."""
     data = commands.add_parser("data", help="build, inspect, verify and convert event datasets")
@@ -271,13 +288,25 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", required=True, help="registry name (see `evpretrain data datasets`)")
     p.add_argument("--root", required=True, type=Path, help="the dataset's local folder")
     p.add_argument("--checksums", action="store_true", help="also hash the files that have a known checksum")
+    p.add_argument("--registry", type=Path, help=REGISTRY_HELP)
     p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("download", help="fetch a registry dataset (or teacher weights): resumable, verified, unpacked")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--dataset", help="registry name; prints the copy's root (the --root of verify and convert)")
+    what.add_argument("--weights", choices=["clip_vit_b16"], help="teacher weights; prints the file's path")
+    p.add_argument("--root", required=True, type=Path, help="download folder; .evpretrain-download.json when complete")
+    p.add_argument("--mirror", help="base URL serving the files under their names, instead of the publisher's")
+    p.add_argument("--registry", type=Path, help=REGISTRY_HELP)
+    p.add_argument("--quiet", action="store_true", help="no progress bar (a log line per 10%% still)")
+    p.set_defaults(func=_cmd_download)
 
     p = sub.add_parser("convert", help="turn a verified local copy of a registry dataset into event stores")
     p.add_argument("--dataset", required=True, help="registry name")
     p.add_argument("--root", required=True, type=Path, help="the dataset's local folder")
     p.add_argument("--out", required=True, type=Path, help="output folder: one store per split")
     p.add_argument("--config", type=Path, help="study config whose data.convert.<dataset> section sets the windows")
+    p.add_argument("--registry", type=Path, help=REGISTRY_HELP)
     p.add_argument("--workers", type=int, help="processes (default: the cores this process may use)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert)
@@ -435,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _log_lines_unless_terminal()
     from evpretrain.config import ConfigError
+    from evpretrain.data.download import DownloadError
     from evpretrain.errors import CheckpointError, ResumeError
     from evpretrain.events.contract import EventFormatError
     from evpretrain.files import FolderLockedError
@@ -444,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     except (
         ConfigError,
         EventFormatError,
+        DownloadError,
         CheckpointError,
         ResumeError,
         FolderLockedError,

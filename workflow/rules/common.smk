@@ -6,7 +6,10 @@ import subprocess
 from pathlib import Path
 
 import yaml
+from snakemake.exceptions import WorkflowError
 
+from evpretrain.data.download import MARKER, manual_steps
+from evpretrain.data.registry import load_registry
 from evpretrain.pipeline.plan import content_key, plan_study
 from evpretrain.pipeline.tracking import study_record
 from evpretrain.pipeline.validate import validate_plan
@@ -91,6 +94,43 @@ def required_path(dotted):
     """The local path that config key ``dotted`` gives; a placeholder that names the missing key lets `-n` plan."""
     path = lookup(dpath=dotted.replace(".", "/"), within=config, default=None)
     return path or f"MISSING-{dotted}"
+
+
+# data.registry: entries of the user's own, over the packaged registry (`--registry` of the data commands)
+REGISTRY_FILE = lookup(dpath="data/registry", within=config, default=None)
+REGISTRY = load_registry(extra=REGISTRY_FILE)
+REGISTRY_OPTION = ["--registry", REGISTRY_FILE] if REGISTRY_FILE else []
+# One sub-folder a downloaded dataset (`evpretrain data download`), where the study gives no data.roots entry.
+DOWNLOADS = Path(lookup(dpath="data/downloads", within=config, default=None) or RESULTS / "downloads")
+
+
+def user_root(dataset):
+    """data.roots.<dataset>: the user's own copy, which is used as it is (nothing is fetched)."""
+    return lookup(dpath=f"data/roots/{dataset}", within=config, default=None)
+
+
+def download_marker(dataset):
+    """The file `evpretrain data download` writes last into a dataset's download folder: the download rule's output."""
+    return DOWNLOADS / dataset / MARKER
+
+
+def dataset_root(dataset):
+    """The copy that `convert` reads: data.roots.<dataset>, else the root inside its download folder. A dataset
+    without a public download and without a root stops the plan with the registry's steps and the folder to use."""
+    if user_root(dataset):
+        return user_root(dataset)
+    entry = REGISTRY[dataset]
+    if not entry.files:
+        raise WorkflowError(
+            f"data.roots.{dataset} is not set and {manual_steps(entry, DOWNLOADS / dataset)} "
+            f"Then set data.roots.{dataset} to that folder."
+        )
+    return DOWNLOADS / dataset / entry.download_root
+
+
+def datasets_to_download():
+    """The datasets the study reads that have public files and no data.roots entry."""
+    return [name for name in datasets_to_convert() if not user_root(name) and REGISTRY[name].files]
 
 
 def stage_inputs(wildcards):

@@ -25,6 +25,31 @@ rule build_demo:
         "evpretrain data build-demo --config {input.config} --out {params.out} --workers {threads} --quiet > {log} 2>&1"
 
 
+for _dataset in datasets_to_download():
+
+    rule:
+        """A registry dataset's public files, fetched where the network is (never a cluster job)."""
+        name:
+            f"download_{_dataset.replace('-', '_')}"
+        output:
+            download_marker(_dataset),
+        log:
+            RESULTS / f"logs/download_{_dataset}.log",
+        localrule: True
+        params:
+            dataset=_dataset,
+            folder=DOWNLOADS / _dataset,
+            registry=REGISTRY_OPTION,
+            mirror=(
+                ["--mirror", lookup(dpath=f"data/mirrors/{_dataset}", within=config)]
+                if lookup(dpath=f"data/mirrors/{_dataset}", within=config, default=None)
+                else []
+            ),
+        shell:
+            "evpretrain data download --dataset {params.dataset:q} --root {params.folder:q} {params.mirror:q}"
+            " {params.registry:q} --quiet > {log:q} 2>&1"
+
+
 for _dataset, _splits in datasets_to_convert().items():
 
     rule:
@@ -32,7 +57,13 @@ for _dataset, _splits in datasets_to_convert().items():
             f"convert_{_dataset.replace('-', '_')}"
         input:
             # the window settings, when the study gives some: a change re-converts
-            [RESULTS / "config/data.convert.yaml"] if lookup(dpath="data/convert", within=config, default=None) else [],
+            config=(
+                [RESULTS / "config/data.convert.yaml"]
+                if lookup(dpath="data/convert", within=config, default=None)
+                else []
+            ),
+            # the download, unless the study gives its own copy (data.roots.<dataset>)
+            download=[] if user_root(_dataset) else [download_marker(_dataset)],
         output:
             [store(_dataset, split) for split in _splits],
         log:
@@ -40,13 +71,14 @@ for _dataset, _splits in datasets_to_convert().items():
         threads: ALL_CORES
         params:
             dataset=_dataset,
-            root=required_path(f"data.roots.{_dataset}"),
+            root=dataset_root(_dataset),
+            registry=REGISTRY_OPTION,
             out=RESULTS / f"data/{_dataset}",
-            config=lambda wildcards, input: f"--config {input[0]}" if len(input) else "",
+            config=lambda wildcards, input: ["--config", *input.config] if input.config else [],
         shell:
-            "evpretrain data verify --dataset {params.dataset} --root {params.root} > {log} 2>&1 && "
-            "evpretrain data convert --dataset {params.dataset} --root {params.root} --out {params.out}"
-            " {params.config} --workers {threads} --quiet >> {log} 2>&1"
+            "evpretrain data verify --dataset {params.dataset:q} --root {params.root:q} {params.registry:q}"
+            " > {log:q} 2>&1 && evpretrain data convert --dataset {params.dataset:q} --root {params.root:q}"
+            " --out {params.out:q} {params.config:q} {params.registry:q} --workers {threads} --quiet >> {log:q} 2>&1"
 
 
 rule build_ef:

@@ -14,6 +14,7 @@ import numpy as np
 import yaml
 
 from evpretrain.config import ConfigError, from_mapping
+from evpretrain.data.download import RemoteFile
 from evpretrain.data.store import EventStoreWriter
 from evpretrain.workers import worker_pool
 
@@ -59,12 +60,35 @@ class DatasetEntry:
     # Where the paper's authors share their organised copy (their README's "Datasets" table): laid out for their
     # loaders, which `expect` does not check.
     authors_copy: str = ""
+    # The files `evpretrain data download` fetches (none where the publisher asks for a form or a request), and the
+    # copy's root inside the download folder (what `verify` and `convert` take as --root).
+    files: list[RemoteFile] = field(default_factory=list)
+    download_root: str = "."
+
+    def __post_init__(self):
+        if Path(self.download_root).is_absolute() or ".." in Path(self.download_root).parts:
+            raise ValueError(f"download_root must be a folder inside the download folder, got {self.download_root!r}")
+        names = [f.name for f in self.files]
+        if len(set(names)) != len(names):
+            raise ValueError(f"files: two files share a name in {names}")
+
+    @property
+    def other_ways(self) -> str:
+        """How to obtain the data without `download`: the publisher's steps and the authors' copy."""
+        return self.obtain + (f" The paper's authors' organised copy: {self.authors_copy}" if self.authors_copy else "")
 
 
-def load_registry(path: str | Path | None = None) -> dict[str, DatasetEntry]:
-    """Read and validate the registry (the packaged registry.yaml by default), keyed by dataset name."""
+def load_registry(path: str | Path | None = None, *, extra: str | Path | None = None) -> dict[str, DatasetEntry]:
+    """Read and validate the registry (the packaged registry.yaml by default), keyed by dataset name; the entries of
+    ``extra`` (a file of the same form, config ``data.registry``) add datasets or replace whole entries."""
     text = Path(path).read_text() if path else resources.files("evpretrain.data").joinpath("registry.yaml").read_text()
-    raw = yaml.safe_load(text)
+    entries = _parse_registry(yaml.safe_load(text))
+    if extra:
+        entries |= _parse_registry(yaml.safe_load(Path(extra).read_text()) or {})
+    return entries
+
+
+def _parse_registry(raw: Mapping[str, Any]) -> dict[str, DatasetEntry]:
     entries = {}
     for name, values in raw.items():
         values = dict(values)
@@ -111,10 +135,7 @@ class VerifyReport:
 def verify_dataset(entry: DatasetEntry, root: str | Path, *, checksums: bool = False) -> VerifyReport:
     """Check a local copy against the registry's expectations; never raises for a missing or partial copy."""
     root = Path(root)
-    obtain = entry.obtain + (
-        f" The paper's authors' organised copy: {entry.authors_copy}" if entry.authors_copy else ""
-    )
-    report = VerifyReport(entry.name, root, obtain=obtain)
+    report = VerifyReport(entry.name, root, obtain=entry.other_ways)
     if not root.is_dir():
         report.problems.append(f"{root} does not exist or is not a folder")
         return report
