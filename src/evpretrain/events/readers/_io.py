@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import tokenize
 import zipfile
 import zlib
 from pathlib import Path
@@ -39,6 +40,8 @@ _NPZ_ERRORS = (
     RuntimeError,
 )
 _H5_ERRORS = (KeyError, OSError, ValueError, RuntimeError, TypeError)
+# numpy parses a .npy header's dict with the tokenizer and ast: corrupt bytes there raise these as well.
+_NPY_HEADER_ERRORS = (ValueError, EOFError, OSError, SyntaxError, tokenize.TokenError, zlib.error, zipfile.BadZipFile)
 # Deflate (zip, HDF5 gzip) cannot expand data more than 1032-fold; event columns (DSEC's Blosc-compressed ones
 # included) compress far less. A claim beyond this ratio of the stored bytes is a corrupt or hostile size.
 MAX_COMPRESSION_RATIO = 1100
@@ -105,8 +108,10 @@ def _npy_header(file, source, where: str, *, offset: int = 0) -> tuple[tuple[int
         version = np.lib.format.read_magic(file)
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, _, dtype = read_header(file)
-    except (ValueError, EOFError, OSError) as error:
-        raise EventFormatError(source, f"{where} is not a readable .npy array ({error})", offset=offset) from error
+    except _NPY_HEADER_ERRORS as error:
+        raise EventFormatError(
+            source, f"{where} is not a readable .npy array ({type(error).__name__}: {error})", offset=offset
+        ) from error
     return shape, dtype, file.tell()
 
 
