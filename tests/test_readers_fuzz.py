@@ -11,10 +11,12 @@ anything else, a crash of the child, or a case over its time bound fails the tes
 import io
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
 import sys
+import tracemalloc
 import zipfile
 from pathlib import Path
 
@@ -22,12 +24,17 @@ import h5py
 import numpy as np
 import pytest
 from event_testing import REAL
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_readers_aedat_legacy import dvs128_address, encode_aedat2, encode_aedat3
 from test_readers_binary import encode_bin, encode_dat
 from test_readers_ddd17 import write_sequence
 from test_readers_faery import write_with_faery
 from test_readers_hdf5 import write_dsec, write_mvsec
 from test_readers_npz import es_imagenet_npz, n_imagenet_npz
+
+from evpretrain.events.contract import EventFormatError
+from evpretrain.events.readers._io import load_npy, load_npz
 
 MEMORY_BOUND = 256 << 20  # bytes of address space a read may add to the child's
 CASE_TIME_BOUND_S = 10.0  # generous: an AEDAT4 read starts a child process to open its header (about 1 s)
@@ -285,8 +292,6 @@ def _failures(cases: list[dict], results: dict[int, dict]) -> list[str]:
 
 
 def _matches(pattern: str, message: str) -> bool:
-    import re
-
     return re.search(pattern, message) is not None
 
 
@@ -328,3 +333,45 @@ def test_fuzz_corpus_gives_events_or_format_errors_within_memory_and_time(tmp_pa
 @pytest.mark.slow
 def test_fuzz_corpus_large(tmp_path):
     _check_corpus(tmp_path, per_seed=150, aedat4_per_seed=40)
+
+
+# --- claimed sizes, one by one ----------------------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.lists(st.integers(0, 10**7), min_size=1, max_size=3).map(tuple),
+    stored=st.integers(0, 4000),
+    method=st.sampled_from([None, zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED]),
+)
+def test_claimed_npy_shapes_are_read_only_when_the_bytes_hold_them(tmp_path_factory, shape, stored, method):
+    """A .npy header (alone, or an npz member stored or deflated) claiming ``shape`` of int64 over ``stored`` bytes:
+    read exactly when the bytes hold it, refused naming the claim otherwise, and never allocating the claim."""
+    claimed = int(np.prod(shape)) * 8
+    blob = _npy_header(shape, "<i8") + bytes(stored)
+    path = tmp_path_factory.mktemp("claim") / ("a.npy" if method is None else "a.npz")
+    if method is None:
+        path.write_bytes(blob)
+    else:
+        with zipfile.ZipFile(path, "w", method) as archive:
+            archive.writestr("event_data.npy", blob)
+    tracemalloc.start()
+    try:
+        if claimed <= stored:
+            array = load_npy(path) if method is None else load_npz(path)["event_data"]
+            assert array.shape == shape and not array.any()
+        else:
+            with pytest.raises(EventFormatError, match=rf"claims shape \({shape[0]},.* \({claimed} bytes\), but only"):
+                load_npy(path) if method is None else load_npz(path)
+        assert tracemalloc.get_traced_memory()[1] < 2 * stored + (1 << 20)
+    finally:
+        tracemalloc.stop()
+
+
+def test_data_info_refuses_a_file_claiming_10_to_the_12_events(tmp_path, capsys):
+    from evpretrain.cli import main
+
+    cases = {name: (path, expect) for name, _, path, expect in _hostile(tmp_path / "hostile")}
+    path, expect = cases["dsec 10^12 events"]
+    assert main(["data", "info", str(path)]) == 2
+    assert re.search(r"evpretrain: error: .*dsec_huge\.h5: HDF5 dataset " + expect, capsys.readouterr().err)

@@ -74,12 +74,12 @@ class PropheseeHeader:
             )
         width, height = self.get("width"), self.get("height")
         if width is not None or height is not None:
-            key = "width" if not (width or "").isdigit() else "height"
             if not (width or "").isdigit() or not (height or "").isdigit():
+                bad = "width" if not (width or "").isdigit() and width is not None else "height"
                 raise EventFormatError(
                     source,
                     f"header gives Width {width!r} and Height {height!r}, expected integers",
-                    offset=self.offset(key),
+                    offset=self.offset(bad) if self.offset(bad) is not None else self.offset("width") or 0,
                 )
             return self._checked(int(height), int(width), source, width_key="width", height_key="height")
         return LEGACY_PLUGIN_GEOMETRY.get(self.get("plugin_name") or "")
