@@ -375,3 +375,11 @@ def test_data_info_refuses_a_file_claiming_10_to_the_12_events(tmp_path, capsys)
     path, expect = cases["dsec 10^12 events"]
     assert main(["data", "info", str(path)]) == 2
     assert re.search(r"evpretrain: error: .*dsec_huge\.h5: HDF5 dataset " + expect, capsys.readouterr().err)
+
+
+def test_a_npy_header_length_of_4_gb_is_refused_before_reading_it(tmp_path):
+    """Version 2.0 headers give their length as uint32; numpy reads that many bytes before checking them."""
+    path = tmp_path / "index.npy"
+    path.write_bytes(b"\x93NUMPY\x02\x00" + struct.pack("<I", 0xFFFFFFF0) + b"{}")
+    with pytest.raises(EventFormatError, match=r"index\.npy: at byte offset 0: .* a 4294967280-byte header, expected"):
+        load_npy(path)

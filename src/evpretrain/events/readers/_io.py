@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 import tokenize
 import zipfile
 import zlib
@@ -41,7 +42,17 @@ _NPZ_ERRORS = (
 )
 _H5_ERRORS = (KeyError, OSError, ValueError, RuntimeError, TypeError)
 # numpy parses a .npy header's dict with the tokenizer and ast: corrupt bytes there raise these as well.
-_NPY_HEADER_ERRORS = (ValueError, EOFError, OSError, SyntaxError, tokenize.TokenError, zlib.error, zipfile.BadZipFile)
+MAX_NPY_HEADER_BYTES = 10_000  # numpy's own limit (np.load's max_header_size)
+_NPY_HEADER_ERRORS = (
+    struct.error,
+    ValueError,
+    EOFError,
+    OSError,
+    SyntaxError,
+    tokenize.TokenError,
+    zlib.error,
+    zipfile.BadZipFile,
+)
 # Deflate (zip, HDF5 gzip) cannot expand data more than 1032-fold; event columns (DSEC's Blosc-compressed ones
 # included) compress far less. A claim beyond this ratio of the stored bytes is a corrupt or hostile size.
 MAX_COMPRESSION_RATIO = 1100
@@ -106,8 +117,19 @@ def _npy_header(file, source, where: str, *, offset: int = 0) -> tuple[tuple[int
     """(shape, dtype, header length in bytes) of the ``.npy`` data at the start of ``file`` (``offset`` in the file)."""
     try:
         version = np.lib.format.read_magic(file)
+        # numpy reads the header's claimed length (a uint32 from version 2 on) before it checks it: check it first.
+        length_format = "<H" if version == (1, 0) else "<I"
+        start = file.tell()
+        (length,) = struct.unpack(length_format, file.read(struct.calcsize(length_format)))
+        if length > MAX_NPY_HEADER_BYTES:
+            raise EventFormatError(
+                source, f"{where} has a {length}-byte header, expected at most {MAX_NPY_HEADER_BYTES}", offset=offset
+            )
+        file.seek(start)
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, _, dtype = read_header(file)
+    except EventFormatError:
+        raise
     except _NPY_HEADER_ERRORS as error:
         raise EventFormatError(
             source, f"{where} is not a readable .npy array ({type(error).__name__}: {error})", offset=offset
