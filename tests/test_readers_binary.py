@@ -111,7 +111,15 @@ def test_dat_unwraps_32_bit_timestamps_and_adds_t0(tmp_path):
         (b"% Version 2\n\x0e\x08" + bytes(8), r"at byte offset 12: event type 0x0E is not a CD event type"),
         (b"% Version 2\n\x0c\x10" + bytes(16), r"at byte offset 13: event size 16 bytes, expected 8"),
         (b"% Version 2\n\x0c", r"at byte offset 12: file ends before the event type and size bytes"),
-        (b"% Version 3\n\x0c\x08", r"DAT version '3' is not supported"),
+        (b"% Version 3\n\x0c\x08", r"at byte offset 0: DAT version '3' is not supported"),
+        (b"% Date x\n% T0 1.5\n\x0c\x08", r"at byte offset 9: header 'T0 1\.5' is not a whole number"),
+        # Geometry is bounded (x and y are uint16): a corrupt header must not claim a 10^20-pixel-wide sensor.
+        (b"% Height 10\n% Width " + b"1" * 21 + b"\n\x0c\x08", r"at byte offset 12: header 'width' gives a 1{21}x10 "),
+        (b"% geometry 0x480\n\x0c\x08", r"at byte offset 0: header 'geometry' gives a 0x480 sensor, expected width"),
+        (
+            b"% Width 640\n% Height 65537\n\x0c\x08",
+            r"at byte offset 12: header 'height' gives a 640x65537 .* in 1\.\.65536",
+        ),
         (bytes(16), r"at byte offset 0: expected a '%' text header"),
         (b"% Width 640", r"at byte offset 0: header line starting with '%' is not terminated"),
         (encode_dat([1], [700], [0], [1]), r"at byte offset 39: event 0 has x=700, y=0, outside the 640x480 sensor"),

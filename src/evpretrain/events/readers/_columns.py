@@ -22,11 +22,20 @@ def first_index(mask: np.ndarray) -> int | None:
     return int(hits[0]) if hits.size else None
 
 
-def signed_polarity(p: np.ndarray, *, source: Source, first_event: int = 0) -> np.ndarray:
+def event_offset(offsets: tuple[int, int] | None, event: int) -> int | None:
+    """Byte offset of a field of file-wide event ``event``, given ``offsets = (field offset in event 0, event size)``
+    for a file of fixed-size records; None for files whose events have no fixed position (compressed, columnar)."""
+    return None if offsets is None else offsets[0] + offsets[1] * event
+
+
+def signed_polarity(
+    p: np.ndarray, *, source: Source, first_event: int = 0, offsets: tuple[int, int] | None = None
+) -> np.ndarray:
     """Map polarity in {0, 1}, {False, True} or {-1, +1} to int8 {-1, +1}; raise naming the first bad event.
 
     Unlike ``contract.polarity_to_signed`` it needs no ``np.unique`` (a sort), which matters at tens of millions
-    of events. ``first_event``: the file-wide number of ``p[0]``, for error messages about a block.
+    of events. ``first_event``: the file-wide number of ``p[0]``, for error messages about a block; ``offsets``:
+    see ``event_offset``, for the error's byte offset.
     """
     p = np.asarray(p)
     if p.dtype == np.bool_:
@@ -37,7 +46,11 @@ def signed_polarity(p: np.ndarray, *, source: Source, first_event: int = 0) -> n
         # Float columns (MVSEC, some npz files) must still hold exact integers.
         i = first_index(~(np.isfinite(p) & (p == np.round(p))))
         if i is not None:
-            raise EventFormatError(source, f"event {first_event + i} has polarity {p[i]}, expected -1/+1 or 0/1")
+            raise EventFormatError(
+                source,
+                f"event {first_event + i} has polarity {p[i]}, expected -1/+1 or 0/1",
+                offset=event_offset(offsets, first_event + i),
+            )
     if p.min() >= 0:  # the {0, 1} encoding
         i = first_index(p > 1)
         if i is None:
@@ -47,12 +60,23 @@ def signed_polarity(p: np.ndarray, *, source: Source, first_event: int = 0) -> n
         if i is None:
             return p.astype(np.int8)
     raise EventFormatError(
-        source, f"event {first_event + i} has polarity {p[i]}, expected values in {{0, 1}} or {{-1, +1}}"
+        source,
+        f"event {first_event + i} has polarity {p[i]}, expected values in {{0, 1}} or {{-1, +1}}",
+        offset=event_offset(offsets, first_event + i),
     )
 
 
-def check_coordinate(values: np.ndarray, name: str, limit: int, *, source: Source, first_event: int = 0) -> None:
-    """Raise unless every value is an integer in [0, limit); names the first offending event (see ``first_event``)."""
+def check_coordinate(
+    values: np.ndarray,
+    name: str,
+    limit: int,
+    *,
+    source: Source,
+    first_event: int = 0,
+    offsets: tuple[int, int] | None = None,
+) -> None:
+    """Raise unless every value is an integer in [0, limit); names the first offending event (see
+    ``signed_polarity`` for ``first_event`` and ``offsets``)."""
     values = np.asarray(values)
     if values.size == 0:
         return
@@ -61,12 +85,16 @@ def check_coordinate(values: np.ndarray, name: str, limit: int, *, source: Sourc
         i = first_index(~exact)
         if i is not None:
             raise EventFormatError(
-                source, f"event {first_event + i} has {name}={values[i]}, expected an integer pixel coordinate"
+                source,
+                f"event {first_event + i} has {name}={values[i]}, expected an integer pixel coordinate",
+                offset=event_offset(offsets, first_event + i),
             )
     if values.min() < 0 or values.max() >= limit:
         i = first_index((values < 0) | (values >= limit))
         raise EventFormatError(
-            source, f"event {first_event + i} has {name}={values[i]}, expected 0 <= {name} < {limit}"
+            source,
+            f"event {first_event + i} has {name}={values[i]}, expected 0 <= {name} < {limit}",
+            offset=event_offset(offsets, first_event + i),
         )
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from evpretrain.events.contract import EVENT_DTYPE, EventFormatError, Recording
-from evpretrain.events.readers._columns import first_index, pack_events, signed_polarity
-from evpretrain.events.readers._io import file_size
+from evpretrain.events.readers._columns import check_coordinate, first_index, pack_events, signed_polarity
+from evpretrain.events.readers._io import file_size, load_npy
 
 SENSOR_SIZE = (260, 346)
 T_FILE = "events.dat.t"
@@ -84,11 +84,7 @@ class Ddd17Events:
     def image_index(self, window_ms: int = 50) -> np.ndarray:
         """``index/index_{window_ms}ms.npy``: (N_images, 3) int64 rows ``(t_ns, event_index, event_index_before)``."""
         path = self.directory / "index" / f"index_{window_ms}ms.npy"
-        with open(path, "rb") as file:
-            try:
-                index = np.load(file, allow_pickle=False)
-            except (ValueError, OSError, EOFError) as error:
-                raise EventFormatError(path, f"not a readable .npy array ({error})") from error
+        index = load_npy(path)
         if index.ndim != 2 or index.shape[1] != 3 or not np.issubdtype(index.dtype, np.number):
             raise EventFormatError(path, f"has shape {index.shape} and dtype {index.dtype}, expected (N, 3) numbers")
         return index.astype(np.int64)
@@ -106,7 +102,12 @@ class Ddd17Events:
                 f"timestamps not sorted: event {first + i + 1} comes before event {first + i}",
                 offset=8 * (first + i + 1),
             )
-        polarity = signed_polarity(xyp[:, 2], source=self.directory / XYP_FILE)
+        # Checked here, not only in pack_events, so that errors give the row's byte offset in the .xyp file.
+        xyp_path = self.directory / XYP_FILE
+        height, width = SENSOR_SIZE
+        check_coordinate(xyp[:, 0], "x", width, source=xyp_path, first_event=first, offsets=(0, 6))
+        check_coordinate(xyp[:, 1], "y", height, source=xyp_path, first_event=first, offsets=(2, 6))
+        polarity = signed_polarity(xyp[:, 2], source=xyp_path, first_event=first, offsets=(4, 6))
         t = t_ns // NS_PER_US
         return pack_events(t, xyp[:, 0], xyp[:, 1], polarity, source=self.directory, sensor_size=SENSOR_SIZE)
 

@@ -85,7 +85,11 @@ def read_recording(
         raise ConfigError(f"{path}: unknown format {name!r}; supported: {', '.join(FORMATS)}")
     if time_origin not in ("file", "first_event"):
         raise ValueError(f"time_origin must be 'file' or 'first_event', got {time_origin!r}")
-    recording = FORMATS[name].reader(path, **options)
+    try:
+        recording = FORMATS[name].reader(path, **options)
+    except MemoryError as error:
+        # The readers check claimed sizes against the file's bytes; this is the last line for what slips past them.
+        raise EventFormatError(path, f"reading it as {name} needs more memory than is free ({error})") from error
     if time_origin == "first_event" and recording.events.size:
         shift = int(recording.events["t"][0])
         recording.events["t"] -= shift

@@ -5,15 +5,25 @@ contract and its errors into ``EventFormatError``.
 
 - RAW: ``sensor_size`` from the ``%`` header (``prophesee_header``), including the legacy plugins whose headers
   have no geometry (e.g. Gen3 EVT 2.0, 640x480); None when nothing tells. Header fields go to ``metadata``.
+  A file without a header naming its encoding (``% evt 3.0`` or ``% format EVT3``, which every RAW file written by
+  Prophesee's software carries) is refused: faery would decode any bytes as events. DAT needs a header too.
 - Event Stream: faery flips y so that row 0 is the top, as in every other format here.
 - AEDAT4: faery 0.7.1 can abort the interpreter (a Rust panic inside a destructor) on some corrupt AEDAT4 headers,
   e.g. a byte that is not UTF-8 in its XML description. The header is therefore opened first in a child process
-  (0.3 to 1.5 s, mostly importing faery there); only a header that opens cleanly is decoded here.
+  (0.3 to 1.5 s, mostly importing faery there); only a header that opens cleanly is decoded here. Before that, the
+  sizes that the file claims (the header's length, every packet's length) are checked against its bytes: faery
+  allocates a claimed size before reading it, so one flipped bit could make a 4 KB file cost 1.5 GB.
+
+AEDAT4 layout (iniVation; faery's ``aedat/decoder.rs``): ``#!AER-DAT4.0\r\n``, a uint32 length and that many bytes of
+``IOHeader`` FlatBuffer (compression, ``file_data_position`` int64 or -1, XML description); then packets, each a
+int32 stream id, a uint32 length and that many bytes, up to ``file_data_position`` (a table of contents) or the end.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +32,7 @@ import numpy as np
 
 from evpretrain.events.contract import EventFormatError, Recording
 from evpretrain.events.readers._columns import make_recording
+from evpretrain.events.readers._io import file_size
 from evpretrain.events.readers.prophesee_header import read_prophesee_header
 
 FILE_TYPES = {"aedat4": "aedat", "raw": "evt", "es": "es", "dat": "dat"}  # our name -> faery's
@@ -30,6 +41,8 @@ FILE_TYPES = {"aedat4": "aedat", "raw": "evt", "es": "es", "dat": "dat"}  # our 
 UNBOUNDED_DIMENSIONS = (1 << 14, 1 << 14)
 HEADER_PROBE_TIMEOUT_S = 120
 _HEADER_PROBE = "import sys, faery; faery.events_stream_from_file(sys.argv[1], file_type=sys.argv[2])"
+AEDAT4_MAGIC = b"#!AER-DAT4.0\r\n"
+RAW_ENCODING_KEYS = ("evt", "format")
 
 
 def read_with_faery(path: str | os.PathLike, file_type: str) -> Recording:
@@ -42,9 +55,19 @@ def read_with_faery(path: str | os.PathLike, file_type: str) -> Recording:
     if file_type in ("raw", "dat"):
         with open(path, "rb") as file:
             header = read_prophesee_header(file, source=path)
+        if not header.fields:
+            raise EventFormatError(path, f"expected a '%' text header (a Prophesee {file_type.upper()} file)", offset=0)
+        if file_type == "raw" and not any(header.get(key) for key in RAW_ENCODING_KEYS):
+            raise EventFormatError(
+                path,
+                "the '%' header has no 'evt <version>' or 'format <encoding>' line, which every Prophesee RAW file "
+                "carries",
+                offset=header.size,
+            )
         sensor_size = header.geometry(source=path)
         metadata["header"] = dict(header.fields)
     if file_type == "aedat4":
+        check_aedat4_sizes(path)
         _probe_header_in_child(path, FILE_TYPES[file_type])
     events, dimensions = _decode(path, FILE_TYPES[file_type])
     if file_type in ("aedat4", "es"):
@@ -71,6 +94,60 @@ def read_prophesee_raw(path: str | os.PathLike) -> Recording:
 def read_event_stream(path: str | os.PathLike) -> Recording:
     """Read an Event Stream (``.es``) file of DVS or ATIS events through faery."""
     return read_with_faery(path, "es")
+
+
+def check_aedat4_sizes(path: str | os.PathLike) -> None:
+    """Check the IOHeader length and every packet length of an AEDAT4 file against its bytes (module docstring)."""
+    size = file_size(path)
+    start = len(AEDAT4_MAGIC) + 4
+    if size < start:
+        raise EventFormatError(path, f"file of {size} bytes ends within the AEDAT4 magic and header length", offset=0)
+    with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        if data[: len(AEDAT4_MAGIC)] != AEDAT4_MAGIC:
+            raise EventFormatError(path, f"expected {AEDAT4_MAGIC!r}, found {data[: len(AEDAT4_MAGIC)]!r}", offset=0)
+        (length,) = struct.unpack_from("<I", data, len(AEDAT4_MAGIC))
+        if length > size - start:
+            raise EventFormatError(
+                path, f"IOHeader claims {length} bytes, {size - start} follow", offset=len(AEDAT4_MAGIC)
+            )
+        position = start + length
+        table = _file_data_position(data[start:position], path, start)
+        if table != -1 and not position <= table <= size:
+            raise EventFormatError(
+                path, f"IOHeader puts the file data table at byte {table}, outside the packets ({position}..{size})"
+            )
+        stop = size if table == -1 else table
+        while position < stop:
+            if stop - position < 8:
+                if table == -1:
+                    break  # a partial packet header at the end of an unfinished file: faery stops there too
+                raise EventFormatError(path, "truncated packet header before the file data table", offset=position)
+            stream, length = struct.unpack_from("<iI", data, position)
+            if length > stop - position - 8:
+                raise EventFormatError(
+                    path,
+                    f"packet of stream {stream} claims {length} bytes, {stop - position - 8} are left"
+                    + ("" if table == -1 else " before the file data table"),
+                    offset=position,
+                )
+            position += 8 + length
+
+
+def _file_data_position(header: bytes, source, offset: int) -> int:
+    """``file_data_position`` of the IOHeader FlatBuffer (field 1, int64, default -1); bounds-checked reads."""
+
+    def read(fmt: str, at: int):
+        if not 0 <= at <= len(header) - struct.calcsize(fmt):
+            raise EventFormatError(source, f"IOHeader FlatBuffer points outside its {len(header)} bytes", offset=offset)
+        return struct.unpack_from(fmt, header, at)[0]
+
+    table = read("<I", 0)
+    vtable = table - read("<i", table)
+    entry = 4 + 2 * 1  # vtable: uint16 vtable size, uint16 table size, then one uint16 field offset per field
+    if entry + 2 > read("<H", vtable):
+        return -1
+    field = read("<H", vtable + entry)
+    return -1 if field == 0 else read("<q", table + field)
 
 
 def _decode(path: str | os.PathLike, faery_type: str) -> tuple[np.ndarray, tuple[int, int]]:

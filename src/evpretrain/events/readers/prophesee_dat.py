@@ -58,7 +58,9 @@ def read_prophesee_dat(path: str | os.PathLike) -> Recording:
         )
     version = header.get("Version") or "2"
     if version not in WORD_LAYOUTS:
-        raise EventFormatError(path, f"DAT version {version!r} is not supported (expected 1 or 2)")
+        raise EventFormatError(
+            path, f"DAT version {version!r} is not supported (expected 1 or 2)", offset=header.offset("Version")
+        )
     data_start = header.size + 2
     if body.size % CD_EVENT_BYTES:
         complete = body.size - body.size % CD_EVENT_BYTES
@@ -73,7 +75,9 @@ def read_prophesee_dat(path: str | os.PathLike) -> Recording:
     t, x, y, p = _decode_cd_words(words, version, path, data_start, sensor_size)
     t0 = header.get("T0") or "0"
     if not t0.isdigit():
-        raise EventFormatError(path, f"header 'T0 {t0}' is not a whole number of microseconds")
+        raise EventFormatError(
+            path, f"header 'T0 {t0}' is not a whole number of microseconds", offset=header.offset("T0")
+        )
     metadata = {
         "format": "dat",
         "version": int(version),
