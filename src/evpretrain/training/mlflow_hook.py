@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,21 +100,27 @@ class MlflowHook(Hook):
         self._last_step[prefix] = row["step"]
 
     def on_train_end(self, state: TrainState, metrics: dict[str, Any]) -> None:
-        if self._client is None:
-            return
-        self._guard(lambda: self._log_metrics(metrics, state.step))
-        self._guard(lambda: self._client.log_artifact(self.run_id, str(state.out_dir / METRICS_NAME)))
         if self.finish_at_end:
-            self.finish()
+            self.finish(metrics, state.step, artifacts=[state.out_dir / METRICS_NAME], is_main=state.is_main)
 
-    def finish(self, metrics: Mapping[str, Any] | None = None, step: int = 0, *, is_main: bool = True) -> None:
-        """Log ``metrics``' scalars at ``step`` and end the run FINISHED; on rank 0 (``is_main``) of a job whose
-        training had already finished when it started (a rerun), the run its checkpoint names is reopened."""
-        if self._client is None and is_main and self.run_id is not None and not self._failed:
+    def finish(
+        self,
+        metrics: Mapping[str, Any] | None = None,
+        step: int = 0,
+        *,
+        artifacts: Sequence[Path] = (),
+        is_main: bool = True,
+    ) -> None:
+        """Log ``metrics``' scalars at ``step`` and the ``artifacts``, and end the run FINISHED. On rank 0
+        (``is_main``) of a job whose training had already finished when it started (a rerun after a crash past the
+        last step), the run its checkpoint names is reopened first."""
+        if self._client is None and is_main and self.run_id is not None:
             self._guard(self._start)
         if self._client is None:
             return
         self._guard(lambda: self._log_metrics(metrics or {}, step))
+        for path in artifacts:
+            self._guard(lambda path=path: self._client.log_artifact(self.run_id, str(path)))
         self._guard(lambda: self._client.set_terminated(self.run_id, "FINISHED"))
 
     def on_train_failed(self, state: TrainState, error: BaseException) -> None:
