@@ -154,7 +154,12 @@ def test_a_job_spans_its_wall_time_up_to_its_file_or_its_recorded_times(tmp_path
 def test_a_study_is_mirrored_once_with_parents_shared_stages_settings_and_times(tmp_path):
     write_study(tmp_path / "results")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert track(tmp_path, uri) == {"logged": 2 + 3 + 2, "skipped": 0, "replaced": 0}  # parents, stages, evaluations
+    assert track(tmp_path, uri) == {
+        "logged": 2 + 3 + 2,
+        "skipped": 0,
+        "replaced": 0,
+        "adopted": 0,
+    }  # parents, stages, evaluations
     client = mlflow.MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("demo")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on its runs
@@ -211,9 +216,14 @@ def test_a_study_is_mirrored_once_with_parents_shared_stages_settings_and_times(
     assert (evaluation.info.start_time, evaluation.info.end_time) == (end - 2_000, end)
     assert (full.info.start_time, full.info.end_time) == (end - 80_000, end)
 
-    assert track(tmp_path, uri) == {"logged": 0, "skipped": 7, "replaced": 0}  # nothing new: nothing logged
+    assert track(tmp_path, uri) == {
+        "logged": 0,
+        "skipped": 7,
+        "replaced": 0,
+        "adopted": 0,
+    }  # nothing new: nothing logged
     write_study(tmp_path / "results", top1=0.9)  # new evaluation results: those runs and their parents replaced
-    assert track(tmp_path, uri) == {"logged": 4, "skipped": 3, "replaced": 4}
+    assert track(tmp_path, uri) == {"logged": 4, "skipped": 3, "replaced": 4, "adopted": 0}
     runs = {run.data.tags[TAG_FOLDER]: run for run in client.search_runs([experiment.experiment_id])}
     assert len(runs) == 7 and runs["variant/full"].data.metrics["mean/linear/top1_last"] == pytest.approx(0.9)
     # the stages kept their runs, nested under the new parent and listed by it
@@ -232,7 +242,7 @@ def test_runs_an_older_mirror_logged_once_per_variant_become_one(tmp_path):
     client = mlflow.MlflowClient(tracking_uri=uri)
     experiment = client.create_experiment("demo", artifact_location=(tmp_path / "mlartifacts").as_uri())
     old = [client.create_run(experiment, tags={TAG_FOLDER: "pretrain/stage1-aaa"}).info.run_id for _ in range(2)]
-    assert track(tmp_path, uri) == {"logged": 7, "skipped": 0, "replaced": 1}
+    assert track(tmp_path, uri) == {"logged": 7, "skipped": 0, "replaced": 1, "adopted": 0}
     stage1 = client.search_runs([experiment], filter_string=f"tags.`{TAG_FOLDER}` = 'pretrain/stage1-aaa'")
     assert len(stage1) == 1 and stage1[0].info.run_id not in old
     assert {client.get_run(run_id).info.lifecycle_stage for run_id in old} == {"deleted"}
@@ -287,7 +297,12 @@ def test_a_study_is_mirrored_into_a_real_mlflow_server(tmp_path):
                     pytest.fail("the MLflow server did not answer /health")
                 time.sleep(0.5)
         write_study(tmp_path / "results")
-        assert track(tmp_path, uri) == {"logged": 7, "skipped": 0, "replaced": 0}  # 2 parents, 3 stages, 2 evaluations
+        assert track(tmp_path, uri) == {
+            "logged": 7,
+            "skipped": 0,
+            "replaced": 0,
+            "adopted": 0,
+        }  # 2 parents, 3 stages, 2 evaluations
         runs = mlflow.MlflowClient(tracking_uri=uri).search_runs(
             [mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name("demo").experiment_id],
             filter_string="tags.stage = 'eval'",
