@@ -4,12 +4,22 @@ import json
 import os
 from pathlib import Path
 
+import mlflow_testing
 import pytest
 import yaml
-from mlflow_testing import mlflow_server
 
 from evpretrain.cli import main
-from evpretrain.pipeline.tracking import TAG_FOLDER, TAG_RUNS, job_times, study_record, variant_settings
+from evpretrain.pipeline.tracking import (
+    TAG_FOLDER,
+    TAG_KIND,
+    TAG_RUNS,
+    job_times,
+    log_study,
+    run_identities,
+    study_record,
+    variant_settings,
+)
+from evpretrain.training.mlflow_hook import TAG_LIVE
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -155,7 +165,12 @@ def test_a_job_spans_its_wall_time_up_to_its_file_or_its_recorded_times(tmp_path
 def test_a_study_is_mirrored_once_with_parents_shared_stages_settings_and_times(tmp_path):
     write_study(tmp_path / "results")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert track(tmp_path, uri) == {"logged": 2 + 3 + 2, "skipped": 0, "replaced": 0}  # parents, stages, evaluations
+    assert track(tmp_path, uri) == {
+        "logged": 2 + 3 + 2,
+        "skipped": 0,
+        "replaced": 0,
+        "adopted": 0,
+    }  # parents, stages, evaluations
     client = mlflow.MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("demo")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on its runs
@@ -212,9 +227,14 @@ def test_a_study_is_mirrored_once_with_parents_shared_stages_settings_and_times(
     assert (evaluation.info.start_time, evaluation.info.end_time) == (end - 2_000, end)
     assert (full.info.start_time, full.info.end_time) == (end - 80_000, end)
 
-    assert track(tmp_path, uri) == {"logged": 0, "skipped": 7, "replaced": 0}  # nothing new: nothing logged
+    assert track(tmp_path, uri) == {
+        "logged": 0,
+        "skipped": 7,
+        "replaced": 0,
+        "adopted": 0,
+    }  # nothing new: nothing logged
     write_study(tmp_path / "results", top1=0.9)  # new evaluation results: those runs and their parents replaced
-    assert track(tmp_path, uri) == {"logged": 4, "skipped": 3, "replaced": 4}
+    assert track(tmp_path, uri) == {"logged": 4, "skipped": 3, "replaced": 4, "adopted": 0}
     runs = {run.data.tags[TAG_FOLDER]: run for run in client.search_runs([experiment.experiment_id])}
     assert len(runs) == 7 and runs["variant/full"].data.metrics["mean/linear/top1_last"] == pytest.approx(0.9)
     # the stages kept their runs, nested under the new parent and listed by it
@@ -233,20 +253,176 @@ def test_runs_an_older_mirror_logged_once_per_variant_become_one(tmp_path):
     client = mlflow.MlflowClient(tracking_uri=uri)
     experiment = client.create_experiment("demo", artifact_location=(tmp_path / "mlartifacts").as_uri())
     old = [client.create_run(experiment, tags={TAG_FOLDER: "pretrain/stage1-aaa"}).info.run_id for _ in range(2)]
-    assert track(tmp_path, uri) == {"logged": 7, "skipped": 0, "replaced": 1}
+    assert track(tmp_path, uri) == {"logged": 7, "skipped": 0, "replaced": 1, "adopted": 0}
     stage1 = client.search_runs([experiment], filter_string=f"tags.`{TAG_FOLDER}` = 'pretrain/stage1-aaa'")
     assert len(stage1) == 1 and stage1[0].info.run_id not in old
     assert {client.get_run(run_id).info.lifecycle_stage for run_id in old} == {"deleted"}
 
 
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on a free port of 127.0.0.1 (a sqlite backend, artifacts under tmp_path): its URI."""
+    with mlflow_testing.mlflow_server(tmp_path) as uri:
+        yield uri
+
+
 @pytest.mark.slow
-def test_a_study_is_mirrored_into_a_real_mlflow_server(tmp_path):
-    with mlflow_server(tmp_path) as uri:
-        write_study(tmp_path / "results")
-        assert track(tmp_path, uri) == {"logged": 7, "skipped": 0, "replaced": 0}  # 2 parents, 3 stages, 2 evaluations
-        client = mlflow.MlflowClient(tracking_uri=uri)
-        runs = client.search_runs(
-            [client.get_experiment_by_name("demo").experiment_id], filter_string="tags.stage = 'eval'"
-        )
-        assert len(runs) == 2 and all(run.data.metrics["top1_last"] == 0.8 for run in runs)
-        assert (tmp_path / "server-artifacts").is_dir()  # artifacts went through the server
+def test_a_study_is_mirrored_into_a_real_mlflow_server(tmp_path, mlflow_server):
+    uri = mlflow_server
+    write_study(tmp_path / "results")
+    counts = track(tmp_path, uri)
+    assert counts == {"logged": 7, "skipped": 0, "replaced": 0, "adopted": 0}  # 2 parents, 3 stages, 2 evaluations
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    runs = client.search_runs(
+        [client.get_experiment_by_name("demo").experiment_id], filter_string="tags.stage = 'eval'"
+    )
+    assert len(runs) == 2 and all(run.data.metrics["top1_last"] == 0.8 for run in runs)
+    assert (tmp_path / "server-artifacts").is_dir()  # artifacts went through the server
+
+
+def test_a_run_logged_live_is_adopted_completed_and_replaced_once_its_job_reruns(tmp_path):
+    write_study(tmp_path / "results")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("demo", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    # What a stage job logging live had logged: its param, the first row of its curve, then its end.
+    tags = {TAG_LIVE: "true", TAG_FOLDER: "pretrain/stage1-aaa", TAG_KIND: "stage"}
+    live = client.create_run(experiment, run_name="stage1-aaa", tags=tags).info.run_id
+    client.log_param(live, "pretrain.backbone", "vit_demo")
+    client.log_metric(live, "train/loss", 1.8, step=5)
+    client.set_terminated(live, "FINISHED")
+
+    assert track(tmp_path, uri) == {"logged": 6, "skipped": 0, "replaced": 0, "adopted": 1}
+    runs = {run.data.tags[TAG_FOLDER]: run for run in client.search_runs([experiment])}
+    stage1 = runs["pretrain/stage1-aaa"]
+    assert len(runs) == 7 and stage1.info.run_id == live  # one run for the stage: the live one
+    assert stage1.data.tags["mlflow.parentRunId"] == runs["variant/full"].info.run_id
+    assert stage1.data.tags["variant"] == "full,no_focus" and stage1.data.tags["git_commit"] == "abc123"
+    assert stage1.data.params["pretrain.stage1.train.base_lr"] == "0.01"  # the params it lacked
+    curve = client.get_metric_history(live, "train/loss")  # the step it held once, the step it lacked added
+    assert sorted((m.step, m.value) for m in curve) == [(5, 1.8), (10, 0.9)]
+    assert stage1.data.metrics["loss"] == 0.9 and {a.path for a in client.list_artifacts(live)} == {"metrics.json"}
+    assert track(tmp_path, uri) == {"logged": 0, "skipped": 7, "replaced": 0, "adopted": 0}
+
+    # The job reran without live tracking (new metrics): the live run's figures are stale, so it is replaced.
+    metrics = tmp_path / "results" / "pretrain" / "stage1-aaa" / "metrics.json"
+    metrics.write_text(json.dumps(json.loads(metrics.read_text()) | {"loss": 0.7}))
+    os.utime(metrics, (END, END))
+    assert track(tmp_path, uri)["replaced"] == 1
+    (stage1,) = client.search_runs([experiment], filter_string=f"tags.`{TAG_FOLDER}` = 'pretrain/stage1-aaa'")
+    assert stage1.info.run_id != live and stage1.data.metrics["loss"] == 0.7
+    assert client.get_run(live).info.lifecycle_stage == "deleted"
+
+
+# The smallest stage 1 and linear probe (tests/test_pretrain_stages.py, tests/test_downstream.py), a row a step.
+LIVE_STUDY = {
+    "pretrain": {
+        "backbone": "vit_demo",
+        "backbone_overrides": {"img_size": [32, 32], "depth": 2},
+        "data": {"input_size": [32, 32]},
+        "knn": {"memory": 0},
+        "stage1": {
+            "method": {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2},
+            "train": {"epochs": 1, "batch_size": 4, "base_lr": 1e-3, "log_every_steps": 1},
+        },
+    },
+    "downstream": {
+        "classify": {"linear": {"train": {"epochs": 2, "batch_size": 4, "base_lr": 1e-2, "log_every_steps": 1}}}
+    },
+}
+LIVE_MANIFEST = {
+    "full": {
+        "stages": [1],
+        "nodes": ["stage1-aaa"],
+        "checkpoint": "stage1-aaa",
+        "evaluations": [
+            {
+                "label": "linear",
+                "task": "classify",
+                "mode": "linear",
+                "dataset": "demo",
+                "eval_split": "val",
+                "seed": 0,
+                "folder": "linear-bbb/seed0",
+            }
+        ],
+    }
+}
+
+
+@pytest.mark.parametrize("store", ["sqlite", pytest.param("server", marks=pytest.mark.slow)])
+def test_jobs_logged_live_are_nested_by_the_mirror_with_their_history_and_never_logged_twice(tmp_path, store, request):
+    from evpretrain.data.demo import DemoConfig, build_demo
+
+    uri = request.getfixturevalue("mlflow_server") if store == "server" else f"sqlite:///{tmp_path / 'mlflow.db'}"
+    stores = build_demo(
+        DemoConfig(samples={"train": 8, "val": 4}, image_size=32, digit_size=12, num_frames=3),
+        tmp_path / "data",
+        workers=1,
+        progress=False,
+    )
+    results = tmp_path / "results"
+    identities = run_identities(LIVE_MANIFEST)
+
+    def job(command, folder, *args):  # as rules pretrain_stage and finetune run them with tracking.live
+        out = results / folder
+        out.mkdir(parents=True)
+        (out / "study.yaml").write_text(yaml.safe_dump(LIVE_STUDY))
+        identity = identities[folder]
+        live = ["--tracking-uri", uri, "--experiment", "demo", "--run-name", identity["name"]]
+        live += [arg for key, value in identity["tags"].items() for arg in ("--run-tag", f"{key}={value}")]
+        common = ["--config", str(out / "study.yaml"), "--out", str(out)]
+        assert main([*command, *common, *args, *live]) == 0
+        return json.loads((out / "metrics.json").read_text())
+
+    stage = job(["pretrain", "--stage", "1"], "pretrain/stage1-aaa", "--data", str(stores["train"]))
+    checkpoint = str(results / "pretrain" / "stage1-aaa" / "checkpoint.pt")
+    evaluation = job(
+        ["finetune", "classify", "--mode", "linear"],
+        "downstream/linear-bbb/seed0",
+        *("--train", str(stores["train"]), "--eval", str(stores["val"]), "--checkpoint", checkpoint, "--seed", "0"),
+    )
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("demo").experiment_id
+
+    def by_folder():
+        return {run.data.tags[TAG_FOLDER]: run for run in client.search_runs([experiment])}
+
+    live = by_folder()
+    assert set(live) == {"pretrain/stage1-aaa", "downstream/linear-bbb/seed0"}  # logged while they trained
+    stage_run, eval_run = live["pretrain/stage1-aaa"], live["downstream/linear-bbb/seed0"]
+    assert {stage_run.info.status, eval_run.info.status} == {"FINISHED"}
+    assert stage_run.info.run_name == "stage1-aaa" and eval_run.info.run_name == "full linear seed0"
+    assert eval_run.data.tags[TAG_KIND] == "evaluation" and eval_run.data.tags["variant"] == "full"
+    assert stage_run.data.params["pretrain.stage1.train.base_lr"] == "0.001"  # the study config the job read
+
+    def curve(run, key):
+        return [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+
+    stage_curve = curve(stage_run, "train/loss")
+    assert stage_curve == [(row["step"], pytest.approx(row["loss"])) for row in stage["log"]] and len(stage_curve) == 2
+    eval_curve = curve(eval_run, "eval/top1")  # every epoch's score, at its epoch
+    assert eval_curve == [(int(row["epoch"]), pytest.approx(row["top1"])) for row in evaluation["history"]]
+    assert [step for step, _ in eval_curve] == [1, 2]
+    assert eval_run.data.metrics["top1_last"] == pytest.approx(evaluation["top1_last"])
+    assert eval_run.data.metrics["top1_best"] == pytest.approx(evaluation["top1_best"])
+
+    study = {"pretrain": LIVE_STUDY["pretrain"], "variants": {"full": {"stages": [1]}}}
+    counts = log_study(LIVE_MANIFEST, results, uri, "demo", study=study)
+    assert {k: counts[k] for k in ("logged", "skipped", "replaced", "adopted")} == {
+        "logged": 1,  # the parent alone
+        "skipped": 0,
+        "replaced": 0,
+        "adopted": 2,
+    }
+    runs = by_folder()
+    assert len(runs) == 3 and runs["pretrain/stage1-aaa"].info.run_id == stage_run.info.run_id
+    parent = runs["variant/full"].info.run_id
+    for folder, run in ((f, runs[f]) for f in live):
+        assert run.info.run_id == live[folder].info.run_id and run.data.tags["mlflow.parentRunId"] == parent
+    assert curve(stage_run, "train/loss") == stage_curve and curve(eval_run, "eval/top1") == eval_curve  # intact
+    assert runs["downstream/linear-bbb/seed0"].data.params["variant"] == "full"  # what the mirror adds
+    assert "reconstructions.png" in {a.path for a in client.list_artifacts(stage_run.info.run_id)}
+
+    counts = log_study(LIVE_MANIFEST, results, uri, "demo", study=study)
+    assert (counts["skipped"], counts["logged"], counts["adopted"], len(by_folder())) == (3, 0, 0, 3)

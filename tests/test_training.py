@@ -654,28 +654,69 @@ def test_knn_monitor_logs_the_final_models_accuracy_without_changing_the_trainin
 
 
 @pytest.mark.slow  # importing mlflow and creating a sqlite store take seconds
-def test_mlflow_hook_logs_params_metrics_and_metrics_json_into_one_run_across_a_resume(tmp_path):
-    import mlflow
+def test_mlflow_hook_logs_one_run_across_a_crash_and_a_resume_without_repeating_a_row(tmp_path):
+    from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     params = {"stage": 1, "train": {"base_lr": 0.5}}
-    run(tmp_path / "run", replace(CONFIG, max_steps=8), hooks=[MlflowHook(uri, "tests", "stage1", params)])
+    with pytest.raises(KeyboardInterrupt):  # dies at step 9: rows of steps 4 and 8 logged, last checkpoint at 5
+        run(tmp_path / "run", hooks=[StopAt(9), MlflowHook(uri, "tests", "stage1", params, tags={"kind": "stage"})])
+    client = MlflowClient(uri)
+    (killed,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert killed.info.status == "KILLED" and killed.data.metrics["train/step"] == 8
+    # The rerun has one hook fewer: the run id still reaches the MLflow hook, which logs from step 9 on.
     _, metrics = run(tmp_path / "run", hooks=[MlflowHook(uri, "tests", "stage1", params)])
 
-    mlflow.set_tracking_uri(uri)
-    try:
-        runs = mlflow.search_runs(experiment_names=["tests"])
-    finally:
-        mlflow.set_tracking_uri(None)
-    assert len(runs) == 1
-    found = runs.iloc[0]
-    assert found["status"] == "FINISHED" and found["tags.mlflow.runName"] == "stage1"
-    assert found["params.stage"] == "1" and found["params.train.base_lr"] == "0.5"
-    assert found["metrics.loss"] == metrics["loss"] and found["metrics.samples"] == 48
-    client = mlflow.MlflowClient(uri)
-    assert [m.step for m in client.get_metric_history(found["run_id"], "loss")] == [4, 8, 12]
-    assert [a.path for a in client.list_artifacts(found["run_id"])] == [METRICS_NAME]
+    (found,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert found.info.run_id == killed.info.run_id and found.info.status == "FINISHED"
+    assert found.info.run_name == "stage1" and found.data.tags["kind"] == "stage"
+    assert found.data.params == {"stage": "1", "train.base_lr": "0.5"}
+    loss = client.get_metric_history(found.info.run_id, "train/loss")
+    assert [(m.step, m.value) for m in loss] == [(row["step"], row["loss"]) for row in metrics["log"]]
+    assert [m.step for m in loss] == [4, 8, 12]  # the row of step 8 once, though steps 6-9 ran twice
+    assert [m.step for m in client.get_metric_history(found.info.run_id, "train/epoch")] == [4, 8, 12]
+    assert found.data.metrics["loss"] == metrics["loss"] and found.data.metrics["samples"] == 48
+    assert [a.path for a in client.list_artifacts(found.info.run_id)] == [METRICS_NAME]
     assert (tmp_path / "mlartifacts").is_dir()
+
+
+@pytest.mark.slow  # importing mlflow takes seconds
+def test_a_tracking_server_that_is_down_is_reported_once_and_training_goes_on(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail at once rather than after minutes
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    hook = MlflowHook(f"http://127.0.0.1:{_free_port()}", "tests", "stage1", {"stage": 1})  # nothing listens
+    with caplog.at_level("WARNING", logger="evpretrain.training.mlflow_hook"):
+        _, metrics = run(tmp_path, hooks=[hook])
+    assert metrics["step"] == 12 and (tmp_path / METRICS_NAME).exists()
+    warnings = [r for r in caplog.records if r.name == "evpretrain.training.mlflow_hook"]
+    assert len(warnings) == 1 and "trains on without live tracking" in warnings[0].getMessage()
+    assert hook.run_id is None
+
+
+class Counter(Hook):
+    """Counts the steps it saw; the count travels in the checkpoint."""
+
+    def __init__(self):
+        self.seen = 0
+
+    def on_step_end(self, state, metrics):
+        self.seen += 1
+
+    def state_dict(self):
+        return {"seen": self.seen}
+
+    def load_state_dict(self, state):
+        self.seen = state["seen"]
+
+
+def test_a_resumed_run_with_a_hook_more_or_less_keeps_each_hooks_state(tmp_path):
+    first = Counter()
+    with pytest.raises(KeyboardInterrupt):  # dies at step 7: the checkpoint of step 5 holds Counter's 5
+        run(tmp_path, hooks=[StopAt(7), first])
+    assert first.seen == 6  # StopAt raised before Counter saw step 7
+    resumed = Counter()
+    run(tmp_path, hooks=[resumed])  # StopAt gone: Counter's state still reaches Counter
+    assert resumed.seen == 5 + 7  # steps 1-5 from the checkpoint, 6-12 in this run
 
 
 # --- DDP ---------------------------------------------------------------------------------------------------------

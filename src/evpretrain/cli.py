@@ -108,12 +108,27 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _live_tracking(args: argparse.Namespace, study: dict):
+    """The ``--tracking-uri`` ... options as a ``LiveTracking`` (the run's params: the study config read), or None."""
+    if args.tracking_uri is None:
+        return None
+    from evpretrain.config import ConfigError
+    from evpretrain.training.mlflow_hook import LiveTracking
+
+    bad = [tag for tag in args.run_tag if "=" not in tag]
+    if bad:
+        raise ConfigError(f"--run-tag: expected KEY=VALUE, got {bad[0]!r}")
+    tags = dict(tag.split("=", 1) for tag in args.run_tag)
+    return LiveTracking(args.tracking_uri, args.experiment, args.run_name or args.out.name, tags, study)
+
+
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from evpretrain.config import load_yaml
     from evpretrain.pretrain.config import pretrain_config
     from evpretrain.pretrain.run import run_stage
 
-    config = pretrain_config(load_yaml(args.config))
+    study = load_yaml(args.config)
+    config = pretrain_config(study)
     metrics = run_stage(
         args.stage,
         config,
@@ -122,6 +137,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         teacher_features=args.teacher_features,
         init=args.init,
         out=args.out,
+        live=_live_tracking(args, study),
     )
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}, default=str))
     return 0
@@ -151,9 +167,10 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from evpretrain.config import load_yaml
     from evpretrain.downstream.run import run_downstream
 
+    study = load_yaml(args.config)
     metrics = run_downstream(
         args.task,
-        load_yaml(args.config),
+        study,
         train_store=args.train,
         eval_store=args.eval,
         out=args.out,
@@ -163,6 +180,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         device=args.device,
         checkpoint_source=args.checkpoint_source,
         allow_partial=args.allow_partial,
+        live=_live_tracking(args, study),
     )
     if "init_report" in metrics:
         print(metrics["init_report"], file=sys.stderr)
@@ -322,6 +340,7 @@ def _add_pretrain_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher-features", type=Path, help="cached teacher tokens of --data (stages 2 and 3)")
     p.add_argument("--init", type=Path, help="checkpoint.pt of the previous stage")
     p.add_argument("--out", required=True, type=Path, help="run folder: checkpoint.pt, metrics.json, figures")
+    _add_live_options(p)
     p.set_defaults(func=_cmd_pretrain)
 
     p = commands.add_parser("knn", help="kNN top-1 of a checkpoint's backbone (or of a random init)")
@@ -338,6 +357,17 @@ def _add_pretrain_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="output features file (.h5)")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.set_defaults(func=_cmd_teacher_features)
+
+
+def _add_live_options(p: argparse.ArgumentParser) -> None:
+    """Live MLflow tracking of a training command (the pipeline's ``tracking.live``): options, not config, so that
+    switching it reruns nothing."""
+    p.add_argument("--tracking-uri", help="log to this MLflow store while training (default: no live tracking)")
+    p.add_argument("--experiment", default="evpretrain", help="MLflow experiment (default: evpretrain)")
+    p.add_argument("--run-name", help="MLflow run name (default: the --out folder's name)")
+    p.add_argument(
+        "--run-tag", action="append", default=[], metavar="KEY=VALUE", help="a tag of the MLflow run (repeatable)"
+    )
 
 
 def _add_downstream_commands(commands: argparse._SubParsersAction) -> None:
@@ -374,6 +404,7 @@ def _add_downstream_commands(commands: argparse._SubParsersAction) -> None:
         p.add_argument("--seed", required=True, type=int, help="seed of the head, the data order, the augmentation")
         p.add_argument("--out", required=True, type=Path, help="run folder: metrics.json, checkpoint.pt, figure")
         p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+        _add_live_options(p)
         p.set_defaults(func=_cmd_finetune)
 
     p = commands.add_parser(

@@ -1,7 +1,9 @@
 # Helpers shared by the rules: constants first, then paths, the study's plan and config lookups, so that rules stay
 # thin. Config values are read with Snakemake's lookup(dpath="a/b", within=config).
+import functools
 import json
 import os
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -11,7 +13,7 @@ from snakemake.exceptions import WorkflowError
 from evpretrain.data.download import MARKER, manual_steps
 from evpretrain.data.registry import load_registry
 from evpretrain.pipeline.plan import content_key, plan_study
-from evpretrain.pipeline.tracking import study_record
+from evpretrain.pipeline.tracking import run_identities, study_record
 from evpretrain.pipeline.validate import validate_plan
 
 RESULTS = Path(lookup(dpath="results", within=config, default="results"))
@@ -191,6 +193,28 @@ def tracking_uri():
     """config tracking.uri, else $MLFLOW_TRACKING_URI, else the study's sqlite store beside its results."""
     uri = lookup(dpath="tracking/uri", within=config, default=None) or os.environ.get("MLFLOW_TRACKING_URI")
     return uri or f"sqlite:///{RESULTS.resolve() / 'mlflow.db'}"
+
+
+@functools.cache
+def run_identities_of_plan():
+    return run_identities(PLAN.manifest()) if PLAN else {}
+
+
+def live_tracking(folder):
+    """The options that make the job of ``folder`` (``pretrain/<node>``, ``downstream/<evaluation>``) log to MLflow
+    while it trains (tracking.live), under the name and tags `evpretrain track` gives its run; nothing when off.
+    Rules pass them in a param that takes ``output``: Snakemake records no such (derived) param among those whose
+    change reruns a job, so switching tracking on or off, or its URI, reruns nothing."""
+    if not lookup(dpath="tracking/live", within=config, default=False):
+        return ""
+    identity = run_identities_of_plan()[folder]
+    options = [
+        ("--tracking-uri", tracking_uri()),
+        ("--experiment", lookup(dpath="study/name", within=config)),
+        ("--run-name", identity["name"]),
+        *(("--run-tag", f"{key}={value}") for key, value in identity["tags"].items()),
+    ]
+    return " ".join(f"{flag} {shlex.quote(str(value))}" for flag, value in options)
 
 
 def git_commit():

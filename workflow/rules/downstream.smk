@@ -37,9 +37,11 @@ rule finetune:
         checkpoint=lambda wildcards, input: option("--checkpoint", input.get("checkpoint")),
         source=lambda wildcards: option("--checkpoint-source", evaluation(wildcards).checkpoint_source),
         out=lambda wildcards, output: Path(output[0]).parent,
+        live=lambda wildcards, output: live_tracking(f"downstream/{wildcards.evaluation}"),  # output: no rerun
     shell:
         "{LAUNCH_FINETUNE} finetune {params.task} {params.mode} --config {input.config} --train {input.train}"
-        " --eval {input.eval} {params.checkpoint} {params.source} --seed {params.seed} --out {params.out} > {log} 2>&1"
+        " --eval {input.eval} {params.checkpoint} {params.source} --seed {params.seed} --out {params.out}"
+        " {params.live} > {log} 2>&1"
 
 
 rule robustness:

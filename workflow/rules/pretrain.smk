@@ -46,6 +46,7 @@ rule pretrain_stage:
         out=lambda wildcards, output: Path(output.checkpoint).parent,
         teacher=lambda wildcards, input: option("--teacher-features", input.get("teacher")),
         init=lambda wildcards, input: option("--init", input.get("init")),
+        live=lambda wildcards, output: live_tracking(f"pretrain/{wildcards.node}"),  # output: not recorded, no rerun
     shell:
         "{LAUNCH_PRETRAIN} pretrain --stage {params.stage} --config {input.config} --data {input.train} --val {input.val}"
-        " {params.teacher} {params.init} --out {params.out} > {log} 2>&1"
+        " {params.teacher} {params.init} --out {params.out} {params.live} > {log} 2>&1"

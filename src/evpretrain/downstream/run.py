@@ -44,6 +44,7 @@ from evpretrain.training import train
 from evpretrain.training.checkpoint import METRICS_NAME, write_json
 from evpretrain.training.distributed import process_layout, resolve_device, to_device
 from evpretrain.training.hooks import Hook, TrainState
+from evpretrain.training.mlflow_hook import LiveTracking
 from evpretrain.training.optim import layer_scales, param_groups
 
 __all__ = ["EpochEvaluator", "run_downstream"]
@@ -219,10 +220,19 @@ PRIMARY = {"classify": ("top1", max), "segment": ("miou_batch_mean", max), "flow
 
 class EpochEvaluator(Hook):
     """Scores the evaluation split every ``every_epochs`` epochs and at the last step; keeps the history (it travels
-    in the checkpoint, so a resumed run keeps the scores of the epochs before its interruption)."""
+    in the checkpoint, so a resumed run keeps the scores of the epochs before its interruption). ``report`` is
+    given each new row of the history (live tracking)."""
 
-    def __init__(self, task: Task, loader: DataLoader, num_classes: int | None, every_epochs: int = 1):
+    def __init__(
+        self,
+        task: Task,
+        loader: DataLoader,
+        num_classes: int | None,
+        every_epochs: int = 1,
+        report: Callable[[dict[str, Any]], None] | None = None,
+    ):
         self.task, self.loader, self.num_classes, self.every_epochs = task, loader, num_classes, every_epochs
+        self.report = report
         self.history: list[dict[str, Any]] = []
 
     def on_step_end(self, state: TrainState, metrics: dict[str, float]) -> None:
@@ -238,6 +248,8 @@ class EpochEvaluator(Hook):
             )
             name = PRIMARY[self.task][0]
             metrics[f"eval_{name}"] = float(scores[name])
+            if self.report is not None:
+                self.report(self.history[-1])
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history}
@@ -262,13 +274,15 @@ def run_downstream(
     device: str | None = None,
     checkpoint_source: str | None = None,
     allow_partial: bool = False,
+    live: LiveTracking | None = None,
 ) -> dict[str, Any]:
     """Fine-tune on ``train_store``, score ``eval_store``; write ``out/{metrics.json, checkpoint.pt, figure}``.
 
     ``checkpoint``: a pre-training stage's checkpoint (its backbone is loaded) or None for a random initialisation
     (the "scratch" baseline); with ``checkpoint_source``, another project's checkpoint through its importer
     (``evpretrain.downstream.importers``), so any published backbone is evaluated under this protocol.
-    ``seed`` seeds the head's initialisation, the data order and the augmentation.
+    ``seed`` seeds the head's initialisation, the data order and the augmentation. ``live``: log to MLflow while it
+    trains: the training log, the scores of each evaluation (``eval/<name>`` per epoch), then the final metrics.
     Returns the metrics written to ``out/metrics.json``.
     """
     spec = backbone_spec(study)
@@ -299,7 +313,9 @@ def run_downstream(
     eval_loader = DataLoader(
         eval_set, batch_size=config.eval_batch_size, shuffle=False, num_workers=config.train.num_workers
     )
-    evaluator = EpochEvaluator(task, eval_loader, num_classes, config.eval_every_epochs)
+    tracker = live.hook(finish_at_end=False) if live is not None else None  # ends once the final scores are in
+    report = (lambda row: tracker.log_row("eval", row, int(row["epoch"]))) if tracker is not None else None
+    evaluator = EpochEvaluator(task, eval_loader, num_classes, config.eval_every_epochs, report)
     out.mkdir(parents=True, exist_ok=True)
     summary = train(
         model,
@@ -308,36 +324,43 @@ def run_downstream(
         config.train,
         out,
         param_groups=optimizer_groups(model, config),
-        hooks=[evaluator],
+        hooks=[evaluator] if tracker is None else [evaluator, tracker],
         device=device,
     )
-    final = evaluate(task, model, eval_loader, next(model.parameters()).device, num_classes)
-    name, better = PRIMARY[task]
-    best = better(evaluator.history, key=lambda row: row[name])
-    metrics = {
-        "task": task,
-        "mode": mode,
-        "seed": seed,
-        "train_store": str(train_store),
-        "eval_store": str(eval_store),
-        **init,
-        **{f"train_{k}": v for k, v in summary.items() if isinstance(v, (int, float))},
-        **{f"{k}_last": v for k, v in final.items() if k != "confusion"},
-        f"{name}_best": best[name],
-        "best_epoch": best["epoch"],
-        "slurm_job_id": summary.get("slurm_job_id"),
-        "baseline": trivial_baseline(task, eval_loader, num_classes),
-        "history": evaluator.history,
-        "train_log": summary.get("log", []),
-        "num_classes": num_classes,
-        "eval_window": _eval_window(task, config.window),
-        "config": to_mapping(config),
-    }
-    if process_layout().is_main:  # under DDP every rank scored the split; one writes
-        write_json(metrics, out / METRICS_NAME)
-        from evpretrain.downstream.figures import write_task_figure
+    try:
+        final = evaluate(task, model, eval_loader, next(model.parameters()).device, num_classes)
+        name, better = PRIMARY[task]
+        best = better(evaluator.history, key=lambda row: row[name])
+        metrics = {
+            "task": task,
+            "mode": mode,
+            "seed": seed,
+            "train_store": str(train_store),
+            "eval_store": str(eval_store),
+            **init,
+            **{f"train_{k}": v for k, v in summary.items() if isinstance(v, (int, float))},
+            **{f"{k}_last": v for k, v in final.items() if k != "confusion"},
+            f"{name}_best": best[name],
+            "best_epoch": best["epoch"],
+            "slurm_job_id": summary.get("slurm_job_id"),
+            "baseline": trivial_baseline(task, eval_loader, num_classes),
+            "history": evaluator.history,
+            "train_log": summary.get("log", []),
+            "num_classes": num_classes,
+            "eval_window": _eval_window(task, config.window),
+            "config": to_mapping(config),
+        }
+        if process_layout().is_main:  # under DDP every rank scored the split; one writes
+            write_json(metrics, out / METRICS_NAME)
+            from evpretrain.downstream.figures import write_task_figure
 
-        write_task_figure(task, model, eval_set, final, out, class_names=class_names)
+            write_task_figure(task, model, eval_set, final, out, class_names=class_names)
+    except BaseException as error:
+        if tracker is not None:
+            tracker.fail(error)
+        raise
+    if tracker is not None:  # the final scores at the last step, as `evpretrain track` logs them
+        tracker.finish(metrics, metrics["train_step"], artifacts=[out / METRICS_NAME], is_main=process_layout().is_main)
     return metrics
 
 

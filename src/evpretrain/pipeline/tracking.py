@@ -8,7 +8,9 @@ the first variant (manifest order) that uses it, and every parent lists the runs
 in the UI) and in the tag ``evpretrain.runs`` (JSON, folder -> run id). Runs span the jobs' real times.
 
 Logging is idempotent: every run carries the folder it mirrors and the SHA-256 of what was logged as tags, so a rerun
-skips what is already logged and replaces a run whose content changed.
+skips what is already logged and replaces a run whose content changed. A job that logged live (``tracking.live``:
+``training.mlflow_hook``, named and tagged by ``run_identities``) left a run tagged ``evpretrain.live``: the mirror
+adopts it (nests it, adds the params, tags, metric points and artifacts it lacks) rather than logging a second one.
 """
 
 from __future__ import annotations
@@ -24,13 +26,15 @@ import yaml
 
 from evpretrain.pipeline.plan import apply_overrides
 from evpretrain.training.config import EXECUTION_FIELDS
-from evpretrain.training.mlflow_hook import default_artifact_location, flatten
+from evpretrain.training.mlflow_hook import TAG_LIVE, default_artifact_location, flatten, param_text, scalars
 
-__all__ = ["job_times", "log_study", "study_record", "ui_path", "variant_settings", "view_state"]
+__all__ = ["job_times", "log_study", "run_identities", "study_record", "ui_path", "variant_settings", "view_state"]
 
 TAG_FOLDER = "evpretrain.folder"
 TAG_SHA = "evpretrain.content_sha256"
 TAG_RUNS = "evpretrain.runs"
+TAG_KIND = "evpretrain.kind"  # stage or evaluation
+TAG_RESULT = "evpretrain.result_sha256"  # of the job's metrics alone: a live run adopted is kept while they stay
 MAX_BATCH = 100  # MLflow's limit of params (and a safe size for metrics) per log_batch request
 # MLflow 3 opens an experiment by its kind (tag mlflow.experimentKind; without it, on the GenAI overview of traces);
 # 3.17 by its sidebar's switch instead, which ``ui_path`` sets.
@@ -53,10 +57,6 @@ def study_record(config: Mapping[str, Any]) -> dict[str, Any]:
         return {k: strip(v, k) for k, v in node.items() if not (key == "train" and k in EXECUTION_FIELDS)}
 
     return {k: strip(v, k) for k, v in config.items() if k not in RUN_SECTIONS}
-
-
-def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _dotted(config: Mapping[str, Any], key: str) -> Any:
@@ -121,7 +121,7 @@ class _Logger:
         for key, value in EXPERIMENT_TAGS.items():
             self.client.set_experiment_tag(self.experiment_id, key, value)
         self.tags = dict(tags)
-        self.counts = {"logged": 0, "skipped": 0, "replaced": 0}
+        self.counts = {"logged": 0, "skipped": 0, "replaced": 0, "adopted": 0}
         self.ids: dict[str, str] = {}  # folder -> run id, of this call
 
     def run(
@@ -139,51 +139,76 @@ class _Logger:
     ) -> str:
         """Log the run of ``folder`` (or find it logged with the same content, and nest it under ``parent``); return
         its id. ``curves``: metric prefix -> (the row key that is the step, rows), e.g. ``eval`` per epoch."""
-        from mlflow.entities import Metric, Param
+        from mlflow.entities import Metric
 
         if folder in self.ids:
             return self.ids[folder]
-        flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
+        flat = {k: param_text(v) for k, v in flatten(params).items()}
         run_tags = {**self.tags, **(tags or {}), TAG_FOLDER: folder}
         content = [flat, metrics, curves, run_tags, times, [p.name for p in artifacts]]
         sha = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+        result = hashlib.sha256(json.dumps([metrics, curves], sort_keys=True, default=str).encode()).hexdigest()
         query = f"tags.`{TAG_FOLDER}` = '{folder}'"
         found = self.client.search_runs([self.experiment_id], filter_string=query)
         same = [run for run in found if run.data.tags.get(TAG_SHA) == sha][:1]
-        keep = same[0].info.run_id if same else None
+        live = [run for run in found if _logged_live(run, result)]
+        keep = same[0] if same else max(live, key=lambda run: run.info.start_time) if live else None
         for run in found:  # content changed (or an older mirror logged a shared run once per variant): replace
-            if run.info.run_id != keep:
+            if keep is None or run.info.run_id != keep.info.run_id:
                 self.client.delete_run(run.info.run_id)  # its nested runs move under the new one as they're seen
-        self.counts["replaced"] += bool(found) and not same
+        self.counts["replaced"] += bool(found) and keep is None
         if same:
-            run_id = keep
-            if parent is not None and same[0].data.tags.get("mlflow.parentRunId") != parent:  # its parent replaced
+            run_id = keep.info.run_id
+            if parent is not None and keep.data.tags.get("mlflow.parentRunId") != parent:  # its parent replaced
                 self.client.set_tag(run_id, "mlflow.parentRunId", parent)
             self.counts["skipped"] += 1
             self.ids[folder] = run_id
             return run_id
-        run_tags[TAG_SHA] = sha
-        if parent is not None:
-            run_tags["mlflow.parentRunId"] = parent
-        run_id = self.client.create_run(
-            self.experiment_id, start_time=times[0], run_name=name, tags=run_tags
-        ).info.run_id
-        entries = [Param(k, v) for k, v in flat.items()]
-        for start in range(0, len(entries), MAX_BATCH):
-            self.client.log_batch(run_id, params=entries[start : start + MAX_BATCH])
-        points = [Metric(k, v, times[1], int(metrics.get("step", 0) or 0)) for k, v in _scalars(metrics).items()]
+        run_tags |= {TAG_SHA: sha, TAG_RESULT: result} | ({"mlflow.parentRunId": parent} if parent else {})
+        step = int(metrics.get("step", metrics.get("train_step", 0)) or 0)
+        points = [Metric(k, v, times[1], step) for k, v in scalars(metrics).items()]
         for prefix, (step_key, rows) in (curves or {}).items():
             for row in rows:
                 step = int(row.get(step_key, 0))
-                points += [Metric(f"{prefix}/{k}", v, times[1], step) for k, v in _scalars(row).items()]
-        for start in range(0, len(points), MAX_BATCH):
-            self.client.log_batch(run_id, metrics=points[start : start + MAX_BATCH])
+                points += [Metric(f"{prefix}/{k}", v, times[1], step) for k, v in scalars(row).items()]
+        if keep is not None:
+            run_id = keep.info.run_id
+            self._adopt(keep, name, run_tags, flat, points)
+            self.counts["adopted"] += 1
+        else:
+            run_id = self.client.create_run(
+                self.experiment_id, start_time=times[0], run_name=name, tags=run_tags
+            ).info.run_id
+            self._log_batches(run_id, flat, points)
+            self.counts["logged"] += 1
         for path in artifacts:
             self.client.log_artifact(run_id, str(path))
-        self.client.set_terminated(run_id, "FINISHED", end_time=times[1])
-        self.counts["logged"] += 1
+        if keep is None or keep.info.status != "FINISHED":
+            self.client.set_terminated(run_id, "FINISHED", end_time=times[1])
         self.ids[folder] = run_id
         return run_id
+
+    def _adopt(self, run, name: str, tags: Mapping[str, str], params: Mapping[str, str], points: list) -> None:
+        """Complete a run a job logged live: its name and tags as the mirror gives them, the params and the metric
+        points (key, step) it lacks; what it holds stays as logged."""
+        run_id = run.info.run_id
+        if run.info.run_name != name:
+            self.client.set_tag(run_id, "mlflow.runName", name)
+        for key, value in tags.items():
+            if run.data.tags.get(key) != value:
+                self.client.set_tag(run_id, key, value)
+        held = {key: {m.step for m in self.client.get_metric_history(run_id, key)} for key in run.data.metrics}
+        points = [point for point in points if point.step not in held.get(point.key, ())]
+        self._log_batches(run_id, {k: v for k, v in params.items() if k not in run.data.params}, points)
+
+    def _log_batches(self, run_id: str, params: Mapping[str, str], points: list) -> None:
+        from mlflow.entities import Param
+
+        entries = [Param(k, v) for k, v in params.items()]
+        for start in range(0, len(entries), MAX_BATCH):
+            self.client.log_batch(run_id, params=entries[start : start + MAX_BATCH])
+        for start in range(0, len(points), MAX_BATCH):
+            self.client.log_batch(run_id, metrics=points[start : start + MAX_BATCH])
 
     def link(self, parent: str, runs: Mapping[str, str]) -> None:
         """List ``runs`` (folder -> run id) on ``parent``: a tag, and its description with a link to each."""
@@ -193,6 +218,49 @@ class _Logger:
         for key, value in tags.items():
             if current.get(key) != value:
                 self.client.set_tag(parent, key, value)
+
+
+def _logged_live(run, result: str) -> bool:
+    """Whether ``run`` is one a job logged live of the result whose hash is ``result``: a finished live run not yet
+    mirrored (a job's newest), or one adopted before from the same result (its tags or parent may have changed)."""
+    tags = run.data.tags
+    if tags.get(TAG_LIVE) != "true":
+        return False
+    return tags.get(TAG_RESULT) == result if TAG_SHA in tags else run.info.status == "FINISHED"
+
+
+def run_identities(manifest: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The name and tags of every stage and evaluation run of ``manifest`` (``StudyPlan.manifest()``), by folder
+    (``pretrain/<node>``, ``downstream/<evaluation>``): what the mirror gives them, and what a job that logs live
+    is given (rule ``pretrain_stage``, ``finetune``). ``variant``: the variants that use it, in manifest order."""
+    users: dict[str, list[str]] = {}
+    described: dict[str, dict[str, Any]] = {}
+    for variant, entry in manifest.items():
+        for node in entry.get("nodes", []):
+            users.setdefault(node, []).append(variant)
+        for evaluation in entry["evaluations"]:
+            users.setdefault(evaluation["folder"], []).append(variant)
+            described[evaluation["folder"]] = evaluation
+    identities = {}
+    for folder, variants in users.items():
+        variant = ",".join(variants)
+        if folder not in described:
+            tags = {"variant": variant, "stage": folder.split("-")[0].removeprefix("stage"), TAG_KIND: "stage"}
+            identities[f"pretrain/{folder}"] = {"name": folder, "tags": {**tags, TAG_FOLDER: f"pretrain/{folder}"}}
+            continue
+        evaluation = described[folder]
+        tags = {
+            "variant": variant,
+            "stage": "eval",
+            "task": evaluation["task"],
+            "dataset": evaluation["dataset"],
+            "seed": str(evaluation["seed"]),
+            TAG_KIND: "evaluation",
+            TAG_FOLDER: f"downstream/{folder}",
+        }
+        name = f"{variant} {evaluation['label']} seed{evaluation['seed']}"
+        identities[f"downstream/{folder}"] = {"name": name, "tags": tags}
+    return identities
 
 
 def _folder(results: Path, kind: str, folder: str) -> tuple[dict, dict, list[Path], tuple[int, int]]:
@@ -226,6 +294,7 @@ def log_study(
     results = Path(results)
     study = dict(study or {})
     settings = variant_settings(study)
+    identities = run_identities(manifest)
     users: dict[str, list[str]] = {}  # folder -> the variants that use it, in manifest order
     for variant, entry in manifest.items():
         for folder in [*entry.get("nodes", []), *(e["folder"] for e in entry["evaluations"])]:
@@ -276,27 +345,25 @@ def log_study(
             runs = {}
             for node in nodes:
                 metrics, config, files, times = loaded[node]
+                identity = identities[f"pretrain/{node}"]
                 runs[node] = logger.run(
                     f"pretrain/{node}",
-                    node,
+                    identity["name"],
                     parent=parents[users[node][0]],
                     params=config,
                     metrics={k: v for k, v in metrics.items() if k != "log"},
                     times=times,
                     curves={"train": ("step", metrics.get("log", []))},
                     artifacts=files,
-                    tags={
-                        "variant": ",".join(users[node]),
-                        "stage": node.split("-")[0].removeprefix("stage"),
-                        "slurm_job_id": str(metrics.get("slurm_job_id") or ""),
-                    },
+                    tags=identity["tags"] | {"slurm_job_id": str(metrics.get("slurm_job_id") or "")},
                 )
             for evaluation in evaluations:
                 folder = evaluation["folder"]
                 metrics, config, files, times = loaded[folder]
+                identity = identities[f"downstream/{folder}"]
                 runs[folder] = logger.run(
                     f"downstream/{folder}",
-                    f"{','.join(users[folder])} {evaluation['label']} seed{evaluation['seed']}",
+                    identity["name"],
                     parent=parents[users[folder][0]],
                     params={"variant": ",".join(users[folder]), **config},
                     metrics={k: v for k, v in metrics.items() if k not in ("history", "train_log")},
@@ -307,14 +374,7 @@ def log_study(
                         "train": ("step", metrics.get("train_log", [])),
                     },
                     artifacts=files,
-                    tags={
-                        "variant": ",".join(users[folder]),
-                        "stage": "eval",
-                        "task": evaluation["task"],
-                        "dataset": evaluation["dataset"],
-                        "seed": str(evaluation["seed"]),
-                        "slurm_job_id": str(metrics.get("slurm_job_id") or ""),
-                    },
+                    tags=identity["tags"] | {"slurm_job_id": str(metrics.get("slurm_job_id") or "")},
                 )
             logger.link(parents[variant], runs)
     keys = sorted({key for values in settings.values() for key in values})

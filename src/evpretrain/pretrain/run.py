@@ -20,9 +20,10 @@ from evpretrain.models import build_backbone
 from evpretrain.pretrain.config import PretrainConfig
 from evpretrain.pretrain.data import PretrainDataset, view_tokens
 from evpretrain.pretrain.stages import FeatureTransition, MaskedModeling
-from evpretrain.training import KnnMonitor, MlflowHook, load_checkpoint, train
+from evpretrain.training import KnnMonitor, load_checkpoint, train
 from evpretrain.training.checkpoint import backbone_entries
 from evpretrain.training.distributed import process_layout
+from evpretrain.training.mlflow_hook import LiveTracking
 from evpretrain.training.optim import layer_scales, param_groups
 
 
@@ -172,8 +173,10 @@ def run_stage(
     teacher_features: Path | None = None,
     init: Path | None = None,
     run_name: str | None = None,
+    live: LiveTracking | None = None,
 ) -> dict[str, Any]:
-    """Train one stage into ``out``; return its final metrics (also in ``out/metrics.json``)."""
+    """Train one stage into ``out``; return its final metrics (also in ``out/metrics.json``). ``live``: log to MLflow
+    while it trains (else ``pretrain.mlflow``'s store, if set, under ``run_name``)."""
     if stage not in (1, 2, 3):
         raise ConfigError(f"--stage must be 1, 2 or 3, got {stage}")
     stage_config = {1: config.stage1, 2: config.stage2, 3: config.stage3}[stage]
@@ -207,15 +210,15 @@ def run_stage(
     hooks = []
     if val_store is not None and config.knn.memory > 0 and config.knn.queries > 0:
         hooks.append(knn_monitor(config, train_store, val_store))
-    if config.mlflow.get("tracking_uri"):
-        hooks.append(
-            MlflowHook(
-                config.mlflow["tracking_uri"],
-                config.mlflow.get("experiment", "evpretrain"),
-                run_name or f"stage{stage}",
-                {"stage": stage, **to_mapping(config)},
-            )
+    if live is None and config.mlflow.get("tracking_uri"):
+        live = LiveTracking(
+            config.mlflow["tracking_uri"],
+            config.mlflow.get("experiment", "evpretrain"),
+            run_name or f"stage{stage}",
+            params={"stage": stage, **to_mapping(config)},
         )
+    if live is not None:
+        hooks.append(live.hook())
     metrics = train(module, _step, dataset, stage_config.train, out, param_groups=groups, hooks=hooks)
     metrics = dict(metrics) | {"init": str(init) if init else None, "init_left_out": left_out}
     if stage == 1 and process_layout().is_main:  # under DDP one rank draws

@@ -270,16 +270,7 @@ def _resume(
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     restore_rng_state(checkpoint["rng"][layout.rank])
-    if len(checkpoint["hooks"]) == len(hooks):
-        for hook, hook_state in zip(hooks, checkpoint["hooks"]):
-            hook.load_state_dict(hook_state)
-    else:
-        logger.warning(
-            "%s holds the state of %d hooks, this run has %d: hooks start afresh",
-            checkpoint_path,
-            len(checkpoint["hooks"]),
-            len(hooks),
-        )
+    _load_hooks(hooks, checkpoint, checkpoint_path)
     record.window.load_state_dict(checkpoint["window"])
     record.logged = dict(checkpoint["logged"])
     record.rows = list(checkpoint["metrics"].get("log", []))  # the rows up to the checkpoint's step
@@ -520,8 +511,29 @@ def _save(
         "elapsed_s": metrics["wall_time_s"],
         "metrics": dict(metrics),
         "hooks": [hook.state_dict() for hook in hooks],
+        "hook_names": [type(hook).__name__ for hook in hooks],
     }
     save_checkpoint(checkpoint, record.resume)
+
+
+def _load_hooks(hooks: Sequence[Hook], checkpoint: Mapping[str, Any], path: Path) -> None:
+    """Give each hook the state its kind saved (in order among hooks of the same kind), so that a resumed run with
+    a hook more or less (live tracking switched on or off) keeps the others' states; a checkpoint without the
+    hooks' names gives them by position when the counts agree."""
+    states, names = checkpoint["hooks"], checkpoint.get("hook_names")
+    if names is None:
+        if len(states) != len(hooks):
+            logger.warning(
+                "%s holds the state of %d hooks, this run has %d: hooks start afresh", path, len(states), len(hooks)
+            )
+            return
+        names = [type(hook).__name__ for hook in hooks]
+    saved: dict[str, list[dict[str, Any]]] = {}
+    for name, state in zip(names, states):
+        saved.setdefault(name, []).append(state)
+    for hook in hooks:
+        if saved.get(type(hook).__name__):
+            hook.load_state_dict(saved[type(hook).__name__].pop(0))
 
 
 class _MeanWindow:
