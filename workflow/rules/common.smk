@@ -165,8 +165,8 @@ def evaluation_inputs(wildcards):
 
 
 def option(flag, value):
-    """``flag value`` when there is a value, else nothing: an optional argument of a command."""
-    return f"{flag} {value}" if value else ""
+    """``flag value`` when there is a value, else nothing: an optional argument of a command (the value quoted)."""
+    return f"{flag} {shlex.quote(str(value))}" if value else ""
 
 
 def all_evaluation_metrics():

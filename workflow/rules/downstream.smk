@@ -18,8 +18,8 @@ rule released_checkpoint:
     params:
         file=lambda wildcards: PLAN.released[wildcards.released],
     shell:
-        "test -f {params.file:q} || {{ echo 'released checkpoint {params.file} not found' >&2; exit 1; }};"
-        ' ln -sf "$(realpath {params.file:q})" {output}'
+        "test -f {params.file:q} || {{ echo released checkpoint {params.file:q} not found >&2; exit 1; }};"
+        ' ln -sf "$(realpath {params.file:q})" {output:q}'
 
 
 rule finetune:
@@ -39,9 +39,9 @@ rule finetune:
         out=lambda wildcards, output: Path(output[0]).parent,
         live=lambda wildcards, output: live_tracking(f"downstream/{wildcards.evaluation}"),  # output: no rerun
     shell:
-        "{LAUNCH_FINETUNE} finetune {params.task} {params.mode} --config {input.config} --train {input.train}"
-        " --eval {input.eval} {params.checkpoint} {params.source} --seed {params.seed} --out {params.out}"
-        " {params.live} > {log} 2>&1"
+        "{LAUNCH_FINETUNE} finetune {params.task:q} {params.mode} --config {input.config:q} --train {input.train:q}"
+        " --eval {input.eval:q} {params.checkpoint} {params.source} --seed {params.seed:q} --out {params.out:q}"
+        " {params.live} > {log:q} 2>&1"
 
 
 rule robustness:
@@ -62,8 +62,8 @@ rule robustness:
         run=lambda wildcards, input: Path(input.run).parent,
         out=lambda wildcards, output: Path(output[0]).parent,
     shell:
-        "{LAUNCH_FINETUNE} evaluate-robustness --config {input.config} --run {params.run}"
-        " --eval {input.eval} --variants {input.variants} --seed {params.seed} --out {params.out} > {log} 2>&1"
+        "{LAUNCH_FINETUNE} evaluate-robustness --config {input.config:q} --run {params.run:q}"
+        " --eval {input.eval:q} --variants {input.variants:q} --seed {params.seed:q} --out {params.out:q} > {log:q} 2>&1"
 
 
 rule manifest:
@@ -96,8 +96,8 @@ rule tables:
     params:
         out=RESULTS / "tables",
     shell:
-        "evpretrain report --manifest {input.manifest} --results {RESULTS} --out {params.out}"
-        " --figures {output.figures} > {log} 2>&1"
+        "evpretrain report --manifest {input.manifest:q} --results {RESULTS:q} --out {params.out:q}"
+        " --figures {output.figures:q} > {log:q} 2>&1"
 
 
 rule study_config:
@@ -126,6 +126,6 @@ rule track:
         experiment=lookup(dpath="study/name", within=config) if PLAN else None,
         commit=git_commit(),
     shell:
-        "evpretrain track --manifest {input.manifest} --study {input.study} --results {RESULTS}"
-        " --tracking-uri '{params.uri}'"
-        " --experiment '{params.experiment}' --tag git_commit={params.commit} --out {output} > {log} 2>&1"
+        "evpretrain track --manifest {input.manifest:q} --study {input.study:q} --results {RESULTS:q}"
+        " --tracking-uri {params.uri:q}"
+        " --experiment {params.experiment:q} --tag git_commit={params.commit:q} --out {output:q} > {log:q} 2>&1"

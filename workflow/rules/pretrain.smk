@@ -20,7 +20,7 @@ rule teacher_features:
         RESULTS / "logs/teacher/{teacher}.log",
     threads: HEAVY_THREADS  # torch's threads: two jobs sharing cores run 10x slower, not 2x
     shell:
-        "{LAUNCH_TEACHER} teacher-features --config {input.config} --data {input.train} --out {output} > {log} 2>&1"
+        "{LAUNCH_TEACHER} teacher-features --config {input.config:q} --data {input.train:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule stage_config:
@@ -48,5 +48,5 @@ rule pretrain_stage:
         init=lambda wildcards, input: option("--init", input.get("init")),
         live=lambda wildcards, output: live_tracking(f"pretrain/{wildcards.node}"),  # output: not recorded, no rerun
     shell:
-        "{LAUNCH_PRETRAIN} pretrain --stage {params.stage} --config {input.config} --data {input.train} --val {input.val}"
-        " {params.teacher} {params.init} --out {params.out} {params.live} > {log} 2>&1"
+        "{LAUNCH_PRETRAIN} pretrain --stage {params.stage:q} --config {input.config:q} --data {input.train:q} --val {input.val:q}"
+        " {params.teacher} {params.init} --out {params.out:q} {params.live} > {log:q} 2>&1"
