@@ -347,3 +347,72 @@ def test_a_study_downloads_converts_and_evaluates_a_dataset_from_a_mirror(tmp_pa
     finally:
         server.server.shutdown()
         server.server.server_close()
+
+
+def stage1_checkpoints(results):
+    return sorted((results / "pretrain").glob("stage1-*/checkpoint.pt"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("interruption", ["ctrl-c", "job killed"])
+def test_a_stage_interrupted_under_snakemake_resumes_to_the_uninterrupted_weights(tmp_path, interruption):
+    import signal
+    import time
+
+    import torch
+
+    long_stage1 = {**TRAIN, "epochs": 400, "checkpoint_every_steps": 20, "log_every_steps": 20}
+    changes = {"variants": {"s1": {"stages": [1]}}, "pretrain.stage1.train": long_stage1}
+    until = ("--until", "pretrain_stage")
+    (tmp_path / "reference").mkdir()
+    reference = tiny_study(tmp_path / "reference", **changes)
+    run = snakemake("--configfile", str(reference), *until, cwd=tmp_path / "reference")
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    study = tiny_study(tmp_path, **changes)
+    command = [
+        str(SNAKEMAKE),
+        "all",
+        "--cores",
+        "2",
+        "--snakefile",
+        str(ROOT / "Snakefile"),
+        "--configfile",
+        str(study),
+    ]
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    env |= {k: v for k, v in os.environ.items() if k == "PYTHONPATH"}
+    snake = subprocess.Popen(
+        [*command, *until],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    resume = []
+    while not resume and time.monotonic() < deadline and snake.poll() is None:
+        time.sleep(0.2)
+        resume = list((tmp_path / "results" / "pretrain").glob("stage1-*/resume.pt"))
+    assert resume, "the stage wrote no resume.pt before the end"
+    if interruption == "ctrl-c":  # a terminal sends SIGINT to the whole foreground group: Snakemake and its job
+        os.killpg(snake.pid, signal.SIGINT)
+    else:  # the job dies (OOM killer, a node failure): Snakemake sees it fail
+        # the training process itself, not the shell that started it (whose command line names it too)
+        pattern = "python[^ ]* [^ ]*evpretrain pretrain"
+        job = subprocess.run(["pgrep", "-s", str(snake.pid), "-f", pattern], capture_output=True, text=True)
+        os.kill(int(job.stdout.split()[0]), signal.SIGKILL)
+    output = snake.communicate(timeout=120)[0].decode()
+    # Snakemake deletes the outputs of the job it saw fail or stopped; resume.pt is none of them.
+    assert snake.returncode != 0 and not stage1_checkpoints(tmp_path / "results"), output[-3000:]
+    step = torch.load(resume[0], weights_only=True)["step"]
+    assert 0 < step < 800
+
+    rerun = snakemake("--configfile", str(study), *until, "--rerun-incomplete", cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    log = next((tmp_path / "results" / "logs" / "pretrain").glob("stage1-*.log")).read_text()
+    assert f"resuming {resume[0]} at step {step} of 800" in log
+    (ours,), (theirs,) = stage1_checkpoints(tmp_path / "results"), stage1_checkpoints(tmp_path / "reference/results")
+    ours, theirs = (torch.load(path, weights_only=True)["model"] for path in (ours, theirs))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)
