@@ -1,7 +1,8 @@
 """Event readers: every supported file format -> the event contract (``evpretrain.events.contract``).
 
 ``read_recording(path)`` / ``read_events(path)`` pick the format by magic bytes, content or suffix; the per-format
-functions below document each layout, its units and its checks. Bad input raises ``EventFormatError`` naming the
+functions below document each layout, its units and its checks; ``stream_recording(path)`` reads a long
+recording chunk by chunk. Bad input raises ``EventFormatError`` naming the
 file, the byte offset where one applies and what was expected. h5py, hdf5plugin and faery load on first use.
 """
 
@@ -15,10 +16,12 @@ from evpretrain.events.readers.faery_formats import read_aedat4, read_event_stre
 from evpretrain.events.readers.mvsec import MvsecEvents, read_mvsec
 from evpretrain.events.readers.n_imagenet import read_n_imagenet
 from evpretrain.events.readers.prophesee_dat import read_prophesee_dat
+from evpretrain.events.readers.streaming import EventStream, stream_recording
 
 __all__ = [
     "Ddd17Events",
     "DsecEvents",
+    "EventStream",
     "MvsecEvents",
     "decode_aedat2",
     "decode_aedat3",
@@ -40,5 +43,6 @@ __all__ = [
     "read_prophesee_raw",
     "read_recording",
     "read_with_faery",
+    "stream_recording",
     "supported_formats",
 ]

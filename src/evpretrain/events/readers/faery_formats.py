@@ -47,6 +47,22 @@ RAW_ENCODING_KEYS = ("evt", "format")
 
 def read_with_faery(path: str | os.PathLike, file_type: str) -> Recording:
     """Read ``path`` with faery as ``file_type`` (``"aedat4"``, ``"raw"``, ``"es"`` or ``"dat"``); t in us."""
+    metadata, sensor_size = faery_preflight(path, file_type)
+    events, dimensions = _decode(path, FILE_TYPES[file_type])
+    if file_type in ("aedat4", "es"):
+        sensor_size = (dimensions[1], dimensions[0])
+    t = events["t"]
+    if t.size and t.max() > np.iinfo(np.int64).max:
+        raise EventFormatError(path, f"timestamp {t.max()} us does not fit int64")
+    polarity = np.where(events["on"], np.int8(1), np.int8(-1))
+    return make_recording(
+        t.astype(np.int64), events["x"], events["y"], polarity, source=path, sensor_size=sensor_size, metadata=metadata
+    )
+
+
+def faery_preflight(path: str | os.PathLike, file_type: str) -> tuple[dict, tuple[int, int] | None]:
+    """The checks before faery decodes ``path`` (module docstring); return the metadata and the sensor size that
+    the header gives (None for AEDAT4 and Event Stream, whose decoder knows it)."""
     if file_type not in FILE_TYPES:
         raise ValueError(f"file_type must be one of {sorted(FILE_TYPES)}, got {file_type!r}")
     os.stat(path)  # a missing file is FileNotFoundError, not a format error
@@ -69,16 +85,7 @@ def read_with_faery(path: str | os.PathLike, file_type: str) -> Recording:
     if file_type == "aedat4":
         check_aedat4_sizes(path)
         _probe_header_in_child(path, FILE_TYPES[file_type])
-    events, dimensions = _decode(path, FILE_TYPES[file_type])
-    if file_type in ("aedat4", "es"):
-        sensor_size = (dimensions[1], dimensions[0])
-    t = events["t"]
-    if t.size and t.max() > np.iinfo(np.int64).max:
-        raise EventFormatError(path, f"timestamp {t.max()} us does not fit int64")
-    polarity = np.where(events["on"], np.int8(1), np.int8(-1))
-    return make_recording(
-        t.astype(np.int64), events["x"], events["y"], polarity, source=path, sensor_size=sensor_size, metadata=metadata
-    )
+    return metadata, sensor_size
 
 
 def read_aedat4(path: str | os.PathLike) -> Recording:

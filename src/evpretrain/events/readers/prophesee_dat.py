@@ -17,6 +17,8 @@ Files without a header are refused: nothing would then tell a DAT file from any 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -31,18 +33,59 @@ WORD_LAYOUTS = {"1": (0x1FF, 9, 0xFF, 17, 0xF), "2": (0x3FFF, 14, 0x3FFF, 28, 0x
 TIMESTAMP_WRAP_US = 1 << 32
 
 
+@dataclass(frozen=True)
+class DatLayout:
+    """What the header of a DAT file says: where the events start (byte ``data_start``), how many there are, the
+    word layout ``version``, the ``T0`` (microseconds added to every timestamp), the sensor size and metadata."""
+
+    data_start: int
+    num_events: int
+    version: str
+    t0: int
+    sensor_size: tuple[int, int] | None
+    metadata: dict
+
+
 def read_prophesee_dat(path: str | os.PathLike) -> Recording:
     """Read a Prophesee DAT file of CD events (layout in the module docstring); t in microseconds.
 
     ``sensor_size`` comes from the header (None when it gives none); ``metadata`` holds the header fields, the DAT
     version and the event type.
     """
+    layout = read_dat_layout(path)
+    with open(path, "rb") as file:
+        file.seek(layout.data_start)
+        words = np.fromfile(file, dtype="<u4").reshape(-1, 2)
+    t, x, y, p = _decode_cd_words(words, layout.version, path, layout.data_start, layout.sensor_size)
+    return make_recording(t + layout.t0, x, y, p, source=path, sensor_size=layout.sensor_size, metadata=layout.metadata)
+
+
+def iter_prophesee_dat(path: str | os.PathLike, chunk_events: int) -> Iterator[tuple]:
+    """The columns ``(t, x, y, p)`` of a DAT file (as ``read_prophesee_dat`` decodes them) in chunks of up to
+    ``chunk_events`` events, read through a memory map: memory O(chunk_events). Timestamp wraps are carried across
+    chunks, so the chunks joined equal the whole file's columns."""
+    layout = read_dat_layout(path)
+    words = np.memmap(path, dtype="<u4", mode="r", offset=layout.data_start, shape=(layout.num_events, 2))
+    high = None  # the multiple of 2^32 added to the previous chunk's last timestamp, and that timestamp
+    for start in range(0, layout.num_events, chunk_events):
+        block = np.array(words[start : start + chunk_events])
+        t, x, y, p = _decode_cd_words(block, layout.version, path, layout.data_start + 8 * start, layout.sensor_size)
+        if high is not None:
+            wrap_base, last = high
+            t += wrap_base
+            if t[0] < last - TIMESTAMP_WRAP_US // 2:  # a wrap between the chunks
+                t += TIMESTAMP_WRAP_US
+        high = (int(t[-1]) - int(block[-1, 0]), int(t[-1]))
+        yield t + layout.t0, x, y, p
+
+
+def read_dat_layout(path: str | os.PathLike) -> DatLayout:
+    """Read and check the header of a DAT file (module docstring); the events are not read."""
     with open(path, "rb") as file:
         header = read_prophesee_header(file, source=path)
         if not header.fields:
             raise EventFormatError(path, "expected a '%' text header (a Prophesee DAT file)", offset=0)
         type_and_size = file.read(2)
-        body = np.fromfile(file, dtype=np.uint8)
     if len(type_and_size) < 2:
         raise EventFormatError(path, "file ends before the event type and size bytes", offset=header.size)
     event_type, event_size = type_and_size
@@ -62,17 +105,14 @@ def read_prophesee_dat(path: str | os.PathLike) -> Recording:
             path, f"DAT version {version!r} is not supported (expected 1 or 2)", offset=header.offset("Version")
         )
     data_start = header.size + 2
-    if body.size % CD_EVENT_BYTES:
-        complete = body.size - body.size % CD_EVENT_BYTES
+    body = os.stat(path).st_size - data_start
+    if body % CD_EVENT_BYTES:
+        complete = body - body % CD_EVENT_BYTES
         raise EventFormatError(
             path,
-            f"truncated event: {body.size % CD_EVENT_BYTES} bytes left after the last complete "
-            f"{CD_EVENT_BYTES}-byte event",
+            f"truncated event: {body % CD_EVENT_BYTES} bytes left after the last complete {CD_EVENT_BYTES}-byte event",
             offset=data_start + complete,
         )
-    words = body.view("<u4").reshape(-1, 2)
-    sensor_size = header.geometry(source=path)
-    t, x, y, p = _decode_cd_words(words, version, path, data_start, sensor_size)
     t0 = header.get("T0") or "0"
     if not t0.isdigit():
         raise EventFormatError(
@@ -84,7 +124,7 @@ def read_prophesee_dat(path: str | os.PathLike) -> Recording:
         "event_type": CD_EVENT_TYPES[event_type],
         "header": dict(header.fields),
     }
-    return make_recording(t + int(t0), x, y, p, source=path, sensor_size=sensor_size, metadata=metadata)
+    return DatLayout(data_start, body // CD_EVENT_BYTES, version, int(t0), header.geometry(source=path), metadata)
 
 
 def _decode_cd_words(words: np.ndarray, version: str, source, data_start: int, sensor_size):
