@@ -108,6 +108,57 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import(args: argparse.Namespace) -> int:
+    from evpretrain.config import ConfigError, from_mapping, load_yaml, section
+    from evpretrain.data.importer import ImportConfig, import_recordings
+
+    if args.config is not None:  # the pipeline's form: the settings of data.imports.<name>
+        if args.name is None:
+            raise ConfigError("data import --config needs --name, the import's key under data.imports")
+        config = from_mapping(
+            ImportConfig, section(load_yaml(args.config), f"data.imports.{args.name}"), "data.imports"
+        )
+    else:
+        if args.root is None or args.layout is None:
+            raise ConfigError("data import needs --root and --layout (or --config and --name)")
+        values = {"root": str(args.root), "layout": args.layout, "window": args.window, "seed": args.seed}
+        values |= {"format": args.format, "skip_bad": args.skip_bad}
+        if args.split_map is not None:
+            values["split_map"] = str(args.split_map)
+        if args.split is not None:
+            values["split"] = _split_fractions(args.split)
+        if args.sensor_size is not None:
+            values["sensor_size"] = _pair(args.sensor_size, "--sensor-size")
+        config = from_mapping(ImportConfig, values, "data import")
+    progress = False if args.quiet else None  # None: a bar on a terminal, log lines in a log file
+    for split, path in import_recordings(config, args.out, workers=args.workers, progress=progress).items():
+        print(f"{split}: {path}")
+    return 0
+
+
+def _split_fractions(text: str) -> dict[str, float]:
+    """``train=0.8,val=0.1,test=0.1`` -> {split: fraction}."""
+    from evpretrain.config import ConfigError
+
+    try:
+        pairs = [item.split("=") for item in text.split(",")]
+        return {name.strip(): float(value) for name, value in pairs}
+    except ValueError:
+        raise ConfigError(
+            f"--split: expected NAME=FRACTION,... (e.g. train=0.8,val=0.1,test=0.1), got {text!r}"
+        ) from None
+
+
+def _pair(text: str, option: str) -> list[int]:
+    from evpretrain.config import ConfigError
+
+    try:
+        height, width = (int(v) for v in text.lower().replace("x", ",").split(","))
+    except ValueError:
+        raise ConfigError(f"{option}: expected H,W (pixels, e.g. 480,640), got {text!r}") from None
+    return [height, width]
+
+
 def _live_tracking(args: argparse.Namespace, study: dict):
     """The ``--tracking-uri`` ... options as a ``LiveTracking`` (the run's params: the study config read), or None."""
     if args.tracking_uri is None:
@@ -328,6 +379,32 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, help="processes (default: the cores this process may use)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser(
+        "import",
+        help="turn a folder of your own recordings (any readable format) into event stores, one a split",
+        description="Import a folder of recordings into OUT/<split>.h5. Splits take whole recordings (no window of "
+        "one recording in two splits); files are streamed, in parallel; a rerun resumes an interrupted import.",
+    )
+    p.add_argument("--root", type=Path, help="the folder of recordings")
+    p.add_argument(
+        "--layout",
+        choices=("class_folders", "recordings"),
+        help="class_folders: ROOT/<class>/<files>, labelled; recordings: ROOT/<files>, unlabelled, cut into windows",
+    )
+    p.add_argument("--out", required=True, type=Path, help="output folder: one store per split, <split>.h5")
+    p.add_argument("--window", help="events:N (N events a window) or ms:T (T milliseconds); default: a sample a file")
+    p.add_argument("--split", help="fractions of the recordings per split (default train=0.8,val=0.1,test=0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random split (default 0)")
+    p.add_argument("--split-map", type=Path, help="YAML/JSON {path relative to ROOT: split}, instead of --split")
+    p.add_argument("--format", help="force a reader (see `evpretrain data formats`); default: detected per file")
+    p.add_argument("--sensor-size", help="H,W for files whose header gives no sensor size")
+    p.add_argument("--skip-bad", action="store_true", help="leave out unreadable or too short files (listed)")
+    p.add_argument("--config", type=Path, help="study config: take the settings of data.imports.<--name> instead")
+    p.add_argument("--name", help="with --config: the import's name under data.imports")
+    p.add_argument("--workers", type=int, help="processes (default: the cores this process may use)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_import)
 
 
 def _add_pretrain_commands(commands: argparse._SubParsersAction) -> None:

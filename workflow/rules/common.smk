@@ -239,4 +239,38 @@ def datasets_to_convert():
         needed.setdefault(planned.dataset, set()).update({planned.train_split, planned.eval_split})
         for dataset, split in planned.also_eval:
             needed.setdefault(dataset, set()).add(split)
-    return {name: sorted(splits) for name, splits in needed.items() if name not in ("demo", "ef")}
+    return {name: sorted(splits) for name, splits in needed.items() if name not in ("demo", "ef", *IMPORTS)}
+
+
+# data.imports: folders of the user's own recordings, imported by rule import_<name> (`evpretrain data import`)
+IMPORTS = lookup(dpath="data/imports", within=config, default=None) or {}
+
+
+def import_splits(name):
+    """The split stores an import writes: its split's names, or the splits its split_map names. A study that reads
+    a split the import does not write stops the plan, naming both."""
+    settings = IMPORTS[name]
+    if name in REGISTRY or name in ("demo", "ef"):
+        raise WorkflowError(f"data.imports.{name}: {name!r} names a built or registry dataset; choose another name")
+    if settings.get("split_map"):
+        try:
+            splits = sorted(set(yaml.safe_load(Path(settings["split_map"]).read_text()).values()))
+        except (OSError, AttributeError, yaml.YAMLError) as error:
+            raise WorkflowError(f"data.imports.{name}.split_map: cannot read {settings['split_map']}: {error}")
+    else:
+        splits = list(settings.get("split") or {"train": 0.8, "val": 0.1, "test": 0.1})
+    missing = sorted(set(splits_read(name)) - set(splits))
+    if missing:
+        raise WorkflowError(f"the study reads split(s) {missing} of data.imports.{name}, which writes only {splits}")
+    return splits
+
+
+def splits_read(dataset):
+    """The splits of ``dataset`` that the study's stages and evaluations read."""
+    if PLAN is None:
+        return []
+    needed = {"train", "val"} if PLAN.pretrain_dataset == dataset else set()
+    for planned in PLAN.evaluations.values():
+        if planned.dataset == dataset:
+            needed |= {planned.train_split, planned.eval_split}
+    return sorted(needed)

@@ -95,3 +95,24 @@ rule build_ef:
     shell:
         "evpretrain data build-ef --config {input.config} --images {params.images} --out {output}"
         " --workers {threads} --quiet > {log} 2>&1"
+
+
+for _name in IMPORTS:
+
+    rule:
+        """A folder of the user's own recordings (data.imports.<name>) -> one event store a split."""
+        name:
+            f"import_{_name.replace('-', '_')}"
+        input:
+            config=RESULTS / f"config/data.imports.{_name}.yaml",  # a changed setting re-imports
+        output:
+            [store(_name, split) for split in import_splits(_name)],
+        log:
+            RESULTS / f"logs/import_{_name}.log",
+        threads: ALL_CORES
+        params:
+            name=_name,
+            out=RESULTS / f"data/{_name}",
+        shell:
+            "evpretrain data import --config {input.config:q} --name {params.name:q} --out {params.out:q}"
+            " --workers {threads} --quiet > {log:q} 2>&1"

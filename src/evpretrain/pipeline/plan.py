@@ -155,7 +155,56 @@ def _data_identity(study: Mapping[str, Any], dataset: str) -> Any:
     dataset's name and its conversion settings."""
     if dataset in ("demo", "ef"):
         return {"dataset": dataset, "builder": optional_section(study, f"data.{dataset}")}
+    if dataset in _imports(study):
+        return {"dataset": dataset, "import": _imports(study)[dataset]}
     return {"dataset": dataset, "convert": optional_section(study, f"data.convert.{dataset}")}
+
+
+def _imports(study: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``data.imports``: the user's imported recordings by name (``evpretrain.data.importer``)."""
+    return optional_section(study, "data.imports") or {}
+
+
+# Why an imported store cannot feed what needs intensity frames (evpretrain.data.importer: none are imported).
+NO_FRAMES = "an imported store (data.imports.{name}) holds events only, no intensity frames or difference maps"
+
+
+def _check_imported_pretraining(pretrain: Mapping[str, Any], stages: tuple[int, ...], name: str, where: str) -> None:
+    """Refuse, when the study is planned, the pre-training that an imported store cannot feed: stage 1's
+    difference or frame target, stages 2 and 3 (their teacher sees the frames), frame-interval windows."""
+    why = NO_FRAMES.format(name=name)
+    target = ((pretrain.get("stage1") or {}).get("method") or {}).get("target", "difference")
+    if 1 in stages and target != "voxel":
+        raise ConfigError(
+            f"{where}: pretrain.stage1.method.target: {target} needs the frames of study.pretrain_dataset {name!r}, "
+            f"but {why}: use target: voxel"
+        )
+    if any(stage > 1 for stage in stages):
+        raise ConfigError(
+            f"{where}: stages {[s for s in stages if s > 1]} learn from an image teacher that sees the frames of "
+            f"study.pretrain_dataset {name!r}, but {why}: run stage 1 only (stages: [1])"
+        )
+    window = (pretrain.get("data") or {}).get("window", "clip")
+    if stages and window != "clip":
+        raise ConfigError(f"{where}: pretrain.data.window: {window} draws frame intervals, but {why}: use window: clip")
+
+
+def _check_imported_evaluation(study: Mapping[str, Any], entry: Mapping[str, Any], where: str) -> None:
+    """An evaluation on an imported store needs its labels: a class_folders import, a classification."""
+    settings = _imports(study).get(entry["dataset"])
+    if settings is None:
+        return
+    layout = settings.get("layout")
+    if entry["task"] != "classify":
+        raise ConfigError(
+            f"{where}: task {entry['task']} needs masks or flow, but dataset {entry['dataset']!r} is imported "
+            "(data.imports), and an imported store holds events and, at most, class labels"
+        )
+    if layout != "class_folders":
+        raise ConfigError(
+            f"{where}: a classification needs labels, but dataset {entry['dataset']!r} is imported with layout "
+            f"{layout}, which has none: import it with layout class_folders"
+        )
 
 
 def _weights_content(section: Mapping[str, Any] | None) -> Any:
@@ -186,6 +235,8 @@ def plan_study(study: Mapping[str, Any]) -> StudyPlan:
             raise ConfigError(f"{where}.stages: expected increasing stage numbers among 1, 2, 3, got {list(stages)}")
         resolved = apply_overrides(study, variant.get("overrides", {}), where)
         pretrain = optional_section(resolved, "pretrain") or {}
+        if plan.pretrain_dataset in _imports(study):
+            _check_imported_pretraining(pretrain, stages, plan.pretrain_dataset, where)
         shared = {k: pretrain[k] for k in SHARED_PRETRAIN_KEYS if k in pretrain}
         teacher_section = optional_section(pretrain, "teacher") or {}
         upstream, names = None, []
@@ -278,6 +329,7 @@ def _evaluation(
     where: str,
     released: tuple[str, str] | None = None,
 ) -> Evaluation:
+    _check_imported_evaluation(study, entry, where)
     task, mode = entry["task"], entry.get("mode")
     dotted = f"downstream.{task}.{mode}" if task == "classify" and mode else f"downstream.{task}"
     section = optional_section(study, dotted) if task != "classify" or mode else None  # a probe needs its mode
