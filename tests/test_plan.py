@@ -399,3 +399,60 @@ def test_a_value_a_job_would_refuse_fails_the_dry_run(tmp_path, change, expected
     )
     assert result.returncode != 0
     assert expected in result.stdout + result.stderr
+
+
+def imported_study(**stage1_method):
+    """STUDY pre-training on an imported folder (data.imports.mine) with its stage 1 target."""
+    study = copy.deepcopy(STUDY)
+    study["data"]["imports"] = {"mine": {"root": "recordings", "layout": "recordings", "window": "events:1000"}}
+    study["study"]["pretrain_dataset"] = "mine"
+    study["pretrain"]["stage1"]["method"].update(stage1_method)
+    study["variants"] = {"stage1_only": {"stages": [1]}, "scratch": {"stages": []}}
+    return study
+
+
+def test_an_imported_store_pretrains_with_the_voxel_target_and_is_keyed_by_its_import_settings():
+    plan = plan_study(imported_study(target="voxel"))
+    (node,) = plan.nodes
+    study = imported_study(target="voxel")
+    study["data"]["imports"]["mine"]["window"] = "events:2000"
+    (other,) = plan_study(study).nodes
+    assert node.startswith("stage1-") and other != node  # another window, other stores: another stage
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"target": "difference"}, r"variants.stage1_only: pretrain.stage1.method.target: difference needs the frames"),
+        ({"target": "frame"}, r"target: frame needs the frames .* no intensity frames .*: use target: voxel"),
+    ],
+)
+def test_a_frame_target_on_an_imported_store_is_refused_when_the_study_is_planned(change, expected):
+    with pytest.raises(ConfigError, match=expected):
+        plan_study(imported_study(**change))
+
+
+def test_stages_2_and_3_and_interval_windows_on_an_imported_store_are_refused():
+    study = imported_study(target="voxel")
+    study["variants"]["full"] = {"stages": [1, 2, 3]}
+    with pytest.raises(ConfigError, match=r"variants.full: stages \[2, 3\] learn from an image teacher"):
+        plan_study(study)
+    study = imported_study(target="voxel")
+    study["pretrain"]["data"]["window"] = "interval"
+    with pytest.raises(ConfigError, match=r"pretrain.data.window: interval draws frame intervals.*use window: clip"):
+        plan_study(study)
+
+
+def test_an_evaluation_on_an_imported_store_needs_class_folders_and_a_classification():
+    study = imported_study(target="voxel")
+    study["study"]["evaluations"] = [
+        {"task": "classify", "mode": "linear", "dataset": "mine", "train": "train", "eval": "test"}
+    ]
+    with pytest.raises(ConfigError, match=r"needs labels, .*'mine' is imported with layout recordings"):
+        plan_study(study)
+    study["data"]["imports"]["mine"]["layout"] = "class_folders"
+    assert {e.dataset for e in plan_study(study).evaluations.values()} == {"mine"}
+    study["downstream"]["segment"] = {"train": dict(TRAIN)}
+    study["study"]["evaluations"] = [{"task": "segment", "dataset": "mine", "train": "train", "eval": "test"}]
+    with pytest.raises(ConfigError, match=r"task segment needs masks or flow, but dataset 'mine' is imported"):
+        plan_study(study)

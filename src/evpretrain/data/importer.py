@@ -121,11 +121,16 @@ class _FileTask:
 @dataclass(frozen=True)
 class _PartResult:
     name: str
-    part: Path | None  # None: skipped (skip_bad)
+    part: Path | None  # None: the file failed (its error)
     sensor_size: tuple[int, int] | None = None
     samples: int = 0
     events: int = 0
-    error: str | None = None
+    # EventFormatError's (path, reason, offset): the exception itself does not pickle back from a worker
+    error: tuple[str | None, str, int | None] | None = None
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise EventFormatError(*self.error)
 
 
 def find_recordings(config: ImportConfig) -> tuple[list[tuple[Path, int | None]], list[str] | None]:
@@ -233,13 +238,15 @@ def import_recordings(
         tqdm(total=len(tasks), desc=f"import {root.name}", unit="file", disable=not bar) as meter,
     ):
         for result in pool.map(_convert_file, tasks):
+            if not config.skip_bad:
+                result.raise_error()  # the finished parts stay: a rerun resumes from them
             results[result.name] = result
             meter.update()
             if not bar:
                 log.info("import %s: %d/%d files, %s", root, len(results), len(tasks), _describe(result))
-    skipped = {name: r.error for name, r in results.items() if r.part is None}
-    for name, error in skipped.items():
-        log.warning("import %s: skipped %s: %s", root, name, error)
+    skipped = {name: str(EventFormatError(*r.error)) for name, r in results.items() if r.part is None}
+    for error in skipped.values():
+        log.warning("import %s: skipped %s", root, error)
     sensor_size = _common_sensor_size([r for r in results.values() if r.part is not None], root)
     attrs = {"import": to_mapping(config), "window": config.window or "file", "skipped": sorted(skipped)}
     if classes is not None:
@@ -254,7 +261,7 @@ def import_recordings(
 
 def _describe(result: _PartResult) -> str:
     if result.part is None:
-        return f"{result.name} skipped ({result.error})"
+        return f"{result.name} skipped ({result.error[1]})"
     return f"{result.name}: {result.samples} samples, {result.events} events"
 
 
@@ -275,9 +282,7 @@ def _convert_file(task: _FileTask) -> _PartResult:
     try:
         return _write_part(task)
     except EventFormatError as error:
-        if not task.config.skip_bad:
-            raise
-        return _PartResult(task.name, None, error=str(error))
+        return _PartResult(task.name, None, error=(error.path, error.reason, error.offset))
 
 
 def _write_part(task: _FileTask) -> _PartResult:

@@ -1,0 +1,378 @@
+"""`evpretrain data import`: recordings -> stores (importer.py), the streaming reader and the windower beneath it."""
+
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import yaml
+from event_testing import REAL, needs_real
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from evpretrain.cli import main
+from evpretrain.config import ConfigError
+from evpretrain.data.importer import PARTS, ImportConfig, assign_splits, import_recordings
+from evpretrain.data.store import EventStore
+from evpretrain.events.contract import EVENT_DTYPE, EventFormatError, make_events
+from evpretrain.events.readers import read_events, read_recording, stream_recording
+from evpretrain.events.readers.streaming import _in_time_order
+from evpretrain.events.windows import WindowSpec, cut_windows
+
+SENSOR = (720, 1280)  # (H, W) of the shipped evt3.raw / gen4.dat
+
+
+def write_evt3(path, events, sensor=SENSOR):
+    """``events`` as a Prophesee EVT 3.0 file, encoded by faery."""
+    from faery.events_stream import EVENTS_DTYPE
+    from faery.extension import evt
+
+    packet = np.zeros(len(events), EVENTS_DTYPE)
+    packet["t"], packet["x"], packet["y"], packet["on"] = events["t"], events["x"], events["y"], events["p"] > 0
+    with evt.Encoder(str(path), "evt3", False, (sensor[1], sensor[0]), True) as encoder:
+        encoder.write({"events": packet})
+    return path
+
+
+def write_dat(path, events, sensor=SENSOR):
+    """``events`` as a Prophesee DAT v2 file (CD events: t, then x | y << 14 | p << 28)."""
+    words = np.empty((len(events), 2), "<u4")
+    words[:, 0] = events["t"]
+    words[:, 1] = events["x"].astype(np.uint32) | events["y"].astype(np.uint32) << 14 | (events["p"] > 0) << 28
+    header = f"% Version 2\n% Width {sensor[1]}\n% Height {sensor[0]}\n".encode()
+    path.write_bytes(header + b"\x0c\x08" + words.tobytes())
+    return path
+
+
+@pytest.fixture(scope="module")
+def real_events():
+    if not REAL.is_dir():
+        pytest.skip(f"real recordings not found at {REAL} (../shared is only in the shared workspace)")
+    return read_events(REAL / "evt3.raw")
+
+
+@pytest.fixture
+def class_folders(tmp_path, real_events):
+    """root/a/{0.raw, 1.dat, 2.raw}, root/b/{3.raw, 4.dat, 5.raw}: six cuts of 20,000 real events, EVT3 and DAT."""
+    root = tmp_path / "classes"
+    cuts = {}
+    for i in range(6):
+        folder = root / ("a" if i < 3 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        events = real_events[i * 20_000 : (i + 1) * 20_000]
+        write = write_dat if i % 3 == 1 else write_evt3
+        name = f"{folder.name}/{i}.{'dat' if i % 3 == 1 else 'raw'}"
+        write(root / name, events)
+        cuts[name] = events
+    return root, cuts
+
+
+def stores(out):
+    return {path.stem: EventStore(path) for path in sorted(out.glob("*.h5"))}
+
+
+@needs_real
+def test_class_folders_become_labelled_samples_with_the_class_names(class_folders, tmp_path):
+    root, cuts = class_folders
+    config = ImportConfig(root=str(root), layout="class_folders", split={"train": 0.5, "test": 0.5}, seed=3)
+    written = import_recordings(config, tmp_path / "out", workers=2, progress=False)
+    assert sorted(written) == ["test", "train"] and not (tmp_path / "out" / PARTS).exists()
+    seen = {}
+    for split, store in stores(tmp_path / "out").items():
+        assert store.attrs["class_names"] == ["a", "b"] and store.attrs["split"] == split
+        assert store.sensor_size == SENSOR and len(store) == 3
+        for i, name in enumerate(store.names):
+            file, span = name.split("@")
+            events = cuts[file]
+            assert span == f"{events['t'][0]}:{events['t'][-1] + 1}"
+            assert store.labels[i] == "ab".index(file[0])
+            np.testing.assert_array_equal(store.events(i), events)
+            seen[file] = split
+    assert len(seen) == 6  # every file once
+
+
+@needs_real
+def test_windows_of_class_folder_files_do_not_depend_on_the_chunk_size(class_folders, tmp_path):
+    root, cuts = class_folders
+    digests = []
+    for chunk in (3001, 1 << 20):
+        config = ImportConfig(
+            root=str(root), layout="class_folders", window="events:5000", split={"train": 1.0}, chunk_events=chunk
+        )
+        (path,) = import_recordings(config, tmp_path / f"out{chunk}", workers=1, progress=False).values()
+        store = EventStore(path)
+        assert len(store) == 6 * 4
+        for i, name in enumerate(store.names):
+            file = name.split("@")[0]
+            k = [n.split("@")[0] for n in store.names].index(file)  # the file's first window
+            np.testing.assert_array_equal(store.events(i), cuts[file][(i - k) * 5000 : (i - k + 1) * 5000])
+        digests.append(store.attrs["content_sha256"])
+    assert digests[0] == digests[1]
+
+
+def duration_windows(events, size_us):
+    """Independent oracle: the non-empty complete slots of ``(t - t0) // size_us``, as event arrays."""
+    slots = (events["t"] - events["t"][0]) // size_us
+    complete = slots < (events["t"][-1] - events["t"][0]) // size_us
+    return [events[slots == k] for k in np.unique(slots[complete])]
+
+
+@needs_real
+@pytest.mark.parametrize(("window", "expected"), [("events:100000", 1_218_618 // 100_000), ("ms:250", None)])
+def test_recordings_are_cut_into_every_complete_window(tmp_path, real_events, window, expected):
+    root = tmp_path / "recordings"
+    root.mkdir()
+    for name in ("evt3.raw", "gen4.dat"):  # the same recording in two formats
+        os.symlink(REAL / name, root / name)
+    split_map = tmp_path / "splits.yaml"
+    split_map.write_text(yaml.safe_dump({"evt3.raw": "train", "gen4.dat": "val"}))
+    config = ImportConfig(root=str(root), layout="recordings", window=window, split_map=str(split_map))
+    import_recordings(config, tmp_path / "out", workers=2, progress=False)
+    train, val = stores(tmp_path / "out")["train"], stores(tmp_path / "out")["val"]
+    if expected is None:
+        oracle = duration_windows(real_events, 250_000)
+    else:
+        oracle = [real_events[k * 100_000 : (k + 1) * 100_000] for k in range(expected)]
+    assert len(train) == len(val) == len(oracle) > 4
+    assert train.labels is None and "class_names" not in train.attrs
+    shift = val.events(0)["t"][0] - oracle[0]["t"][0]  # the DAT export counts from another clock origin
+    for i in (0, len(oracle) // 2, len(oracle) - 1):
+        np.testing.assert_array_equal(train.events(i), oracle[i])
+        dat = val.events(i)
+        dat["t"] -= shift
+        np.testing.assert_array_equal(dat, oracle[i])
+    assert {n.split("@")[0] for n in train.names} == {"evt3.raw"} and {n.split("@")[0] for n in val.names} == {
+        "gen4.dat"
+    }
+
+
+def test_the_split_is_seeded_by_recording_and_cut_by_largest_remainder():
+    names = [f"rec{i:02d}.raw" for i in range(10)]
+    config = ImportConfig(root=".", layout="recordings", window="events:10", seed=7)
+    first = assign_splits(names, config)
+    assert first == assign_splits(list(names), config)  # the same seed: the same draw
+    assert sorted(first.values()).count("train") == 8 and sorted(first.values()).count("val") == 1
+    other = assign_splits(names, ImportConfig(root=".", layout="recordings", window="events:10", seed=8))
+    assert other != first and sorted(other.values()) == sorted(first.values())
+    thirds = ImportConfig(root=".", layout="recordings", window="events:10", split={"a": 0.5, "b": 0.25, "c": 0.25})
+    # 7 x (0.5, 0.25, 0.25) = 3.5, 1.75, 1.75: floors 3, 1, 1, the two left over to the largest remainders
+    assert sorted(assign_splits(names[:7], thirds).values()) == ["a"] * 3 + ["b"] * 2 + ["c"] * 2
+    with pytest.raises(ConfigError, match=r"2 recording\(s\) leave split\(s\) \['val', 'test'\] without any"):
+        assign_splits(names[:2], config)
+
+
+def test_a_split_map_must_name_every_recording_and_only_them(tmp_path):
+    split_map = tmp_path / "map.json"
+    split_map.write_text('{"a.raw": "train", "c.raw": "val"}')
+    config = ImportConfig(root="r", layout="recordings", window="events:10", split_map=str(split_map))
+    with pytest.raises(ConfigError, match=r"1 recording\(s\) have no split, e.g. \['b.raw'\]; 1 entries name no file"):
+        assign_splits(["a.raw", "b.raw"], config)
+
+
+@needs_real
+@pytest.mark.parametrize("name", ["evt3.raw", "gen4.dat", "evt2.raw"])
+def test_a_streamed_recording_equals_the_whole_read(name):
+    whole = read_recording(REAL / name)
+    stream = stream_recording(REAL / name, chunk_events=65_537)
+    chunks = list(stream.chunks())
+    assert len(chunks) > 5 and stream.sensor_size == whole.sensor_size
+    np.testing.assert_array_equal(np.concatenate(chunks), whole.events)
+
+
+def test_a_dat_timestamp_wrap_between_chunks_is_carried(tmp_path):
+    t = np.array([2**32 - 10, 2**32 - 5, 3, 8, 2**31 + 5, 2**32 - 1, 4], np.int64)  # wraps after events 1 and 5
+    t_unwrapped = t + np.array([0, 0, 1, 1, 1, 1, 2]) * 2**32
+    events = np.zeros(7, EVENT_DTYPE)
+    events["t"], events["x"], events["y"], events["p"] = t, np.arange(7), 1, 1
+    path = write_dat(tmp_path / "wrap.dat", events, (4, 8))
+    assert np.array_equal(read_events(path)["t"], t_unwrapped)
+    for chunk in (1, 2, 3, 5):
+        assert np.array_equal(
+            np.concatenate(list(stream_recording(path, chunk_events=chunk).chunks()))["t"], t_unwrapped
+        )
+
+
+def events_at(times):
+    n = len(times)
+    return make_events(np.asarray(times), np.arange(n) % 7, np.zeros(n), np.ones(n))
+
+
+def test_events_out_of_order_across_one_chunk_boundary_are_merged_as_a_whole_sort():
+    chunks = [events_at([0, 5, 10]), events_at([7, 10, 12]), events_at([12, 20])]
+    whole = np.concatenate(chunks)
+    expected = whole[np.argsort(whole["t"], kind="stable")]
+    np.testing.assert_array_equal(np.concatenate(list(_in_time_order(iter(chunks), "f"))), expected)
+    with pytest.raises(EventFormatError, match=r"f: an event at t=3 us comes after events up to t=10 us"):
+        list(_in_time_order(iter([events_at([0, 5, 10]), events_at([11, 12]), events_at([3])]), "f"))
+
+
+@st.composite
+def chunked_stream(draw):
+    gaps = draw(st.lists(st.integers(0, 30), min_size=1, max_size=200))
+    events = events_at(np.cumsum(gaps) + draw(st.integers(0, 10**6)))
+    cuts = sorted(draw(st.lists(st.integers(0, len(events)), max_size=8)))
+    return events, np.split(events, cuts)
+
+
+@given(
+    stream=chunked_stream(),
+    kind=st.sampled_from(["events", "ms"]),
+    size=st.integers(1, 60),
+)
+@settings(max_examples=200, deadline=None)
+def test_any_chunking_of_sorted_events_gives_the_same_windows(stream, kind, size):
+    events, chunks = stream
+    spec = WindowSpec(kind, size)
+    if kind == "events":
+        oracle = [events[k * size : (k + 1) * size] for k in range(len(events) // size)]
+    else:
+        oracle = duration_windows(events, size)
+    windows = list(cut_windows(iter(chunks), spec))
+    assert len(windows) == len(oracle)
+    for window, expected in zip(windows, oracle):
+        np.testing.assert_array_equal(window.events, expected)
+        if kind == "ms":
+            slot = (expected["t"][0] - events["t"][0]) // size
+            assert (window.start_us, window.end_us) == (
+                events["t"][0] + slot * size,
+                events["t"][0] + (slot + 1) * size,
+            )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("events:500", WindowSpec("events", 500)), ("ms:2.5", WindowSpec("ms", 2500)), ("ms:0.001", WindowSpec("ms", 1))],
+)
+def test_window_specs_parse_to_events_or_microseconds(text, expected):
+    assert WindowSpec.parse(text) == expected and WindowSpec.parse(str(expected)) == expected
+
+
+@pytest.mark.parametrize("text", ["events:0", "events:1.5", "ms:0.0001", "s:1", "ms:"])
+def test_a_bad_window_spec_says_what_is_expected(text):
+    with pytest.raises(ValueError, match=r"window .*(events:N|whole number)"):
+        WindowSpec.parse(text)
+
+
+@needs_real
+def test_an_unreadable_file_stops_the_import_naming_it_and_nothing_is_written(class_folders, tmp_path):
+    root, _ = class_folders
+    (root / "b" / "9.raw").write_bytes(b"not an event file\n" * 10)
+    out = tmp_path / "out"
+    config = ImportConfig(root=str(root), layout="class_folders", split={"train": 1.0})
+    with pytest.raises(EventFormatError, match=r"b/9.raw: at byte offset 0: expected a '%' text header"):
+        import_recordings(config, out, workers=2, progress=False)
+    assert not list(out.glob("*.h5"))
+    skipping = ImportConfig(root=str(root), layout="class_folders", split={"train": 1.0}, skip_bad=True)
+    (path,) = import_recordings(skipping, out, workers=2, progress=False).values()
+    store = EventStore(path)
+    assert len(store) == 6 and store.attrs["skipped"] == ["b/9.raw"]
+
+
+@needs_real
+def test_a_window_larger_than_the_recording_is_refused_naming_the_file_and_sizes(tmp_path, real_events, capsys):
+    root = tmp_path / "recordings"
+    root.mkdir()
+    write_evt3(root / "short.raw", real_events[:1000])
+    out = tmp_path / "out"
+    code = main(["data", "import", "--root", str(root), "--layout", "recordings", "--window", "events:5000"]
+                + ["--split", "train=1.0", "--out", str(out), "--workers", "1", "--quiet"])  # fmt: skip
+    span = int(real_events["t"][999] - real_events["t"][0])
+    error = capsys.readouterr().err
+    assert (
+        code == 2
+        and f"short.raw: window events:5000 is larger than the recording (1000 events spanning {span} us)" in error
+    )
+    assert not list(out.glob("*.h5"))
+    assert (
+        main(["data", "import", "--root", str(root), "--layout", "recordings", "--window", "ms:x", "--out", str(out)])
+        == 2
+    )
+    assert "window 'ms:x': expected events:N" in capsys.readouterr().err
+
+
+@needs_real
+def test_a_rerun_after_a_failed_import_keeps_the_finished_parts_and_gives_the_clean_runs_stores(
+    class_folders, tmp_path
+):
+    root, cuts = class_folders
+    config = ImportConfig(
+        root=str(root), layout="class_folders", window="events:4000", split={"train": 0.5, "val": 0.5}
+    )
+    clean = {s: EventStore(p).attrs["content_sha256"] for s, p in import_recordings(config, tmp_path / "clean").items()}
+    broken = root / "b" / "5.raw"
+    good = broken.read_bytes()
+    broken.write_bytes(good[:60])  # the header and a few words: a file cut short, as by a killed copy
+    out = tmp_path / "out"
+    with pytest.raises(EventFormatError, match="5.raw"):
+        import_recordings(config, out, workers=1, progress=False)
+    assert len(list((out / PARTS).glob("*.h5"))) == 5 and not list(out.glob("*.h5"))  # the other files' parts
+    broken.write_bytes(good)
+    os.utime(broken, ns=(1, 1))
+    resumed = {s: EventStore(p).attrs["content_sha256"] for s, p in import_recordings(config, out, workers=2).items()}
+    assert resumed == clean
+
+
+def tiny_import_study(tmp_path, recordings, target):
+    from test_pipeline import tiny_study
+
+    path = tiny_study(tmp_path)
+    study = yaml.safe_load(path.read_text())
+    study["data"]["imports"] = {
+        "mine": {
+            "root": str(recordings),
+            "layout": "recordings",
+            "window": "events:20000",
+            "split": {"train": 0.5, "val": 0.5},
+        }
+    }
+    study["study"]["pretrain_dataset"] = "mine"
+    study["pretrain"]["data"] = {"input_size": [32, 32]}
+    study["pretrain"]["stage1"]["method"]["target"] = target
+    study["variants"] = {"stage1_only": {"stages": [1]}}
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+@needs_real
+@pytest.mark.slow
+def test_a_study_pretrains_on_an_imported_store_and_refuses_the_difference_target_when_planned(tmp_path, real_events):
+    from test_pipeline import ROOT, SNAKEMAKE, snakemake
+
+    from evpretrain.pipeline.plan import plan_study
+
+    recordings = tmp_path / "recordings"
+    recordings.mkdir()
+    write_evt3(recordings / "one.raw", real_events[:100_000])
+    write_dat(recordings / "two.dat", real_events[100_000:200_000])
+    refused = snakemake("--configfile", str(tiny_import_study(tmp_path, recordings, "difference")), "-n", cwd=tmp_path)
+    assert refused.returncode != 0
+    assert "pretrain.stage1.method.target: difference needs the frames of study.pretrain_dataset 'mine'" in (
+        refused.stdout + refused.stderr
+    )
+    study = tiny_import_study(tmp_path, recordings, "voxel")
+    (node,) = plan_study(yaml.safe_load(study.read_text())).nodes
+    checkpoint = tmp_path / "results" / "pretrain" / node / "checkpoint.pt"
+    run = subprocess.run(  # the stage's checkpoint only: the import, then stage 1
+        [
+            str(SNAKEMAKE),
+            str(checkpoint),
+            "--cores",
+            "2",
+            "--snakefile",
+            str(ROOT / "Snakefile"),
+            "--configfile",
+            str(study),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={
+            "PATH": f"{SNAKEMAKE.parent}:/usr/bin:/bin",
+            "HOME": str(tmp_path),
+            **{k: v for k, v in os.environ.items() if k == "PYTHONPATH"},
+        },
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "import_mine" in run.stderr and checkpoint.is_file()
+    train = EventStore(tmp_path / "results" / "data" / "mine" / "train.h5")
+    assert len(train) == 5 and train.sensor_size == SENSOR
