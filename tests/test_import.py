@@ -327,6 +327,7 @@ def tiny_import_study(tmp_path, recordings, target):
     }
     study["study"]["pretrain_dataset"] = "mine"
     study["pretrain"]["data"] = {"input_size": [32, 32]}
+    study["pretrain"]["knn"]["memory"] = 0  # unlabelled recordings: no kNN monitor (the plan refuses it)
     study["pretrain"]["stage1"]["method"]["target"] = target
     study["variants"] = {"stage1_only": {"stages": [1]}}
     path.write_text(yaml.safe_dump(study))
@@ -336,6 +337,7 @@ def tiny_import_study(tmp_path, recordings, target):
 @needs_real
 @pytest.mark.slow
 def test_a_study_pretrains_on_an_imported_store_and_refuses_the_difference_target_when_planned(tmp_path, real_events):
+    from snakemake.utils import validate
     from test_pipeline import ROOT, SNAKEMAKE, snakemake
 
     from evpretrain.pipeline.plan import plan_study
@@ -350,7 +352,9 @@ def test_a_study_pretrains_on_an_imported_store_and_refuses_the_difference_targe
         refused.stdout + refused.stderr
     )
     study = tiny_import_study(tmp_path, recordings, "voxel")
-    (node,) = plan_study(yaml.safe_load(study.read_text())).nodes
+    config = yaml.safe_load(study.read_text())
+    validate(config, str(ROOT / "workflow" / "schemas" / "config.schema.yaml"))  # the defaults, as Snakemake sets them
+    (node,) = plan_study(config).nodes
     checkpoint = tmp_path / "results" / "pretrain" / node / "checkpoint.pt"
     run = subprocess.run(  # the stage's checkpoint only: the import, then stage 1
         [

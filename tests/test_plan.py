@@ -407,6 +407,7 @@ def imported_study(**stage1_method):
     study["data"]["imports"] = {"mine": {"root": "recordings", "layout": "recordings", "window": "events:1000"}}
     study["study"]["pretrain_dataset"] = "mine"
     study["pretrain"]["stage1"]["method"].update(stage1_method)
+    study["pretrain"]["knn"]["memory"] = 0  # unlabelled recordings: no kNN monitor
     study["variants"] = {"stage1_only": {"stages": [1]}, "scratch": {"stages": []}}
     return study
 
@@ -432,10 +433,14 @@ def test_a_frame_target_on_an_imported_store_is_refused_when_the_study_is_planne
         plan_study(imported_study(**change))
 
 
-def test_stages_2_and_3_and_interval_windows_on_an_imported_store_are_refused():
+def test_stages_2_and_3_interval_windows_and_knn_without_labels_on_an_imported_store_are_refused():
     study = imported_study(target="voxel")
     study["variants"]["full"] = {"stages": [1, 2, 3]}
     with pytest.raises(ConfigError, match=r"variants.full: stages \[2, 3\] learn from an image teacher"):
+        plan_study(study)
+    study = imported_study(target="voxel")
+    study["pretrain"]["knn"]["memory"] = 8
+    with pytest.raises(ConfigError, match=r"the kNN monitor scores class labels.*set pretrain.knn.memory: 0"):
         plan_study(study)
     study = imported_study(target="voxel")
     study["pretrain"]["data"]["window"] = "interval"

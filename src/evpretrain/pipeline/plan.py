@@ -169,10 +169,19 @@ def _imports(study: Mapping[str, Any]) -> Mapping[str, Any]:
 NO_FRAMES = "an imported store (data.imports.{name}) holds events only, no intensity frames or difference maps"
 
 
-def _check_imported_pretraining(pretrain: Mapping[str, Any], stages: tuple[int, ...], name: str, where: str) -> None:
+def _check_imported_pretraining(
+    pretrain: Mapping[str, Any], stages: tuple[int, ...], settings: Mapping[str, Any], name: str, where: str
+) -> None:
     """Refuse, when the study is planned, the pre-training that an imported store cannot feed: stage 1's
-    difference or frame target, stages 2 and 3 (their teacher sees the frames), frame-interval windows."""
+    difference or frame target, stages 2 and 3 (their teacher sees the frames), frame-interval windows, and the kNN
+    monitor on unlabelled recordings."""
     why = NO_FRAMES.format(name=name)
+    knn = pretrain.get("knn") or {}
+    if stages and settings.get("layout") == "recordings" and knn.get("memory", 1) > 0 and knn.get("queries", 1) > 0:
+        raise ConfigError(
+            f"{where}: pretrain.knn: the kNN monitor scores class labels, but study.pretrain_dataset {name!r} is "
+            "imported with layout recordings, which has none: set pretrain.knn.memory: 0 (or import class_folders)"
+        )
     target = ((pretrain.get("stage1") or {}).get("method") or {}).get("target", "difference")
     if 1 in stages and target != "voxel":
         raise ConfigError(
@@ -236,7 +245,9 @@ def plan_study(study: Mapping[str, Any]) -> StudyPlan:
         resolved = apply_overrides(study, variant.get("overrides", {}), where)
         pretrain = optional_section(resolved, "pretrain") or {}
         if plan.pretrain_dataset in _imports(study):
-            _check_imported_pretraining(pretrain, stages, plan.pretrain_dataset, where)
+            _check_imported_pretraining(
+                pretrain, stages, _imports(study)[plan.pretrain_dataset], plan.pretrain_dataset, where
+            )
         shared = {k: pretrain[k] for k in SHARED_PRETRAIN_KEYS if k in pretrain}
         teacher_section = optional_section(pretrain, "teacher") or {}
         upstream, names = None, []
