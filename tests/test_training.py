@@ -806,12 +806,14 @@ def test_a_file_that_is_not_a_checkpoint_is_an_error_naming_it(tmp_path):
     cases = {
         "missing.pt": "no such checkpoint file",
         "truncated.pt": "not a readable torch checkpoint",
-        "text.pt": "not a readable torch checkpoint",
+        # one line: of torch's paragraph on weights_only, only what its unpickler refused ("n" is opcode 110)
+        "text.pt": r"not a readable torch checkpoint \(UnpicklingError: Unsupported operand 110\)$",
         "list.pt": "holds a list, expected a dict",
     }
     for name, reason in cases.items():
-        with pytest.raises(CheckpointError, match=rf"{name}: {reason}"):
+        with pytest.raises(CheckpointError, match=rf"{name}: {reason}") as err:
             load_checkpoint(tmp_path / name)
+        assert "\n" not in str(err.value)
     with pytest.raises(CheckpointError, match=r"whole\.pt: lacks \['optimizer'\]"):
         load_checkpoint(tmp_path / "whole.pt", required=("model", "optimizer"))
     assert load_checkpoint(tmp_path / "whole.pt", required=("model",))["step"] == 3
