@@ -1,5 +1,6 @@
 """The demo and EF-ImageNet builders: real images in, complete and deterministic stores out."""
 
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -67,6 +68,23 @@ def test_a_saccade_runs_its_legs_at_one_speed_turning_120_degrees(legs, frames, 
 def test_demo_config_rejects_more_legs_than_steps():
     with pytest.raises(ValueError, match="saccade_legs"):
         replace(SMALL_DEMO, num_frames=3, saccade_legs=3)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"seed": -1}, "seed must be >= 0, got -1"),
+        ({"frame_rate_hz": 0.0}, "frame_rate_hz must lie in (0, 1e6], got 0.0"),
+        ({"frame_rate_hz": 2e6}, "frame_rate_hz must lie in (0, 1e6], got 2000000.0"),  # frames < 1 us apart
+        ({"digit_intensity": 2.0}, "digit_intensity must lie in [0, 1], got 2.0"),
+        ({"background_intensity": (0.5, 0.1)}, "background_intensity must be [low, high] with 0 <= low <= high <= 1"),
+        ({"background_intensity": (0.5, 1.5)}, "background_intensity must be [low, high] with 0 <= low <= high <= 1"),
+        ({"digit_drift_px_per_frame": -0.1}, "digit_drift_px_per_frame must be >= 0, got -0.1"),
+    ],
+)
+def test_demo_config_rejects_values_the_builder_would_fail_on_or_render_as_nonsense(change, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        replace(SMALL_DEMO, **change)
 
 
 def _digit_path_midpoints(config, seeds):

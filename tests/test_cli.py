@@ -64,6 +64,83 @@ def test_config_errors_exit_2_and_name_the_key(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["data", "build-demo", "--config", "{yaml}", "--out", "{tmp}/o", "--workers", "0"],
+            "argument --workers: expected an integer >= 1, got '0'",
+        ),
+        (
+            ["data", "build-demo", "--config", "{yaml}", "--out", "{tmp}/o", "--workers", "-3"],
+            "argument --workers: expected an integer >= 1, got '-3'",
+        ),
+        (
+            ["data", "convert", "--dataset", "n-mnist", "--root", "{tmp}", "--out", "{tmp}/o", "--workers", "x"],
+            "argument --workers: expected an integer >= 1, got 'x'",
+        ),
+        (
+            ["data", "build-demo", "--config", "{broken}", "--out", "{tmp}/o"],
+            "{broken}: cannot read YAML: while parsing a flow sequence",
+        ),
+        (
+            ["report", "--manifest", "{text}", "--results", "{tmp}", "--out", "{tmp}/o"],
+            "--manifest {text}: not a JSON file (Expecting value",
+        ),
+        (
+            ["report", "--manifest", "{list}", "--results", "{tmp}", "--out", "{tmp}/o"],
+            "--manifest {list}: expected a JSON object, got list",
+        ),
+        (
+            [
+                "track",
+                "--manifest",
+                "{list}",
+                "--results",
+                "{tmp}",
+                "--tracking-uri",
+                "sqlite:///{tmp}/m.db",
+                "--experiment",
+                "e",
+                "--tag",
+                "novalue",
+            ],
+            "--tag: expected KEY=VALUE, got 'novalue'",
+        ),
+        (
+            [
+                "track",
+                "--manifest",
+                "{text}",
+                "--results",
+                "{tmp}",
+                "--tracking-uri",
+                "sqlite:///{tmp}/m.db",
+                "--experiment",
+                "e",
+            ],
+            "--manifest {text}: not a JSON file",
+        ),
+    ],
+)
+def test_bad_options_and_files_exit_2_with_one_line_naming_them(tmp_path, capsys, argv, message):
+    paths = {"tmp": tmp_path, "yaml": tmp_path / "c.yaml", "broken": tmp_path / "broken.yaml"}
+    paths |= {"text": tmp_path / "m.txt", "list": tmp_path / "m.json"}
+    paths["yaml"].write_text("data:\n  demo:\n    samples: {train: 2}\n")
+    paths["broken"].write_text("data: [unclosed\n")
+    paths["text"].write_text("not json")
+    paths["list"].write_text("[]")
+    try:
+        code, usage = main([arg.format(**paths) for arg in argv]), False
+    except SystemExit as exit:  # argparse's refusal of an option: usage, then the error line
+        code, usage = exit.code, True
+    assert code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert message.format(**paths) in lines[-1] and lines[-1].startswith("evpretrain")
+    assert usage or len(lines) == 1
+    assert not (tmp_path / "o").exists()
+
+
 def test_unreadable_file_exits_2_naming_it(tmp_path, capsys):
     bad = tmp_path / "bad.h5"
     bad.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(40))

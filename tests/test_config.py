@@ -1,3 +1,4 @@
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -50,6 +51,12 @@ def test_builds_nested_dataclasses_and_round_trips():
         ({"name": "x", "inner": {"mode": "c"}}, r"s\.inner\.mode: expected one of \['a', 'b'\]"),
         ({"name": "x", "inner": {"rate": "fast"}}, r"s\.inner\.rate: expected a number"),
         ({"name": "x", "counts": {"a": "one"}}, r"s\.counts\.a: expected an integer"),
+        ({"name": "x", "inner": {"rate": math.inf}}, r"s\.inner\.rate: expected a finite number, got inf$"),
+        ({"name": "x", "inner": {"rate": -math.inf}}, r"s\.inner\.rate: expected a finite number, got -inf$"),
+        ({"name": "x", "pair": [0, math.nan]}, r"s\.pair\[1\]: expected a finite number, got nan$"),
+        ({"name": "x", "pair": [10**400, 1]}, r"s\.pair\[0\]: expected a finite number, got 1000"),
+        ({"name": "x", "inner": []}, r"s\.inner: expected a mapping, got \[\]$"),
+        ({"name": "x", "inner": 3}, r"s\.inner: expected a mapping, got 3$"),
     ],
 )
 def test_errors_name_the_dotted_key(values, message):
@@ -107,3 +114,21 @@ def test_optional_section_is_none_where_left_out_and_strict_where_present():
         optional_section(STUDY, "model.flag")
     with pytest.raises(ConfigError, match=r"config section 'model\.flag' must be a mapping, got int"):
         optional_section(STUDY, "model.flag.deeper")
+
+
+@dataclass(frozen=True)
+class Checked:
+    low: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.low < 0:
+            raise ConfigError(f"other.key: low must be >= 0, got {self.low}")  # names its key itself
+        if self.low > 1:
+            raise ValueError(f"low must be <= 1, got {self.low}")
+
+
+def test_a_check_of_the_dataclass_is_prefixed_by_the_section_unless_it_names_its_key():
+    with pytest.raises(ConfigError, match=r"^s: low must be <= 1, got 2\.0$"):
+        from_mapping(Checked, {"low": 2}, "s")
+    with pytest.raises(ConfigError, match=r"^other\.key: low must be >= 0, got -1\.0$"):
+        from_mapping(Checked, {"low": -1}, "s")

@@ -284,6 +284,22 @@ TINY_STUDY = {
 }
 
 
+@pytest.mark.parametrize(("task", "mode"), [("classify", "linear"), ("classify", "finetune")])
+def test_a_task_refuses_a_store_smaller_than_a_batch_by_its_key(tmp_path, capsys, task, mode):
+    store = tmp_path / "s.h5"
+    with EventStoreWriter(store, sensor_size=(24, 24), source="test", attrs={"class_names": ["a", "b", "c"]}) as writer:
+        for label in range(3):
+            writer.add_sample(make_events([0, 500, 1000], [1, 2, 3], [4, 5, 6], [1, 0, 1]), label=label)
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(TINY_STUDY))
+    out = tmp_path / "run"
+    argv = ["finetune", task, "--mode", mode, "--config", str(config), "--train", str(store), "--eval", str(store)]
+    assert main([*argv, "--seed", "0", "--out", str(out)]) == 2
+    expected = f"downstream.{task}.{mode}.train.batch_size 4 is larger than the 3 samples of {store}"
+    assert capsys.readouterr().err == f"evpretrain: error: {expected}\n"
+    assert not out.exists()
+
+
 @pytest.fixture(scope="module")
 def tiny_demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")

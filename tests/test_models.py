@@ -2,6 +2,7 @@
 positions, the registry, and parameter counts against the paper code's structure."""
 
 import math
+import re
 from functools import cache
 
 import pytest
@@ -14,7 +15,8 @@ from evpretrain.config import ConfigError
 from evpretrain.models import BackboneSpec, SwinBackbone, backbone_spec, build_backbone, create_backbone, list_backbones
 from evpretrain.models.base import kept_indices, space_to_depth_tokens
 from evpretrain.models.pos_embed import sincos_pos_embed_2d
-from evpretrain.models.spec import BACKBONES
+from evpretrain.models.registry import _PRESETS
+from evpretrain.models.spec import BACKBONE_IMG_SIZES, BACKBONES
 
 PAPER_SIZE = ["vit_small_patch16", "vit_base_patch16", "convvit_small", "convvit_base", "swin_tiny"]
 DEMO = ["vit_demo", "vit_tiny_demo", "convvit_demo", "swin_demo"]
@@ -57,6 +59,25 @@ def patch_pixels(model, position):
 def test_the_registry_holds_the_papers_backbones_and_the_demo_presets():
     assert list_backbones() == sorted(PAPER_SIZE + DEMO)
     assert list(BACKBONES) == list_backbones()  # the torch-free names the plan checks pretrain.backbone against
+    # and the input side the plan checks pretrain.data.input_size against
+    assert BACKBONE_IMG_SIZES == {name: preset["img_size"] for name, (_, preset) in _PRESETS.items()}
+    assert BackboneSpec("vit_demo").img_size == (64, 64)
+    assert BackboneSpec("vit_demo", overrides={"img_size": [32, 48]}).img_size == (32, 48)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"depth": 0}, "block indices must be distinct"),
+        ({"num_heads": 5}, "AssertionError"),  # timm's Attention: 192 is not a multiple of 5
+        ({"img_size": 60}, "is not a multiple of patch_size 8"),
+    ],
+)
+def test_a_value_a_backbone_refuses_is_a_config_error_naming_its_overrides(overrides, message):
+    with pytest.raises(ConfigError, match=rf"^backbone 'vit_demo' with overrides {re.escape(str(overrides))}: .*"):
+        create_backbone("vit_demo", **overrides)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        create_backbone("vit_demo", **overrides)
 
 
 def test_the_package_loads_each_name_from_its_module_on_use():

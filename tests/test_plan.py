@@ -362,6 +362,67 @@ def test_the_plan_check_names_the_variant_and_the_key_a_job_would_refuse():
     validate_plan(plan_study(STUDY))
 
 
+@pytest.mark.parametrize(
+    ("dotted", "value", "message"),
+    [
+        (
+            "pretrain.data",
+            {"augment": {"time_flip_p": 2}},
+            "pretrain.data.augment: augment.time_flip_p must lie in [0, 1], got 2",
+        ),
+        (
+            "pretrain.data",
+            {"augment": {"hflip_p": -0.5}},
+            "pretrain.data.augment: augment.hflip_p must lie in [0, 1], got -0.5",
+        ),
+        (
+            "pretrain.data.input_size",
+            [60, 60],
+            "pretrain.data.input_size: the input is [60, 60] but the backbone "
+            "(vit_demo) takes [64, 64]; set input_size: [64, 64]",
+        ),
+        ("pretrain.data.seed", -1, "pretrain.data: seed must be >= 0, got -1"),
+        ("pretrain.stage1.method.mask_ratio", 0, "pretrain.stage1.method: mask_ratio must lie in (0, 1), got 0.0"),
+        ("pretrain.stage1.method.mask_ratio", 1, "pretrain.stage1.method: mask_ratio must lie in (0, 1), got 1.0"),
+        (
+            "pretrain.stage1.method.decoder_heads",
+            3,
+            "pretrain.stage1.method: decoder_heads 3 must divide decoder_dim 256",
+        ),
+        ("pretrain.stage1.method.decoder_heads", 0, "pretrain.stage1.method: decoder_heads must be >= 1, got 0"),
+        ("pretrain.stage1.method.decoder_dim", 0, "pretrain.stage1.method: decoder_dim must be >= 1, got 0"),
+        (
+            "pretrain.stage1.train.base_lr",
+            float("inf"),
+            "pretrain.stage1.train.base_lr: expected a finite number, got inf",
+        ),
+        (
+            "pretrain.stage1.train.base_lr",
+            float("nan"),
+            "pretrain.stage1.train.base_lr: expected a finite number, got nan",
+        ),
+        ("pretrain.stage1.train.clip_grad", float("nan"), "pretrain.stage1.train.clip_grad: expected a finite number"),
+        ("pretrain.stage1", [], "config section 'pretrain.stage1' must be a mapping, got list"),
+        ("pretrain.data", 3, "pretrain.data: expected a mapping, got 3"),
+        ("variants", 3, "config section 'variants' must be a mapping, got int"),
+        ("pretrain.stage2.method.temperature", 0, "pretrain.stage2.method: temperature must be > 0, got 0.0"),
+        ("pretrain.stage3.method.hidden_dim", 0, "pretrain.stage3.method: hidden_dim must be >= 1, got 0"),
+        ("pretrain.stage3.layer_lr", {"decay": 0}, "pretrain.stage3.layer_lr: decay must lie in (0, 1], got 0.0"),
+        ("pretrain.knn.k", 601, "pretrain.knn: k 601 is above memory 600: a query has at most memory neighbours"),
+        ("pretrain.knn.memory", 5, "pretrain.knn: k 20 is above memory 5"),
+        ("pretrain.knn.temperature", float("inf"), "pretrain.knn.temperature: expected a finite number, got inf"),
+        ("pretrain", 3, "config section 'pretrain' must be a mapping, got int"),
+        ("downstream.classify.linear.num_classes", 1, "downstream.classify.linear: num_classes must be >= 2 or null"),
+        ("downstream.classify.linear.augment", {"time_flip_p": 2}, "augment.time_flip_p must lie in [0, 1], got 2"),
+        ("downstream.classify.linear.train.weight_decay", float("inf"), "linear.train.weight_decay: expected a finite"),
+        ("downstream.classify.linear", [], "config section 'downstream.classify.linear' must be a mapping, got list"),
+    ],
+)
+def test_the_plan_check_refuses_what_a_job_would_run_with_as_nonsense(dotted, value, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_plan(plan_study(changed(dotted, value)))
+
+
 def test_the_plan_check_imports_no_torch():
     code = "import sys, evpretrain.pipeline.validate; assert 'torch' not in sys.modules, 'torch imported'"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -11,6 +11,8 @@ import yaml
 from evpretrain.cli import main
 from evpretrain.config import ConfigError
 from evpretrain.data.demo import DemoConfig, build_demo
+from evpretrain.data.store import EventStoreWriter
+from evpretrain.events.contract import make_events
 from evpretrain.models import BackboneSpec, backbone_spec
 from evpretrain.pretrain.config import PretrainConfig, pretrain_config
 from evpretrain.pretrain.run import (
@@ -219,6 +221,38 @@ def test_config_errors_name_the_key():
     stage1 = {"method": {"density_score": "count"}, "train": TINY["stage1"]["train"]}
     with pytest.raises(ConfigError, match=r"pretrain\.stage1\.method\.density_score: expected one of"):
         tiny_config(stage1=stage1)
+
+
+@pytest.mark.parametrize(
+    ("data", "batch_size", "message"),
+    [
+        (  # the store's sensor (input_size null) is not the backbone's input
+            {"window": "clip"},
+            4,
+            "pretrain.data.input_size: the input is [24, 24] (the sensor size of {store}) but the backbone "
+            "(backbone_overrides.img_size) takes [32, 32]; set input_size: [32, 32]",
+        ),
+        (
+            {"window": "clip", "input_size": [32, 32]},
+            4,
+            "pretrain.stage1.train.batch_size 4 is larger than the 3 samples of {store}",
+        ),
+    ],
+)
+def test_a_stage_refuses_a_store_the_backbone_does_not_take_or_smaller_than_a_batch(
+    tmp_path, capsys, data, batch_size, message
+):
+    store = tmp_path / "s.h5"
+    with EventStoreWriter(store, sensor_size=(24, 24), source="test") as writer:
+        for label in range(3):
+            writer.add_sample(make_events([0, 500, 1000], [1, 2, 3], [4, 5, 6], [1, 0, 1]), label=label)
+    config = tmp_path / "study.yaml"
+    stage1 = {**TINY["stage1"], "train": {**TINY["stage1"]["train"], "batch_size": batch_size}}
+    config.write_text(yaml.safe_dump({"pretrain": TINY | {"data": data, "stage1": stage1}}))
+    out = tmp_path / "s1"
+    assert main(["pretrain", "--stage", "1", "--config", str(config), "--data", str(store), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"evpretrain: error: {message.format(store=store)}\n"
+    assert not out.exists()  # refused before the run took its folder
 
 
 @pytest.mark.slow

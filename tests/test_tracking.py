@@ -426,3 +426,27 @@ def test_jobs_logged_live_are_nested_by_the_mirror_with_their_history_and_never_
 
     counts = log_study(LIVE_MANIFEST, results, uri, "demo", study=study)
     assert (counts["skipped"], counts["logged"], counts["adopted"], len(by_folder())) == (3, 0, 0, 3)
+
+
+def test_a_folder_with_quotes_and_backslashes_is_found_again_and_no_other(tmp_path):
+    from evpretrain.pipeline.tracking import _Logger, tag_filter
+
+    assert tag_filter("k", "a'b\"c\\d%") == "tags.`k` LIKE 'a_b_c_d%'"  # no quote reaches the filter
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    hostile = 'pretrain/it\'s "q" \\ 100%'
+    decoy = "pretrain/itXs YqY X 100%"  # matches the hostile folder's LIKE pattern: only the exact tag may count
+    times = (1_700_000_000_000, 1_700_000_060_000)
+
+    def log(folder, loss):
+        logger = _Logger(uri, "demo", {})
+        run_id = logger.run(folder, folder, parent=None, params={"p": 1}, metrics={"loss": loss}, times=times)
+        return run_id, logger.counts
+
+    decoy_id, _ = log(decoy, 1.0)
+    first, counts = log(hostile, 2.0)
+    assert counts["logged"] == 1 and counts["replaced"] == 0
+    again, counts = log(hostile, 2.0)  # the same content: found by its folder and skipped
+    assert again == first and counts["skipped"] == 1 and counts["logged"] == 0
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    assert client.get_run(decoy_id).info.lifecycle_stage == "active"
+    assert client.get_run(first).data.tags[TAG_FOLDER] == hostile

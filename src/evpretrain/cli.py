@@ -159,17 +159,47 @@ def _pair(text: str, option: str) -> list[int]:
     return [height, width]
 
 
+def _tags(values: list[str], option: str) -> dict[str, str]:
+    """``KEY=VALUE`` options as a mapping; ConfigError naming ``option`` for one without ``=``."""
+    from evpretrain.config import ConfigError
+
+    bad = [tag for tag in values if "=" not in tag]
+    if bad:
+        raise ConfigError(f"{option}: expected KEY=VALUE, got {bad[0]!r}")
+    return dict(tag.split("=", 1) for tag in values)
+
+
+def _read_json(path: Path, option: str) -> dict:
+    """The JSON object in the file given as ``option``; ConfigError naming both when it is not one."""
+    from evpretrain.config import ConfigError
+
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{option} {path}: not a JSON file ({err})") from err
+    if not isinstance(value, dict):
+        raise ConfigError(f"{option} {path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    """argparse type of a count of at least 1 (``--workers``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def _live_tracking(args: argparse.Namespace, study: dict):
     """The ``--tracking-uri`` ... options as a ``LiveTracking`` (the run's params: the study config read), or None."""
     if args.tracking_uri is None:
         return None
-    from evpretrain.config import ConfigError
     from evpretrain.training.mlflow_hook import LiveTracking
 
-    bad = [tag for tag in args.run_tag if "=" not in tag]
-    if bad:
-        raise ConfigError(f"--run-tag: expected KEY=VALUE, got {bad[0]!r}")
-    tags = dict(tag.split("=", 1) for tag in args.run_tag)
+    tags = _tags(args.run_tag, "--run-tag")
     return LiveTracking(args.tracking_uri, args.experiment, args.run_name or args.out.name, tags, study)
 
 
@@ -260,21 +290,19 @@ def _cmd_robustness(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from evpretrain.pipeline.report import write_report
 
-    paths = write_report(json.loads(args.manifest.read_text()), args.results, args.out, args.figures)
+    paths = write_report(_read_json(args.manifest, "--manifest"), args.results, args.out, args.figures)
     print(paths["md"].read_text())
     return 0
 
 
 def _cmd_track(args: argparse.Namespace) -> int:
-    import yaml
-
+    from evpretrain.config import load_yaml
     from evpretrain.pipeline.tracking import log_study
 
-    tags = dict(tag.split("=", 1) for tag in args.tag)
-    study = yaml.safe_load(args.study.read_text()) if args.study else None  # YAML reads JSON too
-    counts = log_study(
-        json.loads(args.manifest.read_text()), args.results, args.tracking_uri, args.experiment, study=study, tags=tags
-    )
+    tags = _tags(args.tag, "--tag")
+    study = load_yaml(args.study) if args.study else None  # YAML reads JSON too
+    manifest = _read_json(args.manifest, "--manifest")
+    counts = log_study(manifest, args.results, args.tracking_uri, args.experiment, study=study, tags=tags)
     print(json.dumps(counts))
     if args.out is not None:
         from evpretrain.files import write_text_atomic
@@ -328,7 +356,7 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
     p = sub.add_parser("build-demo", help="build the embedded demo study's stores (nothing downloaded)")
     p.add_argument("--config", required=True, type=Path, help="study config (YAML) with a data.demo section")
     p.add_argument("--out", required=True, type=Path, help="output folder: {train,val,test}.h5")
-    p.add_argument("--workers", type=int, help="processes (default: the cores this process may use)")
+    p.add_argument("--workers", type=_positive_int, help="processes (default: the cores this process may use)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_build_demo)
 
@@ -336,7 +364,7 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, type=Path, help="study config (YAML) with a data.ef section")
     p.add_argument("--images", required=True, type=Path, help="image folder, one sub-folder a class")
     p.add_argument("--out", required=True, type=Path, help="output store (.h5); shards are kept beside it until done")
-    p.add_argument("--workers", type=int, help="processes (default: the cores this process may use)")
+    p.add_argument("--workers", type=_positive_int, help="processes (default: the cores this process may use)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_build_ef)
 
@@ -376,7 +404,7 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder: one store per split")
     p.add_argument("--config", type=Path, help="study config whose data.convert.<dataset> section sets the windows")
     p.add_argument("--registry", type=Path, help=REGISTRY_HELP)
-    p.add_argument("--workers", type=int, help="processes (default: the cores this process may use)")
+    p.add_argument("--workers", type=_positive_int, help="processes (default: the cores this process may use)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert)
 

@@ -8,6 +8,7 @@ wrong type. ``optional_section`` is the one way to read a section that may be le
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -29,7 +30,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: cannot read YAML: {err}") from err
+        raise ConfigError(f"{path}: cannot read YAML: {' '.join(str(err).split())}") from err  # one line
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
@@ -73,7 +74,8 @@ def load_section(cls: type[T], study: Mapping[str, Any], dotted: str) -> T:
 
 
 def from_mapping(cls: type[T], values: Mapping[str, Any] | None, where: str) -> T:
-    """Build dataclass ``cls`` from ``values``; unknown keys and mistyped values raise ConfigError.
+    """Build dataclass ``cls`` from ``values``; unknown keys and mistyped values (a float that is not finite
+    included) raise ConfigError.
 
     Nested dataclass fields are built recursively; ``where`` is the dotted path used in messages.
     """
@@ -95,6 +97,8 @@ def from_mapping(cls: type[T], values: Mapping[str, Any] | None, where: str) -> 
         raise ConfigError(f"{where}: missing required key(s) {missing}")
     try:
         return cls(**kwargs)
+    except ConfigError:
+        raise  # it names its key already
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{where}: {err}") from err
 
@@ -143,7 +147,13 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond a float's range
+            number = math.inf
+        if not math.isfinite(number):  # YAML's .inf and .nan: no setting means them
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")

@@ -58,6 +58,17 @@ class DemoConfig:
     compression: StoreCompression = field(default_factory=StoreCompression)
 
     def __post_init__(self) -> None:
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if not 0 < self.frame_rate_hz <= 1e6:  # frames at least a microsecond apart
+            raise ValueError(f"frame_rate_hz must lie in (0, 1e6], got {self.frame_rate_hz}")
+        low, high = self.background_intensity
+        if not 0 <= low <= high <= 1:
+            raise ValueError(f"background_intensity must be [low, high] with 0 <= low <= high <= 1, got {[low, high]}")
+        if not 0 <= self.digit_intensity <= 1:
+            raise ValueError(f"digit_intensity must lie in [0, 1], got {self.digit_intensity}")
+        if self.digit_drift_px_per_frame < 0:
+            raise ValueError(f"digit_drift_px_per_frame must be >= 0, got {self.digit_drift_px_per_frame}")
         if self.background not in BACKGROUNDS:
             raise ValueError(f"background {self.background!r} is not one of {BACKGROUNDS}")
         if set(self.samples) - set(SPLITS):

@@ -145,6 +145,10 @@ class DownstreamTaskConfig:
             raise ValueError(f"aux_channels must be >= 1 or null (channels // 2), got {self.aux_channels}")
         if self.aux_weight < 0:
             raise ValueError(f"aux_weight must be >= 0 (0: no auxiliary head), got {self.aux_weight}")
+        if self.dice_weight < 0:
+            raise ValueError(f"dice_weight must be >= 0 (0: no Dice term), got {self.dice_weight}")
+        if self.num_classes is not None and self.num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2 or null (the store's count), got {self.num_classes}")
         if self.max_flow is not None and self.max_flow <= 0:
             raise ValueError(f"max_flow must be > 0 pixels or null (no cut), got {self.max_flow}")
         for name, allowed in (
@@ -157,13 +161,20 @@ class DownstreamTaskConfig:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
 
 
-def task_config(study: Mapping[str, Any], task: Task, mode: str | None = None) -> DownstreamTaskConfig:
-    """The validated settings of ``task`` (and classification ``mode``) from a study config."""
+def task_section(task: Task, mode: str | None = None) -> str:
+    """The dotted config section of ``task`` (and classification ``mode``): ``downstream.classify.linear``..."""
     if task != "classify":
-        return load_section(DownstreamTaskConfig, study, f"downstream.{task}")
+        return f"downstream.{task}"
     if mode not in CLASSIFY_MODES:
         raise ConfigError(f"classification mode must be one of {CLASSIFY_MODES}, got {mode!r}")
-    config = load_section(DownstreamTaskConfig, study, f"downstream.classify.{mode}")
+    return f"downstream.classify.{mode}"
+
+
+def task_config(study: Mapping[str, Any], task: Task, mode: str | None = None) -> DownstreamTaskConfig:
+    """The validated settings of ``task`` (and classification ``mode``) from a study config."""
+    config = load_section(DownstreamTaskConfig, study, task_section(task, mode))
+    if task != "classify":
+        return config
     if mode == "finetune" and config.head != "linear":
         raise ConfigError(
             f"downstream.classify.finetune.head: fine-tuning trains a plain Linear head; expected 'linear' (the "

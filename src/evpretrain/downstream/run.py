@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from evpretrain.config import ConfigError, to_mapping
-from evpretrain.downstream.config import DownstreamTaskConfig, Task, WindowConfig, task_config
+from evpretrain.downstream.config import DownstreamTaskConfig, Task, WindowConfig, task_config, task_section
 from evpretrain.downstream.data import IGNORE_INDEX, DownstreamDataset
 from evpretrain.downstream.heads import FlowModel, SegmentationModel
 from evpretrain.downstream.losses import flow_loss, segmentation_loss
@@ -42,6 +42,7 @@ from evpretrain.downstream.models import Classifier, LinearProbe, load_backbone
 from evpretrain.models import backbone_spec, build_backbone
 from evpretrain.training import train
 from evpretrain.training.checkpoint import METRICS_NAME, write_json
+from evpretrain.training.config import check_batch_fits
 from evpretrain.training.distributed import process_layout, resolve_device, to_device
 from evpretrain.training.hooks import Hook, TrainState
 from evpretrain.training.mlflow_hook import LiveTracking
@@ -300,6 +301,8 @@ def run_downstream(
     )
     train_set = DownstreamDataset(train_store, task, train=True, augment=config.augment, **common)
     eval_set = DownstreamDataset(eval_store, task, train=False, **common)
+    key = f"{task_section(task, mode)}.train"
+    check_batch_fits(config.train, len(train_set), process_layout().world_size, key, train_store)
     num_classes = config.num_classes or _num_classes(task, train_set, eval_set)
     class_names = _class_names(task, eval_set)
     model = build_model(task, mode, backbone, num_classes, config)

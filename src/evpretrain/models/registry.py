@@ -83,8 +83,8 @@ def create_backbone(name: str, **overrides: Any) -> Backbone:
     """A freshly initialised backbone ``name`` with its preset arguments updated by ``overrides``
     (e.g. ``in_chans=3``, ``img_size=(128, 160)``, ``drop_path_rate=0.1``).
 
-    Raises ConfigError naming the known backbones for an unknown name, and the accepted arguments for an
-    unknown override.
+    Raises ConfigError naming the known backbones for an unknown name, the accepted arguments for an unknown
+    override, and what the class refuses in an override's value (``depth: 0``).
     """
     if name not in _PRESETS:
         raise ConfigError(f"unknown backbone {name!r}; known backbones: {', '.join(list_backbones())}")
@@ -93,4 +93,7 @@ def create_backbone(name: str, **overrides: Any) -> Backbone:
     unknown = sorted(set(overrides) - set(accepted))
     if unknown:
         raise ConfigError(f"backbone {name!r} ({cls.__name__}) does not take {unknown}; it takes {accepted}")
-    return cls(**{**preset, **overrides})
+    try:
+        return cls(**{**preset, **overrides})
+    except (TypeError, ValueError, AssertionError, ZeroDivisionError) as err:  # timm's layers assert
+        raise ConfigError(f"backbone {name!r} with overrides {overrides}: {type(err).__name__}: {err}") from err

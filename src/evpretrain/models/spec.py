@@ -18,19 +18,21 @@ if TYPE_CHECKING:
 
 # The voxel bins when ``pretrain.data.num_bins`` is not set: 5, the presets' own ``in_chans``.
 DEFAULT_NUM_BINS = 5
-# The registered backbones (``registry.list_backbones()``; a test keeps the two equal), known here without torch so
-# that the pipeline refuses an unknown ``pretrain.backbone`` while it plans.
-BACKBONES = (
-    "convvit_base",
-    "convvit_demo",
-    "convvit_small",
-    "swin_demo",
-    "swin_tiny",
-    "vit_base_patch16",
-    "vit_demo",
-    "vit_small_patch16",
-    "vit_tiny_demo",
-)
+# The registered backbones and the input side (pixels) each takes (``registry.list_backbones()`` and the presets'
+# ``img_size``; a test keeps them equal), known here without torch so that the pipeline refuses an unknown
+# ``pretrain.backbone`` or an input of another size while it plans.
+BACKBONE_IMG_SIZES = {
+    "convvit_base": 224,
+    "convvit_demo": 64,
+    "convvit_small": 224,
+    "swin_demo": 64,
+    "swin_tiny": 224,
+    "vit_base_patch16": 224,
+    "vit_demo": 64,
+    "vit_small_patch16": 224,
+    "vit_tiny_demo": 64,
+}
+BACKBONES = tuple(BACKBONE_IMG_SIZES)
 
 
 def check_backbone(name: str, num_bins: int) -> None:
@@ -48,6 +50,13 @@ class BackboneSpec:
     name: str
     in_chans: int = DEFAULT_NUM_BINS
     overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def img_size(self) -> tuple[int, int]:
+        """(H, W) pixels of the input the backbone takes: its preset's, or ``overrides["img_size"]`` (an int for a
+        square or [H, W])."""
+        size = self.overrides.get("img_size", BACKBONE_IMG_SIZES.get(self.name))
+        return (size, size) if isinstance(size, int) else tuple(size)
 
     def with_overrides(self, **overrides: Any) -> BackboneSpec:
         """The same spec with ``overrides`` set on top of its own (e.g. a task's ``drop_path_rate``)."""

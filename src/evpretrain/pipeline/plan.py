@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from evpretrain.config import ConfigError, optional_section
+from evpretrain.config import ConfigError, optional_section, section
 from evpretrain.training.config import EXECUTION_FIELDS
 
 __all__ = ["Evaluation", "StageNode", "StudyPlan", "Variant", "apply_overrides", "content_key", "plan_study"]
@@ -228,10 +228,9 @@ def _weights_content(section: Mapping[str, Any] | None) -> Any:
 
 def plan_study(study: Mapping[str, Any]) -> StudyPlan:
     """The plan of ``study`` (a validated study config with ``study`` and ``variants`` sections)."""
-    spec = study.get("study")
-    variants = study.get("variants")
-    if not spec or not variants:
+    if not study.get("study") or not study.get("variants"):
         raise ConfigError("config needs the sections 'study' and 'variants' to plan a study")
+    spec, variants = section(study, "study"), section(study, "variants")  # each a mapping, or a ConfigError
     plan = StudyPlan(pretrain_dataset=spec["pretrain_dataset"])
     data_identity = _data_identity(study, plan.pretrain_dataset)
     for name, variant in variants.items():
@@ -249,28 +248,28 @@ def plan_study(study: Mapping[str, Any]) -> StudyPlan:
                 pretrain, stages, _imports(study)[plan.pretrain_dataset], plan.pretrain_dataset, where
             )
         shared = {k: pretrain[k] for k in SHARED_PRETRAIN_KEYS if k in pretrain}
-        teacher_section = optional_section(pretrain, "teacher") or {}
+        teacher_section = optional_section(resolved, "pretrain.teacher") or {}
         upstream, names = None, []
         teacher = None
         if any(stage > 1 for stage in stages):
             # Only what the features depend on: the token grid (backbone, bins) and the teacher; the sample's window,
             # view and seed do not change them, so variants that differ there share one teacher job.
             teacher_config = {"pretrain": {k: pretrain[k] for k in ("backbone", "backbone_overrides") if k in pretrain}}
-            if "num_bins" in (pretrain.get("data") or {}):
+            if isinstance(pretrain.get("data"), Mapping) and "num_bins" in pretrain["data"]:  # else the check names it
                 teacher_config["pretrain"]["data"] = {"num_bins": pretrain["data"]["num_bins"]}
             teacher_config["pretrain"]["teacher"] = teacher_section
             teacher = content_key({"config": teacher_config, "data": data_identity})
             plan.teachers.setdefault(teacher, teacher_config)
         for stage in stages:
-            section = optional_section(pretrain, f"stage{stage}")
-            if section is None:
+            own = optional_section(resolved, f"pretrain.stage{stage}")
+            if own is None:
                 raise ConfigError(f"{where}: stage {stage} runs, but the study has no section 'pretrain.stage{stage}'")
-            config = {"pretrain": {**shared, f"stage{stage}": section}}
+            config = {"pretrain": {**shared, f"stage{stage}": own}}
             if stage > 1:
                 config["pretrain"]["teacher"] = teacher_section
             content = {
                 "stage": stage,
-                "config": {**config["pretrain"], f"stage{stage}": _weights_content(section)},
+                "config": {**config["pretrain"], f"stage{stage}": _weights_content(own)},
                 "data": data_identity,
                 "init": upstream,
             }

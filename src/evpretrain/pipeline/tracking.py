@@ -107,6 +107,14 @@ def job_times(folder: Path, metrics: Mapping[str, Any]) -> tuple[int, int]:
     return int((end - float(wall)) * 1000), int(end * 1000)
 
 
+def tag_filter(key: str, value: str) -> str:
+    """An MLflow filter string matching the runs whose tag ``key`` is ``value``, and maybe a few more: MLflow's
+    filter grammar has no escape for a quote inside a string, so every quote and backslash of ``value`` becomes
+    LIKE's one-character wildcard ``_`` instead of reaching the filter. Keep the runs whose tag equals ``value``."""
+    pattern = "".join("_" if char in "'\"\\" else char for char in value)
+    return f"tags.`{key}` LIKE '{pattern}'"
+
+
 class _Logger:
     def __init__(self, tracking_uri: str, experiment: str, tags: Mapping[str, str]):
         from mlflow import MlflowClient
@@ -148,8 +156,8 @@ class _Logger:
         content = [flat, metrics, curves, run_tags, times, [p.name for p in artifacts]]
         sha = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
         result = hashlib.sha256(json.dumps([metrics, curves], sort_keys=True, default=str).encode()).hexdigest()
-        query = f"tags.`{TAG_FOLDER}` = '{folder}'"
-        found = self.client.search_runs([self.experiment_id], filter_string=query)
+        found = self.client.search_runs([self.experiment_id], filter_string=tag_filter(TAG_FOLDER, folder))
+        found = [run for run in found if run.data.tags.get(TAG_FOLDER) == folder]  # the filter may match more
         same = [run for run in found if run.data.tags.get(TAG_SHA) == sha][:1]
         live = [run for run in found if _logged_live(run, result)]
         keep = same[0] if same else max(live, key=lambda run: run.info.start_time) if live else None

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from evpretrain.config import load_section
+from evpretrain.config import ConfigError, load_section
 from evpretrain.models.spec import DEFAULT_NUM_BINS, BackboneSpec, check_backbone
 from evpretrain.training.config import TrainConfig
 
@@ -73,6 +73,8 @@ class PretrainDataConfig:
             raise ValueError(f"num_bins must be >= 1, got {self.num_bins}")
         if self.input_size is not None and min(self.input_size) < 1:
             raise ValueError(f"input_size must be [H, W] of at least 1 pixel or null, got {list(self.input_size)}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
 
     def dataset(self, store: Path, *, augment: bool = True) -> PretrainDataset:
         """The pre-training dataset of ``store`` with these settings; ``augment=False`` for the kNN monitor and the
@@ -107,6 +109,8 @@ class KnnConfig:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.memory > 0 and self.k > self.memory:
+            raise ValueError(f"k {self.k} is above memory {self.memory}: a query has at most memory neighbours")
 
 
 @dataclass(frozen=True)
@@ -130,8 +134,13 @@ class MaskedModelingConfig:
     density_score: Literal["events", "abs_sum"] = "events"
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        if not 0.0 < self.mask_ratio < 1.0:  # 0 hides nothing: no token to reconstruct, a loss of 0/0
+            raise ValueError(f"mask_ratio must lie in (0, 1), got {self.mask_ratio}")
+        for name, low in (("decoder_dim", 1), ("decoder_depth", 0), ("decoder_heads", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if self.decoder_dim % self.decoder_heads:
+            raise ValueError(f"decoder_heads {self.decoder_heads} must divide decoder_dim {self.decoder_dim}")
 
 
 @dataclass(frozen=True)
@@ -161,6 +170,13 @@ class ContrastConfig:
     queue_exclude_same_sample: bool = True
     queue_enqueue: Literal["gathered", "local"] = "gathered"
 
+    def __post_init__(self) -> None:
+        for name, low in (("projector_layers", 0), ("predictor_layers", 0), ("hidden_dim", 1), ("queue_length", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
 
 @dataclass(frozen=True)
 class LayerLrConfig:
@@ -172,6 +188,10 @@ class LayerLrConfig:
     rule: Literal["none", "decay", "grafted"] = "none"
     decay: float = 0.75
     grafted_groups: Literal["blocks_of_4", "thirds"] = "blocks_of_4"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.decay <= 1.0:
+            raise ValueError(f"decay must lie in (0, 1], got {self.decay}")
 
 
 @dataclass(frozen=True)
@@ -232,11 +252,25 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         check_backbone(self.backbone, self.data.num_bins)
+        if self.data.input_size is not None:
+            self.check_input_size(self.data.input_size)
 
     @property
     def backbone_spec(self) -> BackboneSpec:
         """The study's backbone: ``backbone`` with the voxel bins as input channels and the overrides."""
         return BackboneSpec(self.backbone, self.data.num_bins, self.backbone_overrides)
+
+    def check_input_size(self, size: tuple[int, int], store: Path | None = None) -> None:
+        """Raise ConfigError unless ``size`` (H, W) pixels, the voxel grid ``data.input_size`` gives (of ``store``:
+        its sensor size when null), is the size the backbone takes."""
+        expected = self.backbone_spec.img_size
+        if tuple(size) != tuple(expected):
+            given = f"{list(size)} (the sensor size of {store})" if store is not None else list(size)
+            where = "backbone_overrides.img_size" if "img_size" in self.backbone_overrides else self.backbone
+            raise ConfigError(
+                f"pretrain.data.input_size: the input is {given} but the backbone ({where}) takes "
+                f"{list(expected)}; set input_size: {list(expected)}"
+            )
 
 
 def pretrain_config(study: Mapping[str, Any]) -> PretrainConfig:

@@ -22,6 +22,7 @@ from evpretrain.pretrain.data import PretrainDataset, view_tokens
 from evpretrain.pretrain.stages import FeatureTransition, MaskedModeling
 from evpretrain.training import KnnMonitor, load_checkpoint, train
 from evpretrain.training.checkpoint import backbone_entries
+from evpretrain.training.config import check_batch_fits
 from evpretrain.training.distributed import process_layout
 from evpretrain.training.mlflow_hook import LiveTracking
 from evpretrain.training.optim import layer_scales, param_groups
@@ -139,6 +140,7 @@ def knn_monitor(config: PretrainConfig, train_store: Path, val_store: Path) -> K
     memory, the first ``knn.queries`` validation samples as queries."""
     memory = config.data.dataset(train_store, augment=False)
     queries = config.data.dataset(val_store, augment=False)
+    config.check_input_size(queries.input_size, val_store)  # the training store's is checked by run_stage
     return KnnMonitor(
         _embed,
         Subset(memory, range(min(config.knn.memory, len(memory)))),
@@ -184,6 +186,9 @@ def run_stage(
         raise ConfigError(f"config has no section 'pretrain.stage{stage}'")
     data = config.data
     dataset: Dataset = data.dataset(train_store)
+    config.check_input_size(dataset.input_size, train_store)
+    key = f"pretrain.stage{stage}.train"
+    check_batch_fits(stage_config.train, len(dataset), process_layout().world_size, key, train_store)
     teacher_dim = teacher_grid = None
     if stage > 1:
         from evpretrain.teachers import TeacherFeatures

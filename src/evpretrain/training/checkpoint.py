@@ -35,7 +35,7 @@ def load_checkpoint(path: str | Path, *, required: tuple[str, ...] = ()) -> dict
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, zipfile errors...
-        raise CheckpointError(path, f"not a readable torch checkpoint ({type(err).__name__}: {err})") from err
+        raise CheckpointError(path, f"not a readable torch checkpoint ({type(err).__name__}: {_cause(err)})") from err
     if not isinstance(checkpoint, dict):
         raise CheckpointError(path, f"holds a {type(checkpoint).__name__}, expected a dict of saved state")
     missing = [key for key in required if key not in checkpoint]
@@ -62,3 +62,11 @@ def backbone_entries(state: Mapping[str, torch.Tensor], path: str | Path) -> dic
             "needs an importer (evpretrain.downstream.importers)"
         )
     return backbone
+
+
+def _cause(err: Exception) -> str:
+    """``err``'s message on one line; of torch's paragraph on ``weights_only`` only what the unpickler refused."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+    return " ".join(text.split())

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
+
+from evpretrain.config import ConfigError
 
 # Settings that change how a run executes but not the weights it ends with: a run may resume under other values.
 EXECUTION_FIELDS = frozenset({"num_workers", "log_every_steps", "checkpoint_every_steps", "max_steps"})
@@ -60,3 +63,14 @@ class TrainConfig:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
+
+
+def check_batch_fits(config: TrainConfig, num_samples: int, world_size: int, key: str, store: str | Path) -> None:
+    """Raise ConfigError unless the ``num_samples`` of ``store`` fill one global batch, ``batch_size`` x
+    ``world_size`` processes: the loop drops the tail that does not (MAE's ``drop_last``), so fewer samples would
+    make epochs of 0 steps. ``key``: the dotted section of ``config`` (e.g. ``pretrain.stage1.train``)."""
+    if num_samples < config.batch_size * world_size:
+        processes = f" x {world_size} processes" if world_size > 1 else ""
+        raise ConfigError(
+            f"{key}.batch_size {config.batch_size}{processes} is larger than the {num_samples} samples of {store}"
+        )
