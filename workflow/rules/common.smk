@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from evpretrain.pipeline.plan import content_key, plan_study
+from evpretrain.pipeline.submit import submit_prefix
 from evpretrain.pipeline.tracking import study_record
 
 RESULTS = Path(lookup(dpath="results", within=config, default="results"))
@@ -30,15 +31,20 @@ ALL_CORES = 1024
 
 def launcher(kind):
     """The command prefix of a heavy job: ``evpretrain``, or under SLURM ``evpretrain submit`` with the resources of
-    ``execution.resources.<kind>`` (``--gpus 8 --mem-gb 480 ...``)."""
+    ``execution.resources.<kind>`` (``--gpus 8 --mem-gb 480 ...``, each value shell-quoted)."""
     if not ON_SLURM:
         return "evpretrain"
     resources = lookup(dpath=f"execution/resources/{kind}", within=config, default={})
-    flags = " ".join(f"--{key.replace('_', '-')} {value}" for key, value in resources.items() if value is not None)
-    return f"evpretrain submit --folder {RESULTS / 'slurm'} --name {kind} {flags} --"
+    return submit_prefix(kind, resources, RESULTS / "slurm")
 
 
-LAUNCH_TEACHER, LAUNCH_PRETRAIN, LAUNCH_FINETUNE = (launcher(kind) for kind in ("teacher", "pretrain", "finetune"))
+LAUNCH_TEACHER, LAUNCH_PRETRAIN, LAUNCH_FINETUNE, LAUNCH_DATA = (
+    launcher(kind) for kind in ("teacher", "pretrain", "finetune", "data")
+)
+# Conversion and EF building use every core here; as a SLURM job, a rule only waits and the job's command uses the
+# job's CPUs (no --workers: the data commands default to SLURM_CPUS_PER_TASK).
+DATA_THREADS = 1 if ON_SLURM else ALL_CORES
+DATA_WORKERS = "" if ON_SLURM else " --workers {threads}"
 
 # The shell command of the rules that write their params.text to their output (configs, the manifest). Shell, not
 # run: Snakemake runs a run: block in a new process that parses the workflow again (~4 s a job).

@@ -37,29 +37,70 @@ for _dataset, _splits in datasets_to_convert().items():
             [store(_dataset, split) for split in _splits],
         log:
             RESULTS / f"logs/convert_{_dataset}.log",
-        threads: ALL_CORES
+        threads: DATA_THREADS
         params:
             dataset=_dataset,
             root=required_path(f"data.roots.{_dataset}"),
             out=RESULTS / f"data/{_dataset}",
             config=lambda wildcards, input: f"--config {input[0]}" if len(input) else "",
         shell:
+            # verify here (it names what a copy lacks, in seconds), convert where the data jobs run
             "evpretrain data verify --dataset {params.dataset} --root {params.root} > {log} 2>&1 && "
-            "evpretrain data convert --dataset {params.dataset} --root {params.root} --out {params.out}"
-            " {params.config} --workers {threads} --quiet >> {log} 2>&1"
+            "{LAUNCH_DATA} data convert --dataset {params.dataset} --root {params.root} --out {params.out}"
+            " {params.config}" + DATA_WORKERS + " --quiet >> {log} 2>&1"
 
 
-rule build_ef:
-    """EF-ImageNet (the paper's pre-training data) from an ImageNet-style image folder per split."""
-    input:
-        config=RESULTS / "config/data.ef.yaml",
-    output:
-        RESULTS / "data/ef/{split}.h5",
-    log:
-        RESULTS / "logs/build_ef_{split}.log",
-    threads: ALL_CORES
-    params:
-        images=lambda wildcards: required_path(f"data.ef_images.{wildcards.split}"),
-    shell:
-        "evpretrain data build-ef --config {input.config} --images {params.images} --out {output}"
-        " --workers {threads} --quiet > {log} 2>&1"
+EF_SHARDS = lookup(dpath="data/ef/shards", within=config, default=1)
+
+if EF_SHARDS == 1:
+
+    rule build_ef:
+        """EF-ImageNet (the paper's pre-training data) from an ImageNet-style image folder per split."""
+        input:
+            config=RESULTS / "config/data.ef.yaml",
+        output:
+            RESULTS / "data/ef/{split}.h5",
+        log:
+            RESULTS / "logs/build_ef_{split}.log",
+        threads: DATA_THREADS
+        params:
+            images=lambda wildcards: required_path(f"data.ef_images.{wildcards.split}"),
+        shell:
+            "{LAUNCH_DATA} data build-ef --config {input.config} --images {params.images} --out {output}"
+            + DATA_WORKERS
+            + " --quiet > {log} 2>&1"
+
+else:
+
+    rule build_ef_shard:
+        """Part {shard} of data.ef.shards of the EF-ImageNet build of a split: one job each under SLURM."""
+        input:
+            config=RESULTS / "config/data.ef.yaml",
+        output:
+            temp(RESULTS / "data/ef/{split}.shard{shard}-of-{n}.h5"),
+        log:
+            RESULTS / "logs/build_ef_{split}.shard{shard}-of-{n}.log",
+        wildcard_constraints:
+            split=r"[A-Za-z0-9_-]+",
+            shard=r"\d+",
+            n=r"\d+",
+        threads: DATA_THREADS
+        params:
+            images=lambda wildcards: required_path(f"data.ef_images.{wildcards.split}"),
+        shell:
+            "{LAUNCH_DATA} data build-ef --config {input.config} --images {params.images} --out {output}"
+            " --shard {wildcards.shard} --num-shards {wildcards.n}" + DATA_WORKERS + " --quiet > {log} 2>&1"
+
+    rule merge_ef:
+        """The parts joined into the store one build writes (evpretrain.data.ef.merge_ef)."""
+        input:
+            config=RESULTS / "config/data.ef.yaml",
+            parts=expand(RESULTS / "data/ef/{{split}}.shard{shard}-of-{n}.h5", shard=range(EF_SHARDS), n=EF_SHARDS),
+        output:
+            RESULTS / "data/ef/{split}.h5",
+        log:
+            RESULTS / "logs/merge_ef_{split}.log",
+        wildcard_constraints:
+            split=r"[A-Za-z0-9_-]+",
+        shell:
+            "{LAUNCH_DATA} data merge-ef --config {input.config} --out {output} {input.parts} > {log} 2>&1"
