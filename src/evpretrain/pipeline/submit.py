@@ -18,6 +18,7 @@ import os
 import shlex
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,13 +27,14 @@ from pathlib import Path
 
 import submitit
 
-__all__ = ["CommandJob", "Interrupted", "JobResources", "owned", "submit_command", "submit_prefix"]
+__all__ = ["CommandJob", "Interrupted", "JobResources", "cancel", "owned", "submit_command", "submit_prefix"]
 
 INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # The watcher: `done` on its stdin means the submitter is finished with the job; end of input without it means the
 # submitter died, and the job is cancelled. In its own session, so the signal that kills the submitter's process
 # group (Ctrl-C) does not kill it too.
 WATCH = 'read -r line; [ "$line" = done ] || exec scancel "$1"'
+ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING"}
 LOG_TAIL_LINES = 40
 
 
@@ -91,6 +93,10 @@ class CommandJob(submitit.helpers.Checkpointable):
         self.argv = list(argv)
 
     def __call__(self) -> int:
+        # submitit ignores SIGTERM, so on scancel SLURM would let the command run on for KillWait (30 s by default),
+        # writing to its folder, before its SIGKILL. End it at once, unwinding (files being written are discarded);
+        # a requeued job resumes from the command's own checkpoint either way.
+        signal.signal(signal.SIGTERM, _exit_on_signal)
         # torch's threads: the CPUs SLURM gave this task, not what the submitting shell had (imported below).
         os.environ["OMP_NUM_THREADS"] = os.environ.get("SLURM_CPUS_PER_TASK", os.environ.get("OMP_NUM_THREADS", "1"))
         if submitit.JobEnvironment().num_tasks > 1:
@@ -99,6 +105,10 @@ class CommandJob(submitit.helpers.Checkpointable):
         if code != 0:
             raise RuntimeError(f"evpretrain {' '.join(self.argv)} exited with status {code}")
         return code
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def console_script() -> Callable[[list[str]], int]:
@@ -144,12 +154,24 @@ def owned(job: submitit.Job) -> Iterator[submitit.Job]:
     except BaseException:
         for s in previous:  # a second Ctrl-C must not cut the cancel short
             signal.signal(s, signal.SIG_IGN)
-        job.cancel(check=False)
+        cancel(str(job.job_id))
         raise
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
         watcher.communicate(b"done\n")
+
+
+def cancel(job_id: str, *, wait_s: float = 60.0) -> None:
+    """Cancel the SLURM job ``job_id`` and wait up to ``wait_s`` seconds until SLURM no longer lists it as active: its
+    processes are gone (a CommandJob ends on the cancel's SIGTERM), and a rerun cannot race them."""
+    subprocess.run(["scancel", job_id], check=False)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout
+        if state.strip() not in ACTIVE_STATES:
+            return
+        time.sleep(0.5)
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -182,7 +204,8 @@ def submit_command(
             try:
                 job.results()  # every task's: result() refuses a job of several tasks
             except submitit.core.utils.FailedJobError as err:
-                raise submitit.core.utils.FailedJobError(f"{err}\n{log_tail(job.paths.stderr)}") from None
+                tails = "\n".join(filter(None, (log_tail(job.paths.stdout), log_tail(job.paths.stderr))))
+                raise submitit.core.utils.FailedJobError(f"{err}\n{tails}") from None
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
     return job
