@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_pipeline import ROOT, snakemake, tiny_study
+from test_pipeline import ROOT, SNAKEMAKE, TRAIN, snakemake, snakemake_env, tiny_study
 
 pytestmark = pytest.mark.cluster
 
@@ -357,3 +357,42 @@ def test_a_partition_reaches_sbatch_as_one_word(tmp_path):
     )
     assert run.returncode != 0 and "invalid partition" in run.stderr.lower(), run.stderr[-2000:]
     assert "x; touch PWNED" in run.stderr and not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupting_snakemake_cancels_the_jobs_it_submitted(tmp_path, signum):
+    # One endless stage, the only SLURM job; the signal goes to Snakemake's process group, as a terminal's Ctrl-C
+    # (SIGINT), and SLURM's or systemd's stop of a Snakemake run (SIGTERM) send it.
+    study = tiny_study(
+        tmp_path,
+        variants={"stage1_only": {"stages": [1]}},
+        **{"pretrain.stage1.train": {**TRAIN, "epochs": 100_000, "log_every_steps": 10}},
+    )
+    profile = str(ROOT / "workflow/profiles/slurm")
+    run = subprocess.Popen(
+        [str(SNAKEMAKE), "all", "--cores", "2", "--snakefile", str(ROOT / "Snakefile"), "--profile", profile]
+        + ["--configfile", str(study), "--until", "pretrain_stage"],
+        cwd=tmp_path,
+        env=snakemake_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    jobs = tmp_path / "results" / "slurm"
+    try:
+        logs = lambda: "".join(p.read_text() for p in jobs.glob("*/*_log.err"))  # noqa: E731
+        assert wait_for(lambda: " step 10/" in logs(), 120), "the stage never started training"
+        (job_id,) = [p.name for p in jobs.iterdir() if p.name.isdigit()]
+        assert squeue_state(job_id) == "RUNNING"
+        os.killpg(run.pid, signum)
+        output = run.communicate(timeout=60)[0]
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode != 0
+    assert squeue_state(job_id) not in ACTIVE_STATES  # gone when Snakemake is: a rerun cannot race it
+    assert_cancelled(job_id)
+    (log,) = (tmp_path / "results" / "logs" / "pretrain").glob("*.log")
+    assert f"{signal.Signals(signum).name}: cancelled the SLURM job" in log.read_text(), output[-3000:]
+    assert not list((tmp_path / "results" / "pretrain").glob("*/checkpoint.pt"))

@@ -269,11 +269,15 @@ def test_the_paper_preset_plans_without_any_data(tmp_path):
     assert on_slurm.returncode == 0, on_slurm.stderr[-3000:]
     # The same plan, with the heavy jobs submitted under the preset's resources.
     assert planned_jobs(on_slurm.stdout) == jobs
-    submission = "evpretrain submit --folder results/paper/slurm --name pretrain --gpus 8 --cpus 8 --mem-gb 480"
+    submission = "exec evpretrain submit --folder results/paper/slurm --name pretrain --gpus 8 --cpus 8 --mem-gb 480"
     assert submission in on_slurm.stdout
     # Conversion and EF building are data jobs, whose commands take the job's CPUs (no --workers of this host's).
-    data = "evpretrain submit --folder results/paper/slurm --name data --gpus 0 --cpus 32 --mem-gb 64 --time-min 720 --"
-    assert on_slurm.stdout.count(f"{data} data build-ef") == 128 and on_slurm.stdout.count(f"{data} data merge-ef") == 2
-    assert on_slurm.stdout.count(f"{data} data convert") == 8
+    data = (
+        "exec evpretrain submit --folder results/paper/slurm --name data --gpus 0 --cpus 32 --mem-gb 64 --time-min 720"
+    )
+    assert on_slurm.stdout.count(f"{data} -- data build-ef") == 128
+    assert (
+        on_slurm.stdout.count(f"{data} -- data merge-ef") == 2 and on_slurm.stdout.count(f"{data} -- data convert") == 8
+    )
     assert "--shard 63 --num-shards 64 --quiet" in on_slurm.stdout and "--workers" not in on_slurm.stdout
     assert plan.stdout.count("--workers") == 128 + 8  # here, every core of this host

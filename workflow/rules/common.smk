@@ -30,12 +30,14 @@ ALL_CORES = 1024
 
 
 def launcher(kind):
-    """The command prefix of a heavy job: ``evpretrain``, or under SLURM ``evpretrain submit`` with the resources of
-    ``execution.resources.<kind>`` (``--gpus 8 --mem-gb 480 ...``, each value shell-quoted)."""
+    """The command prefix of a heavy job: ``evpretrain``, or under SLURM ``exec evpretrain submit`` with the resources
+    of ``execution.resources.<kind>`` (``--gpus 8 --mem-gb 480 ...``, each value shell-quoted)."""
     if not ON_SLURM:
         return "evpretrain"
     resources = lookup(dpath=f"execution/resources/{kind}", within=config, default={})
-    return submit_prefix(kind, resources, RESULTS / "slurm")
+    # exec: the job's shell becomes `evpretrain submit`, so Snakemake waits for it to cancel its SLURM job on an
+    # interrupt (a shell that a SIGTERM ends first would let Snakemake exit while the job still runs).
+    return "exec " + submit_prefix(kind, resources, RESULTS / "slurm")
 
 
 LAUNCH_TEACHER, LAUNCH_PRETRAIN, LAUNCH_FINETUNE, LAUNCH_DATA = (
