@@ -341,7 +341,7 @@ def test_a_failed_jobs_error_is_in_the_submitters_error(tmp_path):
         text=True,
         timeout=120,
     )
-    assert run.returncode != 0
+    assert run.returncode == 1
     job_id = run.stdout.split()[3].rstrip(":")
     assert "last " in run.stderr and f"{job_id}_0_log.err:" in run.stderr
     assert "evpretrain: error: unknown dataset 'n-nothing'" in run.stderr  # the command's own message

@@ -232,6 +232,8 @@ def _cmd_track(args: argparse.Namespace) -> int:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
+    from submitit.core.utils import UncompletedJobError
+
     from evpretrain.pipeline.submit import Interrupted, JobResources, submit_command
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -254,6 +256,9 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     except Interrupted as err:
         print(f"evpretrain submit: {err}: cancelled the SLURM job", file=sys.stderr)
         return 128 + err.signum  # the shell's status of a process the signal ended
+    except UncompletedJobError as err:  # failed, timed out, or cancelled by someone else; the logs' tail is in it
+        print(f"evpretrain submit: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
