@@ -396,3 +396,20 @@ def test_interrupting_snakemake_cancels_the_jobs_it_submitted(tmp_path, signum):
     (log,) = (tmp_path / "results" / "logs" / "pretrain").glob("*.log")
     assert f"{signal.Signals(signum).name}: cancelled the SLURM job" in log.read_text(), output[-3000:]
     assert not list((tmp_path / "results" / "pretrain").glob("*/checkpoint.pt"))
+
+
+def test_a_failed_jobs_error_is_in_snakemakes_error_and_in_its_log(tmp_path):
+    study = str(tiny_study(tmp_path, variants={"stage1_only": {"stages": [1]}}))
+    profile = str(ROOT / "workflow/profiles/slurm")
+    built = snakemake("--configfile", study, "--profile", profile, "--until", "build_demo", cwd=tmp_path)
+    assert built.returncode == 0, built.stderr[-3000:]
+    store = tmp_path / "results/data/demo/train.h5"  # cut short, with its time kept: the stage's job fails on it
+    times = store.stat()
+    store.write_bytes(store.read_bytes()[:5000])
+    os.utime(store, ns=(times.st_atime_ns, times.st_mtime_ns))
+    run = snakemake("--configfile", study, "--profile", profile, "--until", "pretrain_stage", cwd=tmp_path)
+    assert run.returncode != 0
+    error = f"evpretrain: error: {store}: cannot open as HDF5"  # the command's own message, inside the SLURM job
+    assert error in run.stderr
+    (log,) = (tmp_path / "results/logs/pretrain").glob("*.log")
+    assert error in log.read_text() and "_0_log.err:" in log.read_text()
