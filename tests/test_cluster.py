@@ -258,10 +258,14 @@ def squeue_state(job_id):
 
 
 def wait_for(condition, timeout_s):
+    """Whether ``condition()`` came true within ``timeout_s`` seconds; it is called once per try, never again after it
+    held (it may act, as blocking_job's does)."""
     deadline = time.monotonic() + timeout_s
-    while not condition() and time.monotonic() < deadline:
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
         time.sleep(0.2)
-    return condition()
+    return True
 
 
 @contextmanager
