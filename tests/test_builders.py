@@ -18,7 +18,7 @@ from evpretrain.data.demo import (
     render_sample,
     saccade_path,
 )
-from evpretrain.data.ef import EFConfig, build_ef, list_images
+from evpretrain.data.ef import EFConfig, build_ef, list_images, merge_ef
 from evpretrain.data.store import EventStore, StoreError
 
 SMALL_DEMO = DemoConfig(samples={"train": 6, "val": 2, "test": 2}, image_size=48, digit_size=20, num_frames=5)
@@ -194,6 +194,63 @@ def test_build_ef_writes_labelled_samples_and_resumes(tmp_path):
     assert rebuilt == [2, 4]  # the finished shard (first image 0) was not built again
     with EventStore(tmp_path / "b.h5") as store:
         assert store.attrs["content_sha256"] == checksum
+
+
+def _h5_contents(path):
+    """{dataset name: array} and {attribute: value} of an HDF5 file, read without the store's reader."""
+    import h5py
+
+    arrays = {}
+
+    def read(name, node):  # visititems stops at the first callback that returns something
+        if isinstance(node, h5py.Dataset):
+            arrays[name] = node[()]
+
+    with h5py.File(path, "r") as f:
+        f.visititems(read)
+        attrs = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in f.attrs.items()}
+    return arrays, attrs
+
+
+def test_a_build_split_into_parts_and_merged_is_the_single_build(tmp_path):
+    images = _image_folder(tmp_path / "images")  # 6 images: 3 blocks of shard_size 2
+    whole_arrays, whole_attrs = _h5_contents(
+        build_ef(EF_SMALL, images, tmp_path / "whole.h5", workers=1, progress=False)
+    )
+    config = replace(EF_SMALL, shards=4)  # how the build is split is not part of the content
+    for num_shards, sizes in ((2, [2, 4]), (4, [0, 2, 2, 2])):  # blocks split 1 + 2, and 0 + 1 + 1 + 1
+        parts = [
+            build_ef(
+                config,
+                images,
+                tmp_path / f"p{num_shards}.{i}.h5",
+                shard=i,
+                num_shards=num_shards,
+                workers=1,
+                progress=False,
+            )
+            for i in range(num_shards)
+        ]
+        for i, part in enumerate(parts):
+            with EventStore(part) as store:
+                assert len(store) == sizes[i] and store.attrs["first_index"] == sum(sizes[:i])
+        merged = merge_ef(config, parts[::-1], tmp_path / f"merged{num_shards}.h5")  # any order
+        arrays, attrs = _h5_contents(merged)
+        assert attrs == whole_attrs
+        assert arrays.keys() == whole_arrays.keys() and "diff_maps" in arrays and "samples/name" in arrays
+        for name, array in arrays.items():
+            assert array.dtype == whole_arrays[name].dtype, name
+            np.testing.assert_array_equal(array, whole_arrays[name], err_msg=name)
+
+    with pytest.raises(StoreError, match=r"needs parts 0..1 .* got shards \[0, 2\]"):
+        merge_ef(config, [tmp_path / "p4.0.h5", tmp_path / "p4.2.h5"], tmp_path / "bad.h5")
+    with pytest.raises(StoreError, match="a part of 4 parts, not of the 2 given"):
+        merge_ef(config, [tmp_path / "p4.0.h5", tmp_path / "p2.1.h5"], tmp_path / "bad.h5")
+    with pytest.raises(StoreError, match="other data.ef settings"):
+        merge_ef(replace(config, seed=1), [tmp_path / "p2.0.h5", tmp_path / "p2.1.h5"], tmp_path / "bad.h5")
+    with pytest.raises(ValueError, match=r"shard must be in \[0, num_shards = 2\), got 2"):
+        build_ef(config, images, tmp_path / "x.h5", shard=2, num_shards=2, workers=1, progress=False)
+    assert not (tmp_path / "bad.h5").exists()
 
 
 def test_build_ef_keeps_the_colour_source_as_clip_preprocesses_it(tmp_path):

@@ -31,7 +31,42 @@ def test_every_commands_help_formats():
                     yield from parsers(sub)
 
     helps = [parser.format_help() for parser in parsers(build_parser())]  # a stray % in a help text raises here
-    assert len(helps) == 22 and "outlier %" in "".join(helps)
+    assert len(helps) == 23 and "outlier %" in "".join(helps)
+
+
+def test_data_commands_take_a_slurm_jobs_cpus_as_their_workers(monkeypatch):
+    from evpretrain.cli import _workers
+
+    for command in (
+        ["build-demo", "--config", "c", "--out", "o"],
+        ["convert", "--dataset", "d", "--root", "r", "--out", "o"],
+    ):
+        args = build_parser().parse_args(["data", *command])
+        monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+        assert _workers(args) is None  # every core this process may use
+        monkeypatch.setenv("SLURM_CPUS_PER_TASK", "32")
+        assert _workers(args) == 32
+        args.workers = 4
+        assert _workers(args) == 4
+
+
+def test_build_ef_refuses_a_shard_outside_its_parts(capsys):
+    argv = [
+        "data",
+        "build-ef",
+        "--config",
+        "c.yaml",
+        "--images",
+        "i",
+        "--out",
+        "o.h5",
+        "--shard",
+        "2",
+        "--num-shards",
+        "2",
+    ]
+    assert main(argv) == 2
+    assert "--shard must be in [0, --num-shards = 2), got 2" in capsys.readouterr().err
 
 
 def test_info_describes_a_store(tmp_path, capsys):

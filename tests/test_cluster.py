@@ -1,16 +1,20 @@
 """The pipeline on a real SLURM cluster (workflow/scripts/slurm-local.sh starts one): jobs go through submitit, show
-in sacct, give the local profile's results, a job pre-empted with SIGUSR2 requeues and resumes to the same end, and
-two tasks of one job train as one torch.distributed run."""
+in sacct, give the local profile's results, a job pre-empted with SIGUSR2 requeues and resumes to the same end, two
+tasks of one job train as one torch.distributed run, and an interrupted submitter or Snakemake cancels its jobs."""
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
-from test_pipeline import ROOT, snakemake, tiny_study
+from test_pipeline import ROOT, SNAKEMAKE, TRAIN, snakemake, snakemake_env, tiny_study
 
 pytestmark = pytest.mark.cluster
 
@@ -45,6 +49,7 @@ def sacct(job_ids, timeout_s=60):
             timeout=60,
         ).stdout
         rows = [line.split("|") for line in out.splitlines()]
+        rows = [(job, name, state.split()[0] if state else state) for job, name, state in rows]  # "CANCELLED by 0"
         # A requeued job passes through REQUEUED and PREEMPTED (and accounting may still say so just after it ends).
         finished = len(rows) == len(job_ids) and all(state in TERMINAL_STATES for _, _, state in rows)
         if finished or time.monotonic() > deadline:
@@ -241,3 +246,174 @@ def test_two_cpu_tasks_train_as_one_ddp_job_that_matches_one_process_with_their_
     assert checkpoint["world_size"] == 2
     for name, tensor in load_checkpoint(tmp_path / "single" / "out" / "checkpoint.pt")["model"].items():
         torch.testing.assert_close(checkpoint["model"][name], tensor, rtol=0, atol=1e-4, msg=name)
+
+
+ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING"}
+
+
+def squeue_state(job_id):
+    """The job's state in squeue, "" once SLURM no longer lists it."""
+    run = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30)
+    return run.stdout.strip()
+
+
+def wait_for(condition, timeout_s):
+    """Whether ``condition()`` came true within ``timeout_s`` seconds; it is called once per try, never again after it
+    held (it may act, as blocking_job's does)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+@contextmanager
+def blocking_job(tmp_path, **popen):
+    """`evpretrain submit` of a command that waits without using a CPU: `data info` on a named pipe that this test
+    holds open and never writes to. Yields (the submitting process, the job id) once the command reads the pipe."""
+    fifo = tmp_path / "never-written"
+    os.mkfifo(fifo)
+    argv = ["submit", "--folder", str(tmp_path / "jobs"), "--cpus", "1", "--mem-gb", "1", "--time-min", "5"]
+    submit = subprocess.Popen(
+        [sys.executable, "-m", "evpretrain.cli", *argv, "--", "data", "info", str(fifo)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+    job_id = submit.stdout.readline().split()[3].rstrip(":")
+    writer = None
+
+    def reading():  # a writer's open succeeds once a reader has the pipe open: the command runs
+        nonlocal writer
+        try:
+            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            return False
+        return True
+
+    try:
+        assert wait_for(reading, 60), f"the job's command never opened the pipe (job {squeue_state(job_id)})"
+        assert squeue_state(job_id) == "RUNNING"
+        yield submit, job_id
+    finally:
+        if writer is not None:
+            os.close(writer)
+        if submit.poll() is None:
+            submit.kill()
+            subprocess.run(["scancel", job_id])
+
+
+def assert_cancelled(job_id):
+    assert wait_for(lambda: squeue_state(job_id) not in ACTIVE_STATES, 10), squeue_state(job_id)
+    assert sacct([job_id], timeout_s=30)[0][2] == "CANCELLED"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_an_interrupted_submit_cancels_its_job_and_fails(tmp_path, signum):
+    with blocking_job(tmp_path) as (submit, job_id):
+        submit.send_signal(signum)
+        assert submit.wait(timeout=30) == 128 + signum
+        assert f"{signal.Signals(signum).name}: cancelled the SLURM job" in submit.stderr.read()
+        assert_cancelled(job_id)
+
+
+def test_a_killed_submit_has_its_job_cancelled_by_its_watcher(tmp_path):
+    with blocking_job(tmp_path) as (submit, job_id):
+        submit.kill()  # SIGKILL: no handler runs
+        submit.wait(timeout=30)
+        assert_cancelled(job_id)
+
+
+def test_a_submit_that_ignores_sighup_keeps_its_job(tmp_path):
+    # nohup: the user asked for the run to outlive the terminal.
+    with blocking_job(tmp_path, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) as (submit, job_id):
+        submit.send_signal(signal.SIGHUP)
+        time.sleep(3)
+        assert submit.poll() is None and squeue_state(job_id) == "RUNNING"
+        submit.send_signal(signal.SIGTERM)
+        assert submit.wait(timeout=30) == 128 + signal.SIGTERM
+        assert_cancelled(job_id)
+
+
+def test_a_failed_jobs_error_is_in_the_submitters_error(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-m", "evpretrain.cli", "submit", "--folder", str(tmp_path / "jobs"), "--cpus", "1"]
+        + ["--mem-gb", "1", "--time-min", "5", "--", "data", "verify", "--dataset", "n-nothing", "--root", "/nowhere"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 1
+    job_id = run.stdout.split()[3].rstrip(":")
+    assert "last " in run.stderr and f"{job_id}_0_log.err:" in run.stderr
+    assert "evpretrain: error: unknown dataset 'n-nothing'" in run.stderr  # the command's own message
+
+
+def test_a_partition_reaches_sbatch_as_one_word(tmp_path):
+    from evpretrain.pipeline.submit import submit_prefix
+
+    prefix = submit_prefix("data", {"partition": "x; touch PWNED", "cpus": 1, "mem_gb": 1}, tmp_path / "jobs")
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    run = subprocess.run(
+        ["bash", "-c", f"{prefix} data formats"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode != 0 and "invalid partition" in run.stderr.lower(), run.stderr[-2000:]
+    assert "x; touch PWNED" in run.stderr and not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupting_snakemake_cancels_the_jobs_it_submitted(tmp_path, signum):
+    # One endless stage, the only SLURM job; the signal goes to Snakemake's process group, as a terminal's Ctrl-C
+    # (SIGINT), and SLURM's or systemd's stop of a Snakemake run (SIGTERM) send it.
+    study = tiny_study(
+        tmp_path,
+        variants={"stage1_only": {"stages": [1]}},
+        **{"pretrain.stage1.train": {**TRAIN, "epochs": 100_000, "log_every_steps": 10}},
+    )
+    profile = str(ROOT / "workflow/profiles/slurm")
+    run = subprocess.Popen(
+        [str(SNAKEMAKE), "all", "--cores", "2", "--snakefile", str(ROOT / "Snakefile"), "--profile", profile]
+        + ["--configfile", str(study), "--until", "pretrain_stage"],
+        cwd=tmp_path,
+        env=snakemake_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    jobs = tmp_path / "results" / "slurm"
+    try:
+        logs = lambda: "".join(p.read_text() for p in jobs.glob("*/*_log.err"))  # noqa: E731
+        assert wait_for(lambda: " step 10/" in logs(), 120), "the stage never started training"
+        (job_id,) = [p.name for p in jobs.iterdir() if p.name.isdigit()]
+        assert squeue_state(job_id) == "RUNNING"
+        os.killpg(run.pid, signum)
+        output = run.communicate(timeout=60)[0]
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode != 0
+    assert squeue_state(job_id) not in ACTIVE_STATES  # gone when Snakemake is: a rerun cannot race it
+    assert_cancelled(job_id)
+    (log,) = (tmp_path / "results" / "logs" / "pretrain").glob("*.log")
+    assert f"{signal.Signals(signum).name}: cancelled the SLURM job" in log.read_text(), output[-3000:]
+    assert not list((tmp_path / "results" / "pretrain").glob("*/checkpoint.pt"))
+
+
+def test_a_failed_jobs_error_is_in_snakemakes_error_and_in_its_log(tmp_path):
+    study = str(tiny_study(tmp_path, variants={"stage1_only": {"stages": [1]}}))
+    profile = str(ROOT / "workflow/profiles/slurm")
+    built = snakemake("--configfile", study, "--profile", profile, "--until", "build_demo", cwd=tmp_path)
+    assert built.returncode == 0, built.stderr[-3000:]
+    store = tmp_path / "results/data/demo/train.h5"  # cut short, with its time kept: the stage's job fails on it
+    times = store.stat()
+    store.write_bytes(store.read_bytes()[:5000])
+    os.utime(store, ns=(times.st_atime_ns, times.st_mtime_ns))
+    run = snakemake("--configfile", study, "--profile", profile, "--until", "pretrain_stage", cwd=tmp_path)
+    assert run.returncode != 0
+    error = f"evpretrain: error: {store}: cannot open as HDF5"  # the command's own message, inside the SLURM job
+    assert error in run.stderr
+    (log,) = (tmp_path / "results/logs/pretrain").glob("*.log")
+    assert error in log.read_text() and "_0_log.err:" in log.read_text()

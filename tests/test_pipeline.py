@@ -17,15 +17,20 @@ ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 
 
+def snakemake_env(cwd):
+    """A bare environment for Snakemake and its jobs; PYTHONPATH passes through, so that a checkout other than the
+    installed one (a git worktree) runs its own code."""
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(cwd)}
+    return env | ({"PYTHONPATH": os.environ["PYTHONPATH"]} if "PYTHONPATH" in os.environ else {})
+
+
 def snakemake(*args, cwd=ROOT):
-    env_path = f"{Path(sys.executable).parent}:/usr/bin:/bin"
     result = subprocess.run(
         [str(SNAKEMAKE), "all", "--cores", "2", "--snakefile", str(ROOT / "Snakefile"), *args],
         cwd=cwd,
         capture_output=True,
         text=True,
-        # PYTHONPATH passes on so that a worktree's tests run its own package
-        env={"PATH": env_path, "HOME": str(cwd), **{k: v for k, v in os.environ.items() if k == "PYTHONPATH"}},
+        env=snakemake_env(cwd),
     )
     return result
 
@@ -237,10 +242,11 @@ def test_the_study_runs_to_its_tables_and_replans_only_what_a_change_invalidates
 
 
 def test_the_paper_preset_plans_without_any_data(tmp_path):
-    plan = snakemake("-n", "--configfile", str(ROOT / "workflow/presets/paper.yaml"), cwd=tmp_path)
+    plan = snakemake("-n", "-p", "--configfile", str(ROOT / "workflow/presets/paper.yaml"), cwd=tmp_path)
     assert plan.returncode == 0, plan.stderr[-3000:]
     jobs = planned_jobs(plan.stdout)
-    assert jobs["pretrain_stage"] == 15 and jobs["teacher_features"] == 1 and jobs["build_ef"] == 2
+    assert jobs["pretrain_stage"] == 15 and jobs["teacher_features"] == 1
+    assert jobs["build_ef_shard"] == 2 * 64 and jobs["merge_ef"] == 2 and "build_ef" not in jobs  # data.ef.shards
     assert jobs["finetune"] == (11 + 6) * 8 * 3  # (trained + released variants) x evaluations x seeds
     assert jobs["released_checkpoint"] == 6  # the authors' six checkpoints, linked in; no file needed to plan
     # the datasets with public files and no data.roots entry start at their download
@@ -267,8 +273,18 @@ def test_the_paper_preset_plans_without_any_data(tmp_path):
     assert on_slurm.returncode == 0, on_slurm.stderr[-3000:]
     # The same plan, with the heavy jobs submitted under the preset's resources.
     assert planned_jobs(on_slurm.stdout) == jobs
-    submission = "evpretrain submit --folder results/paper/slurm --name pretrain --gpus 8 --cpus 8 --mem-gb 480"
+    submission = "exec evpretrain submit --folder results/paper/slurm --name pretrain --gpus 8 --cpus 8 --mem-gb 480"
     assert submission in on_slurm.stdout
+    # Conversion and EF building are data jobs, whose commands take the job's CPUs (no --workers of this host's).
+    data = (
+        "exec evpretrain submit --folder results/paper/slurm --name data --gpus 0 --cpus 32 --mem-gb 64 --time-min 720"
+    )
+    assert on_slurm.stdout.count(f"{data} -- data build-ef") == 128
+    assert (
+        on_slurm.stdout.count(f"{data} -- data merge-ef") == 2 and on_slurm.stdout.count(f"{data} -- data convert") == 8
+    )
+    assert "--shard 63 --num-shards 64 --quiet" in on_slurm.stdout and "--workers" not in on_slurm.stdout
+    assert plan.stdout.count("--workers") == 128 + 8  # here, every core of this host
 
 
 def test_a_dataset_without_public_files_or_root_stops_the_plan_with_its_steps(tmp_path):
@@ -380,12 +396,10 @@ def test_a_stage_interrupted_under_snakemake_resumes_to_the_uninterrupted_weight
         "--configfile",
         str(study),
     ]
-    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path)}
-    env |= {k: v for k, v in os.environ.items() if k == "PYTHONPATH"}
     snake = subprocess.Popen(
         [*command, *until],
         cwd=tmp_path,
-        env=env,
+        env=snakemake_env(tmp_path),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,

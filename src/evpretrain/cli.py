@@ -8,8 +8,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
+
+WORKERS_HELP = "processes (default: a SLURM job's CPUs, $SLURM_CPUS_PER_TASK; else the cores this process may use)"
+
+
+def _workers(args: argparse.Namespace) -> int | None:
+    """--workers, else the CPUs SLURM gave this job's task, else None (the builders then use every core this process
+    may run on). Under SLURM without CPU binding the process may run on every core of the node."""
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    return args.workers or (int(cpus) if cpus else None)
 
 
 def _cmd_build_demo(args: argparse.Namespace) -> int:
@@ -17,7 +27,7 @@ def _cmd_build_demo(args: argparse.Namespace) -> int:
     from evpretrain.data.demo import DemoConfig, build_demo
 
     config = load_section(DemoConfig, load_yaml(args.config), "data.demo")
-    written = build_demo(config, args.out, workers=args.workers, progress=not args.quiet)
+    written = build_demo(config, args.out, workers=_workers(args), progress=not args.quiet)
     for split, path in written.items():
         print(f"{split}: {path}")
     return 0
@@ -27,9 +37,31 @@ def _cmd_build_ef(args: argparse.Namespace) -> int:
     from evpretrain.config import load_section, load_yaml
     from evpretrain.data.ef import EFConfig, build_ef
 
+    if not 0 <= args.shard < args.num_shards:
+        print(
+            f"evpretrain: error: --shard must be in [0, --num-shards = {args.num_shards}), got {args.shard}",
+            file=sys.stderr,
+        )
+        return 2
     config = load_section(EFConfig, load_yaml(args.config), "data.ef")
-    path = build_ef(config, args.images, args.out, workers=args.workers, progress=not args.quiet)
+    path = build_ef(
+        config,
+        args.images,
+        args.out,
+        shard=args.shard,
+        num_shards=args.num_shards,
+        workers=_workers(args),
+        progress=not args.quiet,
+    )
     print(path)
+    return 0
+
+
+def _cmd_merge_ef(args: argparse.Namespace) -> int:
+    from evpretrain.config import load_section, load_yaml
+    from evpretrain.data.ef import EFConfig, merge_ef
+
+    print(merge_ef(load_section(EFConfig, load_yaml(args.config), "data.ef"), args.parts, args.out))
     return 0
 
 
@@ -102,7 +134,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if args.config is not None:
         settings = optional_section(load_yaml(args.config), f"data.convert.{args.dataset}")
     for path in convert_dataset(
-        entry, args.root, args.out, settings=settings, workers=args.workers, progress=not args.quiet
+        entry, args.root, args.out, settings=settings, workers=_workers(args), progress=not args.quiet
     ):
         print(path)
     return 0
@@ -131,7 +163,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
             values["sensor_size"] = _pair(args.sensor_size, "--sensor-size")
         config = from_mapping(ImportConfig, values, "data import")
     progress = False if args.quiet else None  # None: a bar on a terminal, log lines in a log file
-    for split, path in import_recordings(config, args.out, workers=args.workers, progress=progress).items():
+    for split, path in import_recordings(config, args.out, workers=_workers(args), progress=progress).items():
         print(f"{split}: {path}")
     return 0
 
@@ -314,7 +346,9 @@ def _cmd_track(args: argparse.Namespace) -> int:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from evpretrain.pipeline.submit import JobResources, submit_command
+    from submitit.core.utils import UncompletedJobError
+
+    from evpretrain.pipeline.submit import Interrupted, JobResources, submit_command
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
@@ -331,7 +365,14 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         account=args.account,
         qos=args.qos,
     )
-    submit_command(command, resources, args.folder, name=args.name or f"evpretrain-{command[0]}")
+    try:
+        submit_command(command, resources, args.folder, name=args.name or f"evpretrain-{command[0]}")
+    except Interrupted as err:
+        print(f"evpretrain submit: {err}: cancelled the SLURM job", file=sys.stderr)
+        return 128 + err.signum  # the shell's status of a process the signal ended
+    except UncompletedJobError as err:  # failed, timed out, or cancelled by someone else; the logs' tail is in it
+        print(f"evpretrain submit: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -356,7 +397,7 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
     p = sub.add_parser("build-demo", help="build the embedded demo study's stores (nothing downloaded)")
     p.add_argument("--config", required=True, type=Path, help="study config (YAML) with a data.demo section")
     p.add_argument("--out", required=True, type=Path, help="output folder: {train,val,test}.h5")
-    p.add_argument("--workers", type=_positive_int, help="processes (default: the cores this process may use)")
+    p.add_argument("--workers", type=_positive_int, help=WORKERS_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_build_demo)
 
@@ -364,9 +405,17 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, type=Path, help="study config (YAML) with a data.ef section")
     p.add_argument("--images", required=True, type=Path, help="image folder, one sub-folder a class")
     p.add_argument("--out", required=True, type=Path, help="output store (.h5); shards are kept beside it until done")
-    p.add_argument("--workers", type=_positive_int, help="processes (default: the cores this process may use)")
+    p.add_argument("--shard", type=int, default=0, help="build only this part (0-based) of the --num-shards parts")
+    p.add_argument("--num-shards", type=int, default=1, help="parts the build is split into (merge-ef joins them)")
+    p.add_argument("--workers", type=_positive_int, help=WORKERS_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_build_ef)
+
+    p = sub.add_parser("merge-ef", help="join the parts of a split build-ef into the store one build writes")
+    p.add_argument("--config", required=True, type=Path, help="study config (YAML) with the parts' data.ef section")
+    p.add_argument("--out", required=True, type=Path, help="output store (.h5)")
+    p.add_argument("parts", nargs="+", type=Path, help="the parts (build-ef --shard i --num-shards n), any order")
+    p.set_defaults(func=_cmd_merge_ef)
 
     p = sub.add_parser("info", help="what an event store or any readable event file holds")
     p.add_argument("files", nargs="+", type=Path)
@@ -404,7 +453,7 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder: one store per split")
     p.add_argument("--config", type=Path, help="study config whose data.convert.<dataset> section sets the windows")
     p.add_argument("--registry", type=Path, help=REGISTRY_HELP)
-    p.add_argument("--workers", type=_positive_int, help="processes (default: the cores this process may use)")
+    p.add_argument("--workers", type=_positive_int, help=WORKERS_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert)
 
@@ -430,7 +479,7 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-bad", action="store_true", help="leave out unreadable or too short files (listed)")
     p.add_argument("--config", type=Path, help="study config: take the settings of data.imports.<--name> instead")
     p.add_argument("--name", help="with --config: the import's name under data.imports")
-    p.add_argument("--workers", type=int, help="processes (default: the cores this process may use)")
+    p.add_argument("--workers", type=_positive_int, help=WORKERS_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_import)
 

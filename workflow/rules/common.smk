@@ -13,6 +13,7 @@ from snakemake.exceptions import WorkflowError
 from evpretrain.data.download import MARKER, manual_steps
 from evpretrain.data.registry import load_registry
 from evpretrain.pipeline.plan import content_key, plan_study
+from evpretrain.pipeline.submit import submit_prefix
 from evpretrain.pipeline.tracking import run_identities, study_record
 from evpretrain.pipeline.validate import validate_plan
 
@@ -37,20 +38,30 @@ ALL_CORES = 1024
 
 
 def launcher(kind):
-    """The command prefix of a heavy job: ``evpretrain``, or under SLURM ``evpretrain submit`` with the resources of
-    ``execution.resources.<kind>`` (``--gpus 8 --mem-gb 480 ...``)."""
+    """The command prefix of a heavy job: ``exec evpretrain``, or under SLURM ``exec evpretrain submit`` with the
+    resources of ``execution.resources.<kind>`` (``--gpus 8 --mem-gb 480 ...``, each value shell-quoted). The
+    command ends the rule's shell command."""
     if not ON_SLURM:
-        return "evpretrain"
+        # exec: the job's process is the run itself, so a signal to the job reaches it (a shell killed instead would
+        # leave the run going, holding its folder).
+        return "exec evpretrain"
     resources = lookup(dpath=f"execution/resources/{kind}", within=config, default={})
-    flags = " ".join(f"--{key.replace('_', '-')} {value}" for key, value in resources.items() if value is not None)
-    return f"evpretrain submit --folder {RESULTS / 'slurm'} --name {kind} {flags} --"
+    # exec: the job's shell becomes `evpretrain submit`, so Snakemake waits for it to cancel its SLURM job on an
+    # interrupt (a shell that a SIGTERM ends first would let Snakemake exit while the job still runs).
+    return "exec " + submit_prefix(kind, resources, RESULTS / "slurm")
 
 
-LAUNCH_TEACHER, LAUNCH_PRETRAIN, LAUNCH_FINETUNE = (launcher(kind) for kind in ("teacher", "pretrain", "finetune"))
+LAUNCH_TEACHER, LAUNCH_PRETRAIN, LAUNCH_FINETUNE, LAUNCH_DATA = (
+    launcher(kind) for kind in ("teacher", "pretrain", "finetune", "data")
+)
+# Conversion and EF building use every core here; as a SLURM job, a rule only waits and the job's command uses the
+# job's CPUs (no --workers: the data commands default to SLURM_CPUS_PER_TASK).
+DATA_THREADS = 1 if ON_SLURM else ALL_CORES
+DATA_WORKERS = "" if ON_SLURM else " --workers {threads}"
 
 # The shell command of the rules that write their params.text to their output (configs, the manifest). Shell, not
 # run: Snakemake runs a run: block in a new process that parses the workflow again (~4 s a job).
-WRITE_TEXT = "printf '%s' {params.text:q} > {output}"
+WRITE_TEXT = "printf '%s' {params.text:q} > {output:q}"
 
 
 wildcard_constraints:

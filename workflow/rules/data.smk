@@ -1,4 +1,5 @@
-# Data: resolve each stage's config section to a file, build the demo study's event stores.
+# Data: resolve each stage's config section to a file, build the demo study's event stores, download, convert and
+# import the datasets a study reads, and build EF-ImageNet.
 
 
 rule resolve_config:
@@ -22,7 +23,8 @@ rule build_demo:
     params:
         out=lambda wildcards, output: Path(output[0]).parent,
     shell:
-        "evpretrain data build-demo --config {input.config} --out {params.out} --workers {threads} --quiet > {log} 2>&1"
+        "evpretrain data build-demo --config {input.config:q} --out {params.out:q} --workers {threads} --quiet"
+        " > {log:q} 2>&1"
 
 
 for _dataset in datasets_to_download():
@@ -68,7 +70,7 @@ for _dataset, _splits in datasets_to_convert().items():
             [store(_dataset, split) for split in _splits],
         log:
             RESULTS / f"logs/convert_{_dataset}.log",
-        threads: ALL_CORES
+        threads: DATA_THREADS
         params:
             dataset=_dataset,
             root=dataset_root(_dataset),
@@ -76,25 +78,66 @@ for _dataset, _splits in datasets_to_convert().items():
             out=RESULTS / f"data/{_dataset}",
             config=lambda wildcards, input: ["--config", *input.config] if input.config else [],
         shell:
+            # verify here (it names what a copy lacks, in seconds), convert where the data jobs run
             "evpretrain data verify --dataset {params.dataset:q} --root {params.root:q} {params.registry:q}"
-            " > {log:q} 2>&1 && evpretrain data convert --dataset {params.dataset:q} --root {params.root:q}"
-            " --out {params.out:q} {params.config:q} {params.registry:q} --workers {threads} --quiet >> {log:q} 2>&1"
+            " > {log:q} 2>&1 && {LAUNCH_DATA} data convert --dataset {params.dataset:q} --root {params.root:q}"
+            " --out {params.out:q} {params.config:q} {params.registry:q}" + DATA_WORKERS + " --quiet >> {log:q} 2>&1"
 
 
-rule build_ef:
-    """EF-ImageNet (the paper's pre-training data) from an ImageNet-style image folder per split."""
-    input:
-        config=RESULTS / "config/data.ef.yaml",
-    output:
-        RESULTS / "data/ef/{split}.h5",
-    log:
-        RESULTS / "logs/build_ef_{split}.log",
-    threads: ALL_CORES
-    params:
-        images=lambda wildcards: required_path(f"data.ef_images.{wildcards.split}"),
-    shell:
-        "evpretrain data build-ef --config {input.config} --images {params.images} --out {output}"
-        " --workers {threads} --quiet > {log} 2>&1"
+EF_SHARDS = lookup(dpath="data/ef/shards", within=config, default=1)
+
+if EF_SHARDS == 1:
+
+    rule build_ef:
+        """EF-ImageNet (the paper's pre-training data) from an ImageNet-style image folder per split."""
+        input:
+            config=RESULTS / "config/data.ef.yaml",
+        output:
+            RESULTS / "data/ef/{split}.h5",
+        log:
+            RESULTS / "logs/build_ef_{split}.log",
+        threads: DATA_THREADS
+        params:
+            images=lambda wildcards: required_path(f"data.ef_images.{wildcards.split}"),
+        shell:
+            "{LAUNCH_DATA} data build-ef --config {input.config:q} --images {params.images:q} --out {output:q}"
+            + DATA_WORKERS
+            + " --quiet > {log:q} 2>&1"
+
+else:
+
+    rule build_ef_shard:
+        """Part {shard} of data.ef.shards of the EF-ImageNet build of a split: one job each under SLURM."""
+        input:
+            config=RESULTS / "config/data.ef.yaml",
+        output:
+            temp(RESULTS / "data/ef/{split}.shard{shard}-of-{n}.h5"),
+        log:
+            RESULTS / "logs/build_ef_{split}.shard{shard}-of-{n}.log",
+        wildcard_constraints:
+            split=r"[A-Za-z0-9_-]+",
+            shard=r"\d+",
+            n=r"\d+",
+        threads: DATA_THREADS
+        params:
+            images=lambda wildcards: required_path(f"data.ef_images.{wildcards.split}"),
+        shell:
+            "{LAUNCH_DATA} data build-ef --config {input.config:q} --images {params.images:q} --out {output:q}"
+            " --shard {wildcards.shard} --num-shards {wildcards.n}" + DATA_WORKERS + " --quiet > {log:q} 2>&1"
+
+    rule merge_ef:
+        """The parts joined into the store one build writes (evpretrain.data.ef.merge_ef)."""
+        input:
+            config=RESULTS / "config/data.ef.yaml",
+            parts=expand(RESULTS / "data/ef/{{split}}.shard{shard}-of-{n}.h5", shard=range(EF_SHARDS), n=EF_SHARDS),
+        output:
+            RESULTS / "data/ef/{split}.h5",
+        log:
+            RESULTS / "logs/merge_ef_{split}.log",
+        wildcard_constraints:
+            split=r"[A-Za-z0-9_-]+",
+        shell:
+            "{LAUNCH_DATA} data merge-ef --config {input.config:q} --out {output:q} {input.parts:q} > {log:q} 2>&1"
 
 
 for _name in IMPORTS:
@@ -109,10 +152,11 @@ for _name in IMPORTS:
             [store(_name, split) for split in import_splits(_name)],
         log:
             RESULTS / f"logs/import_{_name}.log",
-        threads: ALL_CORES
+        threads: DATA_THREADS
         params:
             name=_name,
             out=RESULTS / f"data/{_name}",
         shell:
-            "evpretrain data import --config {input.config:q} --name {params.name:q} --out {params.out:q}"
-            " --workers {threads} --quiet > {log:q} 2>&1"
+            "{LAUNCH_DATA} data import --config {input.config:q} --name {params.name:q} --out {params.out:q}"
+            + DATA_WORKERS
+            + " --quiet > {log:q} 2>&1"

@@ -6,6 +6,11 @@ colour source image (``keep_rgb``: what the paper's CLIP teacher sees, ``load_rg
 is split into shards of ``shard_size`` images written by parallel processes; a shard is written atomically, so a
 rerun after a crash or a cancelled job skips every finished shard. When all shards exist they are merged into the
 final store and removed.
+
+On a cluster the build splits further into ``shards`` parts, one job each (``build_ef(..., shard=i, num_shards=n)``),
+each a run of whole ``shard_size`` blocks, and ``merge_ef`` joins the parts into the store one build would write:
+every image's seeds follow from its index in the sorted folder, so neither the samples nor their order depend on how
+the build was split.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ class EFConfig:
     pan_speed_px_per_frame: tuple[float, float] = (1.0, 4.0)
     zoom_per_frame: float = 0.01  # largest relative scale change between consecutive frames
     shard_size: int = 256
+    shards: int = 1  # parts (cluster jobs) the pipeline splits the build into; not part of the content
     keep_frames: bool = False
     keep_rgb: bool = False  # the colour source, CLIP's resize and centre crop to rgb_size: (3, S, S) uint8 /rgb
     rgb_size: int = 224
@@ -51,10 +57,16 @@ class EFConfig:
     compression: StoreCompression = field(default_factory=StoreCompression)
 
     def __post_init__(self) -> None:
-        if self.image_size < 16 or self.num_frames < 2 or self.shard_size < 1 or self.rgb_size < 1:
-            raise ValueError("image_size must be >= 16, num_frames >= 2, shard_size >= 1 and rgb_size >= 1")
+        if min(self.image_size - 15, self.num_frames - 1, self.shard_size, self.shards, self.rgb_size) < 1:
+            raise ValueError("image_size must be >= 16, num_frames >= 2, shard_size, shards and rgb_size >= 1")
         if not 0 <= self.pan_speed_px_per_frame[0] <= self.pan_speed_px_per_frame[1]:
             raise ValueError("pan_speed_px_per_frame must be [low, high] with 0 <= low <= high")
+
+
+def builder_config(config: EFConfig) -> dict:
+    """The settings a store records (attribute ``builder_config``): all but ``shards``, which changes how the build
+    runs, not what it writes."""
+    return {k: v for k, v in to_mapping(config).items() if k != "shards"}
 
 
 def list_images(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
@@ -142,7 +154,7 @@ def _shard_job(
         out,
         sensor_size=(config.image_size, config.image_size),
         source="evpretrain data build-ef (shard)",
-        builder_config=to_mapping(config),
+        builder_config=builder_config(config),
         attrs={"first_index": first_index, "class_names": classes},
         compression=config.compression,
     ) as writer:
@@ -165,12 +177,49 @@ def _shard_job(
     return len(paths)
 
 
+def _join(stores: list[Path], out: Path, config: EFConfig, *, source: str, attrs: dict) -> Path:
+    """Write the samples of ``stores``, in order, into the store ``out``."""
+    with EventStoreWriter(
+        out,
+        sensor_size=(config.image_size, config.image_size),
+        source=source,
+        builder_config=builder_config(config),
+        attrs=attrs,
+        compression=config.compression,
+    ) as writer:
+        for path in stores:
+            with EventStore(path) as store:
+                names = store.names
+                for i in range(len(store)):
+                    sample = store.sample(i)
+                    writer.add_sample(
+                        sample.pop("events"),
+                        label=sample.pop("label"),
+                        clean_events=sample.pop("clean_events", None),
+                        name=names[i],
+                        **sample,
+                    )
+    return out
+
+
 def build_ef(
-    config: EFConfig, images: str | Path, out: str | Path, *, workers: int | None = None, progress: bool = True
+    config: EFConfig,
+    images: str | Path,
+    out: str | Path,
+    *,
+    shard: int = 0,
+    num_shards: int = 1,
+    workers: int | None = None,
+    progress: bool = True,
 ) -> Path:
-    """Build the store ``out`` from the image folder ``images``; resumable through ``<out>.shards/``."""
+    """Build the store ``out`` from the image folder ``images``; resumable through ``<out>.shards/``. With
+    ``num_shards`` > 1, only part ``shard`` (0-based) of it: the blocks of ``shard_size`` images from
+    ``shard * B // num_shards`` to ``(shard + 1) * B // num_shards`` of the B in the folder (a part may be empty);
+    ``merge_ef`` joins the parts."""
     from tqdm import tqdm
 
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"shard must be in [0, num_shards = {num_shards}), got {shard}")
     out = Path(out)
     paths, labels, classes = list_images(images)
     shard_dir = out.with_name(out.name + ".shards")
@@ -188,13 +237,15 @@ def build_ef(
         )
     write_text_atomic(manifest_path, json.dumps(manifest, sort_keys=True, indent=1))
 
-    starts = range(0, len(paths), config.shard_size)
+    blocks = range(0, len(paths), config.shard_size)  # each block's first image
+    starts = blocks[shard * len(blocks) // num_shards : (shard + 1) * len(blocks) // num_shards]
     shards = [shard_dir / f"shard-{i // config.shard_size:06d}.h5" for i in starts]
     todo = [(s, p) for s, p in zip(starts, shards) if not p.exists()]
+    part_size = sum(len(paths[s : s + config.shard_size]) for s in starts)
     workers = workers or len(os.sched_getaffinity(0))
     with tqdm(
-        total=len(paths),
-        initial=len(paths) - sum(len(paths[s : s + config.shard_size]) for s, _ in todo),
+        total=part_size,
+        initial=part_size - sum(len(paths[s : s + config.shard_size]) for s, _ in todo),
         desc="build-ef",
         unit="image",
         disable=not progress,
@@ -211,25 +262,43 @@ def build_ef(
                 for future in as_completed([pool.submit(_shard_job, *job) for job in jobs]):
                     bar.update(future.result())
 
-    with EventStoreWriter(
-        out,
-        sensor_size=(config.image_size, config.image_size),
-        source=f"evpretrain data build-ef from {Path(images).resolve()}",
-        builder_config=to_mapping(config),
-        attrs={"class_names": classes, "frame_rate_hz": config.frame_rate_hz},
-        compression=config.compression,
-    ) as writer:
-        for shard in shards:
-            with EventStore(shard) as store:
-                names = store.names
-                for i in range(len(store)):
-                    sample = store.sample(i)
-                    writer.add_sample(
-                        sample.pop("events"),
-                        label=sample.pop("label"),
-                        clean_events=sample.pop("clean_events", None),
-                        name=names[i],
-                        **sample,
-                    )
+    attrs = {"class_names": classes, "frame_rate_hz": config.frame_rate_hz}
+    if num_shards > 1:
+        first = min(shard * len(blocks) // num_shards * config.shard_size, len(paths))  # an empty part's too
+        attrs |= {"shard": shard, "num_shards": num_shards, "first_index": first, "num_images": len(paths)}
+    _join(shards, out, config, source=f"evpretrain data build-ef from {Path(images).resolve()}", attrs=attrs)
     shutil.rmtree(shard_dir)
     return out
+
+
+def merge_ef(config: EFConfig, parts: list[str | Path], out: str | Path) -> Path:
+    """Join the parts of a split build (``build_ef`` with ``shard``, ``num_shards``), given in any order, into the
+    store ``out``: the store, array for array and attribute for attribute, that one build writes. Parts of another
+    split, config or image folder, or a missing part, raise StoreError."""
+    by_shard = {}
+    for path in map(Path, parts):
+        with EventStore(path) as store:
+            attrs = store.attrs
+            by_shard[int(attrs["shard"]) if "shard" in attrs else None] = (path, attrs, len(store))
+    if sorted(by_shard, key=str) != list(range(len(parts))):
+        raise StoreError(
+            Path(parts[0]),
+            f"merge-ef needs parts 0..{len(parts) - 1} of one build (build-ef --shard i --num-shards {len(parts)}); "
+            f"got shards {sorted(by_shard, key=str)}",
+        )
+    expected = json.loads(json.dumps(builder_config(config)))  # as stored: tuples become lists
+    first, next_index = by_shard[0][1], 0
+    for path, attrs, size in (by_shard[k] for k in range(len(parts))):
+        if attrs["num_shards"] != len(parts):
+            raise StoreError(path, f"a part of {attrs['num_shards']} parts, not of the {len(parts)} given")
+        if attrs["builder_config"] != expected:
+            raise StoreError(path, "this part was built with other data.ef settings than the given config")
+        if (attrs["source"], attrs["class_names"]) != (first["source"], first["class_names"]):
+            raise StoreError(path, "this part was built from another image folder than part 0")
+        if attrs["first_index"] != next_index:
+            raise StoreError(path, f"this part starts at image {attrs['first_index']}, expected {next_index}")
+        next_index += size
+    if next_index != first["num_images"]:
+        raise StoreError(Path(parts[0]), f"the parts hold {next_index} images, the folder {first['num_images']}")
+    attrs = {"class_names": first["class_names"], "frame_rate_hz": config.frame_rate_hz}
+    return _join([by_shard[k][0] for k in range(len(parts))], Path(out), config, source=first["source"], attrs=attrs)
