@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -89,12 +90,15 @@ def test_snakemake_gives_a_job_its_threads_as_omp_num_threads(tmp_path):
 
 
 TRAIN = {"epochs": 1, "batch_size": 4, "base_lr": 1e-3}
+# A path part that runs three commands in any shell command that does not quote it.
+HOSTILE = "r s;touch PWNED;'q\"$(touch PWNED2)`touch PWNED3`"
 
 
-def tiny_study(tmp_path, **changes):
-    """A whole study in miniature: 3 variants, 2 seeds, a 32 x 32 ViT of depth 2, one epoch a stage."""
+def tiny_study(tmp_path, results="results", **changes):
+    """A whole study in miniature: 3 variants, 2 seeds, a 32 x 32 ViT of depth 2, one epoch a stage; its results in
+    ``tmp_path / results``."""
     config = {
-        "results": str(tmp_path / "results"),
+        "results": str(tmp_path / results),
         "data": {
             "demo": {
                 "samples": {"train": 8, "val": 4, "test": 4},
@@ -160,31 +164,37 @@ def planned_jobs(output):
 
 @pytest.mark.slow
 def test_the_study_runs_to_its_tables_and_replans_only_what_a_change_invalidates(tmp_path):
-    study = tiny_study(tmp_path)
+    # A results folder named to break an unquoted shell command: every rule must pass it as one word.
+    results = tmp_path / HOSTILE
+    study = tiny_study(tmp_path, HOSTILE)
     run = snakemake("--configfile", str(study), cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-4000:]
-    tables = tmp_path / "results" / "tables"
+    tables = results / "tables"
     markdown = (tables / "ablation.md").read_text()
     assert all(f"| {variant}" in markdown for variant in ("full", "stage1_only", "scratch"))
-    pretrained = sorted(p.parent.name for p in (tmp_path / "results" / "pretrain").glob("*/checkpoint.pt"))
+    pretrained = sorted(p.parent.name for p in (results / "pretrain").glob("*/checkpoint.pt"))
     assert [name.split("-")[0] for name in pretrained] == ["stage1", "stage2", "stage3"]  # stage 1 trained once
     robustness = (tables / "robustness.md").read_text()  # each variant's seed-0 classifier under corruption
     assert all(f"| {variant} / classify-linear-demo" in robustness for variant in ("full", "stage1_only", "scratch"))
-    figures = {p.name for p in (tmp_path / "results" / "figures").iterdir()}
+    figures = {p.name for p in (results / "figures").iterdir()}
     assert {"loss_curves.png", "robustness.png", f"{pretrained[0]}-reconstructions.png"} <= figures
     report = snakemake("--configfile", str(study), "--report", str(tmp_path / "report.html"), cwd=tmp_path)
     assert report.returncode == 0, report.stderr[-3000:]
     html = (tmp_path / "report.html").read_text()
     assert "ablation.csv" in html and "loss_curves.png" in html and "robustness.png" in html
-    logged = json.loads((tmp_path / "results" / "mlflow" / "logged.json").read_text())
+    logged = json.loads((results / "mlflow" / "logged.json").read_text())
     assert logged["experiment"] == "tiny" and logged["logged"] == 3 + 3 + 3 * 2  # parents, stages (once), evaluations
     assert logged["tracking_uri"] == f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}"
 
+    assert not list(tmp_path.rglob("PWNED*")), "a config string ran as a command"
     nothing = snakemake("--configfile", str(study), "-n", cwd=tmp_path)
     assert "Nothing to be done" in nothing.stdout + nothing.stderr
 
     stage3 = snakemake(
-        "--configfile", str(tiny_study(tmp_path, **{"pretrain.stage3.train.base_lr": 2e-3})), "-n", cwd=tmp_path
+        "--configfile",
+        str(tiny_study(tmp_path, HOSTILE, **{"pretrain.stage3.train.base_lr": 2e-3})),
+        "-n",
+        cwd=tmp_path,
     )
     assert planned_jobs(stage3.stdout) == {
         "study_config": 1,  # the MLflow parents' settings
@@ -201,7 +211,7 @@ def test_the_study_runs_to_its_tables_and_replans_only_what_a_change_invalidates
 
     downstream = snakemake(
         "--configfile",
-        str(tiny_study(tmp_path, **{"downstream.classify.linear.train": {**TRAIN, "epochs": 3}})),
+        str(tiny_study(tmp_path, HOSTILE, **{"downstream.classify.linear.train": {**TRAIN, "epochs": 3}})),
         "-n",
         cwd=tmp_path,
     )
@@ -218,7 +228,7 @@ def test_the_study_runs_to_its_tables_and_replans_only_what_a_change_invalidates
 
     # Other corruption levels: the seed-0 configs are rewritten and only the robustness scores rerun.
     levels = snakemake(
-        "--configfile", str(tiny_study(tmp_path, **{"downstream.robustness.drop": [0.25]})), "-n", cwd=tmp_path
+        "--configfile", str(tiny_study(tmp_path, HOSTILE, **{"downstream.robustness.drop": [0.25]})), "-n", cwd=tmp_path
     )
     assert planned_jobs(levels.stdout) == {
         "study_config": 1,
@@ -233,7 +243,9 @@ def test_the_study_runs_to_its_tables_and_replans_only_what_a_change_invalidates
     execution = snakemake(
         "--configfile",
         str(
-            tiny_study(tmp_path, **{"pretrain.stage1.train": {**TRAIN, "num_workers": 0, "checkpoint_every_steps": 5}})
+            tiny_study(
+                tmp_path, HOSTILE, **{"pretrain.stage1.train": {**TRAIN, "num_workers": 0, "checkpoint_every_steps": 5}}
+            )
         ),
         "-n",
         cwd=tmp_path,
@@ -430,3 +442,47 @@ def test_a_stage_interrupted_under_snakemake_resumes_to_the_uninterrupted_weight
     (ours,), (theirs,) = stage1_checkpoints(tmp_path / "results"), stage1_checkpoints(tmp_path / "reference/results")
     ours, theirs = (torch.load(path, weights_only=True)["model"] for path in (ours, theirs))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)
+
+
+def shell_words(command):
+    """A shell command's words and operators (; && > ...), as bash splits them when it runs the command."""
+    lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    return list(lexer)
+
+
+def test_config_strings_reach_every_command_as_one_word(tmp_path):
+    hostile = tmp_path / HOSTILE
+    study = tiny_study(
+        tmp_path,
+        HOSTILE,
+        **{
+            "data.roots": {"n-caltech101": str(hostile / "caltech")},
+            "study.evaluations": [
+                {"task": "classify", "mode": "linear", "dataset": "demo", "train": "train", "eval": "test"},
+                {"task": "classify", "mode": "linear", "dataset": "n-caltech101", "train": "train", "eval": "test"},
+            ],
+            "tracking": {"uri": f"sqlite:///{hostile / 'runs.db'}", "live": True},
+        },
+    )
+    plan = snakemake("--configfile", str(study), "-n", "-p", cwd=tmp_path)
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    # Each job's block ends at a blank line; its command (a config's text may span lines) follows "Shell command: ".
+    blocks = plan.stdout.split("\n\n")
+    commands = [block.split("Shell command: ", 1)[1] for block in blocks if "Shell command: " in block]
+    commands = [command for command in commands if not command.startswith("None")]  # rule all
+    assert len(commands) > 20
+    for command in commands:  # the hostile path is one word of each command: no `touch` of its becomes a command
+        words = shell_words(command)
+        assert "touch" not in words and any(str(hostile) in word for word in words), command
+    assert not list(tmp_path.rglob("PWNED*"))
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("study.name", "demo'$(id)'"), ("variants", {"a'b": {"stages": []}}), ("study.pretrain_dataset", "../x")],
+)
+def test_names_that_become_paths_or_run_names_are_refused_by_the_schema(tmp_path, key, value):
+    plan = snakemake("--configfile", str(tiny_study(tmp_path, **{key: value})), "-n", cwd=tmp_path)
+    assert plan.returncode != 0
+    assert "does not match" in plan.stdout + plan.stderr
