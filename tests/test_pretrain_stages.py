@@ -259,7 +259,7 @@ def test_a_stage_refuses_a_store_the_backbone_does_not_take_or_smaller_than_a_ba
 def test_three_stages_run_from_the_cli_and_resume(tmp_path, capsys):
     stores = build_demo(
         DemoConfig(
-            samples={"train": 8, "val": 4},
+            samples={"train": 8, "val": 4, "test": 8},
             image_size=32,
             digit_size=12,
             num_frames=3,
@@ -275,6 +275,10 @@ def test_three_stages_run_from_the_cli_and_resume(tmp_path, capsys):
     common = ["--config", str(config), "--data", str(stores["train"]), "--val", str(stores["val"])]
     assert main(["pretrain", "--stage", "1", *common, "--out", str(tmp_path / "s1")]) == 0
     assert (tmp_path / "s1" / "reconstructions.png").stat().st_size > 1000
+    # The same folder and settings on other data: the checkpoint is of another run, not resumed.
+    other = ["--config", str(config), "--data", str(stores["test"]), "--val", str(stores["val"])]
+    assert main(["pretrain", "--stage", "1", *other, "--out", str(tmp_path / "s1")]) == 2
+    assert "was written by a run with other settings (data: '" in capsys.readouterr().err
     assert (
         main(
             [

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import glob
+import hashlib
 import json
 import os
 import secrets
@@ -22,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["AtomicPath", "FolderLock", "FolderLockedError", "write_atomic", "write_text_atomic"]
+__all__ = ["AtomicPath", "FolderLock", "FolderLockedError", "file_sha256", "write_atomic", "write_text_atomic"]
 
 
 class AtomicPath:
@@ -184,3 +185,11 @@ def write_atomic(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """``text``, UTF-8, through ``write_atomic``."""
     return write_atomic(path, lambda file: file.write(text.encode()))
+
+
+def file_sha256(path: str | Path | None) -> str | None:
+    """The SHA-256 of a file's bytes (hex), read in chunks; None for no file."""
+    if path is None:
+        return None
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()

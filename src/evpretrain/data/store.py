@@ -301,6 +301,13 @@ def _combine(hashes: Mapping[str, Any]) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
+def store_digest(path: str | Path) -> str:
+    """The content digest a store's writer recorded (``content_sha256``): what a training run trained on, cheaply
+    (``EventStore.verify`` recomputes it)."""
+    with EventStore(path) as store:
+        return str(store.attrs.get("content_sha256"))
+
+
 class EventStore:
     """Read access to a store, per sample. Safe to pickle into DataLoader workers and to use across ``fork``: each
     process opens its own handle (one inherited through fork shares the parent's HDF5 library state)."""

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from evpretrain.config import ConfigError, to_mapping
+from evpretrain.data.store import store_digest
 from evpretrain.downstream.config import DownstreamTaskConfig, Task, WindowConfig, task_config, task_section
 from evpretrain.downstream.data import IGNORE_INDEX, DownstreamDataset
 from evpretrain.downstream.heads import FlowModel, SegmentationModel
@@ -39,6 +40,7 @@ from evpretrain.downstream.metrics import (
     topk_accuracy,
 )
 from evpretrain.downstream.models import Classifier, LinearProbe, load_backbone
+from evpretrain.files import file_sha256
 from evpretrain.models import backbone_spec, build_backbone
 from evpretrain.training import train
 from evpretrain.training.checkpoint import METRICS_NAME, write_json
@@ -329,6 +331,14 @@ def run_downstream(
         param_groups=optimizer_groups(model, config),
         hooks=[evaluator] if tracker is None else [evaluator, tracker],
         device=device,
+        # what the run trains on and from beyond its train settings: resuming a checkpoint of another is refused
+        identity={
+            "data": {"train": store_digest(train_store), "eval": store_digest(eval_store)},
+            "task": [task, mode],
+            "settings": {k: v for k, v in to_mapping(config).items() if k != "train"},
+            "backbone": to_mapping(spec),
+            "init": [file_sha256(checkpoint), checkpoint_source],
+        },
     )
     try:
         final = evaluate(task, model, eval_loader, next(model.parameters()).device, num_classes)

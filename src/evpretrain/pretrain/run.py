@@ -16,6 +16,8 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from evpretrain.config import ConfigError, to_mapping
+from evpretrain.data.store import store_digest
+from evpretrain.files import file_sha256
 from evpretrain.models import build_backbone
 from evpretrain.pretrain.config import PretrainConfig
 from evpretrain.pretrain.data import PretrainDataset, view_tokens
@@ -224,7 +226,19 @@ def run_stage(
         )
     if live is not None:
         hooks.append(live.hook())
-    metrics = train(module, _step, dataset, stage_config.train, out, param_groups=groups, hooks=hooks)
+    # What the run trains on and from beyond its train settings: resuming a checkpoint of another is refused.
+    identity = {
+        "data": store_digest(train_store),
+        "stage": stage,
+        "method": to_mapping(stage_config.method),
+        "inputs": to_mapping(config.data),
+        "backbone": to_mapping(config.backbone_spec),
+        "init": file_sha256(init),
+        "teacher_features": file_sha256(teacher_features),
+    }
+    metrics = train(
+        module, _step, dataset, stage_config.train, out, param_groups=groups, hooks=hooks, identity=identity
+    )
     metrics = dict(metrics) | {"init": str(init) if init else None, "init_left_out": left_out}
     if stage == 1 and process_layout().is_main:  # under DDP one rank draws
         from evpretrain.pretrain.figures import reconstruction_figure
