@@ -8,7 +8,13 @@ file, the byte offset where one applies and what was expected. h5py, hdf5plugin 
 from evpretrain.events.readers.aedat_legacy import decode_aedat2, decode_aedat3, read_aedat2, read_aedat3
 from evpretrain.events.readers.atis_bin import decode_atis_bin, read_atis_bin
 from evpretrain.events.readers.ddd17 import Ddd17Events, read_ddd17
-from evpretrain.events.readers.dispatch import detect_format, read_events, read_recording, supported_formats
+from evpretrain.events.readers.dispatch import (
+    detect_format,
+    read_events,
+    read_recording,
+    stream_recording,
+    supported_formats,
+)
 from evpretrain.events.readers.dsec import DsecEvents, load_rectify_map, read_dsec
 from evpretrain.events.readers.es_imagenet import read_es_imagenet
 from evpretrain.events.readers.faery_formats import read_aedat4, read_event_stream, read_prophesee_raw, read_with_faery
@@ -40,5 +46,6 @@ __all__ = [
     "read_prophesee_raw",
     "read_recording",
     "read_with_faery",
+    "stream_recording",
     "supported_formats",
 ]

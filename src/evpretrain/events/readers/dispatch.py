@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -20,10 +20,10 @@ from evpretrain.events.readers.atis_bin import read_atis_bin
 from evpretrain.events.readers.ddd17 import read_ddd17
 from evpretrain.events.readers.dsec import read_dsec
 from evpretrain.events.readers.es_imagenet import read_es_imagenet
-from evpretrain.events.readers.faery_formats import read_with_faery
+from evpretrain.events.readers.faery_formats import iter_with_faery, read_with_faery
 from evpretrain.events.readers.mvsec import read_mvsec
 from evpretrain.events.readers.n_imagenet import read_n_imagenet
-from evpretrain.events.readers.prophesee_dat import read_prophesee_dat
+from evpretrain.events.readers.prophesee_dat import iter_prophesee_dat, read_prophesee_dat
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,11 @@ FORMATS: dict[str, EventFormat] = {
         partial(read_with_faery, file_type="dat"), "Prophesee DAT decoded by faery (checks 'dat')"
     ),
 }
+
+# Formats ``stream_recording`` decodes chunk by chunk (the others are read whole): name -> faery's file type.
+FAERY_TYPES = {"raw": "raw", "aedat4": "aedat4", "es": "es", "dat_faery": "dat"}
+STREAMED = ("dat", *FAERY_TYPES)
+CHUNK_EVENTS = 1 << 20  # events per chunk of a DAT file: 16 MB as EVENT_DTYPE
 
 SUFFIXES = {".bin": "bin", ".dat": "dat", ".raw": "raw", ".evt": "raw", ".aedat4": "aedat4", ".es": "es"}
 AEDAT_VERSIONS = {"2.0": "aedat2", "3.1": "aedat3", "4.0": "aedat4"}  # '#!AER-DAT<version>' -> format
@@ -106,6 +111,56 @@ def read_events(
 ) -> np.ndarray:
     """``read_recording(path, ...).events``: an ``EVENT_DTYPE`` array."""
     return read_recording(path, format=format, time_origin=time_origin, **options).events
+
+
+def stream_recording(
+    path: str | os.PathLike,
+    *,
+    format: str | None = None,
+    time_origin: Literal["file", "first_event"] = "file",
+    chunk_events: int = CHUNK_EVENTS,
+    **options,
+) -> tuple[Recording, Iterator[np.ndarray]]:
+    """``path`` as (a ``Recording`` without events: its sensor size and metadata, an iterator of ``EVENT_DTYPE``
+    chunks in time order), for recordings too long to hold whole. Arguments as ``read_recording``'s.
+
+    Formats in ``STREAMED`` are decoded chunk by chunk (DAT ``chunk_events`` at a time, faery's formats one faery
+    packet at a time): memory stays at one chunk whatever the file's length. The others are read whole, then handed
+    out in chunks of ``chunk_events``. With ``time_origin="first_event"`` every chunk is shifted by the first
+    event's time (``metadata["time_shift_us"]`` is set once the first chunk is read). Errors are raised as the chunk
+    that holds them is read.
+    """
+    name = detect_format(path) if format is None else format
+    if name not in FORMATS:
+        raise ConfigError(f"{path}: unknown format {name!r}; supported: {', '.join(FORMATS)}")
+    if time_origin not in ("file", "first_event"):
+        raise ValueError(f"time_origin must be 'file' or 'first_event', got {time_origin!r}")
+    if chunk_events < 1:
+        raise ValueError(f"chunk_events must be >= 1, got {chunk_events}")
+    if name == "dat" and not options:
+        recording, chunks = iter_prophesee_dat(path, chunk_events)
+    elif name in FAERY_TYPES and not options:
+        recording, chunks = iter_with_faery(path, FAERY_TYPES[name])
+    else:
+        whole = read_recording(path, format=name, **options)
+        events = whole.events
+        recording = Recording(events[:0], whole.sensor_size, whole.metadata)
+        chunks = (events[i : i + chunk_events] for i in range(0, len(events), chunk_events))
+    if time_origin == "file":
+        return recording, chunks
+    return recording, _shifted(chunks, recording.metadata)
+
+
+def _shifted(chunks: Iterator[np.ndarray], metadata: dict) -> Iterator[np.ndarray]:
+    """``chunks`` shifted in place (every chunk is a fresh array, or a slice of one read for this call)."""
+    shift = None
+    for chunk in chunks:
+        if len(chunk):
+            if shift is None:
+                shift = int(chunk["t"][0])
+                metadata["time_shift_us"] = -shift
+            chunk["t"] -= shift
+        yield chunk
 
 
 def detect_format(path: str | os.PathLike) -> str:

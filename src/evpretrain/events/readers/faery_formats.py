@@ -21,17 +21,19 @@ int32 stream id, a uint32 length and that many bytes, up to ``file_data_position
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from evpretrain.events.contract import EventFormatError, Recording
-from evpretrain.events.readers._columns import make_recording
+from evpretrain.events.contract import EVENT_DTYPE, EventFormatError, Recording
+from evpretrain.events.readers._columns import pack_events
 from evpretrain.events.readers._io import file_size
 from evpretrain.events.readers.prophesee_header import read_prophesee_header
 
@@ -47,6 +49,39 @@ RAW_ENCODING_KEYS = ("evt", "format")
 
 def read_with_faery(path: str | os.PathLike, file_type: str) -> Recording:
     """Read ``path`` with faery as ``file_type`` (``"aedat4"``, ``"raw"``, ``"es"`` or ``"dat"``); t in us."""
+    metadata, sensor_size = _check_file(path, file_type)
+    events, dimensions = _decode(path, FILE_TYPES[file_type])
+    if file_type in ("aedat4", "es"):
+        sensor_size = (dimensions[1], dimensions[0])
+    return Recording(_contract(events, path, sensor_size), sensor_size, metadata)
+
+
+def iter_with_faery(path: str | os.PathLike, file_type: str) -> tuple[Recording, Iterator[np.ndarray]]:
+    """``path`` decoded by faery one packet of events at a time (faery's chunks, about 10^4 to 10^5 events): (a
+    ``Recording`` without events that gives the sensor size and metadata, an iterator of ``EVENT_DTYPE`` chunks).
+    Memory: one chunk, so a multi-GB recording streams; each chunk is checked as ``read_with_faery`` checks it."""
+    metadata, sensor_size = _check_file(path, file_type)
+    with _faery_errors(path, FILE_TYPES[file_type]):
+        stream = _open(path, FILE_TYPES[file_type])
+        if file_type in ("aedat4", "es"):
+            width, height = stream.dimensions()
+            sensor_size = (height, width)
+
+    def chunks() -> Iterator[np.ndarray]:
+        packets = iter(stream)
+        while True:
+            with _faery_errors(path, FILE_TYPES[file_type]):
+                events = next(packets, None)
+            if events is None:
+                return
+            if len(events):
+                yield _contract(events, path, sensor_size)
+
+    return Recording(np.empty(0, EVENT_DTYPE), sensor_size, metadata), chunks()
+
+
+def _check_file(path: str | os.PathLike, file_type: str) -> tuple[dict, tuple[int, int] | None]:
+    """What the file says of itself before faery decodes it: (metadata, sensor_size from a RAW or DAT header)."""
     if file_type not in FILE_TYPES:
         raise ValueError(f"file_type must be one of {sorted(FILE_TYPES)}, got {file_type!r}")
     os.stat(path)  # a missing file is FileNotFoundError, not a format error
@@ -69,16 +104,16 @@ def read_with_faery(path: str | os.PathLike, file_type: str) -> Recording:
     if file_type == "aedat4":
         check_aedat4_sizes(path)
         _probe_header_in_child(path, FILE_TYPES[file_type])
-    events, dimensions = _decode(path, FILE_TYPES[file_type])
-    if file_type in ("aedat4", "es"):
-        sensor_size = (dimensions[1], dimensions[0])
+    return metadata, sensor_size
+
+
+def _contract(events: np.ndarray, path, sensor_size: tuple[int, int] | None) -> np.ndarray:
+    """faery's events (``t`` uint64, ``x``, ``y``, ``on``) as a checked ``EVENT_DTYPE`` array."""
     t = events["t"]
     if t.size and t.max() > np.iinfo(np.int64).max:
         raise EventFormatError(path, f"timestamp {t.max()} us does not fit int64")
     polarity = np.where(events["on"], np.int8(1), np.int8(-1))
-    return make_recording(
-        t.astype(np.int64), events["x"], events["y"], polarity, source=path, sensor_size=sensor_size, metadata=metadata
-    )
+    return pack_events(t.astype(np.int64), events["x"], events["y"], polarity, source=path, sensor_size=sensor_size)
 
 
 def read_aedat4(path: str | os.PathLike) -> Recording:
@@ -150,17 +185,26 @@ def _file_data_position(header: bytes, source, offset: int) -> int:
     return -1 if field == 0 else read("<q", table + field)
 
 
-def _decode(path: str | os.PathLike, faery_type: str) -> tuple[np.ndarray, tuple[int, int]]:
-    """faery's events and (width, height); any failure of faery becomes EventFormatError."""
+def _open(path: str | os.PathLike, faery_type: str):
     import faery
 
-    try:
-        stream = faery.events_stream_from_file(
-            Path(path), file_type=faery_type, dimensions_fallback=UNBOUNDED_DIMENSIONS
-        )
+    return faery.events_stream_from_file(Path(path), file_type=faery_type, dimensions_fallback=UNBOUNDED_DIMENSIONS)
+
+
+def _decode(path: str | os.PathLike, faery_type: str) -> tuple[np.ndarray, tuple[int, int]]:
+    """faery's events and (width, height); any failure of faery becomes EventFormatError."""
+    with _faery_errors(path, faery_type):
+        stream = _open(path, faery_type)
         return stream.to_array(), stream.dimensions()
+
+
+@contextlib.contextmanager
+def _faery_errors(path, faery_type: str) -> Iterator[None]:
+    """Any failure of faery inside the block becomes EventFormatError; KeyboardInterrupt and the like pass.
+    faery raises bare Exception/RuntimeError, and pyo3's PanicException (a BaseException) on Rust panics."""
+    try:
+        yield
     except BaseException as error:
-        # faery raises bare Exception/RuntimeError, and pyo3's PanicException (a BaseException) on Rust panics.
         if not isinstance(error, Exception) and type(error).__name__ != "PanicException":
             raise
         raise EventFormatError(path, f"faery could not decode it as {faery_type}: {error}") from error

@@ -17,10 +17,12 @@ Files without a header are refused: nothing would then tell a DAT file from any 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
-from evpretrain.events.contract import EventFormatError, Recording
+from evpretrain.events.contract import EVENT_DTYPE, EventFormatError, Recording
 from evpretrain.events.readers._columns import first_index, make_recording
 from evpretrain.events.readers.prophesee_header import read_prophesee_header
 
@@ -38,11 +40,78 @@ def read_prophesee_dat(path: str | os.PathLike) -> Recording:
     version and the event type.
     """
     with open(path, "rb") as file:
-        header = read_prophesee_header(file, source=path)
-        if not header.fields:
-            raise EventFormatError(path, "expected a '%' text header (a Prophesee DAT file)", offset=0)
-        type_and_size = file.read(2)
+        layout = _read_layout(file, path)
         body = np.fromfile(file, dtype=np.uint8)
+    if body.size % CD_EVENT_BYTES:
+        complete = body.size - body.size % CD_EVENT_BYTES
+        raise EventFormatError(
+            path,
+            f"truncated event: {body.size % CD_EVENT_BYTES} bytes left after the last complete "
+            f"{CD_EVENT_BYTES}-byte event",
+            offset=layout.data_start + complete,
+        )
+    words = body.view("<u4").reshape(-1, 2)
+    t, x, y, p = _decode_cd_words(words, layout.version, path, layout.data_start, layout.sensor_size)
+    return make_recording(t + layout.t0, x, y, p, source=path, sensor_size=layout.sensor_size, metadata=layout.metadata)
+
+
+def iter_prophesee_dat(path: str | os.PathLike, chunk_events: int) -> tuple[Recording, Iterator[np.ndarray]]:
+    """A DAT file read ``chunk_events`` events at a time: (a ``Recording`` without events that gives the sensor size
+    and metadata, an iterator of ``EVENT_DTYPE`` chunks). The header is checked at once, each chunk as it is read,
+    as ``read_prophesee_dat`` checks them; timestamp wraps carry across chunks. Memory: one chunk."""
+    if chunk_events < 1:
+        raise ValueError(f"chunk_events must be >= 1, got {chunk_events}")
+    with open(path, "rb") as file:
+        layout = _read_layout(file, path)
+    return Recording(np.empty(0, EVENT_DTYPE), layout.sensor_size, layout.metadata), _dat_chunks(
+        path, layout, chunk_events
+    )
+
+
+def _dat_chunks(path, layout: _Layout, chunk_events: int) -> Iterator[np.ndarray]:
+    added, last_raw, done = 0, None, 0  # us added by wraps so far, the last raw timestamp, events read
+    with open(path, "rb") as file:
+        file.seek(layout.data_start)
+        while True:
+            body = np.fromfile(file, dtype=np.uint8, count=chunk_events * CD_EVENT_BYTES)
+            if body.size == 0:
+                return
+            start = layout.data_start + done * CD_EVENT_BYTES
+            if body.size % CD_EVENT_BYTES:
+                raise EventFormatError(
+                    path,
+                    f"truncated event: {body.size % CD_EVENT_BYTES} bytes left after the last complete "
+                    f"{CD_EVENT_BYTES}-byte event",
+                    offset=start + body.size - body.size % CD_EVENT_BYTES,
+                )
+            words = body.view("<u4").reshape(-1, 2)
+            t, x, y, p = _decode_cd_words(words, layout.version, path, start, layout.sensor_size)
+            raw = int(words[0, 0])
+            if last_raw is not None and last_raw - raw > TIMESTAMP_WRAP_US // 2:
+                added += TIMESTAMP_WRAP_US
+            t += added
+            added = int(t[-1]) - int(words[-1, 0])
+            last_raw = int(words[-1, 0])
+            events = make_recording(t + layout.t0, x, y, p, source=path, sensor_size=layout.sensor_size).events
+            done += len(words)
+            yield events
+
+
+@dataclass(frozen=True)
+class _Layout:
+    version: str
+    sensor_size: tuple[int, int] | None
+    t0: int
+    data_start: int
+    metadata: dict
+
+
+def _read_layout(file, path) -> _Layout:
+    """The header and the event type and size bytes of an open DAT file, checked; ``file`` is left at the events."""
+    header = read_prophesee_header(file, source=path)
+    if not header.fields:
+        raise EventFormatError(path, "expected a '%' text header (a Prophesee DAT file)", offset=0)
+    type_and_size = file.read(2)
     if len(type_and_size) < 2:
         raise EventFormatError(path, "file ends before the event type and size bytes", offset=header.size)
     event_type, event_size = type_and_size
@@ -61,18 +130,6 @@ def read_prophesee_dat(path: str | os.PathLike) -> Recording:
         raise EventFormatError(
             path, f"DAT version {version!r} is not supported (expected 1 or 2)", offset=header.offset("Version")
         )
-    data_start = header.size + 2
-    if body.size % CD_EVENT_BYTES:
-        complete = body.size - body.size % CD_EVENT_BYTES
-        raise EventFormatError(
-            path,
-            f"truncated event: {body.size % CD_EVENT_BYTES} bytes left after the last complete "
-            f"{CD_EVENT_BYTES}-byte event",
-            offset=data_start + complete,
-        )
-    words = body.view("<u4").reshape(-1, 2)
-    sensor_size = header.geometry(source=path)
-    t, x, y, p = _decode_cd_words(words, version, path, data_start, sensor_size)
     t0 = header.get("T0") or "0"
     if not t0.isdigit():
         raise EventFormatError(
@@ -84,7 +141,7 @@ def read_prophesee_dat(path: str | os.PathLike) -> Recording:
         "event_type": CD_EVENT_TYPES[event_type],
         "header": dict(header.fields),
     }
-    return make_recording(t + int(t0), x, y, p, source=path, sensor_size=sensor_size, metadata=metadata)
+    return _Layout(version, header.geometry(source=path), int(t0), header.size + 2, metadata)
 
 
 def _decode_cd_words(words: np.ndarray, version: str, source, data_start: int, sensor_size):
