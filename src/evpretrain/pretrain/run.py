@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from evpretrain.config import ConfigError, to_mapping
+from evpretrain.inference.spec import InferenceSpec, Representation, store_facts
 from evpretrain.models import build_backbone
 from evpretrain.pretrain.config import PretrainConfig
 from evpretrain.pretrain.data import PretrainDataset, view_tokens
@@ -219,7 +220,26 @@ def run_stage(
         )
     if live is not None:
         hooks.append(live.hook())
-    metrics = train(module, _step, dataset, stage_config.train, out, param_groups=groups, hooks=hooks)
+    sensor_size, median_events = store_facts(train_store)
+    inference = InferenceSpec(
+        "embed",
+        config.backbone_spec,
+        Representation("voxel_grid", data.num_bins, data.resize),
+        input_size=tuple(module.backbone.img_size),
+        sensor_size=sensor_size,
+        window_events=median_events,
+        stage=stage,
+    )
+    metrics = train(
+        module,
+        _step,
+        dataset,
+        stage_config.train,
+        out,
+        param_groups=groups,
+        hooks=hooks,
+        inference=inference.to_dict(),
+    )
     metrics = dict(metrics) | {"init": str(init) if init else None, "init_left_out": left_out}
     if stage == 1 and process_layout().is_main:  # under DDP one rank draws
         from evpretrain.pretrain.figures import reconstruction_figure
