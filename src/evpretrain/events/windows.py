@@ -74,10 +74,18 @@ class WindowCutter:
     """Iterate to get the ``Window`` s of ``chunks`` (``EVENT_DTYPE`` arrays in time order, e.g. from
     ``stream_recording``); afterwards ``events`` (seen), ``windows`` (given out), ``dropped_events`` (of the
     incomplete last window) and ``first_t`` / ``last_t`` describe the recording. Memory: one chunk plus one window.
-    ``source`` names the recording in errors."""
+    ``source`` names the recording in errors; ``required``: a recording without one complete window is an error
+    (else it gives none)."""
 
-    def __init__(self, chunks: Iterable[np.ndarray], spec: WindowSpec, source: str | os.PathLike | None = None):
-        self.chunks, self.spec, self.source = chunks, spec, source
+    def __init__(
+        self,
+        chunks: Iterable[np.ndarray],
+        spec: WindowSpec,
+        source: str | os.PathLike | None = None,
+        *,
+        required: bool = True,
+    ):
+        self.chunks, self.spec, self.source, self.required = chunks, spec, source, required
         self.events = self.windows = self.dropped_events = 0
         self.first_t: int | None = None
         self.last_t: int | None = None
@@ -103,7 +111,7 @@ class WindowCutter:
                 self.windows += 1
                 yield window
         self.dropped_events = len(pending)
-        if self.windows == 0:
+        if self.windows == 0 and self.required:
             span = 0 if self.first_t is None else self.last_t - self.first_t
             raise EventFormatError(
                 self.source,

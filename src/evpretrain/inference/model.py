@@ -76,6 +76,8 @@ class InferenceModel:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.spec, self.policy, self.batch_size, self.path = spec, policy, batch_size, path
+        if getattr(model, "aux_head", None) is not None:
+            model.aux_head = None  # the dense models' auxiliary head only serves training: spare its full-size output
         self.model = model.eval().to(self.device)
         self.backbone = model if spec.task == "embed" else model.backbone
         self.input_size: tuple[int, int] = tuple(self.backbone.img_size)
@@ -131,13 +133,8 @@ class InferenceModel:
         float32, the k most probable classes, best first; ``segment``: ``masks`` (B, h, w) uint8 class ids (int16
         beyond 256 classes); ``flow``: ``flow`` (B, 2, h, w) float32, (dx, dy) in pixels of the view over each
         window's span. (h, w): the view (``view``)."""
+        self.require_predictor()
         task = self.spec.task
-        if task == "embed":
-            raise CheckpointError(
-                self.path or "<model>",
-                f"is a pre-training checkpoint (stage {self.spec.stage}): it embeds, it predicts nothing; use "
-                "`evpretrain embed`, or predict with a fine-tuned run (evpretrain finetune ...)",
-            )
         x = self.inputs(windows, sensor_size)
         if task == "classify":
             probs = self.model(x).float().softmax(dim=1)
@@ -148,6 +145,16 @@ class InferenceModel:
             masks = self.model(x, size=size)["logits"].argmax(dim=1)
             return {"masks": masks.to(torch.int16 if self.spec.num_classes > 256 else torch.uint8).cpu().numpy()}
         return {"flow": self.model(x, size=size)["flow"].float().cpu().numpy()}
+
+    def require_predictor(self) -> None:
+        """Raise CheckpointError unless the checkpoint is a fine-tuned model (a pre-training one only embeds)."""
+        if self.spec.task == "embed":
+            kind = f"pre-training checkpoint (stage {self.spec.stage})" if self.spec.stage else "backbone checkpoint"
+            raise CheckpointError(
+                self.path or "<model>",
+                f"is a {kind}: it embeds, it predicts nothing; use `evpretrain embed`, or predict with a fine-tuned "
+                "run (evpretrain finetune ...)",
+            )
 
     def batches(self, windows: Iterable[Window]) -> Iterator[list[Window]]:
         """``windows`` in lists of ``batch_size``."""
