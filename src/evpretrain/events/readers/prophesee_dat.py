@@ -85,7 +85,7 @@ def _dat_chunks(path, layout: _Layout, chunk_events: int) -> Iterator[np.ndarray
                     offset=start + body.size - body.size % CD_EVENT_BYTES,
                 )
             words = body.view("<u4").reshape(-1, 2)
-            t, x, y, p = _decode_cd_words(words, layout.version, path, start, layout.sensor_size)
+            t, x, y, p = _decode_cd_words(words, layout.version, path, layout.data_start, layout.sensor_size, done)
             raw = int(words[0, 0])
             if last_raw is not None and last_raw - raw > TIMESTAMP_WRAP_US // 2:
                 added += TIMESTAMP_WRAP_US
@@ -144,8 +144,9 @@ def _read_layout(file, path) -> _Layout:
     return _Layout(version, header.geometry(source=path), int(t0), header.size + 2, metadata)
 
 
-def _decode_cd_words(words: np.ndarray, version: str, source, data_start: int, sensor_size):
-    """(N, 2) uint32 words -> (t int64 us, x, y, p int8 +/-1), checked; errors name the event's byte offset."""
+def _decode_cd_words(words: np.ndarray, version: str, source, data_start: int, sensor_size, first: int = 0):
+    """(N, 2) uint32 words -> (t int64 us, x, y, p int8 +/-1), checked; errors name the event (``words[0]`` being
+    the file's event ``first``) and its byte offset."""
     x_mask, y_shift, y_mask, p_shift, p_mask = WORD_LAYOUTS[version]
     packed = words[:, 1]
     x = (packed & x_mask).astype(np.uint16)
@@ -154,7 +155,9 @@ def _decode_cd_words(words: np.ndarray, version: str, source, data_start: int, s
     i = first_index(polarity > 1)
     if i is not None:
         raise EventFormatError(
-            source, f"event {i} has polarity field {polarity[i]}, expected 0 or 1", offset=data_start + 8 * i
+            source,
+            f"event {first + i} has polarity field {polarity[i]}, expected 0 or 1",
+            offset=data_start + 8 * (first + i),
         )
     if sensor_size is not None:
         height, width = sensor_size
@@ -162,8 +165,8 @@ def _decode_cd_words(words: np.ndarray, version: str, source, data_start: int, s
         if i is not None:
             raise EventFormatError(
                 source,
-                f"event {i} has x={x[i]}, y={y[i]}, outside the {width}x{height} sensor of the header",
-                offset=data_start + 8 * i,
+                f"event {first + i} has x={x[i]}, y={y[i]}, outside the {width}x{height} sensor of the header",
+                offset=data_start + 8 * (first + i),
             )
     t = words[:, 0].astype(np.int64)
     if t.size > 1:
