@@ -59,7 +59,8 @@ class WindowSpec:
         return int(round(self.size * 1000))
 
     def __str__(self) -> str:
-        return f"{self.unit}:{self.size:g}"
+        size = int(self.size) if self.size == int(self.size) else self.size
+        return f"{self.unit}:{size}"
 
 
 class Window(NamedTuple):
