@@ -2,13 +2,13 @@
 `predict` on the shipped real recordings, errors that name what is wrong and leave nothing half-written."""
 
 import json
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
 import yaml
+from event_testing import REAL, needs_real
 from PIL import Image
 
 from evpretrain.cli import main
@@ -25,11 +25,6 @@ from evpretrain.events.windows import WindowCutter, WindowSpec
 from evpretrain.inference import InferenceSpec, Representation, load_model
 from evpretrain.inference.model import InferenceModel, view_box
 from evpretrain.models import BackboneSpec, create_backbone
-
-REAL = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "real"
-needs_real = pytest.mark.skipif(
-    not (REAL / "gen4.dat").is_file(), reason="the shipped real recordings (../shared/data/real) are absent"
-)
 
 STUDY = {
     "pretrain": {
