@@ -212,6 +212,19 @@ def test_a_checkpoint_without_its_inference_entry_names_what_is_missing_and_the_
         assert np.allclose(features["embeddings"][0], first, atol=1e-5)
 
 
+def test_a_finetuning_run_without_the_entry_is_read_with_its_study_and_metrics(runs, tmp_path):
+    old = tmp_path / "old-run"
+    old.mkdir()
+    checkpoint = torch.load(runs["root"] / "classify" / "checkpoint.pt", weights_only=True)
+    del checkpoint["inference"]
+    torch.save(checkpoint, old / "checkpoint.pt")
+    (old / "metrics.json").write_text((runs["root"] / "classify" / "metrics.json").read_text())
+    with pytest.raises(CheckpointError, match="holds no 'inference' entry"):
+        load_model(old)
+    rebuilt = load_model(old, device="cpu", study=yaml.safe_load(runs["config"].read_text()))
+    assert rebuilt.spec == load_model(runs["root"] / "classify", device="cpu").spec
+
+
 def test_a_foreign_checkpoint_embeds_with_the_importers_defaults(tmp_path):
     from test_importers import mae_sincos
 

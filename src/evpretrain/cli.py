@@ -258,14 +258,15 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from evpretrain.config import ConfigError
+    from evpretrain.config import ConfigError, load_yaml
     from evpretrain.inference.model import load_model
     from evpretrain.inference.outputs import write_predictions
 
     for name in ("top_k", "preview_frames", "batch_size"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    model = load_model(args.run, None, args.device, policy=args.resize, batch_size=args.batch_size)
+    study = load_yaml(args.config) if args.config else None
+    model = load_model(args.run, None, args.device, policy=args.resize, batch_size=args.batch_size, study=study)
     model.require_predictor()
     window = _window(args.window)
     if window is None and model.spec.window_events:
@@ -571,6 +572,7 @@ def _add_inference_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--window", help="events:N or ms:T (default: events:N of the window the model was trained or scored on)"
     )
+    p.add_argument("--config", type=Path, help="the study that trained a run written before checkpoints carried it")
     p.add_argument("--top-k", type=int, default=5, help="classes per window (classification; default 5)")
     p.add_argument("--preview-frames", type=int, default=100, help="windows in preview.gif (default 100)")
     p.add_argument("--out", required=True, type=Path, help="output folder, written whole (prediction.json lists it)")

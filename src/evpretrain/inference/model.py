@@ -20,6 +20,7 @@ at the resolution of that view: the recording's sensor, or the crop; flow in its
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from evpretrain.events.representations import EventTensors, histogram_ecdp, voxe
 from evpretrain.events.windows import Window, WindowCutter, WindowSpec
 from evpretrain.inference.spec import INFERENCE_KEY, InferenceSpec, foreign_spec, read_spec, spec_from_study
 from evpretrain.models import build_backbone
-from evpretrain.training.checkpoint import CHECKPOINT_NAME, backbone_entries, load_checkpoint
+from evpretrain.training.checkpoint import CHECKPOINT_NAME, METRICS_NAME, backbone_entries, load_checkpoint
 
 __all__ = ["SENSOR_POLICIES", "InferenceModel", "load_model", "view_box"]
 
@@ -237,10 +238,11 @@ def load_model(
     """The checkpoint ``path`` (a ``checkpoint.pt``, or a run folder holding one) ready to embed or predict.
 
     ``source`` None: a checkpoint of this project, read through its ``inference`` entry; one without it (written
-    before checkpoints carried it) needs ``study``, the study config that trained it (its backbone and data; the
-    model then embeds only). Otherwise a foreign checkpoint of that importer (``evpretrain.downstream.importers``)
-    with the defaults of ``FOREIGN_SPECS`` (``backbone``: another registered backbone of the family, e.g.
-    ``vit_base_patch16``; ``allow_partial`` as the importer's). ``device``: default cuda when available, else cpu.
+    before checkpoints carried it) needs ``study``, the study config that trained it (``spec_from_study``: its
+    backbone and input; a fine-tuning run's task, classes and head from the ``metrics.json`` beside it).
+    Otherwise a foreign checkpoint of that importer (``evpretrain.downstream.importers``) with the defaults of
+    ``FOREIGN_SPECS`` (``backbone``: another registered backbone of the family, e.g. ``vit_base_patch16``;
+    ``allow_partial`` as the importer's). ``device``: default cuda when available, else cpu.
     Raises CheckpointError naming the file for a missing, unreadable or unfitting checkpoint.
     """
     path = Path(path)
@@ -255,7 +257,8 @@ def load_model(
         return InferenceModel(spec, net, device=device, policy=policy, batch_size=batch_size, path=path)
     checkpoint = load_checkpoint(path, required=("model",))
     if INFERENCE_KEY not in checkpoint and study is not None:
-        spec = spec_from_study(study)
+        metrics = path.parent / METRICS_NAME
+        spec = spec_from_study(study, json.loads(metrics.read_text()) if metrics.is_file() else None)
     else:
         spec = read_spec(checkpoint, path)
     net = build_backbone(spec.backbone)

@@ -101,9 +101,10 @@ def read_spec(checkpoint: Mapping[str, Any], path: str | Path) -> InferenceSpec:
         raise CheckpointError(
             path,
             "holds no 'inference' entry (the task, backbone, input representation and size, sensor size and class "
-            "names that embed and predict read): it was written before checkpoints carried one. For embed, name the "
-            "study that trained it: --config STUDY.yaml (its pretrain.backbone, backbone_overrides and data); for "
-            "predict, rerun the fine-tuning (evpretrain finetune ...) with this version",
+            "names that embed and predict read): it was written before checkpoints carried one. Name the study that "
+            "trained it: --config STUDY.yaml (the pipeline writes it beside each run: RUN/study.yaml); its pretrain "
+            "section gives the backbone and input, and for predict the run folder's metrics.json the task, classes "
+            "and head",
         )
     try:
         return from_mapping(InferenceSpec, entry, f"{path}: inference")
@@ -111,17 +112,46 @@ def read_spec(checkpoint: Mapping[str, Any], path: str | Path) -> InferenceSpec:
         raise CheckpointError(path, f"its inference entry is not readable: {error}") from None
 
 
-def spec_from_study(study: Mapping[str, Any]) -> InferenceSpec:
-    """An ``embed`` spec from a study config (its ``pretrain`` section): for checkpoints without the entry."""
+def spec_from_study(study: Mapping[str, Any], run: Mapping[str, Any] | None = None) -> InferenceSpec:
+    """The spec of a checkpoint without the entry, from the study config that trained it: an ``embed`` spec from its
+    ``pretrain`` section, or with ``run`` (a fine-tuning run's metrics.json: task, mode, classes, its task config)
+    that run's model, its sensor size and class names read from its training store when it is still there."""
     from evpretrain.pretrain.config import pretrain_config
 
     config = pretrain_config(study)
     data = config.data
-    return InferenceSpec(
+    spec = InferenceSpec(
         task="embed",
         backbone=config.backbone_spec,
         representation=Representation("voxel_grid", data.num_bins, data.resize),
         input_size=data.input_size,
+    )
+    if run is None or run.get("task") not in ("classify", "segment", "flow"):
+        return spec
+    from evpretrain.downstream.config import DownstreamTaskConfig
+    from evpretrain.downstream.run import model_settings
+
+    task, mode = run["task"], run.get("mode")
+    task_config = from_mapping(DownstreamTaskConfig, run["config"], f"{task} run config")
+    sensor_size = class_names = median_events = None
+    store = Path(run.get("train_store", ""))
+    if store.is_file():
+        from evpretrain.data.store import EventStore
+
+        sensor_size, median_events = store_facts(store)
+        with EventStore(store) as opened:
+            names = opened.attrs.get({"classify": "class_names", "segment": "mask_class_names"}.get(task, ""))
+        class_names = tuple(names) if names is not None and len(names) == run.get("num_classes") else None
+    return replace(
+        spec,
+        task=task,
+        representation=Representation("voxel_grid", spec.backbone.in_chans, "bilinear"),
+        sensor_size=sensor_size,
+        window_events=(task_config.window.eval_events if task == "classify" else None) or median_events,
+        class_names=class_names,
+        num_classes=run.get("num_classes"),
+        mode=mode,
+        head=model_settings(task, mode, task_config),
     )
 
 
