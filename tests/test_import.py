@@ -17,7 +17,7 @@ from evpretrain.data.store import EventStore
 from evpretrain.events.contract import EVENT_DTYPE, EventFormatError, make_events
 from evpretrain.events.readers import read_events, read_recording, stream_recording
 from evpretrain.events.readers.streaming import _in_time_order
-from evpretrain.events.windows import WindowSpec, cut_windows
+from evpretrain.events.windows import Windower, WindowSpec
 
 SENSOR = (720, 1280)  # (H, W) of the shipped evt3.raw / gen4.dat
 
@@ -218,30 +218,46 @@ def chunked_stream(draw):
     stream=chunked_stream(),
     kind=st.sampled_from(["events", "ms"]),
     size=st.integers(1, 60),
+    keep_empty=st.booleans(),
 )
 @settings(max_examples=200, deadline=None)
-def test_any_chunking_of_sorted_events_gives_the_same_windows(stream, kind, size):
+def test_any_chunking_of_sorted_events_gives_the_same_windows(stream, kind, size, keep_empty):
     events, chunks = stream
     spec = WindowSpec(kind, size)
+    t0 = int(events["t"][0])
     if kind == "events":
         oracle = [events[k * size : (k + 1) * size] for k in range(len(events) // size)]
+        spans = [(int(w["t"][0]), int(w["t"][-1]) + 1) for w in oracle]
     else:
-        oracle = duration_windows(events, size)
-    windows = list(cut_windows(iter(chunks), spec))
-    assert len(windows) == len(oracle)
+        # Independent oracle: every complete slot of (t - t0) // size (kept empty, or only those with events).
+        slots = (events["t"] - t0) // size
+        complete = (int(events["t"][-1]) - t0) // size
+        kept = [k for k in range(complete) if keep_empty or np.any(slots == k)]
+        oracle = [events[slots == k] for k in kept]
+        spans = [(t0 + k * size, t0 + (k + 1) * size) for k in kept]
+    windower = Windower(spec, keep_empty=keep_empty)
+    windows = list(windower.cut(iter(chunks), required=False))
+    assert [(w.t_start, w.t_end) for w in windows] == spans
     for window, expected in zip(windows, oracle):
         np.testing.assert_array_equal(window.events, expected)
-        if kind == "ms":
-            slot = (expected["t"][0] - events["t"][0]) // size
-            assert (window.start_us, window.end_us) == (
-                events["t"][0] + slot * size,
-                events["t"][0] + (slot + 1) * size,
-            )
+    in_windows = sum(len(w) for w in oracle)
+    assert (windower.events, windower.windows, windower.dropped_events) == (
+        len(events),
+        len(oracle),
+        len(events) - in_windows,
+    )
 
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("events:500", WindowSpec("events", 500)), ("ms:2.5", WindowSpec("ms", 2500)), ("ms:0.001", WindowSpec("ms", 1))],
+    [
+        ("events:500", WindowSpec("events", 500)),
+        (" events:7 ", WindowSpec("events", 7)),
+        ("ms:2.5", WindowSpec("ms", 2500)),
+        ("ms:0.001", WindowSpec("ms", 1)),
+        ("ms:1.001", WindowSpec("ms", 1001)),  # exact: 1.001 * 1000 in floats is 1000.9999999999999
+        ("ms:1234.567", WindowSpec("ms", 1234567)),  # printed back whole, not rounded to 6 digits
+    ],
 )
 def test_window_specs_parse_to_events_or_microseconds(text, expected):
     assert WindowSpec.parse(text) == expected and WindowSpec.parse(str(expected)) == expected
@@ -280,7 +296,8 @@ def test_a_window_larger_than_the_recording_is_refused_naming_the_file_and_sizes
     error = capsys.readouterr().err
     assert (
         code == 2
-        and f"short.raw: window events:5000 is larger than the recording (1000 events spanning {span} us)" in error
+        and f"short.raw: the window events:5000 is larger than the recording, which holds 1000 events over {span} us"
+        in error
     )
     assert not list(out.glob("*.h5"))
     assert (

@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from evpretrain.events.contract import EventFormatError
-from evpretrain.events.readers import read_atis_bin, read_prophesee_dat, read_recording
+from evpretrain.events.readers import read_atis_bin, read_prophesee_dat, read_recording, stream_recording
+from evpretrain.events.readers.prophesee_dat import iter_prophesee_dat
 
 # --- spec-level encoders -------------------------------------------------------------------------------------
 
@@ -102,6 +103,35 @@ def test_dat_unwraps_32_bit_timestamps_and_adds_t0(tmp_path):
     path = tmp_path / "wrap.dat"
     path.write_bytes(encode_dat([2**32 - 10, 5, 7], [0, 1, 2], [0, 0, 0], [1, 1, 1], header=b"% T0 1000\n"))
     assert read_prophesee_dat(path).events["t"].tolist() == [1000 + 2**32 - 10, 1000 + 2**32 + 5, 1000 + 2**32 + 7]
+
+
+@pytest.mark.parametrize("chunk_events", [1, 2, 3, 100])
+def test_dat_streamed_in_chunks_equals_the_whole_read_wraps_carried_across_chunks(tmp_path, chunk_events):
+    path = tmp_path / "wrap.dat"
+    # Two wraps: one between events 1 and 2, one between 3 and 4 (chunk edges for chunk_events 1 and 2 and 3).
+    t = [2**32 - 10, 2**32 - 3, 5, 2**32 - 1, 4, 9]
+    path.write_bytes(encode_dat(t, [0, 1, 2, 3, 4, 5], [0] * 6, [1, 0, 1, 0, 1, 0], header=b"% T0 1000\n"))
+    assert [len(c) for c in iter_prophesee_dat(path, chunk_events)] == [
+        min(chunk_events, 6 - i) for i in range(0, 6, chunk_events)
+    ]
+    stream = stream_recording(path, chunk_events=chunk_events)
+    chunks = list(stream.chunks())
+    expected = [1000 + v for v in (2**32 - 10, 2**32 - 3, 2**32 + 5, 2 * 2**32 - 1, 2 * 2**32 + 4, 2 * 2**32 + 9)]
+    assert np.concatenate(chunks)["t"].tolist() == expected
+    assert np.array_equal(np.concatenate(chunks), read_prophesee_dat(path).events)
+    shifted = stream_recording(path, chunk_events=chunk_events, time_origin="first_event")
+    assert np.concatenate(list(shifted.chunks()))["t"].tolist() == [v - expected[0] for v in expected]
+    assert shifted.metadata["time_shift_us"] == -expected[0]
+    assert stream.sensor_size is None and stream.metadata["version"] == 2
+
+
+def test_dat_streamed_in_chunks_names_the_offset_of_a_bad_event_in_a_later_chunk(tmp_path):
+    path = tmp_path / "bad.dat"
+    path.write_bytes(encode_dat([1, 2, 3], [0, 0, 700], [0, 0, 0], [1, 1, 1]))
+    chunks = iter_prophesee_dat(path, chunk_events=2)
+    assert len(next(chunks)) == 2  # the first chunk is fine; the error comes with the chunk that holds it
+    with pytest.raises(EventFormatError, match=r"bad\.dat: at byte offset 55: event 2 has x=700"):
+        next(chunks)
 
 
 @pytest.mark.parametrize(

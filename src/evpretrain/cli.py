@@ -319,6 +319,94 @@ def _cmd_robustness(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inference_inputs(args: argparse.Namespace, window):
+    from evpretrain.inference.outputs import RecordingInput
+
+    return [
+        RecordingInput(path, window, time_origin=args.time_origin, format=args.format, sensor_size=args.sensor_size)
+        for path in args.input
+    ]
+
+
+def _window(text: str | None):
+    from evpretrain.events.windows import WindowSpec
+
+    return None if text is None else WindowSpec.parse(text)
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from evpretrain.config import ConfigError, load_yaml
+    from evpretrain.inference.model import load_model
+    from evpretrain.inference.outputs import write_features
+
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.backbone is not None and args.checkpoint_source is None:
+        raise ConfigError("--backbone chooses the backbone of a foreign checkpoint: it needs --checkpoint-source")
+    model = load_model(
+        args.checkpoint,
+        args.checkpoint_source,
+        args.device,
+        policy=args.resize,
+        batch_size=args.batch_size,
+        study=load_yaml(args.config) if args.config else None,
+        backbone=args.backbone,
+        allow_partial=args.allow_partial,
+    )
+    window = _window(args.window)
+    attrs = {
+        "checkpoint": str(args.checkpoint),
+        "checkpoint_source": args.checkpoint_source or "evpretrain",
+        "spec": model.spec.to_dict(),
+        "window": str(window) if window else "each store sample",
+        "resize": args.resize,
+        "time_origin": args.time_origin,
+        "input_size": list(model.input_size),
+    }
+    summary = write_features(
+        model, _inference_inputs(args, window), args.out, tokens=args.tokens, attrs=attrs, progress=not args.quiet
+    )
+    print(json.dumps({"out": str(args.out), "windows": summary["windows"], "embed_dim": summary["embed_dim"]}))
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from evpretrain.config import ConfigError, load_yaml
+    from evpretrain.inference.model import load_model
+    from evpretrain.inference.outputs import write_predictions
+
+    for name in ("top_k", "preview_frames", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    study = load_yaml(args.config) if args.config else None
+    model = load_model(args.run, None, args.device, policy=args.resize, batch_size=args.batch_size, study=study)
+    model.require_predictor()
+    window = _window(args.window)
+    if window is None and model.spec.window_events:
+        window = _window(f"events:{model.spec.window_events}")  # the window the model was scored on
+    inputs = _inference_inputs(args, window)
+    if window is None and not all(source.is_store for source in inputs):
+        raise ConfigError(f"{args.run}: its checkpoint names no window size: pass --window events:N or ms:T")
+    attrs = {
+        "run": str(args.run),
+        "window": str(window) if window else "each store sample",
+        "resize": args.resize,
+        "time_origin": args.time_origin,
+        "spec": model.spec.to_dict(),
+    }
+    manifest = write_predictions(
+        model,
+        inputs,
+        args.out,
+        top_k=args.top_k,
+        preview_frames=args.preview_frames,
+        attrs=attrs,
+        progress=not args.quiet,
+    )
+    print(json.dumps({"out": str(args.out), "task": manifest["task"], "windows": manifest["windows"]}))
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from evpretrain.pipeline.report import write_report
 
@@ -382,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_commands(commands)
     _add_pretrain_commands(commands)
     _add_downstream_commands(commands)
+    _add_inference_commands(commands)
     _add_study_commands(commands)
     return parser
 
@@ -579,6 +668,70 @@ def _add_downstream_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder: robustness.{csv,md,png}, metrics.json")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.set_defaults(func=_cmd_robustness)
+
+
+def _add_inference_options(p: argparse.ArgumentParser) -> None:
+    """What ``embed`` and ``predict`` share: the inputs, their windows, the sensor policy, batching."""
+    p.add_argument(
+        "--input",
+        required=True,
+        nargs="+",
+        type=Path,
+        help="recordings (any format of `evpretrain data formats`, streamed) or event stores (.h5)",
+    )
+    p.add_argument(
+        "--resize",
+        choices=("resize", "center_crop"),
+        default="resize",
+        help="a recording of another sensor than the checkpoint's: its whole view resized to the input (default), "
+        "or centre-cropped to the training sensor's aspect ratio first",
+    )
+    p.add_argument(
+        "--time-origin",
+        choices=("file", "first_event"),
+        default="file",
+        help="t_start/t_end on the file's clock (default) or from the first event (exports of one recording agree)",
+    )
+    p.add_argument("--format", help="force a reader (see `evpretrain data formats`)")
+    p.add_argument(
+        "--sensor-size", nargs=2, type=int, metavar=("H", "W"), help="the recording's sensor, if not its own"
+    )
+    p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass (default 16)")
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_inference_commands(commands: argparse._SubParsersAction) -> None:
+    """``evpretrain embed`` and ``predict``: use any checkpoint on recordings, without the study config."""
+    p = commands.add_parser("embed", help="per-window embeddings of a checkpoint on recordings or stores -> HDF5")
+    p.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint.pt (or its run folder), any stage/task")
+    p.add_argument(
+        "--checkpoint-source",
+        help="the project a foreign checkpoint comes from (eventpretrain_vit, eventpretrain_convvit, "
+        "eventpretrain_swin, ecdp_vit)",
+    )
+    p.add_argument("--backbone", help="a foreign checkpoint's backbone, if not the source's default (vit_base_patch16)")
+    p.add_argument("--allow-partial", action="store_true", help="load what fits of a foreign checkpoint")
+    p.add_argument("--config", type=Path, help="the study that trained a checkpoint written before they carried it")
+    p.add_argument(
+        "--window", help="events:N or ms:T (required for recordings; without it, each store sample is a window)"
+    )
+    p.add_argument("--tokens", action="store_true", help="also write each window's output tokens (N, L, D)")
+    p.add_argument("--out", required=True, type=Path, help="features file (.h5), written whole")
+    _add_inference_options(p)
+    p.set_defaults(func=_cmd_embed)
+
+    p = commands.add_parser("predict", help="a fine-tuned model's predictions on recordings: files and a GIF preview")
+    p.add_argument("--run", required=True, type=Path, help="an `evpretrain finetune` run folder (or its checkpoint.pt)")
+    p.add_argument(
+        "--window", help="events:N or ms:T (default: events:N of the window the model was trained or scored on)"
+    )
+    p.add_argument("--config", type=Path, help="the study that trained a run written before checkpoints carried it")
+    p.add_argument("--top-k", type=int, default=5, help="classes per window (classification; default 5)")
+    p.add_argument("--preview-frames", type=int, default=100, help="windows in preview.gif (default 100)")
+    p.add_argument("--out", required=True, type=Path, help="output folder, written whole (prediction.json lists it)")
+    _add_inference_options(p)
+    p.set_defaults(func=_cmd_predict)
 
 
 def _add_study_commands(commands: argparse._SubParsersAction) -> None:

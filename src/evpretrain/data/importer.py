@@ -312,23 +312,10 @@ def _write_part(task: _FileTask) -> _PartResult:
             writer.add_sample(whole, name=name, **label)
             count, events = 1, len(whole)
         else:
-            windower = Windower(config.window_spec)
-            first = last = None
-            total = 0
-            for chunk in stream.chunks():
-                if not len(chunk):
-                    continue
-                first = int(chunk["t"][0]) if first is None else first
-                last, total = int(chunk["t"][-1]), total + len(chunk)
-                for window in windower.push(chunk):
-                    writer.add_sample(window.events, name=f"{task.name}@{window.start_us}:{window.end_us}", **label)
-                    count, events = count + 1, events + len(window.events)
-            windower.finish()
-            if count == 0:
-                span = "no event" if first is None else f"{total} events spanning {last - first} us"
-                raise EventFormatError(
-                    task.path, f"window {config.window} is larger than the recording ({span}): not one window fits"
-                )
+            windower = Windower(config.window_spec, source=task.path)  # empty duration windows: no sample
+            for window in windower.cut(stream.chunks()):  # raises if not one window fits, naming both sizes
+                writer.add_sample(window.events, name=f"{task.name}@{window.t_start}:{window.t_end}", **label)
+                count, events = count + 1, events + len(window.events)
     return _PartResult(task.name, task.part, tuple(sensor_size), count, events)
 
 

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from evpretrain.config import ConfigError
 from evpretrain.downstream.config import RobustnessConfig, robustness_config, task_config
 from evpretrain.downstream.data import DownstreamDataset
-from evpretrain.downstream.run import build_model, evaluate
+from evpretrain.downstream.run import build_model, evaluate, model_settings
 from evpretrain.events.corruption import Corruption
 from evpretrain.models import backbone_spec, build_backbone
 from evpretrain.plotting import pyplot, save_figure
@@ -75,7 +75,8 @@ def evaluate_robustness(
             f"downstream.robustness.val_event_noise: scores the training erase-and-add at evaluation, but "
             f"downstream.classify.{run['mode']}.augment.erase_add_fraction is [0, 0]; expected a positive upper bound"
         )
-    model = build_model("classify", run["mode"], build_backbone(spec), run["num_classes"], task)
+    settings = model_settings("classify", run["mode"], task)
+    model = build_model("classify", run["mode"], build_backbone(spec), run["num_classes"], settings)
     model.load_state_dict(load_checkpoint(run_dir / CHECKPOINT_NAME, required=("model",))["model"])
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)

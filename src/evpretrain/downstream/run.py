@@ -41,6 +41,7 @@ from evpretrain.downstream.metrics import (
 )
 from evpretrain.downstream.models import Classifier, LinearProbe, load_backbone
 from evpretrain.files import file_sha256
+from evpretrain.inference.spec import InferenceSpec, Representation, store_facts
 from evpretrain.models import backbone_spec, build_backbone
 from evpretrain.training import train
 from evpretrain.training.checkpoint import METRICS_NAME, write_json
@@ -50,27 +51,38 @@ from evpretrain.training.hooks import Hook, TrainState
 from evpretrain.training.mlflow_hook import LiveTracking
 from evpretrain.training.optim import layer_scales, param_groups
 
-__all__ = ["EpochEvaluator", "run_downstream"]
+__all__ = ["EpochEvaluator", "build_model", "model_settings", "run_downstream"]
 
 # --- models and steps ------------------------------------------------------------------------------------------
 
 
-def build_model(
-    task: Task, mode: str | None, backbone: nn.Module, num_classes: int | None, config: DownstreamTaskConfig
-) -> nn.Module:
+def model_settings(task: Task, mode: str | None, config: DownstreamTaskConfig) -> dict[str, Any]:
+    """What ``build_model`` needs of ``config`` for ``task``: plain values, saved in the checkpoint's inference entry
+    so that ``evpretrain.inference`` rebuilds the same model without the study config."""
     if task == "classify" and mode == "linear":
-        return LinearProbe(backbone, num_classes, config.head, config.head_init, config.probe_backbone_mode)
+        return {"head": config.head, "head_init": config.head_init, "backbone_mode": config.probe_backbone_mode}
     if task == "classify":
-        return Classifier(backbone, num_classes, config.head_init)
-    dense = dict(
-        channels=config.channels,
-        neck=config.neck,
-        aux=config.aux_weight > 0,
-        aux_channels=config.aux_channels or config.channels // 2,
-    )
+        return {"head_init": config.head_init}
+    dense = {
+        "channels": config.channels,
+        "neck": config.neck,
+        "aux": config.aux_weight > 0,
+        "aux_channels": config.aux_channels or config.channels // 2,
+    }
+    return dense if task == "segment" else {**dense, "predictor": config.predictor}
+
+
+def build_model(
+    task: Task, mode: str | None, backbone: nn.Module, num_classes: int | None, settings: Mapping[str, Any]
+) -> nn.Module:
+    """The model of ``task`` around ``backbone``; ``settings`` from ``model_settings``."""
+    if task == "classify" and mode == "linear":
+        return LinearProbe(backbone, num_classes, **settings)
+    if task == "classify":
+        return Classifier(backbone, num_classes, **settings)
     if task == "segment":
-        return SegmentationModel(backbone, num_classes, **dense)
-    return FlowModel(backbone, predictor=config.predictor, **dense)
+        return SegmentationModel(backbone, num_classes, **settings)
+    return FlowModel(backbone, **settings)
 
 
 class CachedFeatures(Dataset):
@@ -307,7 +319,21 @@ def run_downstream(
     check_batch_fits(config.train, len(train_set), process_layout().world_size, key, train_store)
     num_classes = config.num_classes or _num_classes(task, train_set, eval_set)
     class_names = _class_names(task, eval_set)
-    model = build_model(task, mode, backbone, num_classes, config)
+    settings = model_settings(task, mode, config)
+    model = build_model(task, mode, backbone, num_classes, settings)
+    sensor_size, median_events = store_facts(train_store)
+    inference = InferenceSpec(
+        task,
+        spec,  # without the training's drop path: inference runs in eval mode
+        Representation("voxel_grid", spec.in_chans, "bilinear"),  # DownstreamDataset: resize_maps' bilinear
+        input_size=tuple(backbone.img_size),
+        sensor_size=sensor_size,
+        window_events=config.window.eval_events if task == "classify" and config.window.eval_events else median_events,
+        class_names=tuple(class_names) if class_names is not None and len(class_names) == num_classes else None,
+        num_classes=num_classes,
+        mode=mode,
+        head=settings,
+    )
     stochastic_backbone = config.probe_backbone_mode == "train" and config.drop_path_rate > 0
     if mode == "linear" and train_set.deterministic and not stochastic_backbone:
         # A frozen backbone and fixed inputs: the features are the same every epoch, so compute them once.
@@ -339,6 +365,7 @@ def run_downstream(
             "backbone": to_mapping(spec),
             "init": [file_sha256(checkpoint), checkpoint_source],
         },
+        inference=inference.to_dict(),
     )
     try:
         final = evaluate(task, model, eval_loader, next(model.parameters()).device, num_classes)

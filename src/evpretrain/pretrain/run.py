@@ -18,6 +18,7 @@ from torch.utils.data import Dataset, Subset
 from evpretrain.config import ConfigError, to_mapping
 from evpretrain.data.store import store_digest
 from evpretrain.files import file_sha256
+from evpretrain.inference.spec import InferenceSpec, Representation, store_facts
 from evpretrain.models import build_backbone
 from evpretrain.pretrain.config import PretrainConfig
 from evpretrain.pretrain.data import PretrainDataset, view_tokens
@@ -236,8 +237,26 @@ def run_stage(
         "init": file_sha256(init),
         "teacher_features": file_sha256(teacher_features),
     }
+    sensor_size, median_events = store_facts(train_store)
+    inference = InferenceSpec(
+        "embed",
+        config.backbone_spec,
+        Representation("voxel_grid", data.num_bins, data.resize),
+        input_size=tuple(module.backbone.img_size),
+        sensor_size=sensor_size,
+        window_events=median_events,
+        stage=stage,
+    )
     metrics = train(
-        module, _step, dataset, stage_config.train, out, param_groups=groups, hooks=hooks, identity=identity
+        module,
+        _step,
+        dataset,
+        stage_config.train,
+        out,
+        param_groups=groups,
+        hooks=hooks,
+        identity=identity,
+        inference=inference.to_dict(),
     )
     metrics = dict(metrics) | {"init": str(init) if init else None, "init_left_out": left_out}
     if stage == 1 and process_layout().is_main:  # under DDP one rank draws

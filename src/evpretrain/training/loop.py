@@ -95,6 +95,7 @@ def train(
     hooks: Sequence[Hook] = (),
     device: str | torch.device | None = None,
     identity: Mapping[str, Any] | None = None,
+    inference: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place and return the final metrics (also written to ``out_dir/metrics.json``).
 
@@ -117,7 +118,8 @@ def train(
     ``identity`` names what the run trains on and from, beyond ``config``: e.g. the data's checksum, the method's
     settings, the initial weights' checksum (JSON-like values). It is saved in the checkpoint, and a checkpoint of
     another identity is not resumed. Rank 0 holds ``out_dir`` (``FolderLock``) while it runs: a second run on the
-    same folder is refused, naming this one.
+    same folder is refused, naming this one. ``inference`` (JSON-like) is saved as the checkpoint's ``inference`` entry:
+    what ``evpretrain.inference`` needs to use the weights without the study config (not part of the identity).
     Raises NonFiniteLossError on a NaN or infinite loss, ResumeError on a checkpoint of other settings or identity,
     FolderLockedError when another live run holds ``out_dir``.
     """
@@ -138,6 +140,7 @@ def train(
             device,
             layout,
             to_mapping(dict(identity or {})),
+            to_mapping(dict(inference or {})),
         )
     finally:
         if joined:
@@ -158,6 +161,7 @@ def _train(
     device: torch.device,
     layout: ProcessLayout,
     identity: Mapping[str, Any],
+    inference: Mapping[str, Any],
 ) -> dict[str, Any]:
     sampler = EpochBatchSampler(
         len(dataset), config.batch_size, seed=config.seed, rank=layout.rank, world_size=layout.world_size
@@ -166,7 +170,9 @@ def _train(
     model.to(device)
     optimizer = build_optimizer(model if param_groups is None else param_groups, config, layout.world_size)
     state = _initial_state(model, config, out_dir, device, layout, sampler.batches_per_epoch, schedule)
-    record = _Record(checkpoint=out_dir / CHECKPOINT_NAME, resume=out_dir / RESUME_NAME, identity=identity)
+    record = _Record(
+        checkpoint=out_dir / CHECKPOINT_NAME, resume=out_dir / RESUME_NAME, identity=identity, inference=inference
+    )
     if record.resume.exists() or record.checkpoint.exists():
         finished = _resume(model, optimizer, hooks, schedule, state, record, layout)
         if finished is not None:
@@ -506,6 +512,7 @@ def _save(
         "rng": rng,
         "config": to_mapping(state.config),
         "identity": dict(record.identity),
+        **({"inference": dict(record.inference)} if record.inference else {}),
         "window": record.window.state_dict(),
         "logged": dict(record.logged),
         "elapsed_s": metrics["wall_time_s"],
@@ -566,11 +573,13 @@ class _Record:
     """What a run carries from step to step and in its checkpoint besides the weights: the scalars since the last
     log (``window``), the last log's means (``logged``), one row per log (``rows``: the loss curves), the wall time
     of earlier sessions (``elapsed_before``, seconds), the paths of the final and in-progress checkpoints and the
-    step the latter last held, and the run's identity (what it trains on and from; see ``train``)."""
+    step the latter last held, the run's identity (what it trains on and from; see ``train``) and what inference
+    needs (``inference``)."""
 
     checkpoint: Path
     resume: Path
     identity: Mapping[str, Any] = field(default_factory=dict)
+    inference: Mapping[str, Any] = field(default_factory=dict)
     window: _MeanWindow = field(default_factory=_MeanWindow)
     logged: dict[str, float] = field(default_factory=dict)
     rows: list[dict[str, float]] = field(default_factory=list)

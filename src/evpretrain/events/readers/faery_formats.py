@@ -21,17 +21,19 @@ int32 stream id, a uint32 length and that many bytes, up to ``file_data_position
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from evpretrain.events.contract import EventFormatError, Recording
-from evpretrain.events.readers._columns import make_recording
+from evpretrain.events.readers._columns import pack_events
 from evpretrain.events.readers._io import file_size
 from evpretrain.events.readers.prophesee_header import read_prophesee_header
 
@@ -48,21 +50,42 @@ RAW_ENCODING_KEYS = ("evt", "format")
 def read_with_faery(path: str | os.PathLike, file_type: str) -> Recording:
     """Read ``path`` with faery as ``file_type`` (``"aedat4"``, ``"raw"``, ``"es"`` or ``"dat"``); t in us."""
     metadata, sensor_size = faery_preflight(path, file_type)
-    events, dimensions = _decode(path, FILE_TYPES[file_type])
-    if file_type in ("aedat4", "es"):
-        sensor_size = (dimensions[1], dimensions[0])
-    t = events["t"]
-    if t.size and t.max() > np.iinfo(np.int64).max:
-        raise EventFormatError(path, f"timestamp {t.max()} us does not fit int64")
-    polarity = np.where(events["on"], np.int8(1), np.int8(-1))
-    return make_recording(
-        t.astype(np.int64), events["x"], events["y"], polarity, source=path, sensor_size=sensor_size, metadata=metadata
-    )
+    with _faery_errors(path, FILE_TYPES[file_type]):
+        events = _open(path, FILE_TYPES[file_type]).to_array()
+    return Recording(_contract(events, path, sensor_size), sensor_size, metadata)
+
+
+def iter_with_faery(
+    path: str | os.PathLike, file_type: str, chunk_events: int, sensor_size: tuple[int, int] | None = None
+) -> Iterator[np.ndarray]:
+    """``path`` decoded by faery packet by packet (faery's packets hold about 10^4 to 10^5 events), gathered into
+    ``EVENT_DTYPE`` chunks of at least ``chunk_events`` events (the last may hold fewer), each sorted and checked as
+    ``read_with_faery`` checks its events against ``sensor_size`` (``faery_preflight``'s). Memory: one chunk,
+    whatever the file's length. Call ``faery_preflight`` first: it refuses the files faery must not be given."""
+    if chunk_events < 1:
+        raise ValueError(f"chunk_events must be >= 1, got {chunk_events}")
+    faery_type = FILE_TYPES[file_type]
+    with _faery_errors(path, faery_type):
+        packets = iter(_open(path, faery_type))
+    gathered, count = [], 0
+    while True:
+        with _faery_errors(path, faery_type):
+            packet = next(packets, None)
+        if packet is None:
+            break
+        gathered.append(packet)
+        count += len(packet)
+        if count >= chunk_events:
+            yield _contract(np.concatenate(gathered), path, sensor_size)
+            gathered, count = [], 0
+    if count:
+        yield _contract(np.concatenate(gathered), path, sensor_size)
 
 
 def faery_preflight(path: str | os.PathLike, file_type: str) -> tuple[dict, tuple[int, int] | None]:
-    """The checks before faery decodes ``path`` (module docstring); return the metadata and the sensor size that
-    the header gives (None for AEDAT4 and Event Stream, whose decoder knows it)."""
+    """The checks before faery decodes ``path`` (module docstring); return its metadata and sensor size (H, W): a
+    RAW or DAT file's from its header (None when the header gives none), an AEDAT4 or ES file's from faery's
+    decoder, which reads it from the file's header."""
     if file_type not in FILE_TYPES:
         raise ValueError(f"file_type must be one of {sorted(FILE_TYPES)}, got {file_type!r}")
     os.stat(path)  # a missing file is FileNotFoundError, not a format error
@@ -85,7 +108,20 @@ def faery_preflight(path: str | os.PathLike, file_type: str) -> tuple[dict, tupl
     if file_type == "aedat4":
         check_aedat4_sizes(path)
         _probe_header_in_child(path, FILE_TYPES[file_type])
+    if file_type in ("aedat4", "es"):
+        with _faery_errors(path, FILE_TYPES[file_type]):
+            width, height = _open(path, FILE_TYPES[file_type]).dimensions()
+        sensor_size = (height, width)
     return metadata, sensor_size
+
+
+def _contract(events: np.ndarray, path, sensor_size: tuple[int, int] | None) -> np.ndarray:
+    """faery's events (``t`` uint64, ``x``, ``y``, ``on``) as a checked ``EVENT_DTYPE`` array."""
+    t = events["t"]
+    if t.size and t.max() > np.iinfo(np.int64).max:
+        raise EventFormatError(path, f"timestamp {t.max()} us does not fit int64")
+    polarity = np.where(events["on"], np.int8(1), np.int8(-1))
+    return pack_events(t.astype(np.int64), events["x"], events["y"], polarity, source=path, sensor_size=sensor_size)
 
 
 def read_aedat4(path: str | os.PathLike) -> Recording:
@@ -157,17 +193,19 @@ def _file_data_position(header: bytes, source, offset: int) -> int:
     return -1 if field == 0 else read("<q", table + field)
 
 
-def _decode(path: str | os.PathLike, faery_type: str) -> tuple[np.ndarray, tuple[int, int]]:
-    """faery's events and (width, height); any failure of faery becomes EventFormatError."""
+def _open(path: str | os.PathLike, faery_type: str):
     import faery
 
+    return faery.events_stream_from_file(Path(path), file_type=faery_type, dimensions_fallback=UNBOUNDED_DIMENSIONS)
+
+
+@contextlib.contextmanager
+def _faery_errors(path, faery_type: str) -> Iterator[None]:
+    """Any failure of faery inside the block becomes EventFormatError; KeyboardInterrupt and the like pass.
+    faery raises bare Exception/RuntimeError, and pyo3's PanicException (a BaseException) on Rust panics."""
     try:
-        stream = faery.events_stream_from_file(
-            Path(path), file_type=faery_type, dimensions_fallback=UNBOUNDED_DIMENSIONS
-        )
-        return stream.to_array(), stream.dimensions()
+        yield
     except BaseException as error:
-        # faery raises bare Exception/RuntimeError, and pyo3's PanicException (a BaseException) on Rust panics.
         if not isinstance(error, Exception) and type(error).__name__ != "PanicException":
             raise
         raise EventFormatError(path, f"faery could not decode it as {faery_type}: {error}") from error

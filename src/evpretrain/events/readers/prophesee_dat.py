@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from evpretrain.events.contract import EventFormatError, Recording
-from evpretrain.events.readers._columns import first_index, make_recording
+from evpretrain.events.readers._columns import first_index, make_recording, pack_events
 from evpretrain.events.readers.prophesee_header import read_prophesee_header
 
 CD_EVENT_BYTES = 8
@@ -60,23 +60,31 @@ def read_prophesee_dat(path: str | os.PathLike) -> Recording:
     return make_recording(t + layout.t0, x, y, p, source=path, sensor_size=layout.sensor_size, metadata=layout.metadata)
 
 
-def iter_prophesee_dat(path: str | os.PathLike, chunk_events: int) -> Iterator[tuple]:
-    """The columns ``(t, x, y, p)`` of a DAT file (as ``read_prophesee_dat`` decodes them) in chunks of up to
-    ``chunk_events`` events, read through a memory map: memory O(chunk_events). Timestamp wraps are carried across
-    chunks, so the chunks joined equal the whole file's columns."""
-    layout = read_dat_layout(path)
+def iter_prophesee_dat(
+    path: str | os.PathLike, chunk_events: int, layout: DatLayout | None = None
+) -> Iterator[np.ndarray]:
+    """A DAT file's events (as ``read_prophesee_dat`` gives them) in sorted ``EVENT_DTYPE`` chunks of up to
+    ``chunk_events`` events, read through a memory map: memory O(chunk_events). ``layout``: the file's
+    ``read_dat_layout`` (read here if None). Each chunk is checked as it is read (errors name the event's file-wide
+    index and byte offset); timestamp wraps are carried across chunks, so the chunks joined equal the whole read
+    when the file is in time order."""
+    if chunk_events < 1:
+        raise ValueError(f"chunk_events must be >= 1, got {chunk_events}")
+    layout = read_dat_layout(path) if layout is None else layout
+    if not layout.num_events:
+        return
     words = np.memmap(path, dtype="<u4", mode="r", offset=layout.data_start, shape=(layout.num_events, 2))
     high = None  # the multiple of 2^32 added to the previous chunk's last timestamp, and that timestamp
     for start in range(0, layout.num_events, chunk_events):
         block = np.array(words[start : start + chunk_events])
-        t, x, y, p = _decode_cd_words(block, layout.version, path, layout.data_start + 8 * start, layout.sensor_size)
+        t, x, y, p = _decode_cd_words(block, layout.version, path, layout.data_start, layout.sensor_size, start)
         if high is not None:
             wrap_base, last = high
             t += wrap_base
             if t[0] < last - TIMESTAMP_WRAP_US // 2:  # a wrap between the chunks
                 t += TIMESTAMP_WRAP_US
         high = (int(t[-1]) - int(block[-1, 0]), int(t[-1]))
-        yield t + layout.t0, x, y, p
+        yield pack_events(t + layout.t0, x, y, p, source=path, sensor_size=layout.sensor_size)
 
 
 def read_dat_layout(path: str | os.PathLike) -> DatLayout:
@@ -127,8 +135,9 @@ def read_dat_layout(path: str | os.PathLike) -> DatLayout:
     return DatLayout(data_start, body // CD_EVENT_BYTES, version, int(t0), header.geometry(source=path), metadata)
 
 
-def _decode_cd_words(words: np.ndarray, version: str, source, data_start: int, sensor_size):
-    """(N, 2) uint32 words -> (t int64 us, x, y, p int8 +/-1), checked; errors name the event's byte offset."""
+def _decode_cd_words(words: np.ndarray, version: str, source, data_start: int, sensor_size, first: int = 0):
+    """(N, 2) uint32 words -> (t int64 us, x, y, p int8 +/-1), checked; errors name the event (``words[0]`` being
+    the file's event ``first``) and its byte offset."""
     x_mask, y_shift, y_mask, p_shift, p_mask = WORD_LAYOUTS[version]
     packed = words[:, 1]
     x = (packed & x_mask).astype(np.uint16)
@@ -137,7 +146,9 @@ def _decode_cd_words(words: np.ndarray, version: str, source, data_start: int, s
     i = first_index(polarity > 1)
     if i is not None:
         raise EventFormatError(
-            source, f"event {i} has polarity field {polarity[i]}, expected 0 or 1", offset=data_start + 8 * i
+            source,
+            f"event {first + i} has polarity field {polarity[i]}, expected 0 or 1",
+            offset=data_start + 8 * (first + i),
         )
     if sensor_size is not None:
         height, width = sensor_size
@@ -145,8 +156,8 @@ def _decode_cd_words(words: np.ndarray, version: str, source, data_start: int, s
         if i is not None:
             raise EventFormatError(
                 source,
-                f"event {i} has x={x[i]}, y={y[i]}, outside the {width}x{height} sensor of the header",
-                offset=data_start + 8 * i,
+                f"event {first + i} has x={x[i]}, y={y[i]}, outside the {width}x{height} sensor of the header",
+                offset=data_start + 8 * (first + i),
             )
     t = words[:, 0].astype(np.int64)
     if t.size > 1:

@@ -2,13 +2,14 @@
 
 ``stream_recording(path)`` opens the file (header checks as ``read_recording``) and returns an ``EventStream``:
 its ``sensor_size`` and ``metadata``, and ``chunks()``, a generator of sorted ``EVENT_DTYPE`` arrays whose
-concatenation equals ``read_recording(path).events`` (same order, ties included).
+concatenation equals ``read_recording(path).events`` (same order, ties included; ``time_origin`` as there). It is
+what ``evpretrain data import``, ``embed`` and ``predict`` read recordings with.
 
 - Prophesee RAW (EVT 2.0/2.1/3.0), AEDAT4, Event Stream, and DAT through faery (``dat_faery``): faery's packets,
   gathered into chunks of about ``chunk_events`` events. Memory O(chunk_events).
 - Prophesee DAT: a memory map, ``chunk_events`` events at a time. Memory O(chunk_events).
-- Every other format is read whole (its reader has no streaming form; those files are dataset samples, not long
-  recordings), then cut into chunks: memory O(file).
+- Every other format, and any format given reader ``options``, is read whole (its reader has no streaming form;
+  those files are dataset samples, not long recordings), then cut into chunks: memory O(file).
 
 Sorting: each chunk is sorted as the whole-file readers sort (stable, by t). Events that come earlier than events of
 the previous chunk are held back and merged, so the stream stays sorted as long as the file's disorder spans less
@@ -21,20 +22,21 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from evpretrain.config import ConfigError
 from evpretrain.events.contract import EventFormatError
-from evpretrain.events.readers._columns import pack_events
 from evpretrain.events.readers.dispatch import FORMATS, detect_format, read_recording
-from evpretrain.events.readers.faery_formats import FILE_TYPES, UNBOUNDED_DIMENSIONS, faery_preflight
+from evpretrain.events.readers.faery_formats import faery_preflight, iter_with_faery
 from evpretrain.events.readers.prophesee_dat import iter_prophesee_dat, read_dat_layout
 
-__all__ = ["CHUNK_EVENTS", "EventStream", "stream_recording"]
+__all__ = ["CHUNK_EVENTS", "STREAMED", "EventStream", "stream_recording"]
 
 CHUNK_EVENTS = 1 << 20  # about 15 MB of EVENT_DTYPE a chunk
 FAERY_FORMATS = {"raw": "raw", "aedat4": "aedat4", "es": "es", "dat_faery": "dat"}  # ours -> faery_formats' name
+STREAMED = ("dat", *FAERY_FORMATS)  # decoded chunk by chunk; the others are read whole
 
 
 @dataclass
@@ -45,87 +47,61 @@ class EventStream:
     format: str
     sensor_size: tuple[int, int] | None
     metadata: dict = field(default_factory=dict)
-    _columns: Callable[[], Iterator[tuple]] | None = None  # (t, x, y, p) blocks, p int8 +/-1, unsorted
+    _decoded: Callable[[], Iterator[np.ndarray]] | None = None  # sorted EVENT_DTYPE chunks, in file order
     _whole: np.ndarray | None = None
     chunk_events: int = CHUNK_EVENTS
+    time_origin: Literal["file", "first_event"] = "file"
 
     def chunks(self) -> Iterator[np.ndarray]:
-        """Sorted EVENT_DTYPE chunks, t in microseconds, whose concatenation is the file's sorted events."""
-        if self._whole is not None:
+        """Sorted EVENT_DTYPE chunks, t in microseconds, whose concatenation is the file's sorted events (shifted
+        to start at 0 with ``time_origin="first_event"``, which sets ``metadata["time_shift_us"]``). Errors are
+        raised as the chunk that holds them is read."""
+        if self._whole is not None:  # read_recording applied time_origin
             for start in range(0, len(self._whole), self.chunk_events):
                 yield self._whole[start : start + self.chunk_events]
             return
-        blocks = (
-            pack_events(t, x, y, p, source=self.path, sensor_size=self.sensor_size) for t, x, y, p in self._columns()
-        )
-        yield from _in_time_order(blocks, self.path)
+        shift = None
+        for chunk in _in_time_order(self._decoded(), self.path):
+            if self.time_origin == "first_event":
+                if shift is None:
+                    shift = int(chunk["t"][0])
+                    self.metadata["time_shift_us"] = -shift
+                chunk["t"] -= shift  # in place: every chunk is a fresh array, or a part of one, made for this pass
+            yield chunk
 
 
 def stream_recording(
-    path: str | os.PathLike, *, format: str | None = None, chunk_events: int = CHUNK_EVENTS
+    path: str | os.PathLike,
+    *,
+    format: str | None = None,
+    time_origin: Literal["file", "first_event"] = "file",
+    chunk_events: int = CHUNK_EVENTS,
+    **options,
 ) -> EventStream:
-    """Open ``path`` (format detected, or ``format`` from ``supported_formats()``) as an ``EventStream``."""
+    """Open ``path`` (format detected, or ``format`` from ``supported_formats()``) as an ``EventStream``; the header
+    is checked at once. ``time_origin`` and ``options`` as ``read_recording``'s (a format of ``STREAMED`` given
+    reader options is read whole)."""
     path = Path(path)
     name = detect_format(path) if format is None else format
     if name not in FORMATS:
         raise ConfigError(f"{path}: unknown format {name!r}; supported: {', '.join(FORMATS)}")
+    if time_origin not in ("file", "first_event"):
+        raise ValueError(f"time_origin must be 'file' or 'first_event', got {time_origin!r}")
     if chunk_events < 1:
         raise ValueError(f"chunk_events must be >= 1, got {chunk_events}")
-    if name == "dat":
+    stream = EventStream(path, name, None, chunk_events=chunk_events, time_origin=time_origin)
+    if name == "dat" and not options:
         layout = read_dat_layout(path)
-        return EventStream(
-            path, name, layout.sensor_size, layout.metadata, lambda: iter_prophesee_dat(path, chunk_events), None,
-            chunk_events,
-        )  # fmt: skip
-    if name in FAERY_FORMATS:
+        stream.sensor_size, stream.metadata = layout.sensor_size, layout.metadata
+        stream._decoded = lambda: iter_prophesee_dat(path, chunk_events, layout)
+    elif name in FAERY_FORMATS and not options:
         file_type = FAERY_FORMATS[name]
-        metadata, sensor_size = faery_preflight(path, file_type)
-        decoder = _faery_decoder(path, FILE_TYPES[file_type])
-        if file_type in ("aedat4", "es"):
-            width, height = decoder.dimensions()
-            sensor_size = (height, width)
-        return EventStream(
-            path, name, sensor_size, metadata, lambda: _faery_columns(decoder, path, chunk_events), None, chunk_events
-        )
-    recording = read_recording(path, format=name)
-    return EventStream(path, name, recording.sensor_size, recording.metadata, None, recording.events, chunk_events)
-
-
-def _faery_decoder(path: Path, faery_type: str):
-    import faery
-
-    try:
-        return faery.events_stream_from_file(path, file_type=faery_type, dimensions_fallback=UNBOUNDED_DIMENSIONS)
-    except BaseException as error:  # faery raises bare Exception, and pyo3's PanicException on Rust panics
-        if not isinstance(error, Exception) and type(error).__name__ != "PanicException":
-            raise
-        raise EventFormatError(path, f"faery could not decode it as {faery_type}: {error}") from error
-
-
-def _faery_columns(decoder, path: Path, chunk_events: int) -> Iterator[tuple]:
-    """faery's packets gathered into blocks of at least ``chunk_events`` events (the last may be smaller)."""
-    packets, count = [], 0
-    try:
-        for packet in decoder:
-            packets.append(packet)
-            count += len(packet)
-            if count >= chunk_events:
-                yield _faery_block(packets, path)
-                packets, count = [], 0
-    except BaseException as error:
-        if not isinstance(error, Exception) and type(error).__name__ != "PanicException":
-            raise
-        raise EventFormatError(path, f"faery could not decode it: {error}") from error
-    if packets:
-        yield _faery_block(packets, path)
-
-
-def _faery_block(packets: list[np.ndarray], path: Path) -> tuple:
-    events = np.concatenate(packets)
-    t = events["t"]
-    if t.size and t.max() > np.iinfo(np.int64).max:
-        raise EventFormatError(path, f"timestamp {t.max()} us does not fit int64")
-    return t.astype(np.int64), events["x"], events["y"], np.where(events["on"], np.int8(1), np.int8(-1))
+        stream.metadata, stream.sensor_size = faery_preflight(path, file_type)
+        stream._decoded = lambda: iter_with_faery(path, file_type, chunk_events, stream.sensor_size)
+    else:
+        recording = read_recording(path, format=name, time_origin=time_origin, **options)
+        stream.sensor_size, stream.metadata, stream._whole = recording.sensor_size, recording.metadata, recording.events
+    return stream
 
 
 def _in_time_order(chunks: Iterator[np.ndarray], source: Path) -> Iterator[np.ndarray]:
