@@ -144,16 +144,14 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    from evpretrain.config import ConfigError, from_mapping, load_yaml, section
+    from evpretrain.config import ConfigError, from_mapping, load_section, load_yaml
     from evpretrain.data.config import ImportConfig
     from evpretrain.data.importer import import_recordings
 
     if args.config is not None:  # the pipeline's form: the settings of data.imports.<name>
         if args.name is None:
             raise ConfigError("data import --config needs --name, the import's key under data.imports")
-        config = from_mapping(
-            ImportConfig, section(load_yaml(args.config), f"data.imports.{args.name}"), "data.imports"
-        )
+        config = load_section(ImportConfig, load_yaml(args.config), f"data.imports.{args.name}")
     else:
         if args.root is None or args.layout is None:
             raise ConfigError("data import needs --root and --layout (or --config and --name)")

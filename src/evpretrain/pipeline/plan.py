@@ -149,6 +149,16 @@ class StudyPlan:
             for name, variant in self.variants.items()
         }
 
+    def stores(self) -> dict[str, list[str]]:
+        """{dataset: sorted splits} of every event store the plan's stages and evaluations read, the stores a
+        robustness evaluation also scores included: what the pipeline builds, converts or imports."""
+        needed = {self.pretrain_dataset: {"train", "val"}}
+        for evaluation in self.evaluations.values():
+            needed.setdefault(evaluation.dataset, set()).update({evaluation.train_split, evaluation.eval_split})
+            for dataset, split in evaluation.also_eval:
+                needed.setdefault(dataset, set()).add(split)
+        return {name: sorted(splits) for name, splits in needed.items()}
+
 
 def _data_identity(study: Mapping[str, Any], dataset: str) -> Any:
     """What a dataset's stores are a function of: the builder's section for the demo and EF stores, else the
