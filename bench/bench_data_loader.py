@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from evpretrain.data.demo import DemoConfig, build_demo
+from evpretrain.data.config import DemoConfig
+from evpretrain.data.demo import build_demo
 from evpretrain.data.resize import resize_maps
 from evpretrain.data.store import EventStore
 from evpretrain.events.contract import EVENT_DTYPE

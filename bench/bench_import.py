@@ -26,7 +26,8 @@ WIDTHS = (22, 14, 8, 9, 8, 11, 11, 13)
 
 CHILD = """
 import json, resource, sys, time
-from evpretrain.data.importer import ImportConfig, import_recordings
+from evpretrain.data.config import ImportConfig
+from evpretrain.data.importer import import_recordings
 from evpretrain.data.store import EventStore
 config = ImportConfig(root=sys.argv[1], layout="recordings", window=sys.argv[3], split={"train": 1.0})
 start = time.perf_counter()

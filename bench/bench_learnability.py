@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from evpretrain.config import load_section, load_yaml
-from evpretrain.data.demo import DemoConfig, build_demo
+from evpretrain.data.config import DemoConfig
+from evpretrain.data.demo import build_demo
 from evpretrain.downstream.models import Classifier
 from evpretrain.models.registry import create_backbone
 from evpretrain.pretrain.config import PretrainAugment

@@ -26,7 +26,8 @@ from eventify import frame_to_event_tuples  # noqa: E402
 from scipy import ndimage  # noqa: E402
 from skimage import data  # noqa: E402
 
-from evpretrain.events.simulator import SimulatorConfig, simulate  # noqa: E402
+from evpretrain.events.simulator import simulate  # noqa: E402
+from evpretrain.events.simulator_config import SimulatorConfig  # noqa: E402
 
 HEIGHT, WIDTH = 260, 346
 CONTRAST = 0.2

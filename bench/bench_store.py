@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from evpretrain.data.store import EventStore, EventStoreWriter, StoreCompression
+from evpretrain.data.config import StoreCompression
+from evpretrain.data.store import EventStore, EventStoreWriter
 from evpretrain.events.readers import read_recording
 
 DEFAULT_RECORDING = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "gen4.dat"
@@ -39,7 +40,8 @@ def read_rate(path: Path, reads: int, seed: int = 0) -> float:
 
 def demo_frames(count: int) -> list[np.ndarray]:
     """``count`` rendered demo samples' frames, (T, 64, 64) float32 each."""
-    from evpretrain.data.demo import DemoConfig, load_background, load_digits_split, render_sample
+    from evpretrain.data.config import DemoConfig
+    from evpretrain.data.demo import load_background, load_digits_split, render_sample
 
     config = DemoConfig()
     images, labels = load_digits_split(0)["train"]

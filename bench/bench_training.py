@@ -49,7 +49,8 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from evpretrain.config import load_section, load_yaml
-from evpretrain.data.demo import DemoConfig, build_demo
+from evpretrain.data.config import DemoConfig
+from evpretrain.data.demo import build_demo
 from evpretrain.models import create_backbone
 from evpretrain.pretrain.config import (
     ContrastConfig,

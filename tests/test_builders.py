@@ -10,15 +10,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
+from evpretrain.data.config import DemoConfig, EFConfig
 from evpretrain.data.demo import (
-    DemoConfig,
     build_demo,
     load_background,
     load_digits_split,
     render_sample,
     saccade_path,
 )
-from evpretrain.data.ef import EFConfig, build_ef, list_images, merge_ef
+from evpretrain.data.ef import build_ef, list_images, merge_ef
 from evpretrain.data.store import EventStore, StoreError
 
 SMALL_DEMO = DemoConfig(samples={"train": 6, "val": 2, "test": 2}, image_size=48, digit_size=20, num_frames=5)

@@ -84,7 +84,8 @@ def test_the_slurm_profile_gives_the_local_profiles_results_through_sacct_visibl
 
 
 def test_a_job_preempted_with_usr2_requeues_and_resumes_to_the_same_end(tmp_path):
-    from evpretrain.data.demo import DemoConfig, build_demo
+    from evpretrain.data.config import DemoConfig
+    from evpretrain.data.demo import build_demo
 
     stores = build_demo(
         DemoConfig(
@@ -164,7 +165,8 @@ def test_a_job_preempted_with_usr2_requeues_and_resumes_to_the_same_end(tmp_path
 
 
 def test_two_cpu_tasks_train_as_one_ddp_job_that_matches_one_process_with_their_global_batch(tmp_path):
-    from evpretrain.data.demo import DemoConfig, build_demo
+    from evpretrain.data.config import DemoConfig
+    from evpretrain.data.demo import build_demo
     from evpretrain.training.checkpoint import load_checkpoint
 
     stores = build_demo(

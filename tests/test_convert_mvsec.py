@@ -14,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from evpretrain.config import ConfigError
+from evpretrain.data.config import MvsecConvertConfig
 from evpretrain.data.registry import convert_dataset, get_dataset
 from evpretrain.data.sequences.mvsec import (
-    MvsecConvertConfig,
     chain_flow,
     convert,
     gt_pieces,

@@ -9,7 +9,8 @@ import torch
 import yaml
 
 from evpretrain.cli import main
-from evpretrain.data.demo import DemoConfig, build_demo
+from evpretrain.data.config import DemoConfig
+from evpretrain.data.demo import build_demo
 from evpretrain.data.store import EventStoreWriter, StoreError
 from evpretrain.downstream.config import AugmentConfig, WindowConfig
 from evpretrain.downstream.data import DownstreamDataset, erase_and_add_events

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from evpretrain.cli import main
 from evpretrain.config import ConfigError
-from evpretrain.data.importer import PARTS, ImportConfig, assign_splits, import_recordings
+from evpretrain.data.config import ImportConfig
+from evpretrain.data.importer import PARTS, assign_splits, import_recordings
 from evpretrain.data.store import EventStore
 from evpretrain.events.contract import EVENT_DTYPE, EventFormatError, make_events
 from evpretrain.events.readers import read_events, read_recording, stream_recording

@@ -11,8 +11,9 @@ import pytest
 import yaml
 
 from evpretrain.config import ConfigError, load_yaml
-from evpretrain.pipeline.plan import apply_overrides, content_key, plan_study
-from evpretrain.pipeline.validate import validate_plan
+from evpretrain.data.registry import load_registry
+from evpretrain.pipeline.plan import RELEASED_SOURCES, ReleasedSource, apply_overrides, content_key, plan_study
+from evpretrain.pipeline.validate import validate_data, validate_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,6 +150,9 @@ def test_also_eval_stores_go_to_the_first_seeds_robustness_evaluation_only():
     for name, evaluation in plan.evaluations.items():
         expected = (("n-imagenet-variant", "mode_1"), ("n-imagenet-variant", "brightness_4"))
         assert evaluation.also_eval == (expected if name.endswith("/seed0") else ())
+    # the stores the pipeline builds or converts: the scored ones too
+    assert plan.stores() == {"demo": ["test", "train", "val"], "n-imagenet-variant": ["brightness_4", "mode_1"]}
+    assert reference.stores() == {"demo": ["test", "train", "val"]}
     study["study"]["evaluations"][0]["robustness"] = False
     with pytest.raises(ConfigError, match=r"evaluations\[0\].also_eval: the robustness evaluation scores these"):
         plan_study(study)
@@ -291,6 +295,7 @@ def test_every_job_of_a_preset_reads_a_valid_typed_config(preset):
     study = merged(load_yaml(ROOT / "config.yaml"), load_yaml(ROOT / "workflow" / "presets" / preset))
     plan = plan_study(study)
     validate_plan(plan)  # what `snakemake -n` runs: every stage's, teacher's and evaluation's config loads
+    validate_data(study, plan.stores(), load_registry())  # and every data job's
 
     stages = {node.stage: pretrain_config(node.config) for node in plan.nodes.values()}
     evaluations = [task_config(e.config, e.task, e.mode) for e in plan.evaluations.values()]
@@ -423,10 +428,113 @@ def test_the_plan_check_refuses_what_a_job_would_run_with_as_nonsense(dotted, va
         validate_plan(plan_study(changed(dotted, value)))
 
 
-def test_the_plan_check_imports_no_torch():
-    code = "import sys, evpretrain.pipeline.validate; assert 'torch' not in sys.modules, 'torch imported'"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+def test_planning_a_study_imports_no_torch_numba_or_scipy(tmp_path):
+    """What Snakemake runs to plan a study (common.smk's imports, the plan, its checks, the tracking identities) on
+    the demo study and the paper preset, in a fresh interpreter: none of the heavy modules is imported."""
+    lines = (ROOT / "workflow" / "rules" / "common.smk").read_text().splitlines()
+    imports = [line for line in lines if line.startswith(("import ", "from "))]
+    assert any("validate_data" in line for line in imports) and any("run_identities" in line for line in imports)
+    studies = []
+    demo = load_yaml(ROOT / "config.yaml")
+    for name, study in {
+        "demo": demo,
+        "paper": merged(demo, load_yaml(ROOT / "workflow" / "presets" / "paper.yaml")),
+    }.items():
+        studies.append(tmp_path / f"{name}.yaml")
+        studies[-1].write_text(yaml.safe_dump(study))
+    code = [
+        *imports,
+        "import sys",
+        "from evpretrain.config import load_yaml",
+        f"for path in {[str(path) for path in studies]!r}:",
+        "    study = load_yaml(path)",
+        "    plan = plan_study(study)",
+        "    validate_plan(plan)",
+        "    validate_data(study, plan.stores(), load_registry())",
+        "    run_identities(plan.manifest()), study_record(study)",
+        "    assert plan.evaluations",
+        "print([name for name in ('torch', 'numba', 'scipy') if name in sys.modules])",
+    ]
+    result = subprocess.run([sys.executable, "-c", "\n".join(code)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_plans_table_of_released_sources_is_the_importers():
+    from evpretrain.downstream.importers import KEY_MAPS
+
+    assert RELEASED_SOURCES == {
+        source: ReleasedSource(keymap.preset, keymap.in_chans, keymap.backbone) for source, keymap in KEY_MAPS.items()
+    }
+
+
+DEMO = {"samples": {"train": 8}}
+
+
+@pytest.mark.parametrize(
+    ("data", "datasets", "message"),
+    [
+        (
+            {"demo": DEMO | {"num_frames": 3, "saccade_legs": 3}},
+            ["demo"],
+            "data build-demo: data.demo: saccade_legs must lie in [1, min(3, num_frames - 1)], got 3",
+        ),
+        (  # (1.5 + 0.6) px a frame over 7 frames: 24 + 2 * 14.7 + 2 > 32
+            {"demo": DEMO | {"image_size": 32, "digit_size": 24}},
+            ["demo"],
+            "data build-demo: data.demo: the digit (24 px) travelling up to 14.7 px does not fit in 32 px",
+        ),
+        ({"demo": DEMO | {"simulator": {"pos_threshold": 0}}}, ["demo"], "pos_threshold must be a finite number > 0"),
+        ({}, ["demo"], "data build-demo: config has no section 'data.demo'"),
+        (
+            {"ef": {"pan_speed_px_per_frame": [3.0, 1.0]}},
+            ["ef"],
+            "data build-ef: data.ef: pan_speed_px_per_frame must be [low, high] with 0 <= low <= high",
+        ),
+        ({"ef": {"compression": {"events": "zstd"}}}, ["ef"], "data.ef.compression.events: expected one of"),
+        (
+            {"convert": {"mvsec": {"train_share": {"outdoor_day1": 0.5}}}},
+            ["mvsec"],
+            "data convert mvsec: data.convert.mvsec: train_share.outdoor_day1: only a test sequence can lend windows",
+        ),
+        (
+            {"convert": {"ddd17": {"splits": {"train": ["dir0"], "test": ["dir0"]}}}},
+            ["ddd17"],
+            "data convert ddd17: data.convert.ddd17: sequence folder(s) ['dir0'] appear more than once in splits",
+        ),
+        (
+            {"convert": {"dsec-semantic": {"crop_height": 481}}},
+            ["dsec-semantic"],
+            "data convert dsec-semantic: data.convert.dsec-semantic: crop_height 481 must lie in [1, 480]",
+        ),
+        (
+            {"imports": {"mine": {"root": "r", "layout": "recordings"}}},
+            [],
+            "data import mine: data.imports.mine: layout recordings cuts each recording into windows: set window",
+        ),
+        (
+            {"imports": {"mine": {"root": "r", "layout": "class_folders", "split": {"train": 0.5, "test": 0.4}}}},
+            ["mine"],
+            "data import mine: data.imports.mine: split: expected positive fractions summing to 1",
+        ),
+    ],
+)
+def test_the_data_check_names_the_job_and_the_key_a_data_job_would_refuse(data, datasets, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_data({"data": data}, datasets, load_registry())
+
+
+def test_the_data_check_reads_what_the_jobs_read_and_nothing_else():
+    refused = {"num_frames": 3, "saccade_legs": 3}
+    data = {
+        "demo": DEMO | refused,
+        "ef": {"pan_speed_px_per_frame": [3.0, 1.0]},
+        "convert": {"mvsec": {"frame_skip": 0}},
+    }
+    validate_data({"data": data}, ["n-cars", "ddd17"], load_registry())  # no job reads these sections
+    validate_data({"data": {}}, ["mvsec", "ddd17", "dsec-semantic"], load_registry())  # a converter's defaults
+    with pytest.raises(ConfigError, match="data convert mvsec: data.convert.mvsec: frame_skip must be >= 1, got 0"):
+        validate_data({"data": data}, ["n-cars", "mvsec"], load_registry())
 
 
 @pytest.mark.parametrize(
@@ -439,6 +547,18 @@ def test_the_plan_check_imports_no_torch():
         (
             {"downstream": {"classify": {"linear": {"train": {"batch_size": 0}}}}},
             "downstream.classify.linear.train: batch_size must be >= 1, got 0",
+        ),
+        (  # values the schema lets through that the builder refuses together
+            {"data": {"demo": {"num_frames": 3, "saccade_legs": 3}}},
+            "data build-demo: data.demo: saccade_legs must lie in [1, min(3, num_frames - 1)], got 3",
+        ),
+        (
+            {"data": {"ef": {"pan_speed_px_per_frame": [3.0, 1.0]}}, "study": {"pretrain_dataset": "ef"}},
+            "data build-ef: data.ef: pan_speed_px_per_frame must be [low, high] with 0 <= low <= high",
+        ),
+        (
+            {"data": {"imports": {"mine": {"root": "recordings", "layout": "recordings"}}}},
+            "data import mine: data.imports.mine: layout recordings cuts each recording into windows",
         ),
     ],
 )

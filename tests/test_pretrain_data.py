@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
-from evpretrain.data.demo import DemoConfig, build_demo
+from evpretrain.data.config import DemoConfig
+from evpretrain.data.demo import build_demo
 from evpretrain.data.resize import as_size, resize_maps
 from evpretrain.data.store import EventStore, EventStoreWriter, StoreError
 from evpretrain.data.view import view_crop_box

@@ -10,7 +10,8 @@ import yaml
 
 from evpretrain.cli import main
 from evpretrain.config import ConfigError
-from evpretrain.data.demo import DemoConfig, build_demo
+from evpretrain.data.config import DemoConfig
+from evpretrain.data.demo import build_demo
 from evpretrain.data.store import EventStoreWriter
 from evpretrain.events.contract import make_events
 from evpretrain.models import BackboneSpec, backbone_spec

@@ -1,11 +1,23 @@
 """The dataset registry: verify says what is missing; convert turns a class-folder dataset into stores."""
 
+import importlib
+from pathlib import Path
+
 import numpy as np
 import pytest
+import yaml
 from test_readers_binary import encode_bin
 
 from evpretrain.config import ConfigError
-from evpretrain.data.registry import class_folder_splits, convert_dataset, get_dataset, load_registry, verify_dataset
+from evpretrain.data.config import CONVERT_CONFIGS
+from evpretrain.data.registry import (
+    SEQUENCE_CONVERTERS,
+    class_folder_splits,
+    convert_dataset,
+    get_dataset,
+    load_registry,
+    verify_dataset,
+)
 from evpretrain.data.store import EventStore
 
 
@@ -143,3 +155,18 @@ def test_convert_refuses_an_incomplete_copy_and_converts_a_complete_one(tmp_path
 def test_sequence_datasets_are_verified_before_conversion(tmp_path):
     with pytest.raises(FileNotFoundError, match="outdoor_day1_data.hdf5: 0 found"):
         convert_dataset(get_dataset("mvsec"), tmp_path, tmp_path / "out", progress=False)
+
+
+def test_every_window_converter_has_its_settings_class_the_plan_checks():
+    """data.config.CONVERT_CONFIGS (what ``snakemake -n`` loads data.convert.<dataset> into) names, for each
+    registered converter, the class the converter itself reads, and the schema admits exactly those sections."""
+    schema = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflow/schemas/config.schema.yaml").read_text())
+    assert (
+        set(CONVERT_CONFIGS)
+        == set(SEQUENCE_CONVERTERS)
+        == set(schema["properties"]["data"]["properties"]["convert"]["properties"])
+    )
+    for name, target in SEQUENCE_CONVERTERS.items():
+        module = importlib.import_module(target.split(":")[0])
+        assert getattr(module, CONVERT_CONFIGS[name].__name__) is CONVERT_CONFIGS[name]
+        assert get_dataset(name).layout.kind == "sequences"

@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from evpretrain.events.contract import EVENT_DTYPE, validate_events
-from evpretrain.events.simulator import SimulationResult, SimulatorConfig, _pixel_thresholds, lin_log, simulate
+from evpretrain.events.simulator import SimulationResult, _pixel_thresholds, lin_log, simulate
+from evpretrain.events.simulator_config import SimulatorConfig
 
 # No mismatch, no refractory period, no noise: the events are a pure function of the frames.
 IDEAL = SimulatorConfig(threshold_sigma=0.0, refractory_us=0, shot_noise_rate_hz=0.0, leak_rate_hz=0.0)

@@ -4,7 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from evpretrain.data.store import EventStore, EventStoreWriter, StoreCompression, StoreError
+from evpretrain.data.config import StoreCompression
+from evpretrain.data.store import EventStore, EventStoreWriter, StoreError
 from evpretrain.events.contract import EVENT_DTYPE, EventFormatError
 
 

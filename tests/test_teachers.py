@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from evpretrain.config import ConfigError
-from evpretrain.data.demo import DemoConfig, build_demo
+from evpretrain.data.config import DemoConfig
+from evpretrain.data.demo import build_demo
 from evpretrain.data.store import EventStore, EventStoreWriter, StoreError
 from evpretrain.events.contract import EVENT_DTYPE
 from evpretrain.teachers import (

@@ -352,7 +352,8 @@ LIVE_MANIFEST = {
 
 @pytest.mark.parametrize("store", ["sqlite", pytest.param("server", marks=pytest.mark.slow)])
 def test_jobs_logged_live_are_nested_by_the_mirror_with_their_history_and_never_logged_twice(tmp_path, store, request):
-    from evpretrain.data.demo import DemoConfig, build_demo
+    from evpretrain.data.config import DemoConfig
+    from evpretrain.data.demo import build_demo
 
     uri = request.getfixturevalue("mlflow_server") if store == "server" else f"sqlite:///{tmp_path / 'mlflow.db'}"
     stores = build_demo(

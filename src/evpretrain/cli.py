@@ -24,7 +24,8 @@ def _workers(args: argparse.Namespace) -> int | None:
 
 def _cmd_build_demo(args: argparse.Namespace) -> int:
     from evpretrain.config import load_section, load_yaml
-    from evpretrain.data.demo import DemoConfig, build_demo
+    from evpretrain.data.config import DemoConfig
+    from evpretrain.data.demo import build_demo
 
     config = load_section(DemoConfig, load_yaml(args.config), "data.demo")
     written = build_demo(config, args.out, workers=_workers(args), progress=not args.quiet)
@@ -35,7 +36,8 @@ def _cmd_build_demo(args: argparse.Namespace) -> int:
 
 def _cmd_build_ef(args: argparse.Namespace) -> int:
     from evpretrain.config import load_section, load_yaml
-    from evpretrain.data.ef import EFConfig, build_ef
+    from evpretrain.data.config import EFConfig
+    from evpretrain.data.ef import build_ef
 
     if not 0 <= args.shard < args.num_shards:
         print(
@@ -59,7 +61,8 @@ def _cmd_build_ef(args: argparse.Namespace) -> int:
 
 def _cmd_merge_ef(args: argparse.Namespace) -> int:
     from evpretrain.config import load_section, load_yaml
-    from evpretrain.data.ef import EFConfig, merge_ef
+    from evpretrain.data.config import EFConfig
+    from evpretrain.data.ef import merge_ef
 
     print(merge_ef(load_section(EFConfig, load_yaml(args.config), "data.ef"), args.parts, args.out))
     return 0
@@ -141,15 +144,14 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    from evpretrain.config import ConfigError, from_mapping, load_yaml, section
-    from evpretrain.data.importer import ImportConfig, import_recordings
+    from evpretrain.config import ConfigError, from_mapping, load_section, load_yaml
+    from evpretrain.data.config import ImportConfig
+    from evpretrain.data.importer import import_recordings
 
     if args.config is not None:  # the pipeline's form: the settings of data.imports.<name>
         if args.name is None:
             raise ConfigError("data import --config needs --name, the import's key under data.imports")
-        config = from_mapping(
-            ImportConfig, section(load_yaml(args.config), f"data.imports.{args.name}"), "data.imports"
-        )
+        config = load_section(ImportConfig, load_yaml(args.config), f"data.imports.{args.name}")
     else:
         if args.root is None or args.layout is None:
             raise ConfigError("data import needs --root and --layout (or --config and --name)")

@@ -15,7 +15,7 @@ from evpretrain.data.registry import load_registry
 from evpretrain.pipeline.plan import content_key, plan_study
 from evpretrain.pipeline.submit import submit_prefix
 from evpretrain.pipeline.tracking import run_identities, study_record
-from evpretrain.pipeline.validate import validate_plan
+from evpretrain.pipeline.validate import validate_data, validate_plan
 
 RESULTS = Path(lookup(dpath="results", within=config, default="results"))
 PLAN = plan_study(config) if "study" in config else None
@@ -115,6 +115,9 @@ REGISTRY = load_registry(extra=REGISTRY_FILE)
 REGISTRY_OPTION = ["--registry", REGISTRY_FILE] if REGISTRY_FILE else []
 # One sub-folder a downloaded dataset (`evpretrain data download`), where the study gives no data.roots entry.
 DOWNLOADS = Path(lookup(dpath="data/downloads", within=config, default=None) or RESULTS / "downloads")
+# Every data job's settings, as the job loads them: the builders of the stores the study reads (the demo's alone
+# without a study: rule all builds them), and every import, which has a rule each.
+validate_data(config, PLAN.stores() if PLAN else ["demo"] if DEMO_SPLITS else [], REGISTRY)
 
 
 def user_root(dataset):
@@ -245,12 +248,7 @@ def datasets_to_convert():
     """{dataset: [splits]} of the registry datasets the study reads (the demo and EF stores are built instead)."""
     if PLAN is None:
         return {}
-    needed = {PLAN.pretrain_dataset: {"train", "val"}}
-    for planned in PLAN.evaluations.values():
-        needed.setdefault(planned.dataset, set()).update({planned.train_split, planned.eval_split})
-        for dataset, split in planned.also_eval:
-            needed.setdefault(dataset, set()).add(split)
-    return {name: sorted(splits) for name, splits in needed.items() if name not in ("demo", "ef", *IMPORTS)}
+    return {name: splits for name, splits in PLAN.stores().items() if name not in ("demo", "ef", *IMPORTS)}
 
 
 # data.imports: folders of the user's own recordings, imported by rule import_<name> (`evpretrain data import`)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -27,73 +27,13 @@ import numpy as np
 from scipy import ndimage
 
 from evpretrain.config import to_mapping
-from evpretrain.data.store import EventStoreWriter, StoreCompression, frame_times
-from evpretrain.events.simulator import SimulatorConfig, simulate
+from evpretrain.data.config import DEMO_SPLITS, DemoConfig
+from evpretrain.data.store import EventStoreWriter, frame_times
+from evpretrain.events.simulator import simulate
 from evpretrain.workers import worker_pool
 
-SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = {"train": 0.7, "val": 0.15, "test": 0.15}  # of the 1,797 digit images; no image in two splits
-BACKGROUNDS = ("brick", "grass", "gravel", "camera", "coins", "moon", "text")
 MASK_CLASSES = ["background"] + [f"digit {d}" for d in range(10)]
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    """Settings of ``build-demo`` (config section ``data.demo``). Lengths in pixels, rates per frame."""
-
-    seed: int = 0
-    image_size: int = 64
-    digit_size: int = 28
-    num_frames: int = 8
-    frame_rate_hz: float = 120.0
-    samples: dict[str, int] = field(default_factory=lambda: {"train": 600, "val": 150, "test": 150})
-    background: str = "brick"
-    background_intensity: tuple[float, float] = (0.05, 0.5)
-    digit_intensity: float = 0.95
-    pan_speed_px_per_frame: tuple[float, float] = (0.5, 1.5)
-    digit_drift_px_per_frame: float = 0.6
-    digit_jitter_px: float | None = None
-    saccade_legs: int = 1
-    simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
-    compression: StoreCompression = field(default_factory=StoreCompression)
-
-    def __post_init__(self) -> None:
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
-        if not 0 < self.frame_rate_hz <= 1e6:  # frames at least a microsecond apart
-            raise ValueError(f"frame_rate_hz must lie in (0, 1e6], got {self.frame_rate_hz}")
-        low, high = self.background_intensity
-        if not 0 <= low <= high <= 1:
-            raise ValueError(f"background_intensity must be [low, high] with 0 <= low <= high <= 1, got {[low, high]}")
-        if not 0 <= self.digit_intensity <= 1:
-            raise ValueError(f"digit_intensity must lie in [0, 1], got {self.digit_intensity}")
-        if self.digit_drift_px_per_frame < 0:
-            raise ValueError(f"digit_drift_px_per_frame must be >= 0, got {self.digit_drift_px_per_frame}")
-        if self.background not in BACKGROUNDS:
-            raise ValueError(f"background {self.background!r} is not one of {BACKGROUNDS}")
-        if set(self.samples) - set(SPLITS):
-            raise ValueError(f"samples: unknown split(s) {sorted(set(self.samples) - set(SPLITS))}, expected {SPLITS}")
-        if any(n < 0 for n in self.samples.values()):
-            raise ValueError("samples: counts must be >= 0")
-        if not 8 <= self.digit_size <= self.image_size // 2 + 8:
-            raise ValueError(f"digit_size {self.digit_size} must lie in [8, image_size / 2 + 8]")
-        if self.digit_jitter_px is not None and self.digit_jitter_px < 0:
-            raise ValueError(
-                f"digit_jitter_px must be >= 0 (or null: anywhere in the frame), got {self.digit_jitter_px}"
-            )
-        if self.num_frames < 2:
-            raise ValueError("num_frames must be >= 2")
-        if not 1 <= self.saccade_legs <= min(3, self.num_frames - 1):
-            raise ValueError(f"saccade_legs must lie in [1, min(3, num_frames - 1)], got {self.saccade_legs}")
-        low, high = self.pan_speed_px_per_frame
-        if not 0 <= low <= high:
-            raise ValueError("pan_speed_px_per_frame must be [low, high] with 0 <= low <= high")
-        travel = (high + self.digit_drift_px_per_frame) * (self.num_frames - 1)
-        if self.digit_size + 2 * travel + 2 > self.image_size:
-            raise ValueError(
-                f"the digit ({self.digit_size} px) travelling up to {travel:.1f} px does not fit in "
-                f"{self.image_size} px"
-            )
 
 
 @dataclass(frozen=True)
@@ -113,9 +53,9 @@ def load_digits_split(seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     digits = load_digits()
     images = (digits.images / 16.0).astype(np.float32)
     order = np.random.default_rng(seed).permutation(len(images))
-    bounds = np.cumsum([int(round(SPLIT_FRACTIONS[s] * len(images))) for s in SPLITS[:-1]])
+    bounds = np.cumsum([int(round(SPLIT_FRACTIONS[s] * len(images))) for s in DEMO_SPLITS[:-1]])
     parts = np.split(order, bounds)
-    return {s: (images[idx], digits.target[idx].astype(np.int64)) for s, idx in zip(SPLITS, parts)}
+    return {s: (images[idx], digits.target[idx].astype(np.int64)) for s, idx in zip(DEMO_SPLITS, parts)}
 
 
 def load_background(name: str, intensity: tuple[float, float]) -> np.ndarray:
@@ -235,7 +175,7 @@ def _make_sample(job: _Job) -> dict[str, Any]:
 def _jobs(config: DemoConfig, split: str, digits: tuple[np.ndarray, np.ndarray]) -> Iterator[_Job]:
     images, labels = digits
     # One seed per (split, sample): the output does not depend on the number of workers.
-    split_seed = np.random.SeedSequence([config.seed, SPLITS.index(split)])
+    split_seed = np.random.SeedSequence([config.seed, DEMO_SPLITS.index(split)])
     for index, seed in enumerate(split_seed.spawn(config.samples.get(split, 0))):
         k = index % len(images)
         yield _Job(split, index, images[k], int(labels[k]), seed)
@@ -259,7 +199,7 @@ def build_demo(
     else:
         pool = worker_pool(workers, _init_worker, (config,))
     with pool as pool, tqdm(total=total, desc="build-demo", unit="sample", disable=not progress) as bar:
-        for split in SPLITS:
+        for split in DEMO_SPLITS:
             if config.samples.get(split, 0) == 0:
                 continue
             path = out_dir / f"{split}.h5"

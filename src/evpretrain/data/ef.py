@@ -20,47 +20,19 @@ import json
 import os
 import shutil
 from concurrent.futures import as_completed
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 from scipy import ndimage
 
 from evpretrain.config import to_mapping
-from evpretrain.data.store import EventStore, EventStoreWriter, StoreCompression, StoreError, frame_times
-from evpretrain.events.simulator import SimulatorConfig, simulate
+from evpretrain.data.config import EFConfig
+from evpretrain.data.store import EventStore, EventStoreWriter, StoreError, frame_times
+from evpretrain.events.simulator import simulate
 from evpretrain.files import write_text_atomic
 from evpretrain.workers import worker_pool
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
-
-
-@dataclass(frozen=True)
-class EFConfig:
-    """Settings of ``build-ef`` (config section ``data.ef``). Lengths in output pixels, speeds per frame."""
-
-    seed: int = 0
-    image_size: int = 224
-    num_frames: int = 6
-    frame_rate_hz: float = 30.0
-    pan_speed_px_per_frame: tuple[float, float] = (1.0, 4.0)
-    zoom_per_frame: float = 0.01  # largest relative scale change between consecutive frames
-    shard_size: int = 256
-    shards: int = 1  # parts (cluster jobs) the pipeline splits the build into; not part of the content
-    keep_frames: bool = False
-    keep_rgb: bool = False  # the colour source, CLIP's resize and centre crop to rgb_size: (3, S, S) uint8 /rgb
-    rgb_size: int = 224
-    keep_clean_events: bool = False
-    dense_dtype: Literal["float16", "float32"] = "float16"
-    simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
-    compression: StoreCompression = field(default_factory=StoreCompression)
-
-    def __post_init__(self) -> None:
-        if min(self.image_size - 15, self.num_frames - 1, self.shard_size, self.shards, self.rgb_size) < 1:
-            raise ValueError("image_size must be >= 16, num_frames >= 2, shard_size, shards and rgb_size >= 1")
-        if not 0 <= self.pan_speed_px_per_frame[0] <= self.pan_speed_px_per_frame[1]:
-            raise ValueError("pan_speed_px_per_frame must be [low, high] with 0 <= low <= high")
 
 
 def builder_config(config: EFConfig) -> dict:

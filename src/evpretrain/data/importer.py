@@ -41,70 +41,25 @@ import os
 import shutil
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import yaml
 
 from evpretrain.config import ConfigError, to_mapping
+from evpretrain.data.config import ImportConfig
 from evpretrain.data.store import EventStore, EventStoreWriter
 from evpretrain.events.contract import EVENT_DTYPE, EventFormatError
-from evpretrain.events.readers.streaming import CHUNK_EVENTS, stream_recording
-from evpretrain.events.windows import Windower, WindowSpec
+from evpretrain.events.readers.streaming import stream_recording
+from evpretrain.events.windows import Windower
 from evpretrain.workers import worker_pool
 
-__all__ = ["ImportConfig", "assign_splits", "find_recordings", "import_recordings"]
+__all__ = ["assign_splits", "find_recordings", "import_recordings"]
 
 log = logging.getLogger(__name__)
 PARTS = ".import-parts"
-DEFAULT_SPLIT = {"train": 0.8, "val": 0.1, "test": 0.1}
-
-
-@dataclass(frozen=True)
-class ImportConfig:
-    """Settings of an import (CLI ``evpretrain data import``; config ``data.imports.<name>``).
-
-    ``root``: the folder of recordings; ``layout``: ``class_folders`` or ``recordings`` (module docstring).
-    ``window``: ``events:N`` or ``ms:T`` (milliseconds), or None (one sample a file; ``class_folders`` only).
-    ``split``: split name -> fraction of the recordings (summing to 1), drawn with ``seed``; or ``split_map``, a
-    YAML/JSON file of ``{path relative to root: split}``. ``format``: a reader name (``evpretrain data formats``),
-    None to detect it per file. ``sensor_size`` (H, W): for files whose header gives none (a file that gives
-    another size is refused). ``skip_bad``: leave out unreadable files, and files too short for one window, with a
-    warning, instead of stopping. ``chunk_events``: events read at a time.
-    """
-
-    root: str
-    layout: Literal["class_folders", "recordings"]
-    window: str | None = None
-    split: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SPLIT))
-    seed: int = 0
-    split_map: str | None = None
-    format: str | None = None
-    sensor_size: tuple[int, int] | None = None
-    skip_bad: bool = False
-    chunk_events: int = CHUNK_EVENTS
-
-    def __post_init__(self) -> None:
-        if self.window is not None:
-            WindowSpec.parse(self.window)  # raises ValueError naming what is expected
-        elif self.layout == "recordings":
-            raise ValueError("layout recordings cuts each recording into windows: set window (events:N or ms:T)")
-        if not self.split:
-            raise ValueError("split: expected at least one split, e.g. {train: 0.8, val: 0.1, test: 0.1}")
-        if any(not name or name.startswith(".") or "/" in name for name in self.split):
-            raise ValueError(f"split: names become file names ({{split}}.h5), got {list(self.split)}")
-        if any(not fraction > 0 for fraction in self.split.values()) or abs(sum(self.split.values()) - 1) > 1e-6:
-            raise ValueError(f"split: expected positive fractions summing to 1, got {self.split}")
-        if self.sensor_size is not None and min(self.sensor_size) < 1:
-            raise ValueError(f"sensor_size: expected (height, width) >= 1, got {self.sensor_size}")
-        if self.chunk_events < 1:
-            raise ValueError(f"chunk_events must be >= 1, got {self.chunk_events}")
-
-    @property
-    def window_spec(self) -> WindowSpec | None:
-        return None if self.window is None else WindowSpec.parse(self.window)
 
 
 @dataclass(frozen=True)

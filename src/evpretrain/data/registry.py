@@ -15,7 +15,6 @@ import yaml
 
 from evpretrain.config import ConfigError, from_mapping
 from evpretrain.data.download import RemoteFile
-from evpretrain.data.store import EventStoreWriter
 from evpretrain.workers import worker_pool
 
 
@@ -246,6 +245,8 @@ def convert_dataset(
     their converter (``SEQUENCE_CONVERTERS``), which takes ``settings`` (config section ``data.convert.<name>``).
     """
     from tqdm import tqdm
+
+    from evpretrain.data.store import EventStoreWriter  # h5py: not for the pipeline, which reads the registry
 
     report = verify_dataset(entry, root)
     if not report.ok:

@@ -22,14 +22,14 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import h5py
 import numpy as np
 
 from evpretrain import __version__
+from evpretrain.data.config import StoreCompression
 from evpretrain.events.contract import EVENT_DTYPE, EventFormatError, validate_events
 from evpretrain.files import AtomicPath
 
@@ -43,31 +43,6 @@ def frame_times(num_frames: int, frame_rate_hz: float) -> np.ndarray:
     """(T,) int64 microseconds of the frames of a stored video: round(n * 1e6 / frame_rate_hz), the times the
     builders render at and the store's ``frame_rate_hz`` attribute lets a reader rebuild."""
     return np.round(np.arange(num_frames) * 1e6 / frame_rate_hz).astype(np.int64)
-
-
-@dataclass(frozen=True)
-class StoreCompression:
-    """HDF5 filters. ``events`` applies to the event columns, ``dense`` to frames, maps, flow and masks.
-
-    Every training epoch pays the read side, and the filters make reads several times slower for a modest saving in
-    size (bench/README.md, "Event store"), so nothing is compressed by default; turn them on for archives.
-    """
-
-    events: Literal["none", "gzip", "lzf"] = "none"
-    dense: Literal["none", "gzip", "lzf"] = "none"
-    gzip_level: int = 1
-    # HDF5's fletcher32 checksum per chunk, checked on every read: flipped bits fail loudly instead of training
-    # silently (read cost: bench/bench_store.py).
-    checksum: bool = True
-
-    def filters(self, which: str) -> dict[str, Any]:
-        name = self.events if which == "events" else self.dense
-        checksum = {"fletcher32": self.checksum}
-        if name == "none":
-            return checksum
-        if name == "lzf":
-            return {"compression": "lzf", "shuffle": True, **checksum}
-        return {"compression": "gzip", "compression_opts": self.gzip_level, "shuffle": True, **checksum}
 
 
 class StoreError(EventFormatError):

@@ -19,7 +19,7 @@ _EXPORTS = {
     "histogram_ecdp": "representations",
     "histogram_mem": "representations",
     "simulate": "simulator",
-    "SimulatorConfig": "simulator",
+    "SimulatorConfig": "simulator_config",
     "SimulationResult": "simulator",
 }
 

@@ -149,6 +149,16 @@ class StudyPlan:
             for name, variant in self.variants.items()
         }
 
+    def stores(self) -> dict[str, list[str]]:
+        """{dataset: sorted splits} of every event store the plan's stages and evaluations read, the stores a
+        robustness evaluation also scores included: what the pipeline builds, converts or imports."""
+        needed = {self.pretrain_dataset: {"train", "val"}}
+        for evaluation in self.evaluations.values():
+            needed.setdefault(evaluation.dataset, set()).update({evaluation.train_split, evaluation.eval_split})
+            for dataset, split in evaluation.also_eval:
+                needed.setdefault(dataset, set()).add(split)
+        return {name: sorted(splits) for name, splits in needed.items()}
+
 
 def _data_identity(study: Mapping[str, Any], dataset: str) -> Any:
     """What a dataset's stores are a function of: the builder's section for the demo and EF stores, else the
@@ -288,23 +298,49 @@ def plan_study(study: Mapping[str, Any]) -> StudyPlan:
     return plan
 
 
+@dataclass(frozen=True)
+class ReleasedSource:
+    """What a study needs of a released checkpoint's importer (``evpretrain.downstream.importers.KeyMap``): the
+    registered backbone that holds its checkpoints (None where the study's voxel-grid input does not fit the source),
+    its input channels (voxel-grid bins), and how its backbone is built (for the message)."""
+
+    preset: str | None
+    in_chans: int
+    backbone: str
+
+
+# The importers' KEY_MAPS without torch, which they import and Snakemake must not while it plans the study;
+# tests/test_plan.py checks that the two agree.
+RELEASED_SOURCES = {
+    "ecdp_vit": ReleasedSource(None, 5, "create_backbone('vit_small_patch16', in_chans=2, patch_norm=False)"),
+    "eventpretrain_convvit": ReleasedSource(
+        "convvit_small", 5, "create_backbone('convvit_small') or create_backbone('convvit_base')"
+    ),
+    "eventpretrain_swin": ReleasedSource("swin_tiny", 5, "create_backbone('swin_tiny')"),
+    "eventpretrain_vit": ReleasedSource(
+        "vit_small_patch16", 5, "create_backbone('vit_small_patch16') or create_backbone('vit_base_patch16')"
+    ),
+    "mem_vit": ReleasedSource(None, 5, "create_backbone('vit_base_patch16', in_chans=2, patch_norm=False)"),
+}
+
+
 def released_backbone(variant: Mapping[str, Any], where: str) -> dict[str, Any]:
     """The ``pretrain`` backbone keys that build a released checkpoint's backbone: the source's preset (or the
     variant's ``backbone``) at the source's input bins. Raises ConfigError naming the variant for an unknown source."""
-    from evpretrain.downstream.importers import KEY_MAPS, known_sources
-
     source, path = variant.get("source"), variant.get("checkpoint")
     if not isinstance(path, str) or not path:
         raise ConfigError(f"{where}.checkpoint: expected the path of a released checkpoint file, got {path!r}")
-    if source not in KEY_MAPS:
-        raise ConfigError(f"{where}.source: unknown source {source!r}; known sources: {', '.join(known_sources())}")
-    keymap = KEY_MAPS[source]
-    if keymap.preset is None:
+    if source not in RELEASED_SOURCES:
+        raise ConfigError(
+            f"{where}.source: unknown source {source!r}; known sources: {', '.join(sorted(RELEASED_SOURCES))}"
+        )
+    released = RELEASED_SOURCES[source]
+    if released.preset is None:
         raise ConfigError(
             f"{where}.source: a study cannot evaluate {source!r} checkpoints: they take another input than the "
-            f"study's voxel grid ({keymap.backbone}); use `evpretrain finetune --checkpoint-source {source}`"
+            f"study's voxel grid ({released.backbone}); use `evpretrain finetune --checkpoint-source {source}`"
         )
-    return {"backbone": variant.get("backbone") or keymap.preset, "data": {"num_bins": keymap.in_chans}}
+    return {"backbone": variant.get("backbone") or released.preset, "data": {"num_bins": released.in_chans}}
 
 
 def _plan_released(

@@ -26,7 +26,9 @@ import yaml
 
 from evpretrain.pipeline.plan import apply_overrides
 from evpretrain.training.config import EXECUTION_FIELDS
-from evpretrain.training.mlflow_hook import TAG_LIVE, default_artifact_location, flatten, param_text, scalars
+
+# training.mlflow_hook (which imports torch) is imported where a run is logged: Snakemake imports this module to plan
+# a study (study_record, run_identities), which must not import torch.
 
 __all__ = ["job_times", "log_study", "run_identities", "study_record", "ui_path", "variant_settings", "view_state"]
 
@@ -119,6 +121,8 @@ class _Logger:
     def __init__(self, tracking_uri: str, experiment: str, tags: Mapping[str, str]):
         from mlflow import MlflowClient
 
+        from evpretrain.training.mlflow_hook import default_artifact_location
+
         self.client = MlflowClient(tracking_uri=tracking_uri)
         found = self.client.get_experiment_by_name(experiment)
         self.experiment_id = (
@@ -148,6 +152,8 @@ class _Logger:
         """Log the run of ``folder`` (or find it logged with the same content, and nest it under ``parent``); return
         its id. ``curves``: metric prefix -> (the row key that is the step, rows), e.g. ``eval`` per epoch."""
         from mlflow.entities import Metric
+
+        from evpretrain.training.mlflow_hook import flatten, param_text, scalars
 
         if folder in self.ids:
             return self.ids[folder]
@@ -231,6 +237,8 @@ class _Logger:
 def _logged_live(run, result: str) -> bool:
     """Whether ``run`` is one a job logged live of the result whose hash is ``result``: a finished live run not yet
     mirrored (a job's newest), or one adopted before from the same result (its tags or parent may have changed)."""
+    from evpretrain.training.mlflow_hook import TAG_LIVE
+
     tags = run.data.tags
     if tags.get(TAG_LIVE) != "true":
         return False

@@ -25,14 +25,16 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from evpretrain.config import from_mapping, to_mapping
-from evpretrain.data.store import EventStoreWriter, StoreCompression
+from evpretrain.data.config import DDD17_LABEL_SIZE as LABEL_SIZE
+from evpretrain.data.config import Ddd17ConvertConfig
+from evpretrain.data.store import EventStoreWriter
 from evpretrain.events.contract import EVENT_DTYPE, EventFormatError, validate_events
 from evpretrain.events.readers.ddd17 import SENSOR_SIZE, T_FILE, XYP_FILE, Ddd17Events
 from evpretrain.workers import worker_pool
@@ -41,60 +43,8 @@ from evpretrain.workers import worker_pool
 # nature, human, vehicle.
 CLASS_NAMES = ("flat", "background", "object", "vegetation", "human", "vehicle")
 IGNORE_LABEL = 255
-LABEL_SIZE = (200, SENSOR_SIZE[1])  # (H, W) of every EV-SegNet mask: the sensor's top 200 rows
 MASK_DIR = "segmentation_masks"
 WINDOWS_PER_JOB = 32  # label images a worker task cuts: enough to amortise the hand-off, small enough to balance
-
-
-@dataclass(frozen=True)
-class Ddd17ConvertConfig:
-    """Settings of the DDD17 converter (config section ``data.convert.ddd17``).
-
-    ``num_events``: events a ``count`` window keeps (inside the crop). 80,000 is the paper's DDD17 value
-    (EventPretrain ``main_finetune_semseg.py``: ``--fix_events_num ... # ddd17:80000``); ESS
-    (``config/settings_DDD17.yaml``) feeds 20 x 32,000 = 640,000 events, counted before its crop.
-    ``duration_ms``: which index file a ``duration`` window takes (10, 50 or 250 ms, as ESS ships them).
-    ``splits``: output split -> sequence folders.
-    """
-
-    window: Literal["count", "duration"] = "count"
-    num_events: int = 80_000
-    duration_ms: Literal[10, 50, 250] = 50
-    splits: dict[str, list[str]] = field(
-        default_factory=lambda: {"train": ["dir0", "dir3", "dir4", "dir6", "dir7"], "test": ["dir1"]}
-    )
-    compression: StoreCompression = field(default_factory=StoreCompression)
-
-    def __post_init__(self) -> None:
-        if self.num_events < 1:
-            raise ValueError(f"num_events must be >= 1, got {self.num_events}")
-        if not self.splits or any(not dirs for dirs in self.splits.values()):
-            raise ValueError(f"splits must map each split to at least one sequence folder, got {self.splits}")
-        folders = [d for dirs in self.splits.values() for d in dirs]
-        repeated = sorted({d for d in folders if folders.count(d) > 1})
-        if repeated:
-            raise ValueError(f"sequence folder(s) {repeated} appear more than once in splits")
-
-    @property
-    def index_ms(self) -> int:
-        """Which ``index/index_<ms>ms.npy`` defines the windows: ``event_index`` is the same column in all three,
-        so a ``count`` window reads the 50 ms file, as ESS does by default."""
-        return self.duration_ms if self.window == "duration" else 50
-
-    @property
-    def index_file(self) -> str:
-        return f"index_{self.index_ms}ms.npy"
-
-    def describe_window(self) -> str:
-        crop = f"y < {LABEL_SIZE[0]}"
-        if self.window == "count":
-            what = f"the last {self.num_events} events with {crop} before the label's frame"
-        else:
-            what = f"the events with {crop} in the {self.duration_ms} ms before the label's frame"
-        return (
-            f"{what}: rows [{'0' if self.window == 'count' else 'event_index_before'}, event_index) of events.dat.* "
-            f"by index/{self.index_file}; t in microseconds, as recorded"
-        )
 
 
 @dataclass(frozen=True)

@@ -29,30 +29,19 @@ import contextlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from evpretrain.config import from_mapping, to_mapping
-from evpretrain.data.store import EventStoreWriter, StoreCompression
+from evpretrain.data.config import DsecSemanticSettings
+from evpretrain.data.store import EventStoreWriter
 from evpretrain.events.contract import EventFormatError
 from evpretrain.events.readers.dsec import SENSOR_SIZE, DsecEvents
 from evpretrain.workers import worker_pool
 
-# ESS's provider.py (and the paper's FinetuneDSECDataset): the sequences DSEC-Semantic labels.
-TRAIN_SEQUENCES = (
-    "zurich_city_00_a",
-    "zurich_city_01_a",
-    "zurich_city_02_a",
-    "zurich_city_04_a",
-    "zurich_city_05_a",
-    "zurich_city_06_a",
-    "zurich_city_07_a",
-    "zurich_city_08_a",
-)
-TEST_SEQUENCES = ("zurich_city_13_a", "zurich_city_14_c", "zurich_city_15_a")
 # ESS config/settings.py, semseg_num_classes == 11; the label PNGs hold these ids as they are.
 CLASS_NAMES = (
     "background",
@@ -76,45 +65,6 @@ LABEL_LAYOUTS = (
     ("semantic/left/11classes/data", "semantic/timestamps.txt"),  # ESS's README
 )
 WINDOWS_PER_JOB = 8  # windows a worker cuts per events.h5 opening: about 25 MB of results at 200k events each
-
-
-@dataclass(frozen=True)
-class DsecSemanticSettings:
-    """Settings of the converter (config section ``data.convert.dsec-semantic``); times in microseconds.
-
-    ``window``: ``"events"`` keeps the last ``num_events`` events before the label, ``"time"`` the events of the
-    ``window_us`` before it. ``rectify``: map events through rectify_map.h5 (the labels live in the rectified frame;
-    off only for ablations). ``rounding``: rectified position -> pixel, ``"floor"`` (the paper) or ``"nearest"``.
-    ``crop_height``: rows kept from the top, events and labels. ``sequences``: split folder -> sequence names.
-    """
-
-    window: Literal["events", "time"] = "events"
-    num_events: int = 200_000  # the paper: --fix_events_num and --val_fix_events_num
-    window_us: int = 50_000  # ESS: delta_t_per_data = 50 ms, nr_events_data = 1 (datasets/DSEC_events_loader.py)
-    skip_first_labels: int = 6  # ESS: (remove_time_window // 100 + 1) * 2 with remove_time_window = 250
-    label_stride: int = 2  # ESS and the paper: label 2 * index
-    rectify: bool = True
-    rounding: Literal["floor", "nearest"] = "floor"
-    crop_height: int = 440  # ESS: event_tensor[:, :-40, :]; the paper: dsec_sensor_h = 440
-    sequences: dict[str, list[str]] = field(
-        default_factory=lambda: {"train": list(TRAIN_SEQUENCES), "test": list(TEST_SEQUENCES)}
-    )
-    compression: StoreCompression = field(default_factory=StoreCompression)
-
-    def __post_init__(self) -> None:
-        if self.num_events < 1 or self.window_us < 1:
-            raise ValueError(f"num_events ({self.num_events}) and window_us ({self.window_us}) must be >= 1")
-        if self.skip_first_labels < 0 or self.label_stride < 1:
-            raise ValueError("skip_first_labels must be >= 0 and label_stride >= 1")
-        if not 1 <= self.crop_height <= SENSOR_SIZE[0]:
-            raise ValueError(f"crop_height {self.crop_height} must lie in [1, {SENSOR_SIZE[0]}]")
-        if not self.sequences or not all(self.sequences.values()):
-            raise ValueError("sequences must map at least one split folder to a non-empty list of sequence names")
-
-    @property
-    def sensor_size(self) -> tuple[int, int]:
-        """(height, width) the events and masks share after the crop."""
-        return self.crop_height, SENSOR_SIZE[1]
 
 
 @dataclass(frozen=True)

@@ -45,14 +45,15 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from evpretrain.config import from_mapping, to_mapping
-from evpretrain.data.store import EventStoreWriter, StoreCompression
+from evpretrain.data.config import MvsecConvertConfig
+from evpretrain.data.store import EventStoreWriter
 from evpretrain.events.contract import EventFormatError
 from evpretrain.events.readers._io import h5_dataset, h5_read, open_h5
 from evpretrain.events.readers.mvsec import SENSOR_SIZE, MvsecEvents
@@ -62,76 +63,6 @@ SPLITS = ("train", "test")
 IMAGE_TS_KEY = "davis/left/image_raw_ts"
 FLOW_KEY = "davis/left/flow_dist"
 FLOW_TS_KEY = "davis/left/flow_dist_ts"
-
-# The paper's ``Valid_Time_Index``: frames [first, stop) of the left grayscale camera that windows may use.
-PAPER_FRAME_RANGES = {
-    "indoor_flying1": (314, 2199),
-    "indoor_flying2": (314, 2199),
-    "indoor_flying3": (314, 2199),
-    "outdoor_day1": (245, 3000),
-    "outdoor_day2": (4375, 7002),
-}
-# EV-FlowNet's ``extract_all_bags.sh``: seconds skipped at the start of each recording (take-off, start-up).
-EVFLOWNET_START_OFFSETS_S = {
-    "indoor_flying1": 4.0,
-    "indoor_flying2": 9.0,
-    "indoor_flying3": 7.0,
-    "outdoor_day1": 3.0,
-    "outdoor_day2": 45.0,
-}
-
-
-@dataclass(frozen=True)
-class MvsecConvertConfig:
-    """Settings of the MVSEC converter (config section ``data.convert.mvsec``); defaults are the paper's protocol.
-
-    ``frame_ranges``: per sequence, frames [first, stop) whose windows are kept (sequences not listed: all).
-    ``start_offsets_s``: per sequence, windows starting earlier than this many seconds after the recording's first
-    event or frame are dropped (EV-FlowNet's values; the paper's frame ranges should start later, so they ought to
-    drop nothing: the store attribute ``window_counts`` says how many each rule dropped).
-    ``train_share``: per test sequence, the fraction of its windows moved to train (``int(fraction * n)`` windows),
-    picked at random with ``seed`` through Python's ``random.sample`` (the paper's code) or the ``"first"`` ones.
-    ``outdoor_max_row``: image rows >= it are invalid in ``outdoor_*`` sequences (EV-FlowNet: 190); None keeps all.
-    ``windows_per_task``: windows a worker process cuts at a time.
-    """
-
-    train_sequences: tuple[str, ...] = ("outdoor_day1", "outdoor_day2")
-    test_sequences: tuple[str, ...] = ("indoor_flying1", "indoor_flying2", "indoor_flying3")
-    frame_skip: int = 1
-    frame_ranges: dict[str, tuple[int, int]] = field(default_factory=lambda: dict(PAPER_FRAME_RANGES))
-    start_offsets_s: dict[str, float] = field(default_factory=lambda: dict(EVFLOWNET_START_OFFSETS_S))
-    train_share: dict[str, float] = field(default_factory=lambda: {"indoor_flying1": 0.01})
-    train_share_pick: Literal["random", "first"] = "random"
-    seed: int = 0
-    outdoor_max_row: int | None = None
-    max_flow_px: float = 1000.0
-    windows_per_task: int = 32
-    compression: StoreCompression = field(default_factory=StoreCompression)
-
-    def __post_init__(self) -> None:
-        if self.frame_skip < 1:
-            raise ValueError(f"frame_skip must be >= 1, got {self.frame_skip}")
-        both = sorted(set(self.train_sequences) & set(self.test_sequences))
-        if both:
-            raise ValueError(f"sequence(s) {both} are in both train_sequences and test_sequences")
-        for name, (first, stop) in self.frame_ranges.items():
-            if not 0 <= first < stop:
-                raise ValueError(
-                    f"frame_ranges.{name}: expected [first, stop) with 0 <= first < stop, got {[first, stop]}"
-                )
-        if any(offset < 0 for offset in self.start_offsets_s.values()):
-            raise ValueError("start_offsets_s: offsets must be >= 0 seconds")
-        for name, fraction in self.train_share.items():
-            if name not in self.test_sequences:
-                raise ValueError(f"train_share.{name}: only a test sequence can lend windows to train")
-            if not 0.0 <= fraction <= 1.0:
-                raise ValueError(f"train_share.{name}: expected a fraction in [0, 1], got {fraction}")
-        if self.outdoor_max_row is not None and not 0 < self.outdoor_max_row <= SENSOR_SIZE[0]:
-            raise ValueError(f"outdoor_max_row must lie in [1, {SENSOR_SIZE[0]}], got {self.outdoor_max_row}")
-        if self.max_flow_px <= 0:
-            raise ValueError(f"max_flow_px must be > 0, got {self.max_flow_px}")
-        if self.windows_per_task < 1:
-            raise ValueError(f"windows_per_task must be >= 1, got {self.windows_per_task}")
 
 
 @dataclass(frozen=True)
