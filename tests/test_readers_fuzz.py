@@ -10,6 +10,7 @@ anything else, a crash of the child, or a case over its time bound fails the tes
 
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -347,7 +348,7 @@ def test_fuzz_corpus_large(tmp_path):
 def test_claimed_npy_shapes_are_read_only_when_the_bytes_hold_them(tmp_path_factory, shape, stored, method):
     """A .npy header (alone, or an npz member stored or deflated) claiming ``shape`` of int64 over ``stored`` bytes:
     read exactly when the bytes hold it, refused naming the claim otherwise, and never allocating the claim."""
-    claimed = int(np.prod(shape)) * 8
+    claimed = math.prod(shape) * 8  # exact: np.prod would wrap around int64 for the largest shapes
     blob = _npy_header(shape, "<i8") + bytes(stored)
     path = tmp_path_factory.mktemp("claim") / ("a.npy" if method is None else "a.npz")
     if method is None:
