@@ -262,7 +262,13 @@ def test_the_paper_preset_plans_without_any_data(tmp_path):
     assert jobs["finetune"] == (11 + 6) * 8 * 3  # (trained + released variants) x evaluations x seeds
     assert jobs["released_checkpoint"] == 6  # the authors' six checkpoints, linked in; no file needed to plan
     # the datasets with public files and no data.roots entry start at their download
-    assert {name for name in jobs if name.startswith("download_")} == {"download_n_caltech101", "download_cifar10_dvs"}
+    assert {name for name in jobs if name.startswith("download_")} == {
+        "download_n_caltech101",
+        "download_cifar10_dvs",
+        "download_weights_clip_vit_b16",  # the teacher's, as their clip.load fetches it: the features job reads it
+    }
+    weights = "--weights results/paper/downloads/weights/clip_vit_b16/ViT-B-16.pt"
+    assert "teacher-features --config results/paper/teacher/" in plan.stdout and weights in plan.stdout
     assert {name for name in jobs if name.startswith("convert_")} == {
         "convert_n_caltech101",
         "convert_n_cars",

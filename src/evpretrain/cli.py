@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 WORKERS_HELP = "processes (default: a SLURM job's CPUs, $SLURM_CPUS_PER_TASK; else the cores this process may use)"
@@ -274,7 +275,10 @@ def _cmd_teacher_features(args: argparse.Namespace) -> int:
     from evpretrain.pretrain.config import pretrain_config
     from evpretrain.pretrain.run import teacher_features_for
 
-    print(teacher_features_for(pretrain_config(load_yaml(args.config)), args.data, args.out, device=args.device))
+    config = pretrain_config(load_yaml(args.config))
+    if args.weights is not None:
+        config = replace(config, teacher=replace(config.teacher, weights=str(args.weights)))
+    print(teacher_features_for(config, args.data, args.out, device=args.device))
     return 0
 
 
@@ -601,6 +605,7 @@ def _add_pretrain_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, type=Path, help="event store with frames (.h5)")
     p.add_argument("--out", required=True, type=Path, help="output features file (.h5)")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--weights", type=Path, help="the teacher's weights file, instead of pretrain.teacher.weights")
     p.set_defaults(func=_cmd_teacher_features)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 from snakemake.exceptions import WorkflowError
 
-from evpretrain.data.download import MARKER, manual_steps
+from evpretrain.data.download import MARKER, WEIGHTS, manual_steps
 from evpretrain.data.registry import load_registry
 from evpretrain.pipeline.plan import content_key, plan_study
 from evpretrain.pipeline.submit import submit_prefix
@@ -142,6 +142,28 @@ def dataset_root(dataset):
             f"Then set data.roots.{dataset} to that folder."
         )
     return DOWNLOADS / dataset / entry.download_root
+
+
+def teacher_weights(teacher):
+    """The weights file a teacher job downloads (rule download_weights), when its config names none: the paper's CLIP,
+    as their clip.load does; else None (a teacher of its own, or pretrain.teacher.weights set)."""
+    section = PLAN.teachers[teacher]["pretrain"].get("teacher") or {}
+    name = section.get("name")
+    if name not in WEIGHTS or section.get("weights"):
+        return None
+    return DOWNLOADS / "weights" / name / WEIGHTS[name].name
+
+
+def teacher_inputs(wildcards):
+    inputs = {"config": RESULTS / f"teacher/{wildcards.teacher}.yaml", "train": store(PLAN.pretrain_dataset, "train")}
+    weights = teacher_weights(wildcards.teacher)
+    return inputs | ({"weights": weights} if weights else {})
+
+
+def weights_to_download():
+    """{name: file} of the teacher weights the study's teacher jobs download."""
+    files = (teacher_weights(teacher) for teacher in (PLAN.teachers if PLAN else {}))
+    return {path.parent.name: path for path in files if path is not None}
 
 
 def datasets_to_download():

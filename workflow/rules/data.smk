@@ -52,6 +52,24 @@ for _dataset in datasets_to_download():
             " {params.registry:q} --quiet > {log:q} 2>&1"
 
 
+for _name, _file in weights_to_download().items():
+
+    rule:
+        """A teacher's published weights (the paper's CLIP ViT-B/16), fetched and checked against their sha256."""
+        name:
+            f"download_weights_{_name}"
+        output:
+            _file,
+        log:
+            RESULTS / f"logs/download_weights_{_name}.log",
+        localrule: True
+        params:
+            name=_name,
+            folder=_file.parent,
+        shell:
+            "evpretrain data download --weights {params.name:q} --root {params.folder:q} --quiet > {log:q} 2>&1"
+
+
 for _dataset, _splits in datasets_to_convert().items():
 
     rule:

@@ -12,15 +12,18 @@ rule teacher_config:
 
 rule teacher_features:
     input:
-        config=RESULTS / "teacher/{teacher}.yaml",
-        train=lambda wildcards: store(PLAN.pretrain_dataset, "train"),
+        unpack(teacher_inputs),
     output:
         RESULTS / "teacher/{teacher}.h5",
     log:
         RESULTS / "logs/teacher/{teacher}.log",
     threads: HEAVY_THREADS  # torch's threads: two jobs sharing cores run 10x slower, not 2x
+    params:
+        # the downloaded weights: a path, not a setting, so the features' key stays that of the config
+        weights=lambda wildcards, input: option("--weights", input.get("weights")),
     shell:
-        "{LAUNCH_TEACHER} teacher-features --config {input.config:q} --data {input.train:q} --out {output:q} > {log:q} 2>&1"
+        "{LAUNCH_TEACHER} teacher-features --config {input.config:q} --data {input.train:q} {params.weights}"
+        " --out {output:q} > {log:q} 2>&1"
 
 
 rule stage_config:
