@@ -419,3 +419,52 @@ def test_a_failed_jobs_error_is_in_snakemakes_error_and_in_its_log(tmp_path):
     assert error in run.stderr
     (log,) = (tmp_path / "results/logs/pretrain").glob("*.log")
     assert error in log.read_text() and "_0_log.err:" in log.read_text()
+
+
+def stage_weights(results):
+    (checkpoint,) = (results / "pretrain").glob("stage1-*/checkpoint.pt")
+    return torch.load(checkpoint, weights_only=True)["model"]
+
+
+def test_a_stage_whose_snakemake_is_interrupted_resumes_on_the_rerun_to_the_uninterrupted_weights(tmp_path):
+    # One thread in the SLURM job as in the local reference: a reduction split over other threads rounds otherwise.
+    changes = {
+        "variants": {"stage1_only": {"stages": [1]}},
+        "pretrain.stage1.train": {**TRAIN, "epochs": 300, "checkpoint_every_steps": 20, "log_every_steps": 20},
+        "execution": {"resources": {"pretrain": {"cpus": 1, "mem_gb": 4, "time_min": 30}}},
+    }
+    until = ("--until", "pretrain_stage")
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    run = snakemake("--configfile", str(tiny_study(reference, **changes)), *until, cwd=reference)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    study, profile = tiny_study(tmp_path, **changes), ("--profile", str(ROOT / "workflow/profiles/slurm"))
+    interrupted = subprocess.Popen(
+        [str(SNAKEMAKE), "all", "--cores", "2", "--snakefile", str(ROOT / "Snakefile"), *profile]
+        + ["--configfile", str(study), *until],
+        cwd=tmp_path,
+        env=snakemake_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        resume = lambda: list((tmp_path / "results" / "pretrain").glob("stage1-*/resume.pt"))  # noqa: E731
+        assert wait_for(lambda: bool(resume()), 300), "the stage wrote no resume.pt"
+        os.killpg(interrupted.pid, signal.SIGINT)  # Ctrl-C: Snakemake has the job cancelled, deletes its outputs
+        output = interrupted.communicate(timeout=120)[0]
+    finally:
+        if interrupted.poll() is None:
+            os.killpg(interrupted.pid, signal.SIGKILL)
+    assert interrupted.returncode != 0 and not list((tmp_path / "results" / "pretrain").glob("*/checkpoint.pt"))
+    step = torch.load(resume()[0], weights_only=True)["step"]
+    assert 0 < step < 600, output[-3000:]
+
+    rerun = snakemake("--configfile", str(study), *profile, *until, "--rerun-incomplete", cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    logs = "".join(p.read_text() for p in (tmp_path / "results" / "slurm").glob("*/*_log.err"))
+    assert f"resuming {resume()[0]} at step {step} of 600" in logs
+    ours, theirs = stage_weights(tmp_path / "results"), stage_weights(reference / "results")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)

@@ -75,6 +75,7 @@ def stores(out):
 @needs_real
 def test_class_folders_become_labelled_samples_with_the_class_names(class_folders, tmp_path):
     root, cuts = class_folders
+    (root / "a" / "README.md").write_text("# notes beside the recordings: no event format, left out\n")
     config = ImportConfig(root=str(root), layout="class_folders", split={"train": 0.5, "test": 0.5}, seed=3)
     written = import_recordings(config, tmp_path / "out", workers=2, progress=False)
     assert sorted(written) == ["test", "train"] and not (tmp_path / "out" / PARTS).exists()

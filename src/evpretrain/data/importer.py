@@ -52,6 +52,7 @@ from evpretrain.config import ConfigError, to_mapping
 from evpretrain.data.config import ImportConfig
 from evpretrain.data.store import EventStore, EventStoreWriter
 from evpretrain.events.contract import EVENT_DTYPE, EventFormatError
+from evpretrain.events.readers.dispatch import known_format
 from evpretrain.events.readers.streaming import stream_recording
 from evpretrain.events.windows import Windower
 from evpretrain.workers import worker_pool
@@ -106,9 +107,15 @@ def find_recordings(config: ImportConfig) -> tuple[list[tuple[Path, int | None]]
     else:
         classes = [folder.name for folder in visible(root, True)]
         files = [(f, label) for label, name in enumerate(classes) for f in visible(root / name, False)]
+    if config.format is None:  # a README or notes beside the recordings: no reader's magic bytes or suffix
+        others = [f for f, _ in files if known_format(f) is None]
+        if others:
+            log.info("import root %s: left out %d file(s) of no event format: %s", root, len(others), others)
+            files = [(f, label) for f, label in files if f not in others]
+    if classes is not None:
         empty = [name for name in classes if not any(f.parent.name == name for f, _ in files)]
         if empty:
-            raise ConfigError(f"import root {root}: class folder(s) {empty} hold no file")
+            raise ConfigError(f"import root {root}: class folder(s) {empty} hold no recording")
     if not files:
         where = "no file" if config.layout == "recordings" else "no class folder"
         raise ConfigError(f"import root {root} holds {where} (layout {config.layout})")

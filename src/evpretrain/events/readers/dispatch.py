@@ -110,6 +110,17 @@ def read_events(
 
 def detect_format(path: str | os.PathLike) -> str:
     """The format of ``path`` from its magic bytes, what an HDF5/npz file holds, or its suffix."""
+    found = known_format(path)
+    if found is None:
+        raise EventFormatError(
+            path, f"cannot tell the format from its first bytes or suffix; pass format=, one of: {', '.join(FORMATS)}"
+        )
+    return found
+
+
+def known_format(path: str | os.PathLike) -> str | None:
+    """``detect_format``'s answer, or None for a file no reader claims (a README beside recordings); a claimed file
+    that cannot be read as its format (an AEDAT version we do not read, a damaged HDF5 file) still raises."""
     path = Path(path)
     if path.is_dir() or path.name in (ddd17.T_FILE, ddd17.XYP_FILE):
         if (ddd17.sequence_dir(path) / ddd17.T_FILE).is_file():
@@ -130,11 +141,7 @@ def detect_format(path: str | os.PathLike) -> str:
         return _hdf5_format(path)
     if magic.startswith(ZIP_MAGIC):
         return _npz_format(path)
-    if path.suffix.lower() in SUFFIXES:
-        return SUFFIXES[path.suffix.lower()]
-    raise EventFormatError(
-        path, f"cannot tell the format from its first bytes or suffix; pass format=, one of: {', '.join(FORMATS)}"
-    )
+    return SUFFIXES.get(path.suffix.lower())
 
 
 def _hdf5_format(path: Path) -> str:
