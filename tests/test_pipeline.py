@@ -184,7 +184,7 @@ def test_the_study_runs_to_its_tables_and_replans_only_what_a_change_invalidates
     assert "ablation.csv" in html and "loss_curves.png" in html and "robustness.png" in html
     logged = json.loads((results / "mlflow" / "logged.json").read_text())
     assert logged["experiment"] == "tiny" and logged["logged"] == 3 + 3 + 3 * 2  # parents, stages (once), evaluations
-    assert logged["tracking_uri"] == f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}"
+    assert logged["tracking_uri"] == f"sqlite:///{results / 'mlflow.db'}"
 
     assert not list(tmp_path.rglob("PWNED*")), "a config string ran as a command"
     nothing = snakemake("--configfile", str(study), "-n", cwd=tmp_path)
