@@ -581,7 +581,7 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
 
 def _add_pretrain_commands(commands: argparse._SubParsersAction) -> None:
     """``evpretrain pretrain``, ``knn`` and ``teacher-features``."""
-    p = commands.add_parser("pretrain", help="run one pre-training stage (resumes from OUT/checkpoint.pt)")
+    p = commands.add_parser("pretrain", help="run one pre-training stage (resumes from OUT/resume.pt)")
     p.add_argument("--stage", required=True, type=int, choices=(1, 2, 3))
     p.add_argument("--config", required=True, type=Path, help="study config (YAML) with a pretrain section")
     p.add_argument("--data", required=True, type=Path, help="training event store (.h5)")
