@@ -5,19 +5,14 @@
 Names load lazily, so that the training code can import ``evpretrain.inference.spec`` without torch models.
 """
 
-from importlib import import_module
+from evpretrain.lazy import lazy_exports
 
-_EXPORTS = {
-    "InferenceModel": "model",
-    "load_model": "model",
-    "InferenceSpec": "spec",
-    "Representation": "spec",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'evpretrain.inference' has no attribute {name!r}")
-    return getattr(import_module(f"evpretrain.inference.{_EXPORTS[name]}"), name)
+__getattr__, __all__ = lazy_exports(
+    __name__,
+    {
+        "InferenceModel": "model",
+        "load_model": "model",
+        "InferenceSpec": "spec",
+        "Representation": "spec",
+    },
+)

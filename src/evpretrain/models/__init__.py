@@ -9,26 +9,21 @@ Names load lazily so that ``import evpretrain.models.spec`` stays torch-free (th
 backbone while Snakemake plans, without torch).
 """
 
-from importlib import import_module
+from evpretrain.lazy import lazy_exports
 
-_EXPORTS = {
-    "Backbone": "base",
-    "BackboneOutput": "base",
-    "ConvViT": "convvit",
-    "sincos_pos_embed_2d": "pos_embed",
-    "create_backbone": "registry",
-    "list_backbones": "registry",
-    "BackboneSpec": "spec",
-    "backbone_spec": "spec",
-    "build_backbone": "spec",
-    "SwinBackbone": "swin",
-    "VisionTransformer": "vit",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'evpretrain.models' has no attribute {name!r}")
-    return getattr(import_module(f"evpretrain.models.{_EXPORTS[name]}"), name)
+__getattr__, __all__ = lazy_exports(
+    __name__,
+    {
+        "Backbone": "base",
+        "BackboneOutput": "base",
+        "ConvViT": "convvit",
+        "sincos_pos_embed_2d": "pos_embed",
+        "create_backbone": "registry",
+        "list_backbones": "registry",
+        "BackboneSpec": "spec",
+        "backbone_spec": "spec",
+        "build_backbone": "spec",
+        "SwinBackbone": "swin",
+        "VisionTransformer": "vit",
+    },
+)

@@ -8,33 +8,28 @@ Names load lazily so that ``import evpretrain.training.config`` stays torch-free
 settings while Snakemake plans, without torch).
 """
 
-from importlib import import_module
+from evpretrain.lazy import lazy_exports
 
-_EXPORTS = {
-    "CHECKPOINT_NAME": "checkpoint",
-    "METRICS_NAME": "checkpoint",
-    "RESUME_NAME": "checkpoint",
-    "load_checkpoint": "checkpoint",
-    "TrainConfig": "config",
-    "Hook": "hooks",
-    "TrainState": "hooks",
-    "KnnMonitor": "knn",
-    "knn_accuracy": "knn",
-    "NonFiniteLossError": "loop",
-    "ResumeError": "loop",
-    "train": "loop",
-    "MlflowHook": "mlflow_hook",
-    "build_optimizer": "optim",
-    "cosine_schedule": "optim",
-    "layer_scales": "optim",
-    "param_groups": "optim",
-    "peak_lr": "optim",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'evpretrain.training' has no attribute {name!r}")
-    return getattr(import_module(f"evpretrain.training.{_EXPORTS[name]}"), name)
+__getattr__, __all__ = lazy_exports(
+    __name__,
+    {
+        "CHECKPOINT_NAME": "checkpoint",
+        "METRICS_NAME": "checkpoint",
+        "RESUME_NAME": "checkpoint",
+        "load_checkpoint": "checkpoint",
+        "TrainConfig": "config",
+        "Hook": "hooks",
+        "TrainState": "hooks",
+        "KnnMonitor": "knn",
+        "knn_accuracy": "knn",
+        "NonFiniteLossError": "loop",
+        "ResumeError": "loop",
+        "train": "loop",
+        "MlflowHook": "mlflow_hook",
+        "build_optimizer": "optim",
+        "cosine_schedule": "optim",
+        "layer_scales": "optim",
+        "param_groups": "optim",
+        "peak_lr": "optim",
+    },
+)
