@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ import yaml
 
 from evpretrain.config import ConfigError, from_mapping
 from evpretrain.data.download import RemoteFile
+from evpretrain.files import file_sha256
 from evpretrain.workers import worker_pool
 
 
@@ -152,19 +152,11 @@ def verify_dataset(entry: DatasetEntry, root: str | Path, *, checksums: bool = F
             if not path.is_file():
                 report.problems.append(f"{relative}: file missing (has a published checksum)")
                 continue
-            actual = _sha256(path)
+            actual = file_sha256(path)
             (report.checks if actual == expected else report.problems).append(
                 f"{relative}: sha256 {'matches' if actual == expected else f'{actual} != published {expected}'}"
             )
     return report
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def class_folder_splits(entry: DatasetEntry, root: str | Path) -> tuple[dict[str, list[tuple[Path, int]]], list[str]]:
