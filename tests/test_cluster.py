@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_pipeline import ROOT, SNAKEMAKE, TRAIN, snakemake, snakemake_env, tiny_study
+from test_pipeline import ROOT, TRAIN, snakemake, snakemake_in_background, tiny_study
 
 pytestmark = pytest.mark.cluster
 
@@ -375,15 +375,8 @@ def test_interrupting_snakemake_cancels_the_jobs_it_submitted(tmp_path, signum):
         **{"pretrain.stage1.train": {**TRAIN, "epochs": 100_000, "log_every_steps": 10}},
     )
     profile = str(ROOT / "workflow/profiles/slurm")
-    run = subprocess.Popen(
-        [str(SNAKEMAKE), "all", "--cores", "2", "--snakefile", str(ROOT / "Snakefile"), "--profile", profile]
-        + ["--configfile", str(study), "--until", "pretrain_stage"],
-        cwd=tmp_path,
-        env=snakemake_env(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
+    run = snakemake_in_background(
+        "--profile", profile, "--configfile", str(study), "--until", "pretrain_stage", cwd=tmp_path
     )
     jobs = tmp_path / "results" / "slurm"
     try:
@@ -440,16 +433,7 @@ def test_a_stage_whose_snakemake_is_interrupted_resumes_on_the_rerun_to_the_unin
     assert run.returncode == 0, run.stderr[-3000:]
 
     study, profile = tiny_study(tmp_path, **changes), ("--profile", str(ROOT / "workflow/profiles/slurm"))
-    interrupted = subprocess.Popen(
-        [str(SNAKEMAKE), "all", "--cores", "2", "--snakefile", str(ROOT / "Snakefile"), *profile]
-        + ["--configfile", str(study), *until],
-        cwd=tmp_path,
-        env=snakemake_env(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    interrupted = snakemake_in_background(*profile, "--configfile", str(study), *until, cwd=tmp_path)
     try:
         resume = lambda: list((tmp_path / "results" / "pretrain").glob("stage1-*/resume.pt"))  # noqa: E731
         assert wait_for(lambda: bool(resume()), 300), "the stage wrote no resume.pt"

@@ -25,15 +25,26 @@ def snakemake_env(cwd):
     return env | ({"PYTHONPATH": os.environ["PYTHONPATH"]} if "PYTHONPATH" in os.environ else {})
 
 
+def snakemake_command(*args):
+    return [str(SNAKEMAKE), "all", "--cores", "2", "--snakefile", str(ROOT / "Snakefile"), *args]
+
+
 def snakemake(*args, cwd=ROOT):
-    result = subprocess.run(
-        [str(SNAKEMAKE), "all", "--cores", "2", "--snakefile", str(ROOT / "Snakefile"), *args],
+    return subprocess.run(snakemake_command(*args), cwd=cwd, capture_output=True, text=True, env=snakemake_env(cwd))
+
+
+def snakemake_in_background(*args, cwd):
+    """Snakemake running, in a process group of its own (as a terminal's foreground job: ``os.killpg`` signals it
+    and its jobs, as Ctrl-C does); stdout and stderr together, as text."""
+    return subprocess.Popen(
+        snakemake_command(*args),
         cwd=cwd,
-        capture_output=True,
-        text=True,
         env=snakemake_env(cwd),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
-    return result
 
 
 def small_study(tmp_path, **demo):
@@ -404,24 +415,7 @@ def test_a_stage_interrupted_under_snakemake_resumes_to_the_uninterrupted_weight
     assert run.returncode == 0, run.stderr[-3000:]
 
     study = tiny_study(tmp_path, **changes)
-    command = [
-        str(SNAKEMAKE),
-        "all",
-        "--cores",
-        "2",
-        "--snakefile",
-        str(ROOT / "Snakefile"),
-        "--configfile",
-        str(study),
-    ]
-    snake = subprocess.Popen(
-        [*command, *until],
-        cwd=tmp_path,
-        env=snakemake_env(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    snake = snakemake_in_background("--configfile", str(study), *until, cwd=tmp_path)
     deadline = time.monotonic() + 300
     resume = []
     while not resume and time.monotonic() < deadline and snake.poll() is None:
@@ -435,7 +429,7 @@ def test_a_stage_interrupted_under_snakemake_resumes_to_the_uninterrupted_weight
         pattern = "python[^ ]* [^ ]*evpretrain pretrain"
         job = subprocess.run(["pgrep", "-s", str(snake.pid), "-f", pattern], capture_output=True, text=True)
         os.kill(int(job.stdout.split()[0]), signal.SIGKILL)
-    output = snake.communicate(timeout=120)[0].decode()
+    output = snake.communicate(timeout=120)[0]
     # Snakemake deletes the outputs of the job it saw fail or stopped; resume.pt is none of them.
     assert snake.returncode != 0 and not stage1_checkpoints(tmp_path / "results"), output[-3000:]
     step = torch.load(resume[0], weights_only=True)["step"]
