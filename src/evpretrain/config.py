@@ -173,18 +173,6 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     return value
 
 
-def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested mappings as one level, keys joined with dots: ``{"a": {"b": 1}} -> {"a.b": 1}``."""
-    flat: dict[str, Any] = {}
-    for key, value in mapping.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat |= flatten(value, f"{name}.")
-        else:
-            flat[name] = value
-    return flat
-
-
 def to_mapping(obj: Any) -> Any:
     """Plain, YAML/JSON-ready values from a (nested) dataclass."""
     if dataclasses.is_dataclass(obj):

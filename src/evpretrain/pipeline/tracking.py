@@ -24,7 +24,6 @@ from typing import Any
 
 import yaml
 
-from evpretrain.config import flatten
 from evpretrain.pipeline.plan import apply_overrides
 from evpretrain.training.config import EXECUTION_FIELDS
 
@@ -154,7 +153,7 @@ class _Logger:
         its id. ``curves``: metric prefix -> (the row key that is the step, rows), e.g. ``eval`` per epoch."""
         from mlflow.entities import Metric
 
-        from evpretrain.training.mlflow_hook import param_text, scalars
+        from evpretrain.training.mlflow_hook import flatten, param_text, scalars
 
         if folder in self.ids:
             return self.ids[folder]

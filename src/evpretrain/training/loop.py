@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from evpretrain.config import flatten, to_mapping
+from evpretrain.config import to_mapping
 from evpretrain.errors import ResumeError
 from evpretrain.files import AtomicPath, FolderLock
 from evpretrain.training.checkpoint import (
@@ -458,8 +458,8 @@ def _check_resumable(
         for key in sorted(saved.keys() | current.keys())
         if key not in EXECUTION_FIELDS and saved.get(key) != current.get(key)
     ]
-    saved_identity = flatten(checkpoint.get("identity", {}))
-    current_identity = flatten(identity)
+    saved_identity = _flat(checkpoint.get("identity", {}))
+    current_identity = _flat(identity)
     differences += [
         f"{key}: {saved_identity.get(key)!r} -> {current_identity.get(key)!r}"
         for key in sorted(saved_identity.keys() | current_identity.keys())
@@ -474,6 +474,17 @@ def _check_resumable(
             f"{path} was written by a run with other settings ({'; '.join(differences)}): resuming would not "
             "continue it; remove the checkpoint to start over, or write to another output folder"
         )
+
+
+def _flat(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: differences named by their dotted key."""
+    flat = {}
+    for key, value in mapping.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _save(

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evpretrain.config import flatten
 from evpretrain.training.checkpoint import METRICS_NAME
 from evpretrain.training.hooks import Hook, TrainState
 
@@ -204,6 +203,18 @@ def scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
 def param_text(value: Any) -> str:
     """A param's value as MLflow stores it: its text, cut at MLflow's limit."""
     return str(value)[:MAX_PARAM_CHARS]
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one level, keys joined with dots: ``{"a": {"b": 1}} -> {"a.b": 1}``."""
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat |= flatten(value, f"{name}.")
+        else:
+            flat[name] = value
+    return flat
 
 
 def default_artifact_location(tracking_uri: str) -> str | None:
