@@ -20,6 +20,21 @@ include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/downstream.smk"
 
 
+WARM_SERVER = []  # (process, folder) of the warm-start server while the workflow runs
+
+
+onstart:
+    WARM_SERVER.append(start_warm_server())
+
+
+onsuccess:
+    stop_warm_server(WARM_SERVER.pop() if WARM_SERVER else None)
+
+
+onerror:
+    stop_warm_server(WARM_SERVER.pop() if WARM_SERVER else None)
+
+
 rule all:
     input:
         demo_stores() if PLAN is None else [],  # a study builds the stores it reads

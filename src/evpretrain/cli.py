@@ -439,6 +439,13 @@ def _cmd_track(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_warm_start(args: argparse.Namespace) -> int:
+    from evpretrain.warm_start import serve
+
+    serve(args.socket, idle_timeout=args.idle_timeout)
+    return 0
+
+
 def _cmd_submit(args: argparse.Namespace) -> int:
     from submitit.core.utils import UncompletedJobError
 
@@ -785,6 +792,14 @@ def _add_study_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the evpretrain command and its arguments")
     p.set_defaults(func=_cmd_submit)
 
+    p = commands.add_parser(
+        "warm-start",
+        help="serve evpretrain commands from one process that has imported torch and the rest once (local pipelines)",
+    )
+    p.add_argument("--socket", required=True, type=Path, help="Unix socket to listen on (in a folder only you can use)")
+    p.add_argument("--idle-timeout", type=float, default=300.0, help="seconds without a command before it ends")
+    p.set_defaults(func=_cmd_warm_start)
+
 
 class _CurrentStderr(logging.Handler):
     """Writes to whatever ``sys.stderr`` is when a record comes (a test harness may swap it between calls)."""
@@ -806,6 +821,14 @@ def _log_lines_unless_terminal() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    warm = os.environ.get("EVPRETRAIN_WARM_START")  # warm_start.SOCKET_ENV, set by a local pipeline
+    if warm and argv[:1] not in (["warm-start"], ["submit"]):
+        from evpretrain.warm_start import run_remote
+
+        code = run_remote(warm, argv)
+        if code is not None:
+            return code
     args = build_parser().parse_args(argv)
     _log_lines_unless_terminal()
     from evpretrain.config import ConfigError

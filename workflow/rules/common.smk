@@ -4,7 +4,9 @@ import functools
 import json
 import os
 import shlex
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -49,6 +51,41 @@ def launcher(kind):
     # exec: the job's shell becomes `evpretrain submit`, so Snakemake waits for it to cancel its SLURM job on an
     # interrupt (a shell that a SIGTERM ends first would let Snakemake exit while the job still runs).
     return "exec " + submit_prefix(kind, resources, RESULTS / "slurm")
+
+
+def start_warm_server():
+    """Start ``evpretrain warm-start`` (execution.warm_start, local runs only) and point the jobs at it through the
+    environment they inherit; None when off. Its socket sits in a new private folder (mode 0700): a Unix socket's
+    path must be short, and only this user may send it commands. It ends with this process (PR_SET_PDEATHSIG)."""
+    command = shutil.which("evpretrain")
+    if ON_SLURM or command is None or not lookup(dpath="execution/warm_start", within=config, default=True):
+        return None
+    folder = Path(tempfile.mkdtemp(prefix="evpretrain-warm-"))
+    log = RESULTS / "logs/warm_start.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as out:
+        server = subprocess.Popen(
+            [command, "warm-start", "--socket", str(folder / "socket")],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    os.environ["EVPRETRAIN_WARM_START"] = str(folder / "socket")
+    return server, folder
+
+
+def stop_warm_server(started):
+    """End the server ``start_warm_server`` started (it ends any command still running) and remove its folder."""
+    if started is None:
+        return
+    server, folder = started
+    os.environ.pop("EVPRETRAIN_WARM_START", None)
+    server.terminate()
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 LAUNCH_TEACHER, LAUNCH_PRETRAIN, LAUNCH_FINETUNE, LAUNCH_DATA = (

@@ -17,6 +17,7 @@ rule teacher_features:
         RESULTS / "teacher/{teacher}.h5",
     log:
         RESULTS / "logs/teacher/{teacher}.log",
+    priority: 10  # every stage 2 and 3 waits for it: start it before the stage-1 runs that can wait
     threads: HEAVY_THREADS  # torch's threads: two jobs sharing cores run 10x slower, not 2x
     params:
         # the downloaded weights: a path, not a setting, so the features' key stays that of the config
