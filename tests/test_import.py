@@ -504,6 +504,12 @@ def test_an_aedat4_without_frames_imports_events_only_and_frames_windows_are_ref
         plan_study(study)
     study["data"]["imports"]["mine"]["window"] = "frames:1"  # the same recordings with frames: planned
     assert len(plan_study(study).nodes) == 1
+    study["variants"]["full"] = {"stages": [1, 2, 3]}  # the teacher sees the last frame (the default input)
+    assert len(plan_study(study).nodes) == 3
+    study["pretrain"]["teacher"]["input"] = "rgb"
+    with pytest.raises(ConfigError, match=r"teacher.input: rgb needs the colour source .*set .*input: last_frame"):
+        plan_study(study)
+    del study["variants"]["full"]
     study["pretrain"]["data"]["window"] = "interval"
     with pytest.raises(ConfigError, match=r"window: interval draws frame intervals, .*come at irregular times"):
         plan_study(study)

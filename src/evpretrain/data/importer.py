@@ -59,7 +59,6 @@ from evpretrain.events.contract import EVENT_DTYPE, EventFormatError
 from evpretrain.events.readers.dispatch import known_format
 from evpretrain.events.readers.faery_formats import iter_aedat4_frames
 from evpretrain.events.readers.streaming import stream_recording
-from evpretrain.events.simulator import lin_log
 from evpretrain.events.windows import Windower, frame_windows
 from evpretrain.workers import worker_pool
 
@@ -307,6 +306,8 @@ def _write_part(task: _FileTask) -> _PartResult:
 def difference_maps(frames: np.ndarray) -> np.ndarray:
     """(T - 1, H, W) float32 log-intensity changes of uint8 ``frames`` (T, H, W): ``lin_log(f_(n+1) / 255) -
     lin_log(f_n / 255)`` in nepers, as the simulator gives the EF and demo stores' ``diff_maps``."""
+    from evpretrain.events.simulator import lin_log  # the simulator loads numba: only for imports with frames
+
     logs = lin_log(frames.astype(np.float32) / 255)
     return logs[1:] - logs[:-1]
 
