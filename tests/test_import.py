@@ -533,6 +533,23 @@ def test_frames_of_another_size_than_the_sensor_and_frames_of_a_frameless_format
         import_recordings(config, tmp_path / "out", workers=1, progress=False)
 
 
+def test_colour_frames_are_read_as_grey_by_the_luma_weights(tmp_path):
+    from evpretrain.events.readers import iter_aedat4_frames
+
+    colour = np.zeros((2, *DAVIS, 3), np.uint8)  # dv-processing's frames are BGR, as OpenCV's
+    colour[0, :, :100] = (255, 0, 0)
+    colour[0, :, 100:200] = (0, 255, 0)
+    colour[0, :, 200:] = (0, 0, 255)
+    colour[1] = (40, 80, 120)
+    path = write_aedat4(tmp_path / "colour.aedat4", events_at([1_000, 2_000]), colour, [1_000, 2_000])
+    (t0, first), (t1, second) = iter_aedat4_frames(path, DAVIS)
+    assert (t0, t1) == (1_000, 2_000) and first.dtype == np.uint8 and first.shape == DAVIS
+    # ITU-R 601-2: 0.299 R + 0.587 G + 0.114 B, rounded: blue 29.07, green 149.685, red 76.245, (R, G, B) =
+    # (120, 80, 40): 35.88 + 46.96 + 4.56 = 87.4
+    assert (first[:, :100] == 29).all() and (first[:, 100:200] == 150).all() and (first[:, 200:] == 76).all()
+    assert (second == 87).all()
+
+
 def frame_stream(times):
     """(t, frame) pairs whose 1x1 frame holds its index."""
     return [(t, np.full((1, 1), n, np.uint8)) for n, t in enumerate(times)]

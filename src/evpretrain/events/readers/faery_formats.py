@@ -91,9 +91,10 @@ def iter_with_faery(
 
 def iter_aedat4_frames(path: str | os.PathLike, sensor_size: tuple[int, int]) -> Iterator[tuple[int, np.ndarray]]:
     """The intensity frames of an AEDAT4 file's first frame stream, in file order: (t, frame) pairs, t the frame's
-    timestamp in microseconds (int), frame (H, W) uint8 grey (colour and 16-bit frames converted, ``FRAME_GREY``).
-    Raises EventFormatError naming the file if it has no frame stream, or a frame is not the whole ``sensor_size``
-    (H, W) sensor (the events' geometry). Call ``faery_preflight`` first. Memory: one packet."""
+    timestamp in microseconds (int; the exposure's midpoint in iniVation's Frame schema), frame (H, W) uint8 grey
+    (colour and 16-bit frames converted, ``FRAME_GREY``). Raises EventFormatError naming the file if it has no frame
+    stream, or a frame is not the whole ``sensor_size`` (H, W) sensor (the events' geometry). Call
+    ``faery_preflight`` first. Memory: one packet."""
     from faery import aedat
 
     with _faery_errors(path, "aedat"):
