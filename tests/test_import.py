@@ -435,8 +435,8 @@ def davis_recording():
     rows, cols = np.mgrid[: DAVIS[0], : DAVIS[1]]
     frames = np.empty((len(FRAME_TIMES), *DAVIS), np.uint8)
     for n in range(len(FRAME_TIMES)):
-        disc = (rows - 130) ** 2 + (cols - 100 - 25 * n) ** 2 < 40**2
-        frames[n] = np.where(disc, 220, 30 + cols * 100 // DAVIS[1])
+        disc = (rows - 130) ** 2 + (cols - 40 - 25 * n) ** 2 < 40**2
+        frames[n] = np.where(disc, 220, 5 + cols * 100 // DAVIS[1])  # the ramp starts below the 20/255 toe
     events = simulate(frames / 255.0, FRAME_TIMES, contrast=0.2, seed=0).events
     assert len(events) > 1000
     return frames, events
