@@ -18,7 +18,8 @@ from evpretrain.data.store import EventStore
 from evpretrain.events.contract import EVENT_DTYPE, EventFormatError, make_events
 from evpretrain.events.readers import read_events, read_recording, stream_recording
 from evpretrain.events.readers.streaming import _in_time_order
-from evpretrain.events.windows import Windower, WindowSpec
+from evpretrain.events.simulator import simulate
+from evpretrain.events.windows import Windower, WindowSpec, frame_windows
 
 SENSOR = (720, 1280)  # (H, W) of the shipped evt3.raw / gen4.dat
 
@@ -259,13 +260,14 @@ def test_any_chunking_of_sorted_events_gives_the_same_windows(stream, kind, size
         ("ms:0.001", WindowSpec("ms", 1)),
         ("ms:1.001", WindowSpec("ms", 1001)),  # exact: 1.001 * 1000 in floats is 1000.9999999999999
         ("ms:1234.567", WindowSpec("ms", 1234567)),  # printed back whole, not rounded to 6 digits
+        ("frames:3", WindowSpec("frames", 3)),
     ],
 )
 def test_window_specs_parse_to_events_or_microseconds(text, expected):
     assert WindowSpec.parse(text) == expected and WindowSpec.parse(str(expected)) == expected
 
 
-@pytest.mark.parametrize("text", ["events:0", "events:1.5", "ms:0.0001", "s:1", "ms:"])
+@pytest.mark.parametrize("text", ["events:0", "events:1.5", "ms:0.0001", "s:1", "ms:", "frames:0", "frames:1.5"])
 def test_a_bad_window_spec_says_what_is_expected(text):
     with pytest.raises(ValueError, match=r"window .*(events:N|whole number)"):
         WindowSpec.parse(text)
@@ -399,3 +401,179 @@ def test_a_study_pretrains_on_an_imported_store_and_refuses_the_difference_targe
     assert "import_mine" in run.stderr and checkpoint.is_file()
     train = EventStore(tmp_path / "results" / "data" / "mine" / "train.h5")
     assert len(train) == 5 and train.sensor_size == SENSOR
+
+
+# AEDAT4 recordings with intensity frames (window frames:K)
+
+DAVIS = (260, 346)  # (H, W) of a DAVIS346
+FRAME_TIMES = np.array([1_000, 21_000, 45_000, 62_000, 90_000])  # irregular, as real APS frames come
+
+
+def write_aedat4(path, events, frames=None, times=None, frame_size=DAVIS):
+    """``events`` (and ``frames`` (T, H, W) uint8 at ``times`` us, as a frame stream of ``frame_size`` (H, W)) as a
+    DAVIS346 AEDAT4 file, written by iniVation's dv-processing (the test extra)."""
+    dv = pytest.importorskip("dv_processing")
+    config = dv.io.MonoCameraWriter.Config("DAVIS346")
+    if frames is not None:
+        config.addFrameStream((frame_size[1], frame_size[0]))
+    config.addEventStream((DAVIS[1], DAVIS[0]))
+    writer = dv.io.MonoCameraWriter(str(path), config)
+    for t, frame in zip([] if frames is None else times, [] if frames is None else frames):
+        writer.writeFrame(dv.Frame(int(t), np.ascontiguousarray(frame)))
+    store = dv.EventStore()
+    for t, x, y, p in zip(events["t"].tolist(), events["x"].tolist(), events["y"].tolist(), events["p"].tolist()):
+        store.push_back(t, x, y, p > 0)
+    writer.writeEvents(store)
+    del writer  # closes the file
+    return path
+
+
+@pytest.fixture(scope="module")
+def davis_recording():
+    """Five uint8 frames of a bright disc moving right over a ramp, at FRAME_TIMES, and the simulator's events of them
+    (so frames and events agree)."""
+    rows, cols = np.mgrid[: DAVIS[0], : DAVIS[1]]
+    frames = np.empty((len(FRAME_TIMES), *DAVIS), np.uint8)
+    for n in range(len(FRAME_TIMES)):
+        disc = (rows - 130) ** 2 + (cols - 40 - 25 * n) ** 2 < 40**2
+        frames[n] = np.where(disc, 220, 5 + cols * 100 // DAVIS[1])  # the ramp starts below the 20/255 toe
+    events = simulate(frames / 255.0, FRAME_TIMES, contrast=0.2, seed=0).events
+    assert len(events) > 1000
+    return frames, events
+
+
+def lin_log_reference(frame_u8):
+    """The simulator's log response, computed independently in float64: ln(I) above 20/255, its tangent below."""
+    intensity, toe = frame_u8 / 255.0, 20 / 255
+    return np.where(intensity >= toe, np.log(np.maximum(intensity, toe)), np.log(toe) + (intensity - toe) / toe)
+
+
+def test_an_aedat4_with_frames_imports_its_frames_difference_maps_and_the_events_between(tmp_path, davis_recording):
+    frames, events = davis_recording
+    root = tmp_path / "recordings"
+    root.mkdir()
+    write_aedat4(root / "davis.aedat4", events, frames, FRAME_TIMES)
+    config = ImportConfig(root=str(root), layout="recordings", window="frames:2", split={"train": 1.0})
+    store = EventStore(import_recordings(config, tmp_path / "out", workers=1, progress=False)["train"])
+    assert len(store) == 2 and store.sensor_size == DAVIS  # frames 0-2 and 2-4
+    assert {"frames", "diff_maps"} <= set(store.fields) and "frame_rate_hz" not in store.attrs
+    for i, (first, last) in enumerate([(0, 2), (2, 4)]):
+        start, end = FRAME_TIMES[first], FRAME_TIMES[last]
+        assert store.names[i] == f"davis.aedat4@{start}:{end}"
+        np.testing.assert_array_equal(store.dense("frames", i), frames[first : last + 1])
+        expected = np.diff([lin_log_reference(f) for f in frames[first : last + 1]], axis=0)
+        np.testing.assert_allclose(store.dense("diff_maps", i), expected, atol=1e-5)
+        np.testing.assert_array_equal(store.events(i), events[(events["t"] >= start) & (events["t"] < end)])
+
+
+def test_an_imported_store_with_frames_gives_stage_1_its_difference_target(tmp_path, davis_recording):
+    from evpretrain.pretrain.data import PretrainDataset
+
+    frames, events = davis_recording
+    root = tmp_path / "recordings"
+    root.mkdir()
+    write_aedat4(root / "davis.aedat4", events, frames, FRAME_TIMES)
+    config = ImportConfig(root=str(root), layout="recordings", window="frames:4", split={"train": 1.0})
+    path = import_recordings(config, tmp_path / "out", workers=1, progress=False)["train"]
+    sample = PretrainDataset(path, window="clip")[0]  # the sensor's size: no resize, no crop
+    expected = lin_log_reference(frames[4]) - lin_log_reference(frames[0])  # the window's log-intensity change
+    np.testing.assert_allclose(sample["target_difference"][0].numpy(), expected, atol=1e-4)
+    np.testing.assert_allclose(sample["target_frame"][0].numpy(), frames[4] / 255.0, atol=1e-6)
+    assert sample["voxel"].shape == (5, *DAVIS) and float(sample["voxel"].abs().sum()) > 0
+
+
+def test_an_aedat4_without_frames_imports_events_only_and_frames_windows_are_refused_naming_it(
+    tmp_path, davis_recording
+):
+    from test_plan import imported_study
+
+    from evpretrain.pipeline.plan import plan_study
+
+    _, events = davis_recording
+    root = tmp_path / "recordings"
+    root.mkdir()
+    write_aedat4(root / "events.aedat4", events)
+    config = ImportConfig(root=str(root), layout="recordings", window="events:1000", split={"train": 1.0})
+    store = EventStore(import_recordings(config, tmp_path / "out", workers=1, progress=False)["train"])
+    assert len(store) == len(events) // 1000 and not {"frames", "diff_maps"} & set(store.fields)
+    frames = ImportConfig(root=str(root), layout="recordings", window="frames:1", split={"train": 1.0})
+    with pytest.raises(EventFormatError, match=r"events.aedat4.*holds no intensity frames \(no frame stream\)"):
+        import_recordings(frames, tmp_path / "refused", workers=1, progress=False)
+    study = imported_study(target="difference")  # study.pretrain_dataset: mine, imported with window events:1000
+    with pytest.raises(ConfigError, match=r"target: difference needs the frames of .*'mine'.* holds events only"):
+        plan_study(study)
+    study["data"]["imports"]["mine"]["window"] = "frames:1"  # the same recordings with frames: planned
+    assert len(plan_study(study).nodes) == 1
+    study["variants"]["full"] = {"stages": [1, 2, 3]}  # the teacher sees the last frame (the default input)
+    assert len(plan_study(study).nodes) == 3
+    study["pretrain"]["teacher"]["input"] = "rgb"
+    with pytest.raises(ConfigError, match=r"teacher.input: rgb needs the colour source .*set .*input: last_frame"):
+        plan_study(study)
+    del study["variants"]["full"]
+    study["pretrain"]["data"]["window"] = "interval"
+    with pytest.raises(ConfigError, match=r"window: interval draws frame intervals, .*come at irregular times"):
+        plan_study(study)
+
+
+def test_frames_of_another_size_than_the_sensor_and_frames_of_a_frameless_format_are_refused_naming_the_file(
+    tmp_path, davis_recording
+):
+    frames, events = davis_recording
+    small = tmp_path / "small" / "davis.aedat4"
+    small.parent.mkdir()
+    write_aedat4(small, events, frames[:, :100, :120], FRAME_TIMES, frame_size=(100, 120))
+    config = ImportConfig(root=str(small.parent), layout="recordings", window="frames:1", split={"train": 1.0})
+    with pytest.raises(EventFormatError, match=r"davis.aedat4.*100x120 \(HxW\).*the events' sensor is 260x346"):
+        import_recordings(config, tmp_path / "out", workers=1, progress=False)
+    dat = tmp_path / "dat" / "events.dat"
+    dat.parent.mkdir()
+    write_dat(dat, events, sensor=DAVIS)
+    config = ImportConfig(root=str(dat.parent), layout="recordings", window="frames:1", split={"train": 1.0})
+    with pytest.raises(EventFormatError, match=r"events.dat.*only AEDAT4 recordings carry; this file is dat"):
+        import_recordings(config, tmp_path / "out", workers=1, progress=False)
+
+
+def test_colour_frames_are_read_as_grey_by_the_luma_weights(tmp_path):
+    from evpretrain.events.readers import iter_aedat4_frames
+
+    colour = np.zeros((2, *DAVIS, 3), np.uint8)  # dv-processing's frames are BGR, as OpenCV's
+    colour[0, :, :100] = (255, 0, 0)
+    colour[0, :, 100:200] = (0, 255, 0)
+    colour[0, :, 200:] = (0, 0, 255)
+    colour[1] = (40, 80, 120)
+    path = write_aedat4(tmp_path / "colour.aedat4", events_at([1_000, 2_000]), colour, [1_000, 2_000])
+    (t0, first), (t1, second) = iter_aedat4_frames(path, DAVIS)
+    assert (t0, t1) == (1_000, 2_000) and first.dtype == np.uint8 and first.shape == DAVIS
+    # ITU-R 601-2: 0.299 R + 0.587 G + 0.114 B, rounded: blue 29.07, green 149.685, red 76.245, (R, G, B) =
+    # (120, 80, 40): 35.88 + 46.96 + 4.56 = 87.4
+    assert (first[:, :100] == 29).all() and (first[:, 100:200] == 150).all() and (first[:, 200:] == 76).all()
+    assert (second == 87).all()
+
+
+def frame_stream(times):
+    """(t, frame) pairs whose 1x1 frame holds its index."""
+    return [(t, np.full((1, 1), n, np.uint8)) for n, t in enumerate(times)]
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 100])
+def test_frame_windows_hold_the_events_between_their_first_and_last_frame_whatever_the_chunking(chunk):
+    events = events_at([5, 10, 15, 20, 30, 34, 35, 49, 50, 60, 61, 70, 95])
+    chunks = [events[i : i + chunk] for i in range(0, len(events), chunk)]
+    windows = list(frame_windows(chunks, frame_stream([10, 20, 35, 50, 60, 90, 95, 100]), 1, source="rec"))
+    # [10, 20) [20, 35) [35, 50) [50, 60) [60, 90) [90, 95): empty, skipped; [95, 100)
+    assert [(w.t_start, w.t_end) for w in windows] == [(10, 20), (20, 35), (35, 50), (50, 60), (60, 90), (95, 100)]
+    assert [w.events["t"].tolist() for w in windows] == [[10, 15], [20, 30, 34], [35, 49], [50], [60, 61, 70], [95]]
+    assert [w.frames[:, 0, 0].tolist() for w in windows] == [[0, 1], [1, 2], [2, 3], [3, 4], [4, 5], [6, 7]]
+    (two,) = list(frame_windows(chunks, frame_stream([10, 35, 60, 80]), 2))  # frames 0-2; frame 3 opens no full one
+    assert (two.t_start, two.t_end, two.frames[:, 0, 0].tolist()) == (10, 60, [0, 1, 2])
+    assert two.times.tolist() == [10, 35, 60] and two.events["t"].tolist() == [10, 15, 20, 30, 34, 35, 49, 50]
+
+
+def test_frame_windows_refuse_frames_out_of_order_and_a_recording_too_short_naming_it():
+    events = events_at([10, 20, 30])
+    with pytest.raises(EventFormatError, match=r"rec.aedat4.*frame times do not increase: .*t=20 us after one at 30"):
+        list(frame_windows([events], frame_stream([10, 30, 20]), 1, source="rec.aedat4"))
+    with pytest.raises(EventFormatError, match=r"rec.aedat4.*frames:3 needs 4 intensity frames, .*holds 2"):
+        list(frame_windows([events], frame_stream([10, 30]), 3, source="rec.aedat4"))
+    with pytest.raises(ConfigError, match=r"frames:K windows are cut at a recording's intensity frames"):
+        Windower(WindowSpec.parse("frames:2"))

@@ -572,7 +572,11 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
         help="class_folders: ROOT/<class>/<files>, labelled; recordings: ROOT/<files>, unlabelled, cut into windows",
     )
     p.add_argument("--out", required=True, type=Path, help="output folder: one store per split, <split>.h5")
-    p.add_argument("--window", help="events:N (N events a window) or ms:T (T milliseconds); default: a sample a file")
+    p.add_argument(
+        "--window",
+        help="events:N (N events a window), ms:T (T milliseconds) or frames:K (K + 1 intensity frames of an AEDAT4 "
+        "recording and the events between, frames kept); default: a sample a file",
+    )
     p.add_argument("--split", help="fractions of the recordings per split (default train=0.8,val=0.1,test=0.1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random split (default 0)")
     p.add_argument("--split-map", type=Path, help="YAML/JSON {path relative to ROOT: split}, instead of --split")

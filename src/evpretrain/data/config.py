@@ -157,7 +157,8 @@ class ImportConfig:
     """Settings of an import (CLI ``evpretrain data import``; config ``data.imports.<name>``).
 
     ``root``: the folder of recordings; ``layout``: ``class_folders`` or ``recordings`` (``evpretrain.data.importer``).
-    ``window``: ``events:N`` or ``ms:T`` (milliseconds), or None (one sample a file; ``class_folders`` only).
+    ``window``: ``events:N``, ``ms:T`` (milliseconds) or ``frames:K`` (K + 1 intensity frames of an AEDAT4 file and
+    the events between; the store keeps frames and diff_maps), or None (one sample a file; ``class_folders`` only).
     ``split``: split name -> fraction of the recordings (summing to 1), drawn with ``seed``; or ``split_map``, a
     YAML/JSON file of ``{path relative to root: split}``. ``format``: a reader name (``evpretrain data formats``),
     None to detect it per file. ``sensor_size`` (H, W): for files whose header gives none (a file that gives
@@ -180,7 +181,9 @@ class ImportConfig:
         if self.window is not None:
             WindowSpec.parse(self.window)  # raises ValueError naming what is expected
         elif self.layout == "recordings":
-            raise ValueError("layout recordings cuts each recording into windows: set window (events:N or ms:T)")
+            raise ValueError(
+                "layout recordings cuts each recording into windows: set window (events:N, ms:T or frames:K)"
+            )
         if not self.split:
             raise ValueError("split: expected at least one split, e.g. {train: 0.8, val: 0.1, test: 0.1}")
         if any(not name or name.startswith(".") or "/" in name for name in self.split):

@@ -8,8 +8,8 @@ Layouts (``ImportConfig.layout``):
 
 Files and folders whose names start with ``.`` are ignored. Every file is read in any format that
 ``evpretrain data formats`` lists, detected per file or forced by ``format``, and streamed (``stream_recording``):
-windows are cut as the chunks arrive (``evpretrain.events.windows``: ``events:N`` or ``ms:T``, complete windows
-only, t in microseconds as the file gives them) and written as each completes. Memory per process is
+windows are cut as the chunks arrive (``evpretrain.events.windows``: ``events:N``, ``ms:T`` or ``frames:K``, complete
+windows only, t in microseconds as the file gives them) and written as each completes. Memory per process is
 O(chunk_events + one window + the writer's flush buffer, 2^20 events), whatever the recording's length; without
 ``window`` a sample is a whole file, held in memory.
 
@@ -26,10 +26,14 @@ run. The split stores are then assembled in file order, each written whole (``Ev
 removed. A bad file stops the import with an error naming it before any split store is written (``skip_bad``: list
 it and go on).
 
-Intensity frames (DAVIS AEDAT4) are not imported: faery 0.7.1 decodes AEDAT4 frame packets but cannot write them
-(its ``aedat.Frame`` has no constructor), so no test file can be built, and none of the shipped recordings has any.
-An imported store therefore has no ``frames`` or ``diff_maps``; ``plan_study`` refuses the pre-training that needs
-them (``evpretrain.pipeline.plan``).
+Intensity frames (DAVIS APS frames of AEDAT4 recordings) are imported with ``window: frames:K``: a sample is K + 1
+consecutive frames and the events between the first and the last (``evpretrain.events.windows.frame_windows``), and
+keeps ``frames`` (K + 1, H, W) uint8 and ``diff_maps`` (K, H, W) float32, ``lin_log(f_(n+1)) - lin_log(f_n)`` of the
+frames in [0, 1], the EF and demo stores' difference maps (``evpretrain.events.simulator.lin_log``). Real frames come
+at irregular times, so the store sets no ``frame_rate_hz``: its samples pre-train with ``window: clip`` (the whole
+window's events; the summed difference maps telescope to ``lin_log(f_K) - lin_log(f_0)``). A file of another format,
+or an AEDAT4 file without a frame stream, is refused under ``frames:K`` naming it. With the other windows a store
+holds events only, and ``plan_study`` refuses the pre-training that needs frames (``evpretrain.pipeline.plan``).
 """
 
 from __future__ import annotations
@@ -53,11 +57,12 @@ from evpretrain.data.config import ImportConfig
 from evpretrain.data.store import EventStore, EventStoreWriter
 from evpretrain.events.contract import EVENT_DTYPE, EventFormatError
 from evpretrain.events.readers.dispatch import known_format
+from evpretrain.events.readers.faery_formats import iter_aedat4_frames
 from evpretrain.events.readers.streaming import stream_recording
-from evpretrain.events.windows import Windower
+from evpretrain.events.windows import Windower, frame_windows
 from evpretrain.workers import worker_pool
 
-__all__ = ["assign_splits", "find_recordings", "import_recordings"]
+__all__ = ["assign_splits", "difference_maps", "find_recordings", "import_recordings"]
 
 log = logging.getLogger(__name__)
 PARTS = ".import-parts"
@@ -273,12 +278,38 @@ def _write_part(task: _FileTask) -> _PartResult:
             name = f"{task.name}@{int(whole['t'][0])}:{int(whole['t'][-1]) + 1}"
             writer.add_sample(whole, name=name, **label)
             count, events = 1, len(whole)
+        elif config.window_spec.kind == "frames":
+            if stream.format != "aedat4":
+                raise EventFormatError(
+                    task.path,
+                    f"window {config.window} cuts at intensity frames, which only AEDAT4 recordings carry; this file "
+                    f"is {stream.format}: use events:N or ms:T",
+                )
+            frames = iter_aedat4_frames(task.path, sensor_size)
+            for window in frame_windows(stream.chunks(), frames, config.window_spec.size, source=task.path):
+                writer.add_sample(
+                    window.events,
+                    name=f"{task.name}@{window.t_start}:{window.t_end}",
+                    frames=window.frames,
+                    diff_maps=difference_maps(window.frames),
+                    **label,
+                )
+                count, events = count + 1, events + len(window.events)
         else:
             windower = Windower(config.window_spec, source=task.path)  # empty duration windows: no sample
             for window in windower.cut(stream.chunks()):  # raises if not one window fits, naming both sizes
                 writer.add_sample(window.events, name=f"{task.name}@{window.t_start}:{window.t_end}", **label)
                 count, events = count + 1, events + len(window.events)
     return _PartResult(task.name, task.part, tuple(sensor_size), count, events)
+
+
+def difference_maps(frames: np.ndarray) -> np.ndarray:
+    """(T - 1, H, W) float32 log-intensity changes of uint8 ``frames`` (T, H, W): ``lin_log(f_(n+1) / 255) -
+    lin_log(f_n / 255)`` in nepers, as the simulator gives the EF and demo stores' ``diff_maps``."""
+    from evpretrain.events.simulator import lin_log  # the simulator loads numba: only for imports with frames
+
+    logs = lin_log(frames.astype(np.float32) / 255)
+    return logs[1:] - logs[:-1]
 
 
 def _common_sensor_size(results: list[_PartResult], root: Path) -> tuple[int, int]:
@@ -307,8 +338,8 @@ def _assemble(
     ) as writer:
         for member in members:
             with EventStore(member.part) as part:
-                labels, names = part.labels, part.names
+                names = part.names
                 for i in range(len(part)):
-                    label = {} if labels is None else {"label": int(labels[i])}
-                    writer.add_sample(part.events(i), name=names[i], **label)
+                    sample = part.sample(i)  # events, the label and the frames, where the part has them
+                    writer.add_sample(sample.pop("events"), name=names[i], **sample)
     return path

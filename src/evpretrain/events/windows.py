@@ -5,6 +5,11 @@ event's time to the last event's time + 1. ``WindowSpec.parse("ms:T")``: windows
 number of microseconds) from the first event's time t0, ``t0 + k * T <= t < t0 + (k + 1) * T``; a window is complete
 once an event at or after its end has arrived. Windows do not overlap.
 
+``WindowSpec.parse("frames:K")``: windows of K intervals of a recording's intensity frames (DAVIS APS frames,
+which come at irregular times): window k holds frames ``kK .. (k + 1)K`` (K + 1 frames; consecutive windows share
+their boundary frame) and the events ``t_kK <= t < t_(k+1)K``, t_n being frame n's timestamp (``frame_windows``;
+events before the first frame or after the last complete window's end belong to no window).
+
 Only complete windows come out: the last, incomplete one is dropped (so every window has the same size) and counted
 in ``Windower.dropped_events``. A duration window that holds no event (a gap in the recording) is skipped by default
 (``evpretrain data import``: a store keeps no empty sample) or given out with no events with ``keep_empty=True``
@@ -28,45 +33,54 @@ from typing import Literal, NamedTuple
 import numpy as np
 
 from evpretrain.config import ConfigError
-from evpretrain.events.contract import EventFormatError
+from evpretrain.events.contract import EVENT_DTYPE, EventFormatError
 
-__all__ = ["Window", "WindowSpec", "Windower"]
+__all__ = ["FrameWindow", "Window", "WindowSpec", "Windower", "frame_windows"]
 
-_SPEC = re.compile(r"(events|ms):([0-9]+(?:\.[0-9]+)?)")
+_SPEC = re.compile(r"(events|ms|frames):([0-9]+(?:\.[0-9]+)?)")
 
 
 @dataclass(frozen=True)
 class WindowSpec:
-    """``kind`` ``events`` (``size`` events a window) or ``ms`` (``size`` microseconds a window)."""
+    """``kind`` ``events`` (``size`` events a window), ``ms`` (``size`` microseconds a window) or ``frames`` (``size``
+    intervals of the recording's intensity frames a window)."""
 
-    kind: Literal["events", "ms"]
+    kind: Literal["events", "ms", "frames"]
     size: int
 
     def __post_init__(self) -> None:
-        if self.kind not in ("events", "ms"):
-            raise ConfigError(f"window: kind must be 'events' or 'ms', got {self.kind!r}")
+        if self.kind not in ("events", "ms", "frames"):
+            raise ConfigError(f"window: kind must be 'events', 'ms' or 'frames', got {self.kind!r}")
         if not isinstance(self.size, int) or self.size < 1:
-            raise ConfigError(f"window: size must be a whole number >= 1 (events or microseconds), got {self.size!r}")
+            raise ConfigError(
+                f"window: size must be a whole number >= 1 (events, microseconds or frame intervals), got {self.size!r}"
+            )
 
     @classmethod
     def parse(cls, text: str) -> WindowSpec:
-        """``events:N`` (N >= 1 events) or ``ms:T`` (T > 0 milliseconds, a whole number of microseconds), e.g.
-        ``events:50000``, ``ms:50``, ``ms:0.5``; anything else raises ConfigError saying what is expected."""
+        """``events:N`` (N >= 1 events), ``ms:T`` (T > 0 milliseconds, a whole number of microseconds) or
+        ``frames:K`` (K >= 1 frame intervals), e.g. ``events:50000``, ``ms:50``, ``ms:0.5``, ``frames:1``; anything
+        else raises ConfigError saying what is expected."""
         match = _SPEC.fullmatch(str(text).strip())
         if match is None:
-            raise ConfigError(f"window {text!r}: expected events:N (events a window) or ms:T (milliseconds a window)")
+            raise ConfigError(
+                f"window {text!r}: expected events:N (events a window), ms:T (milliseconds a window) or frames:K "
+                "(intensity-frame intervals a window)"
+            )
         kind, number = match.groups()
-        if kind == "events":
+        if kind in ("events", "frames"):
             if "." in number or int(number) < 1:
-                raise ConfigError(f"window {text!r}: events:N needs a whole number N >= 1")
-            return cls("events", int(number))
+                raise ConfigError(
+                    f"window {text!r}: {kind}:{'N' if kind == 'events' else 'K'} needs a whole number >= 1"
+                )
+            return cls(kind, int(number))
         micro = Decimal(number) * 1000  # exact: ms:0.3 is 300 us, not 300.00000000000006
         if micro < 1 or micro != micro.to_integral_value():
             raise ConfigError(f"window {text!r}: ms:T needs T * 1000 to be a whole number of microseconds >= 1")
         return cls("ms", int(micro))
 
     def __str__(self) -> str:
-        return f"events:{self.size}" if self.kind == "events" else f"ms:{Decimal(self.size) / 1000:f}"
+        return f"ms:{Decimal(self.size) / 1000:f}" if self.kind == "ms" else f"{self.kind}:{self.size}"
 
 
 class Window(NamedTuple):
@@ -87,6 +101,11 @@ class Windower:
     stream. Chunks must not go back in time (a chunk starting before the previous one ended is an error)."""
 
     def __init__(self, spec: WindowSpec, *, keep_empty: bool = False, source: str | os.PathLike | None = None):
+        if spec.kind == "frames":
+            raise ConfigError(
+                f"window {spec}: frames:K windows are cut at a recording's intensity frames, which only "
+                "`evpretrain data import` reads (AEDAT4 recordings with frames): use events:N or ms:T"
+            )
         self.spec, self.keep_empty, self.source = spec, keep_empty, source
         self.events = self.windows = self.dropped_events = 0
         self.first_t: int | None = None
@@ -159,3 +178,71 @@ class Windower:
                 f"{span} us: not one complete window fits; choose a smaller window",
             )
         return self.dropped_events
+
+
+class FrameWindow(NamedTuple):
+    """One ``frames:K`` window: its events (``EVENT_DTYPE``, time order), its K + 1 ``frames`` (K + 1, H, W) and
+    their ``times`` (K + 1,) int64 microseconds; the span ``[t_start, t_end)`` is ``[times[0], times[-1])``."""
+
+    events: np.ndarray
+    frames: np.ndarray
+    times: np.ndarray
+
+    @property
+    def t_start(self) -> int:
+        return int(self.times[0])
+
+    @property
+    def t_end(self) -> int:
+        return int(self.times[-1])
+
+
+def frame_windows(
+    chunks: Iterable[np.ndarray],
+    frames: Iterable[tuple[int, np.ndarray]],
+    intervals: int,
+    *,
+    source: str | os.PathLike | None = None,
+) -> Iterator[FrameWindow]:
+    """Cut sorted ``EVENT_DTYPE`` ``chunks`` at the times of ``frames`` ((t_us, frame (H, W)) pairs in file order)
+    into windows of ``intervals`` frame intervals (module docstring). Both streams are read lazily, side by side:
+    memory is one window's events and frames plus one chunk. Windows without events are skipped (a store keeps no
+    empty sample). Raises EventFormatError naming ``source`` if frame times do not increase, or if not one complete
+    window fits."""
+    if intervals < 1:
+        raise ValueError(f"intervals must be >= 1, got {intervals}")
+    chunks = iter(chunks)
+    held = np.empty(0, EVENT_DTYPE)  # read events not yet given out, t >= the open window's start
+    ended = False  # the event stream is exhausted
+    window_frames: list[np.ndarray] = []
+    window_times: list[int] = []
+    count = 0
+    for t, frame in frames:
+        t = int(t)
+        if window_times and t <= window_times[-1]:
+            raise EventFormatError(
+                source, f"intensity frame times do not increase: a frame at t={t} us after one at {window_times[-1]} us"
+            )
+        window_frames.append(frame)
+        window_times.append(t)
+        if len(window_times) < intervals + 1:
+            continue
+        while not ended and (not len(held) or int(held["t"][-1]) < t):  # read until an event at or after the end
+            chunk = next(chunks, None)
+            if chunk is None:
+                ended = True
+            elif len(chunk):
+                held = np.concatenate([held, chunk]) if len(held) else chunk
+                held = held[np.searchsorted(held["t"], window_times[0], "left") :]  # before the window: in none
+        stop = int(np.searchsorted(held["t"], t, "left"))
+        count += 1
+        if stop:
+            yield FrameWindow(held[:stop].copy(), np.stack(window_frames), np.asarray(window_times, np.int64))
+        held = held[stop:]
+        window_frames, window_times = window_frames[-1:], window_times[-1:]  # the boundary frame opens the next one
+    if count == 0:
+        raise EventFormatError(
+            source,
+            f"the window frames:{intervals} needs {intervals + 1} intensity frames, but the recording holds "
+            f"{len(window_times)}: not one complete window fits; choose a smaller window",
+        )

@@ -175,16 +175,27 @@ def _imports(study: Mapping[str, Any]) -> Mapping[str, Any]:
     return optional_section(study, "data.imports") or {}
 
 
-# Why an imported store cannot feed what needs intensity frames (evpretrain.data.importer: none are imported).
-NO_FRAMES = "an imported store (data.imports.{name}) holds events only, no intensity frames or difference maps"
+# Why an imported store cannot feed what needs intensity frames (evpretrain.data.importer: only frames:K windows
+# keep them).
+NO_FRAMES = (
+    "an imported store (data.imports.{name}) holds events only, no intensity frames or difference maps, unless it is "
+    "imported with window frames:K (AEDAT4 recordings with frames)"
+)
+# Why a store with frames cannot draw frame intervals: the importer stores no frame rate (evpretrain.data.importer).
+IRREGULAR_FRAMES = (
+    "the frames of an imported store (data.imports.{name}) come at irregular times and the store keeps no frame "
+    "rate, which frame intervals are drawn by"
+)
 
 
 def _check_imported_pretraining(
     pretrain: Mapping[str, Any], stages: tuple[int, ...], settings: Mapping[str, Any], name: str, where: str
 ) -> None:
-    """Refuse, when the study is planned, the pre-training that an imported store cannot feed: stage 1's
-    difference or frame target, stages 2 and 3 (their teacher sees the frames), frame-interval windows, and the kNN
-    monitor on unlabelled recordings."""
+    """Refuse, when the study is planned, the pre-training that an imported store cannot feed: without frames
+    (any window but ``frames:K``), stage 1's difference or frame target and stages 2 and 3 (their teacher sees the
+    frames); with them, a teacher that sees the colour image (``rgb``, which no recording has); always, frame-interval
+    windows and the kNN monitor on unlabelled recordings."""
+    frames = str(settings.get("window") or "").startswith("frames:")
     why = NO_FRAMES.format(name=name)
     knn = pretrain.get("knn") or {}
     if stages and settings.get("layout") == "recordings" and knn.get("memory", 1) > 0 and knn.get("queries", 1) > 0:
@@ -193,19 +204,29 @@ def _check_imported_pretraining(
             "imported with layout recordings, which has none: set pretrain.knn.memory: 0 (or import class_folders)"
         )
     target = ((pretrain.get("stage1") or {}).get("method") or {}).get("target", "difference")
-    if 1 in stages and target != "voxel":
+    if 1 in stages and target != "voxel" and not frames:
         raise ConfigError(
             f"{where}: pretrain.stage1.method.target: {target} needs the frames of study.pretrain_dataset {name!r}, "
             f"but {why}: use target: voxel"
         )
-    if any(stage > 1 for stage in stages):
+    if any(stage > 1 for stage in stages) and not frames:
         raise ConfigError(
             f"{where}: stages {[s for s in stages if s > 1]} learn from an image teacher that sees the frames of "
             f"study.pretrain_dataset {name!r}, but {why}: run stage 1 only (stages: [1])"
         )
+    teacher_input = (pretrain.get("teacher") or {}).get("input", "last_frame")
+    if any(stage > 1 for stage in stages) and teacher_input != "last_frame":
+        raise ConfigError(
+            f"{where}: pretrain.teacher.input: {teacher_input} needs the colour source image, but "
+            f"study.pretrain_dataset {name!r} is imported from recordings, which keep grey frames only: set "
+            "pretrain.teacher.input: last_frame"
+        )
     window = (pretrain.get("data") or {}).get("window", "clip")
     if stages and window != "clip":
-        raise ConfigError(f"{where}: pretrain.data.window: {window} draws frame intervals, but {why}: use window: clip")
+        reason = IRREGULAR_FRAMES.format(name=name) if frames else why
+        raise ConfigError(
+            f"{where}: pretrain.data.window: {window} draws frame intervals, but {reason}: use window: clip"
+        )
 
 
 def _check_imported_evaluation(study: Mapping[str, Any], entry: Mapping[str, Any], where: str) -> None:

@@ -2,8 +2,9 @@
 
 ``read_recording(path)`` / ``read_events(path)`` pick the format by magic bytes, content or suffix; the per-format
 functions below document each layout, its units and its checks; ``stream_recording(path)`` reads a long
-recording chunk by chunk. Bad input raises ``EventFormatError`` naming the
-file, the byte offset where one applies and what was expected. h5py, hdf5plugin and faery load on first use.
+recording chunk by chunk, ``iter_aedat4_frames(path, sensor_size)`` an AEDAT4 file's intensity frames. Bad input
+raises ``EventFormatError`` naming the file, the byte offset where one applies and what was expected. h5py,
+hdf5plugin and faery load on first use.
 """
 
 from evpretrain.events.readers.aedat_legacy import decode_aedat2, decode_aedat3, read_aedat2, read_aedat3
@@ -12,7 +13,13 @@ from evpretrain.events.readers.ddd17 import Ddd17Events, read_ddd17
 from evpretrain.events.readers.dispatch import detect_format, read_events, read_recording, supported_formats
 from evpretrain.events.readers.dsec import DsecEvents, load_rectify_map, read_dsec
 from evpretrain.events.readers.es_imagenet import read_es_imagenet
-from evpretrain.events.readers.faery_formats import read_aedat4, read_event_stream, read_prophesee_raw, read_with_faery
+from evpretrain.events.readers.faery_formats import (
+    iter_aedat4_frames,
+    read_aedat4,
+    read_event_stream,
+    read_prophesee_raw,
+    read_with_faery,
+)
 from evpretrain.events.readers.mvsec import MvsecEvents, read_mvsec
 from evpretrain.events.readers.n_imagenet import read_n_imagenet
 from evpretrain.events.readers.prophesee_dat import read_prophesee_dat
@@ -27,6 +34,7 @@ __all__ = [
     "decode_aedat3",
     "decode_atis_bin",
     "detect_format",
+    "iter_aedat4_frames",
     "load_rectify_map",
     "read_aedat2",
     "read_aedat3",

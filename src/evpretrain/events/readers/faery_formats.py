@@ -14,6 +14,9 @@ contract and its errors into ``EventFormatError``.
   sizes that the file claims (the header's length, every packet's length) are checked against its bytes: faery
   allocates a claimed size before reading it, so one flipped bit could make a 4 KB file cost 1.5 GB.
 
+AEDAT4 intensity frames (DAVIS APS): ``iter_aedat4_frames`` decodes the first frame stream with faery's
+``aedat.Decoder`` (after the same preflight), as greyscale uint8 frames with their timestamps.
+
 AEDAT4 layout (iniVation; faery's ``aedat/decoder.rs``): ``#!AER-DAT4.0\r\n``, a uint32 length and that many bytes of
 ``IOHeader`` FlatBuffer (compression, ``file_data_position`` int64 or -1, XML description); then packets, each a
 int32 stream id, a uint32 length and that many bytes, up to ``file_data_position`` (a table of contents) or the end.
@@ -45,6 +48,10 @@ HEADER_PROBE_TIMEOUT_S = 120
 _HEADER_PROBE = "import sys, faery; faery.events_stream_from_file(sys.argv[1], file_type=sys.argv[2])"
 AEDAT4_MAGIC = b"#!AER-DAT4.0\r\n"
 RAW_ENCODING_KEYS = ("evt", "format")
+# faery's frame formats -> weights of their channels for the grey value (ITU-R 601-2 luma, as PIL's "L" conversion)
+# and the scale to 0-255.
+FRAME_GREY = {"L": ((1.0,), 1.0), "I;16": ((1.0,), 255 / 65535), "RGB": ((0.299, 0.587, 0.114), 1.0)}
+FRAME_GREY["RGBA"] = ((0.299, 0.587, 0.114, 0.0), 1.0)
 
 
 def read_with_faery(path: str | os.PathLike, file_type: str) -> Recording:
@@ -80,6 +87,49 @@ def iter_with_faery(
             gathered, count = [], 0
     if count:
         yield _contract(np.concatenate(gathered), path, sensor_size)
+
+
+def iter_aedat4_frames(path: str | os.PathLike, sensor_size: tuple[int, int]) -> Iterator[tuple[int, np.ndarray]]:
+    """The intensity frames of an AEDAT4 file's first frame stream, in file order: (t, frame) pairs, t the frame's
+    timestamp in microseconds (int; the exposure's midpoint in iniVation's Frame schema), frame (H, W) uint8 grey
+    (colour and 16-bit frames converted, ``FRAME_GREY``). Raises EventFormatError naming the file if it has no frame
+    stream, or a frame is not the whole ``sensor_size`` (H, W) sensor (the events' geometry). Call
+    ``faery_preflight`` first. Memory: one packet."""
+    from faery import aedat
+
+    with _faery_errors(path, "aedat"):
+        decoder = aedat.Decoder(Path(path))
+        tracks = [track.id for track in decoder.tracks() if track.data_type == "frame"]
+    if not tracks:
+        raise EventFormatError(path, "the recording holds no intensity frames (no frame stream): use events:N or ms:T")
+    with decoder:
+        while True:
+            with _faery_errors(path, "aedat"):
+                item = next(decoder, None)
+            if item is None:
+                return
+            track, frame = item
+            if track.id == tracks[0]:
+                yield int(frame.t), _grey_frame(frame, path, sensor_size)
+
+
+def _grey_frame(frame, path, sensor_size: tuple[int, int]) -> np.ndarray:
+    """A faery ``aedat.Frame`` as (H, W) uint8 grey, checked to cover the whole sensor."""
+    pixels = frame.pixels
+    if (frame.offset_y, frame.offset_x) != (0, 0) or tuple(pixels.shape[:2]) != tuple(sensor_size):
+        raise EventFormatError(
+            path,
+            f"an intensity frame at t={frame.t} us is {pixels.shape[0]}x{pixels.shape[1]} (HxW) at offset "
+            f"({frame.offset_y}, {frame.offset_x}), but the events' sensor is {sensor_size[0]}x{sensor_size[1]}: "
+            "frames must cover the whole sensor",
+        )
+    if frame.format not in FRAME_GREY:
+        raise EventFormatError(path, f"intensity frame format {frame.format!r} is not one of {list(FRAME_GREY)}")
+    if frame.format == "L":
+        return np.ascontiguousarray(pixels.reshape(sensor_size), dtype=np.uint8)
+    weights, scale = FRAME_GREY[frame.format]
+    grey = pixels.reshape(*sensor_size, len(weights)).astype(np.float32) @ np.asarray(weights, np.float32)
+    return np.clip(np.round(grey * scale), 0, 255).astype(np.uint8)
 
 
 def faery_preflight(path: str | os.PathLike, file_type: str) -> tuple[dict, tuple[int, int] | None]:
