@@ -196,6 +196,9 @@ def test_the_study_runs_to_its_tables_and_replans_only_what_a_change_invalidates
     logged = json.loads((results / "mlflow" / "logged.json").read_text())
     assert logged["experiment"] == "tiny" and logged["logged"] == 3 + 3 + 3 * 2  # parents, stages (once), evaluations
     assert logged["tracking_uri"] == f"sqlite:///{results / 'mlflow.db'}"
+    # Every heavy job forked from the warm-start server (execution.warm_start), none started cold.
+    forked = (results / "logs" / "warm_start.log").read_text()
+    assert forked.count(" pretrain --stage ") == 3 and forked.count(" finetune classify ") == 3 * 2
 
     assert not list(tmp_path.rglob("PWNED*")), "a config string ran as a command"
     nothing = snakemake("--configfile", str(study), "-n", cwd=tmp_path)

@@ -63,7 +63,7 @@ def start_warm_server():
     folder = Path(tempfile.mkdtemp(prefix="evpretrain-warm-"))
     log = RESULTS / "logs/warm_start.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "wb") as out:
+    with open(log, "ab") as out:  # appended: each run of the workflow adds its commands
         server = subprocess.Popen(
             [command, "warm-start", "--socket", str(folder / "socket")],
             stdin=subprocess.DEVNULL,

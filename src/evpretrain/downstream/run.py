@@ -45,7 +45,7 @@ from evpretrain.inference.spec import InferenceSpec, Representation, store_facts
 from evpretrain.models import backbone_spec, build_backbone
 from evpretrain.training import train
 from evpretrain.training.checkpoint import METRICS_NAME, write_json
-from evpretrain.training.config import check_batch_fits
+from evpretrain.training.config import check_batch_fits, uses_bf16
 from evpretrain.training.distributed import process_layout, resolve_device, to_device
 from evpretrain.training.hooks import Hook, TrainState
 from evpretrain.training.mlflow_hook import LiveTracking
@@ -100,12 +100,16 @@ class CachedFeatures(Dataset):
         return {"features": self.features[index], "label": self.labels[index]}
 
 
-def cache_probe_features(probe: LinearProbe, dataset: Dataset, batch_size: int, device: torch.device) -> CachedFeatures:
-    """Every sample of ``dataset`` through the probe's frozen backbone, once."""
+def cache_probe_features(
+    probe: LinearProbe, dataset: Dataset, batch_size: int, device: torch.device, *, bf16: bool = False
+) -> CachedFeatures:
+    """Every sample of ``dataset`` through the probe's frozen backbone, once; under bf16 autocast with ``bf16``, as
+    the training steps would run it. The features are kept in float32."""
     probe.to(device)
     features, labels = [], []
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        features.append(probe.features(batch["voxel"].to(device)).cpu())
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            features.append(probe.features(batch["voxel"].to(device)).float().cpu())
         labels.append(batch["label"])
     return CachedFeatures(torch.cat(features), torch.cat(labels))
 
@@ -338,8 +342,10 @@ def run_downstream(
     if mode == "linear" and train_set.deterministic and not stochastic_backbone:
         # A frozen backbone and fixed inputs: the features are the same every epoch, so compute them once.
         run_device = resolve_device(device, process_layout())
+        bf16 = uses_bf16(config.train, run_device.type)
         train_set, eval_set = (
-            cache_probe_features(model, data, config.eval_batch_size, run_device) for data in (train_set, eval_set)
+            cache_probe_features(model, data, config.eval_batch_size, run_device, bf16=bf16)
+            for data in (train_set, eval_set)
         )
     eval_loader = DataLoader(
         eval_set, batch_size=config.eval_batch_size, shuffle=False, num_workers=config.train.num_workers

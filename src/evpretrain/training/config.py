@@ -65,6 +65,11 @@ class TrainConfig:
             raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
 
 
+def uses_bf16(config: TrainConfig, device_type: str) -> bool:
+    """Whether a run of ``config`` on a ``device_type`` device ("cpu", "cuda") computes under bf16 autocast."""
+    return config.amp == "bf16" or (config.amp == "auto" and device_type == "cuda")
+
+
 def check_batch_fits(config: TrainConfig, num_samples: int, world_size: int, key: str, store: str | Path) -> None:
     """Raise ConfigError unless the ``num_samples`` of ``store`` fill one global batch, ``batch_size`` x
     ``world_size`` processes: the loop drops the tail that does not (MAE's ``drop_last``), so fewer samples would

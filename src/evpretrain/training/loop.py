@@ -38,7 +38,7 @@ from evpretrain.training.checkpoint import (
     save_checkpoint,
     write_json,
 )
-from evpretrain.training.config import EXECUTION_FIELDS, TrainConfig
+from evpretrain.training.config import EXECUTION_FIELDS, TrainConfig, uses_bf16
 from evpretrain.training.distributed import (
     ProcessLayout,
     gather_objects,
@@ -246,7 +246,7 @@ def _initial_state(
         out_dir=out_dir,
         model=model,
         device=device,
-        amp=config.amp == "bf16" or (config.amp == "auto" and device.type == "cuda"),
+        amp=uses_bf16(config, device.type),
         rank=layout.rank,
         world_size=layout.world_size,
         steps_per_epoch=steps_per_epoch,
