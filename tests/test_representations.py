@@ -169,15 +169,17 @@ def test_voxel_grid_many_gives_the_same_grids_on_one_and_two_threads():
         numba.set_num_threads(1)
         one = voxel_grid_many(samples, 5, height=24, width=32)
         numba.set_num_threads(2)
-        two = voxel_grid_many(samples, 5, height=24, width=32)
+        out = np.full((len(samples), 5, 24, 32), np.nan, np.float32)  # a reused buffer: every value is overwritten
+        two = voxel_grid_many(samples, 5, height=24, width=32, out=out)
     finally:
         numba.set_num_threads(threads)
+    assert two is out
     np.testing.assert_array_equal(one, two)
     for events, grid in zip(samples, two):
         np.testing.assert_array_equal(grid, voxel_grid(events, 5, height=24, width=32))
 
 
-def test_voxel_grid_many_names_the_first_sample_outside_the_grid():
+def test_voxel_grid_many_errors_name_the_first_bad_sample_and_a_wrong_out():
     good = make_events([0, 1], [0, 2], [0, 1], [1, -1])
     outside_x = make_events([0, 1, 2], [0, 3, 1], [0, 0, 1], [1, 1, 1])
     outside_y = make_events([0, 1], [0, 0], [0, 2], [1, 1])
@@ -188,6 +190,8 @@ def test_voxel_grid_many_names_the_first_sample_outside_the_grid():
         voxel_grid_many([good, outside_y], height=2, width=3)
     with pytest.raises(EventFormatError, match="expected a 1-D array of dtype"):
         voxel_grid_many([good, np.zeros((3, 4))], height=2, width=3)
+    with pytest.raises(ValueError, match=r"out must be .* shape \(1, 5, 2, 3\), got non-contiguous float32"):
+        voxel_grid_many([good], height=2, width=3, out=np.zeros((1, 5, 2, 6), np.float32)[..., ::2])
 
 
 def test_voxel_grid_batch_takes_flat_tensors_and_a_batch_size():
