@@ -172,7 +172,8 @@ def main() -> None:
     for name in calls:
         row = "".join(f"{rates[name, n]:12.1f}{rates[name, n] / rates[PAPER, n]:9.1f}" for n in args.sizes)
         print(f"{name:32s}{row}")
-    batch_report(args)
+    if args.batch_grids:
+        batch_report(args)
 
 
 def batch_report(args) -> None:
