@@ -1,3 +1,4 @@
+import numba
 import numpy as np
 import pytest
 import torch
@@ -12,6 +13,7 @@ from evpretrain.events.representations import (
     histogram_mem,
     voxel_grid,
     voxel_grid_batch,
+    voxel_grid_many,
 )
 
 # --- references, written the way the source papers' code is ------------------------------------------------------
@@ -141,6 +143,55 @@ def test_batched_voxel_grid_equals_one_grid_per_sample(windows, num_bins):
     assert grids.shape == (len(samples), num_bins, height, width)
     for events, grid in zip(samples, grids):
         np.testing.assert_allclose(grid.numpy(), voxel_grid(events, num_bins, height=height, width=width), atol=1e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.one_of(event_windows(max_events=20), st.none()), max_size=5), st.integers(1, 5))
+def test_voxel_grid_many_equals_voxel_grid_per_sample(windows, num_bins):
+    # None stands for an empty sample; an empty list for an empty batch.
+    height = max((w[2] for w in windows if w is not None), default=2)
+    width = max((w[3] for w in windows if w is not None), default=3)
+    samples = [np.empty(0, EVENT_DTYPE) if w is None else w[0] for w in windows]
+    grids = voxel_grid_many(samples, num_bins, height=height, width=width)
+    assert grids.dtype == np.float32 and grids.shape == (len(samples), num_bins, height, width)
+    for events, grid in zip(samples, grids):
+        np.testing.assert_array_equal(grid, voxel_grid(events, num_bins, height=height, width=width))
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 numba threads")
+def test_voxel_grid_many_gives_the_same_grids_on_one_and_two_threads():
+    sizes = [3000, 1, 0, 500, 2000, 7] * 3
+    samples = [random_events(n, 24, 32, seed) for seed, n in enumerate(sizes)]
+    samples[1].flags.writeable = False  # read-only and strided arrays are taken as well
+    samples.append(random_events(900, 24, 32, seed=99)[::3])
+    threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = voxel_grid_many(samples, 5, height=24, width=32)
+        numba.set_num_threads(2)
+        out = np.full((len(samples), 5, 24, 32), np.nan, np.float32)  # a reused buffer: every value is overwritten
+        two = voxel_grid_many(samples, 5, height=24, width=32, out=out)
+    finally:
+        numba.set_num_threads(threads)
+    assert two is out
+    np.testing.assert_array_equal(one, two)
+    for events, grid in zip(samples, two):
+        np.testing.assert_array_equal(grid, voxel_grid(events, 5, height=24, width=32))
+
+
+def test_voxel_grid_many_errors_name_the_first_bad_sample_and_a_wrong_out():
+    good = make_events([0, 1], [0, 2], [0, 1], [1, -1])
+    outside_x = make_events([0, 1, 2], [0, 3, 1], [0, 0, 1], [1, 1, 1])
+    outside_y = make_events([0, 1], [0, 0], [0, 2], [1, 1])
+    samples = [good, np.empty(0, EVENT_DTYPE), outside_x, outside_y]
+    with pytest.raises(EventFormatError, match=r"sample 2: event 1 has x=3, y=0, outside the 2x3 \(HxW\) grid"):
+        voxel_grid_many(samples, height=2, width=3)
+    with pytest.raises(EventFormatError, match=r"sample 1: event 1 has x=0, y=2, outside the 2x3 \(HxW\) grid"):
+        voxel_grid_many([good, outside_y], height=2, width=3)
+    with pytest.raises(EventFormatError, match="expected a 1-D array of dtype"):
+        voxel_grid_many([good, np.zeros((3, 4))], height=2, width=3)
+    with pytest.raises(ValueError, match=r"out must be .* shape \(1, 5, 2, 3\), got non-contiguous float32"):
+        voxel_grid_many([good], height=2, width=3, out=np.zeros((1, 5, 2, 6), np.float32)[..., ::2])
 
 
 def test_voxel_grid_batch_takes_flat_tensors_and_a_batch_size():

@@ -16,6 +16,7 @@ __getattr__, __all__ = lazy_exports(
         "read_events": "readers",
         "read_recording": "readers",
         "voxel_grid": "representations",
+        "voxel_grid_many": "representations",
         "voxel_grid_batch": "representations",
         "EventTensors": "representations",
         "histogram_ecdp": "representations",

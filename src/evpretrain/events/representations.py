@@ -3,7 +3,8 @@
 Each representation takes events in one of two forms and answers in the same one:
 
 - numpy: an ``EVENT_DTYPE`` array (one sample, sorted by ``t``) -> a float32 numpy array ``(C, H, W)``, built by a
-  compiled single-threaded loop (numba): one pass over the events, no per-event temporaries.
+  compiled single-threaded loop (numba): one pass over the events, no per-event temporaries. ``voxel_grid_many``
+  runs that loop over a list of samples on numba's threads, one sample per task.
 - torch: ``EventTensors`` (1-D tensors ``t, x, y, p`` and an optional per-event sample index ``batch``) -> a float32
   tensor on the events' device, ``(C, H, W)``, or ``(B, C, H, W)`` when ``batch`` is given; built by scatters over
   flat int64 indices, so it runs batched on the GPU.
@@ -22,7 +23,7 @@ import torch
 
 from evpretrain.events.contract import EVENT_DTYPE, EventFormatError
 
-__all__ = ["EventTensors", "voxel_grid", "voxel_grid_batch", "histogram_ecdp", "histogram_mem"]
+__all__ = ["EventTensors", "voxel_grid", "voxel_grid_many", "voxel_grid_batch", "histogram_ecdp", "histogram_mem"]
 
 
 class EventTensors(NamedTuple):
@@ -91,6 +92,47 @@ def voxel_grid(
     if events.size:
         _raise_if_outside(_voxel_grid_kernel(events, num_bins, height, width, grid.reshape(-1)), events, height, width)
     return grid
+
+
+def voxel_grid_many(
+    samples: Sequence[np.ndarray], num_bins: int = 5, *, height: int, width: int, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Voxel grids of many samples at once, one sample per task on numba's threads; see ``voxel_grid``.
+
+    Each grid equals ``voxel_grid(samples[i], ...)`` bit for bit (the same compiled loop). The threads are numba's:
+    ``NUMBA_NUM_THREADS`` or ``numba.set_num_threads`` sets how many. numba's OpenMP layer (the default where TBB is
+    absent) does not survive a fork: fork DataLoader workers before the parent first calls this, or use spawn.
+
+    Args:
+        samples: ``EVENT_DTYPE`` arrays, each sorted by ``t``; empty ones give zero grids.
+        num_bins: temporal bins B.
+        height, width: grid size in pixels.
+        out: a C-contiguous float32 array (len(samples), num_bins, height, width) to overwrite, or None for a new one.
+            Reusing one spares the page faults of fresh memory, which cost more than the events themselves here.
+
+    Returns:
+        float32 numpy (len(samples), num_bins, height, width): ``out`` where given.
+    """
+    _check_size(num_bins, height, width)
+    events_list = numba.typed.List.empty_list(_EVENTS_TYPE)
+    for events in samples:
+        _check_event_array(events)
+        events_list.append(np.ascontiguousarray(events))
+    shape = (len(samples), num_bins, height, width)
+    if out is None:
+        out = np.empty(shape, np.float32)  # each task zeroes its own grid: in parallel, and into its cache
+    elif not isinstance(out, np.ndarray) or out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+        got = type(out).__name__
+        if isinstance(out, np.ndarray):
+            got = f"{'' if out.flags.c_contiguous else 'non-contiguous '}{out.dtype} {out.shape}"
+        raise ValueError(f"out must be a C-contiguous float32 array of shape {shape}, got {got}")
+    flat = out.reshape(len(samples), num_bins * height * width)
+    status = _voxel_grid_many_kernel(events_list, num_bins, height, width, flat)
+    outside = np.flatnonzero(status >= 0)
+    if outside.size:  # the first bad sample, as a loop over voxel_grid would report it
+        first = int(outside[0])
+        _raise_if_outside(int(status[first]), samples[first], height, width, sample=first)
+    return out
 
 
 def voxel_grid_batch(
@@ -225,7 +267,12 @@ def histogram_mem(
 # --- compiled loops (numpy path) -------------------------------------------------------------------------------
 
 
-@numba.njit(cache=True, nogil=True)
+# The item type of voxel_grid_many's list: read-only, so that writable and read-only arrays both fit without a copy.
+_EVENTS_TYPE = numba.types.Array(numba.from_dtype(EVENT_DTYPE), 1, "C", readonly=True)
+
+
+# error_model="numpy" and unsigned grid indices drop numba's division and wraparound checks: x1.2-1.7 (bench/README.md).
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _voxel_grid_kernel(events, num_bins, height, width, grid):
     """Accumulate into flat ``grid`` (num_bins * height * width); return the first out-of-grid event or -1."""
     n = events.shape[0]
@@ -244,11 +291,24 @@ def _voxel_grid_kernel(events, num_bins, height, width, grid):
         lower_bin = int(position)
         upper_weight = np.float32(position - lower_bin)
         signed = np.float32(2 * (event.p > 0) - 1)  # branch-free: polarity is a coin flip for the predictor
-        index = lower_bin * plane + row * width + col
+        index = np.uint64(lower_bin * plane + row * width + col)
         grid[index] += signed - signed * upper_weight
         if lower_bin < num_bins - 1:
-            grid[index + plane] += signed * upper_weight
+            grid[index + np.uint64(plane)] += signed * upper_weight
     return -1
+
+
+@numba.njit(cache=True, nogil=True, parallel=True, error_model="numpy")
+def _voxel_grid_many_kernel(samples, num_bins, height, width, grids):
+    """Zero each row of ``grids`` (samples, num_bins * height * width) and run ``_voxel_grid_kernel`` of its sample
+    into it, in parallel; return each sample's first out-of-grid event or -1."""
+    status = np.full(len(samples), -1, np.int64)
+    for s in numba.prange(len(samples)):
+        grids[s] = 0.0
+        events = samples[np.int64(s)]  # prange makes s unsigned; the typed list takes int64
+        if events.shape[0]:
+            status[s] = _voxel_grid_kernel(events, num_bins, height, width, grids[s])
+    return status
 
 
 @numba.njit(cache=True, nogil=True)
@@ -356,10 +416,12 @@ def _check_size(channels: int, height: int, width: int) -> None:
         raise ValueError(f"expected positive sizes, got {channels} bins/channels, {height}x{width} (HxW)")
 
 
-def _raise_if_outside(status: int, events: np.ndarray, height: int, width: int) -> None:
+def _raise_if_outside(status: int, events: np.ndarray, height: int, width: int, sample: int | None = None) -> None:
     if status >= 0:
         x, y = events["x"][status], events["y"][status]
-        raise EventFormatError(None, f"event {status} has x={x}, y={y}, outside the {height}x{width} (HxW) grid")
+        where = "" if sample is None else f"sample {sample}: "
+        message = f"{where}event {status} has x={x}, y={y}, outside the {height}x{width} (HxW) grid"
+        raise EventFormatError(None, message)
 
 
 def _column_tensor(events: np.ndarray, name: str, device) -> torch.Tensor:
