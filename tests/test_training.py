@@ -817,3 +817,13 @@ def test_a_file_that_is_not_a_checkpoint_is_an_error_naming_it(tmp_path):
     with pytest.raises(CheckpointError, match=r"whole\.pt: lacks \['optimizer'\]"):
         load_checkpoint(tmp_path / "whole.pt", required=("model", "optimizer"))
     assert load_checkpoint(tmp_path / "whole.pt", required=("model",))["step"] == 3
+
+
+@pytest.mark.parametrize(
+    ("amp", "device_type", "expected"),
+    [("auto", "cpu", False), ("auto", "cuda", True), ("bf16", "cpu", True), ("off", "cuda", False)],
+)
+def test_bf16_autocast_follows_amp_and_the_device(amp, device_type, expected):
+    from evpretrain.training.config import TrainConfig, uses_bf16
+
+    assert uses_bf16(TrainConfig(epochs=1, batch_size=1, base_lr=1e-3, amp=amp), device_type) is expected
