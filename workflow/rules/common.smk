@@ -1,6 +1,7 @@
 # Helpers shared by the rules: constants first, then paths, the study's plan and config lookups, so that rules stay
 # thin. Config values are read with Snakemake's lookup(dpath="a/b", within=config).
 import functools
+import hashlib
 import json
 import os
 import shlex
@@ -331,6 +332,19 @@ def import_splits(name):
     if missing:
         raise WorkflowError(f"the study reads split(s) {missing} of data.imports.{name}, which writes only {splits}")
     return splits
+
+
+def recordings_listing(name):
+    """A digest of the files under data.imports.<name>.root (relative path, size, mtime in ns): a params value, so a
+    recording added, removed or rewritten re-imports the folder (Snakemake sees a folder's own mtime only)."""
+    root = Path(IMPORTS[name]["root"])
+    if not root.is_dir():
+        return "missing"  # the import job says what is wrong with the folder
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 def splits_read(dataset):

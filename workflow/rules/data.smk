@@ -174,6 +174,7 @@ for _name in IMPORTS:
         params:
             name=_name,
             out=RESULTS / f"data/{_name}",
+            recordings=recordings_listing(_name),  # not in the command: a changed folder re-imports
         shell:
             "{LAUNCH_DATA} data import --config {input.config:q} --name {params.name:q} --out {params.out:q}"
             + DATA_WORKERS
