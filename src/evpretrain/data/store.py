@@ -462,8 +462,9 @@ class EventStore:
             out[column] = self._read(f"{group}/{column}", slice(start, start + count))
         return out
 
-    def dense(self, key: str, index: int) -> np.ndarray:
-        """Sample ``index``'s dense field.
+    def dense(self, key: str, index: int, item: int | slice | None = None) -> np.ndarray:
+        """Sample ``index``'s dense field, or with ``item`` only that entry (or slice) of its first axis, read alone
+        (one frame of a video reads 1/T of it).
 
         Frames (T, H, W), diff_maps (T-1, H, W), flow (2, H, W), masks or valid (H, W), rgb (3, S, S).
         """
@@ -473,7 +474,7 @@ class EventStore:
             raise StoreError(
                 self.path, f"no dense field {key!r}; this store has {[k for k in DENSE_KEYS if k in file]}"
             )
-        return self._read(key, index)
+        return self._read(key, index if item is None else (index, item))
 
     def sample(self, index: int) -> dict[str, Any]:
         """Everything stored for one sample, keyed by field name (``events`` always present)."""
