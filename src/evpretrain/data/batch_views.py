@@ -20,7 +20,6 @@ import torch
 
 from evpretrain.data.resize import resize_maps
 from evpretrain.data.view import CropBox
-from evpretrain.events.contract import EVENT_DTYPE
 from evpretrain.events.representations import voxel_grid_batch
 
 __all__ = [
@@ -37,16 +36,18 @@ __all__ = [
 
 def pack_events(samples: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
     """``EVENT_DTYPE`` arrays of B samples as flat columns (see the module docstring); x and y must be < 32768."""
-    events = np.concatenate(samples) if len(samples) else np.empty(0, EVENT_DTYPE)
-    # int16 coordinates and a per-sample count instead of a per-event index: 11 bytes an event through the workers'
-    # shared memory and the host-to-device copy, instead of 25 (int64 x, y and batch).
-    return {
-        "t": torch.from_numpy(np.ascontiguousarray(events["t"])),
-        "x": torch.from_numpy(events["x"].astype(np.int16)),
-        "y": torch.from_numpy(events["y"].astype(np.int16)),
-        "p": torch.from_numpy(events["p"].astype(np.int8)),
-        "count": torch.tensor([len(s) for s in samples], dtype=torch.int64),
-    }
+    counts = [len(events) for events in samples]
+    out = {"count": torch.tensor(counts, dtype=torch.int64)}
+    # int16 coordinates and a per-sample count instead of a per-event index: 13 bytes an event through the workers'
+    # shared memory and the host-to-device copy, instead of 33 (int64 x, y and batch). Each column is gathered
+    # straight from the records (a concatenation of records first costs 10x more).
+    for name, dtype in (("t", np.int64), ("x", np.int16), ("y", np.int16), ("p", np.int8)):
+        column, start = np.empty(sum(counts), dtype), 0
+        for events in samples:
+            column[start : start + len(events)] = events[name]
+            start += len(events)
+        out[name] = torch.from_numpy(column)
+    return out
 
 
 def pack_view(crop: CropBox, hflip: bool, time_flip: bool) -> torch.Tensor:
