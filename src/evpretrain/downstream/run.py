@@ -369,7 +369,8 @@ def run_downstream(
         identity={
             "data": {"train": store_digest(train_store), "eval": store_digest(eval_store)},
             "task": [task, mode],
-            "settings": {k: v for k, v in to_mapping(config).items() if k != "train"},
+            # transforms: where the inputs are built, the same to float32 rounding (as pretrain's, not identity)
+            "settings": {k: v for k, v in to_mapping(config).items() if k not in ("train", "transforms")},
             "backbone": to_mapping(spec),
             "init": [file_sha256(checkpoint), checkpoint_source],
         },

@@ -240,7 +240,9 @@ def run_stage(
         "data": store_digest(train_store),
         "stage": stage,
         "method": to_mapping(stage_config.method),
-        "inputs": to_mapping(config.data),
+        # transforms moves work between workers and device, the same tensors to float32 rounding: not the run's
+        # identity, so a run resumes under either (and checkpoints of before the setting still resume).
+        "inputs": {k: v for k, v in to_mapping(config.data).items() if k != "transforms"},
         "backbone": to_mapping(config.backbone_spec),
         "init": file_sha256(init),
         "teacher_features": file_sha256(teacher_features),
