@@ -40,6 +40,12 @@ dataset/augmentation/events_augment.py:22-26, dataset/pretrain/pr_n_imagenet_dat
 the targets: ``bicubic`` (the paper's, view_augment.py:84) or ``bilinear``. The density is counted directly on the
 input grid, so it stays an exact event count.
 
+Where the dense work runs (``transforms``): ``worker``, each read builds the sample above (the paper's loaders), or
+``device``: a read gives what the sample is made of, the window's ``events``, the ``view`` (``pack_view``), ``label``,
+``index``, the sensor-sized ``difference`` and target ``frame`` as stored (one frame read alone) and the image's
+``image_frame``; ``collate`` packs the events flat (``pack_events``) and ``PretrainBatchViews`` builds the batch above
+on the training device, the voxel grids to float32 rounding and every other field with the same operations.
+
 Teacher tokens (stages 2 and 3) are cached once per sample, one image per video. The paper's stage-2/3 loaders crop
 and flip the voxel grid and leave the CLIP tokens as they are (pr_ef_imagenet_dataset.py:194,213-221), so under a
 crop or a horizontal flip student token (i, j) no longer sees what teacher token (i, j) saw; ``view_tokens`` moves the
