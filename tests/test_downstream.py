@@ -13,7 +13,7 @@ from evpretrain.data.config import DemoConfig
 from evpretrain.data.demo import build_demo
 from evpretrain.data.store import EventStoreWriter, StoreError
 from evpretrain.downstream.config import AugmentConfig, WindowConfig
-from evpretrain.downstream.data import DownstreamDataset, erase_and_add_events
+from evpretrain.downstream.data import DownstreamDataset, collate, erase_and_add_events
 from evpretrain.downstream.models import LinearProbe
 from evpretrain.events.contract import make_events, validate_events
 from evpretrain.models import create_backbone
@@ -29,6 +29,47 @@ def _store(path, count=40, **dense):
             events = make_events(t, t % SENSOR[1], t % SENSOR[0], np.where(t % 2, 1, -1))
             writer.add_sample(events, label=label, **dense)
     return path
+
+
+@pytest.mark.parametrize("task", ["classify", "segment", "flow"])
+@pytest.mark.parametrize("resolution", ["label", "input"])
+def test_device_transforms_give_the_worker_batch(tmp_path, task, resolution):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "s.h5"
+    with EventStoreWriter(path, sensor_size=SENSOR, source="test", attrs={"class_names": ["a", "b"]}) as writer:
+        for label in range(6):
+            count = int(rng.integers(0, 300))
+            t = np.sort(rng.integers(0, 10_000, count))
+            events = make_events(
+                t, rng.integers(0, SENSOR[1], count), rng.integers(0, SENSOR[0], count), rng.choice([-1, 1], count)
+            )
+            writer.add_sample(
+                events,
+                label=label % 2,
+                masks=rng.integers(0, 3, SENSOR, dtype=np.uint8),
+                flow=rng.normal(size=(2, *SENSOR)).astype(np.float32),
+                valid=rng.random(SENSOR) < 0.7,
+            )
+    augment = AugmentConfig(
+        erase_add_fraction=(0.01, 0.1),
+        crop_scale=(0.4, 0.9),
+        crop_aspect="sensor_relative",
+        hflip_p=0.5,
+        time_flip_p=0.5,
+    )
+    options = dict(train=True, augment=augment, window=WindowConfig(train_events=200), input_size=(20, 28), seed=2)
+    options["target_resolution"] = resolution
+    worker = DownstreamDataset(path, task, **options)
+    device = DownstreamDataset(path, task, transforms="device", **options)
+    for epoch in range(3):  # several draws of every flip and crop
+        worker.set_epoch(epoch), device.set_epoch(epoch)
+        want = collate([worker[i] for i in range(len(worker))])
+        got = device.batch_views()(collate([device[i] for i in range(len(device))]))
+        assert got.keys() == want.keys()
+        for key in want:
+            assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape, key
+            # The voxel grids differ by float32 rounding (numba's float64 bin position); the rest is the same ops.
+            torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-5, msg=key)
 
 
 def test_classification_windows_are_random_in_training_and_central_in_evaluation(tmp_path):
@@ -528,3 +569,27 @@ def test_a_foreign_checkpoint_is_evaluated_through_its_importer(tiny_demo, tmp_p
     )
     assert "relative_position_bias_table" in capsys.readouterr().err
     assert not (tmp_path / "mem" / "metrics.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("task", "mode"), [("classify", "finetune"), ("flow", None)])
+def test_device_transforms_fine_tune_as_worker_transforms(tiny_demo, tmp_path, task, mode):
+    from evpretrain.downstream.run import run_downstream
+
+    stores, _ = tiny_demo
+    section = ("classify", "finetune") if task == "classify" else (task,)
+    results = {}
+    for transforms in ("worker", "device"):
+        study = yaml.safe_load(yaml.safe_dump(TINY_STUDY))
+        settings = study["downstream"]
+        for key in section:
+            settings = settings[key]
+        settings |= {
+            "transforms": transforms,
+            "augment": {"crop_scale": [0.6, 1.0], "hflip_p": 0.5, "time_flip_p": 0.5},
+        }
+        results[transforms] = run_downstream(
+            task, study, train_store=stores["train"], eval_store=stores["val"], out=tmp_path / transforms, mode=mode
+        )
+    for key in ("train_loss", "train_step"):
+        assert results["device"][key] == pytest.approx(results["worker"][key], rel=1e-4), key

@@ -10,11 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
+from evpretrain.data.batch_views import apply_views, event_density_batch, pack_events
 from evpretrain.data.config import DemoConfig
 from evpretrain.data.demo import build_demo
 from evpretrain.data.resize import as_size, resize_maps
 from evpretrain.data.store import EventStore, EventStoreWriter, StoreError
-from evpretrain.data.view import view_crop_box
+from evpretrain.data.view import apply_view, view_crop_box
 from evpretrain.events.contract import EVENT_DTYPE
 from evpretrain.events.representations import voxel_grid
 from evpretrain.events.simulator import lin_log
@@ -253,6 +254,121 @@ def test_uint8_frames_as_ef_stores_keep_them(tmp_path):
     assert int(sample["label"]) == 7 and "target_difference" not in sample
     torch.testing.assert_close(sample["target_frame"][0], torch.from_numpy(frames[0] / 255.0).float())
     torch.testing.assert_close(sample["image"][1], torch.from_numpy(frames[-1] / 255.0).float())
+
+
+# --- the device path: workers read, the device transforms ------------------------------------------------------
+
+
+def assert_same_batch(got, want):
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape, key
+        # The voxel grids differ by float32 rounding (numba's float64 bin position, another order of additions);
+        # everything else is the same operations on the same values.
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("size", [64, 224])
+@pytest.mark.parametrize("augment", [PretrainAugment(), PretrainAugment((0.3, 0.9), hflip_p=0.5, time_flip_p=0.5)])
+@pytest.mark.parametrize("window", ["clip", "interval"])
+@pytest.mark.parametrize(
+    "resize, target_resize", [("nearest", "bicubic"), ("bilinear", "bilinear"), ("scale_events", "bicubic")]
+)
+def test_device_transforms_give_the_worker_batch(store_path, resize, target_resize, window, augment, size):
+    options = dict(
+        input_size=size,
+        window=window,
+        augment=augment,
+        resize=resize,
+        target_resize=target_resize,
+        with_image=True,
+        image_size=40,
+        seed=3,
+    )
+    worker = PretrainDataset(store_path, **options)
+    device = PretrainDataset(store_path, transforms="device", **options)
+    for epoch in range(2):  # several draws of every flip and crop
+        worker.set_epoch(epoch), device.set_epoch(epoch)
+        want = collate([worker[i] for i in range(len(worker))])
+        assert_same_batch(device.batch_views()(collate([device[i] for i in range(len(device))])), want)
+
+
+def test_device_parts_are_the_raw_reads_and_collate_packs_the_events(tmp_path):
+    events, diff_maps, frames = interval_store(tmp_path / "s.h5")
+    dataset = PretrainDataset(
+        tmp_path / "s.h5",
+        window="interval",
+        transforms="device",
+        with_image=True,
+        augment=PretrainAugment(time_flip_p=1),
+    )
+    view = dataset.view(0)
+    parts = dataset[0]
+    assert set(parts) == {"events", "view", "label", "index", "difference", "frame", "image_frame"}
+    assert parts["view"].tolist() == [0, 0, 6, 8, 0, 1]
+    np.testing.assert_array_equal(parts["difference"].numpy(), diff_maps[view.interval][None])  # one map, not negated
+    np.testing.assert_array_equal(parts["frame"].numpy(), frames[view.interval])  # time-flipped: the window's start
+    np.testing.assert_array_equal(parts["image_frame"].numpy(), frames[view.interval + 1])
+    window = events[(events["y"] == PIXELS[view.interval][0]) & (events["x"] == PIXELS[view.interval][1])]
+    np.testing.assert_array_equal(parts["events"], window)
+    batch = collate([parts, dataset[0]])
+    packed = batch["events"]
+    assert packed["count"].tolist() == [len(window)] * 2
+    assert packed["x"].dtype == torch.int16 and packed["p"].dtype == torch.int8
+    assert packed["t"].tolist() == window["t"].tolist() * 2 and packed["y"].tolist() == window["y"].tolist() * 2
+    assert batch["view"].shape == (2, 6) and batch["difference"].shape == (2, 1, 6, 8)
+
+
+def test_device_transforms_on_an_ef_store_and_teacher_tokens_pass_through(tmp_path):
+    path = tmp_path / "ef.h5"
+    rng = np.random.default_rng(2)
+    with EventStoreWriter(path, sensor_size=(16, 20), source="test", attrs={"frame_rate_hz": 100.0}) as writer:
+        for label in range(3):
+            writer.add_sample(
+                random_events(rng, 80, 16, 20),
+                label=label,
+                frames=rng.integers(0, 256, (3, 16, 20), dtype=np.uint8),
+                diff_maps=rng.normal(size=(2, 16, 20)).astype(np.float16),
+            )
+    options = dict(input_size=32, augment=PretrainAugment((0.5, 0.9), 0.5, 0.5), with_image=True, image_size=24)
+    worker, device = PretrainDataset(path, **options), PretrainDataset(path, transforms="device", **options)
+    teacher = torch.randn(3, 4, 8)
+    want = collate([worker[i] | {"teacher": teacher[i]} for i in range(3)])
+    got = device.batch_views()(collate([device[i] | {"teacher": teacher[i]} for i in range(3)]))
+    assert collate([device[0]])["frame"].dtype == torch.uint8  # read as stored; converted on the device
+    assert_same_batch(got, want)
+
+
+def test_batched_views_and_density_equal_the_per_sample_ones():
+    rng = np.random.default_rng(4)
+    maps = torch.randn(5, 2, 12, 16)
+    crops = [(0, 0, 12, 16), (1, 2, 6, 9), (3, 4, 6, 9), (2, 0, 10, 5), (0, 0, 12, 16)]  # two pairs of equal sizes
+    hflips = torch.tensor([False, True, False, True, True])
+    for mode in ("nearest", "bilinear", "bicubic"):
+        got = apply_views(maps, crops, hflips, (7, 20), mode)
+        for i, crop in enumerate(crops):
+            torch.testing.assert_close(
+                got[i], apply_view(maps[i], crop, (7, 20), bool(hflips[i]), mode), rtol=0, atol=0
+            )
+    samples = [random_events(rng, n, 12, 16) for n in (30, 0, 50, 40, 20)]
+    density = event_density_batch(
+        pack_events(samples), (12, 16), (8, 8), (24, 32), [(c[0] * 2, c[1] * 2, *c[2:]) for c in crops]
+    )
+    for i, events in enumerate(samples):
+        crop = (crops[i][0] * 2, crops[i][1] * 2, *crops[i][2:])
+        expected = event_density(events, (12, 16), (8, 8), grid_size=(24, 32), crop=crop)
+        np.testing.assert_array_equal(density[i].numpy(), expected)
+    assert density.sum() < sum(map(len, samples))  # some events fall outside their crops: left out
+
+
+def test_device_transforms_need_int16_pixels(tmp_path):
+    path = tmp_path / "wide.h5"
+    with EventStoreWriter(path, sensor_size=(2, 40000), source="test") as writer:
+        writer.add_sample(random_events(np.random.default_rng(0), 5, 2, 40000))
+    with pytest.raises(StoreError, match="int16"):
+        PretrainDataset(path, transforms="device")
+    with pytest.raises(ValueError, match="transforms must be one of"):
+        PretrainDataset(path, transforms="gpu")
 
 
 # --- masks and patches ------------------------------------------------------------------------------------------

@@ -383,3 +383,26 @@ def test_a_stage_writes_one_log_line_per_log_interval_and_no_progress_bar_to_a_l
     lines = [line for line in text.splitlines() if " step " in line]
     assert [line.split(" step ")[1].split()[0] for line in lines] == [f"{n}/{steps}" for n in range(1, steps + 1)]
     assert "\r" not in text and "step/s" not in text  # no tqdm bar
+
+
+def test_stage1_with_device_transforms_trains_as_with_worker_transforms(tmp_path):
+    """transforms: device (workers read, the loop's batch transform builds the batch) runs stage 1 and its kNN
+    monitor end to end, to the losses and kNN scores of the worker path (the voxel grids differ by float rounding)."""
+    from evpretrain.pretrain.run import run_stage
+
+    stores = build_demo(
+        DemoConfig(samples={"train": 8, "val": 4}, image_size=32, digit_size=12, num_frames=3),
+        tmp_path / "data",
+        workers=1,
+        progress=False,
+    )
+    metrics = {}
+    for transforms in ("worker", "device"):
+        config = tiny_config(data=TINY["data"] | {"transforms": transforms})
+        metrics[transforms] = run_stage(
+            1, config, train_store=stores["train"], val_store=stores["val"], out=tmp_path / transforms
+        )
+    worker, device = metrics["worker"], metrics["device"]
+    assert device["step"] == worker["step"] == 2
+    for key in ("loss", "loss_rec", "knn_top1"):
+        assert device[key] == pytest.approx(worker[key], rel=1e-4, abs=1e-6), key

@@ -6,7 +6,8 @@ Layout (all optional groups share the sample axis):
   /samples/name               optional (N,) UTF-8 names (source file, image id)
   /clean_events/{t,x,y,p}     optional noise-free events, indexed by /samples/{clean_offset,clean_count}
   /labels                     optional int64 (N,)
-  /frames, /diff_maps, /flow, /masks, /valid, /rgb   optional dense arrays (N, ...), one chunk per sample
+  /frames, /diff_maps, /flow, /masks, /valid, /rgb   optional dense arrays (N, ...), one chunk per sample (per frame
+                              for frames and diff_maps)
                               (valid: (H, W) uint8, 1 where the flow or mask ground truth is defined; rgb: (3, S, S)
                               uint8, the colour source image of an EF video, CLIP's resize and centre crop)
 File attributes: format, format_version, sensor_size (H, W), time_unit, source, builder_config (JSON),
@@ -36,7 +37,10 @@ from evpretrain.files import AtomicPath
 STORE_FORMAT = "evpretrain-event-store"
 STORE_VERSION = 1
 DENSE_KEYS = ("frames", "diff_maps", "flow", "masks", "valid", "rgb")
-EVENT_CHUNK = 1 << 16  # events per HDF5 chunk: big enough for throughput, small enough for window reads
+# Events per HDF5 chunk. A read decodes (and checksums) every chunk it touches, so a chunk much larger than a sample
+# multiplies a random read's cost: 2^16 made a 8,000-event demo sample cost 5x its own size (bench/README.md, loader).
+EVENT_CHUNK = 1 << 13
+FRAME_KEYS = ("frames", "diff_maps")  # dense fields with a time axis: one chunk per frame, so one frame reads alone
 
 
 def frame_times(num_frames: int, frame_rate_hz: float) -> np.ndarray:
@@ -193,7 +197,8 @@ class EventStoreWriter:
                     f"sample {self._num_samples} field {key!r} has shape {array.shape} {array.dtype}, "
                     f"expected {expected.shape[1:]} {expected.dtype}",
                 )
-        self._append(key, array[None], chunk=(1, *array.shape), kind="dense")
+        chunk = (1, 1, *array.shape[1:]) if key in FRAME_KEYS else (1, *array.shape)
+        self._append(key, array[None], chunk=chunk, kind="dense")
 
     def _append(self, name: str, data: np.ndarray, *, chunk: tuple[int, ...], kind: str) -> None:
         if name not in self._file:
@@ -462,18 +467,20 @@ class EventStore:
             out[column] = self._read(f"{group}/{column}", slice(start, start + count))
         return out
 
-    def dense(self, key: str, index: int) -> np.ndarray:
-        """Sample ``index``'s dense field.
+    def dense(self, key: str, index: int, item: int | slice | None = None) -> np.ndarray:
+        """Sample ``index``'s dense field, or with ``item`` only that entry (or slice) of its first axis, read alone
+        (one frame of a video reads 1/T of it).
 
         Frames (T, H, W), diff_maps (T-1, H, W), flow (2, H, W), masks or valid (H, W), rgb (3, S, S).
         """
         index = self._check_index(index)
         file = self._open()
-        if key not in DENSE_KEYS or key not in file:
+        # A field whose handle is kept exists: looking the name up again costs as much as a frame's read.
+        if key not in self._datasets and (key not in DENSE_KEYS or key not in file):
             raise StoreError(
                 self.path, f"no dense field {key!r}; this store has {[k for k in DENSE_KEYS if k in file]}"
             )
-        return self._read(key, index)
+        return self._read(key, index if item is None else (index, item))
 
     def sample(self, index: int) -> dict[str, Any]:
         """Everything stored for one sample, keyed by field name (``events`` always present)."""

@@ -16,6 +16,7 @@ from evpretrain.config import ConfigError, load_section
 from evpretrain.training.config import TrainConfig
 
 Task = Literal["classify", "segment", "flow"]
+Transforms = Literal["worker", "device"]  # downstream.data
 CLASSIFY_MODES = ("linear", "finetune")
 TARGET_RESOLUTIONS = ("label", "input")  # downstream.data
 EVAL_POSITIONS = ("middle", "random")
@@ -100,6 +101,10 @@ class DownstreamTaskConfig:
     (``NECKS``); ``target_resolution``: targets, loss and scores at the label's resolution or the input's
     (``downstream.data``); ``max_flow``: the flow loss leaves out true flow of this magnitude or more, pixels (None:
     none left out); ``predictor``: the flow head's last layer (``FLOW_PREDICTORS``).
+
+    ``transforms``: where the training samples' voxel grids, crops and flips are built: in the loader's workers
+    (``worker``, the authors' loaders) or on the training device (``device``, ``downstream.data``); the evaluation
+    split is always read whole in the workers.
     """
 
     train: TrainConfig
@@ -123,6 +128,7 @@ class DownstreamTaskConfig:
     eval_batch_size: int = 64
     eval_every_epochs: int = 1
     num_classes: int | None = None
+    transforms: Transforms = "worker"
 
     def __post_init__(self) -> None:
         if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:

@@ -33,6 +33,11 @@ where a mirror changes the class) and a time flip with probability ``time_flip_p
 negated). Dense targets are cropped alike and resized with nearest neighbours to (H', W'); flow is scaled by the resize
 factors (and dx negated under the flip), so it stays a displacement in pixels of (H', W').
 
+``transforms``: ``worker`` (a read gives the sample above) or ``device``: a read gives what the sample is made of (the
+window's ``events`` after corruption and erase-and-add, the ``view`` drawn from the same stream, ``pack_view``, and
+the sensor-sized targets as stored), ``collate`` packs the events, and ``DownstreamBatchViews`` makes the batch on
+the training device: the same tensors, the voxel grids to float32 rounding (``evpretrain.data.batch_views``).
+
 ``corruption`` (robustness evaluation): applied to the window's events before anything else, with a stream given
 by ``corruption_seed(seed, index, corruption)``: the same noise whatever the evaluation order or worker count.
 ``event_noise`` (the authors' ``--val_event_noise``, main_finetune_cls.py:51): the training erase-and-add applied
@@ -49,16 +54,19 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
+from evpretrain.data.batch_views import apply_views, pack_events, pack_view, time_flip_where, unpack_views, voxel_grids
 from evpretrain.data.resize import as_size, resize_maps
 from evpretrain.data.store import EventStore, StoreError
-from evpretrain.downstream.config import TARGET_RESOLUTIONS, AugmentConfig, Task, WindowConfig
+from evpretrain.downstream.config import TARGET_RESOLUTIONS, AugmentConfig, Task, Transforms, WindowConfig
 from evpretrain.events.corruption import Corruption, apply_corruption, corruption_seed
 from evpretrain.events.representations import voxel_grid
 
 __all__ = [
+    "DownstreamBatchViews",
     "DownstreamDataset",
+    "collate",
     "IGNORE_INDEX",
     "TASKS",
     "erase_and_add_events",
@@ -66,6 +74,15 @@ __all__ = [
 
 TASKS = ("classify", "segment", "flow")
 IGNORE_INDEX = 255
+TARGET_KEYS = ("mask", "flow", "valid")
+
+
+def collate(samples: list[dict]) -> dict:
+    """The batch of ``DownstreamDataset`` samples: stacked, the events of ``transforms="device"`` samples packed."""
+    if not samples or "event_stream" not in samples[0]:
+        return default_collate(samples)
+    rest = default_collate([{key: value for key, value in s.items() if key != "event_stream"} for s in samples])
+    return rest | {"event_stream": pack_events([s["event_stream"] for s in samples])}
 
 
 def erase_and_add_events(
@@ -112,6 +129,7 @@ class DownstreamDataset(Dataset):
         corruption: a robustness corruption of the events, or None.
         event_noise: apply ``augment``'s erase-and-add at evaluation too (the authors' ``--val_event_noise``).
         seed: seed of every random draw (windows, augmentation, corruption).
+        transforms: ``worker`` or ``device`` (see the module docstring).
     """
 
     def __init__(
@@ -128,6 +146,7 @@ class DownstreamDataset(Dataset):
         corruption: Corruption | None = None,
         event_noise: bool = False,
         seed: int = 0,
+        transforms: Transforms = "worker",
     ):
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -155,6 +174,11 @@ class DownstreamDataset(Dataset):
         self.corruption = corruption
         self.event_noise = event_noise
         self.seed = int(seed)
+        if transforms not in ("worker", "device"):
+            raise ValueError(f"transforms must be one of ['worker', 'device'], got {transforms!r}")
+        if transforms == "device" and max(self.sensor_size) > np.iinfo(np.int16).max:
+            raise StoreError(self.store_path, f"transforms: device packs int16 pixels; sensor {self.sensor_size}")
+        self.transforms = transforms
         self.has_valid = "valid" in fields
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # reaches persistent workers
 
@@ -202,8 +226,6 @@ class DownstreamDataset(Dataset):
             events = erase_and_add_events(
                 events, augment.erase_add_fraction, augment.jitter_px, self.sensor_size, rng, augment.jitter_us
             )
-        height, width = self.sensor_size
-        voxel = torch.from_numpy(voxel_grid(events, self.num_bins, height=height, width=width))
         sample: dict[str, Any] = {"index": torch.tensor(index, dtype=torch.int64)}
         if self.task == "classify":
             sample["label"] = torch.tensor(int(self._labels[index]), dtype=torch.int64)
@@ -213,9 +235,20 @@ class DownstreamDataset(Dataset):
             sample["flow"] = torch.from_numpy(np.asarray(store.dense("flow", index), dtype=np.float32))
             valid = store.dense("valid", index) if self.has_valid else np.ones(self.sensor_size, bool)
             sample["valid"] = torch.from_numpy(np.asarray(valid, dtype=bool))
+        crop, flip, time_flip = self._draw_view(rng)
+        if self.transforms == "device":
+            return sample | {"event_stream": events, "view": pack_view(crop, flip, time_flip)}
+        height, width = self.sensor_size
+        voxel = torch.from_numpy(voxel_grid(events, self.num_bins, height=height, width=width))
+        if self.task == "flow":
             sample["events"] = voxel.abs().sum(dim=0) > 0
-        sample["voxel"] = voxel
-        return self._view(sample, rng)
+        sample["voxel"] = resize_maps(
+            voxel[:, crop[0] : crop[0] + crop[2], crop[1] : crop[1] + crop[3]].contiguous(), self.input_size
+        )
+        sample["voxel"] = sample["voxel"].flip(-1) if flip else sample["voxel"]
+        if time_flip:  # evg_time_flip (view_augment.py:49-58): the events played backwards
+            sample["voxel"] = -sample["voxel"].flip(0)
+        return view_targets(sample, crop, flip, time_flip, self.target_size)
 
     def _window(self, events: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         length = self.window.train_events if self.train else self.window.eval_events
@@ -227,37 +260,72 @@ class DownstreamDataset(Dataset):
             start = (len(events) - length) // 2
         return events[start : start + length]
 
-    def _view(self, sample: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        """Crop (training) and flip in space and time (training) the voxel grid and the dense targets; resize the voxel
-        grid to the input size and the targets to ``target_size``."""
-        height, width = self.sensor_size
-        top, left, crop_h, crop_w = 0, 0, height, width
-        flip = time_flip = False
-        if self.train:
-            augment = self.augment
-            top, left, crop_h, crop_w = _random_crop(self.sensor_size, augment.crop_scale, augment.crop_aspect, rng)
-            flip = bool(rng.random() < augment.hflip_p)
-            time_flip = augment.time_flip_p > 0 and bool(rng.random() < augment.time_flip_p)
-        crop = (slice(None), slice(top, top + crop_h), slice(left, left + crop_w))
-        sample["voxel"] = resize_maps(sample["voxel"][crop].contiguous(), self.input_size)
-        size = self.target_size
-        for key in ("mask", "valid", "events"):
+    def _draw_view(self, rng: np.random.Generator) -> tuple[tuple[int, int, int, int], bool, bool]:
+        """The view of a read: the crop (top, left, height, width) on the sensor, the horizontal and the time flip;
+        training only (else the whole sensor, no flips)."""
+        if not self.train:
+            return (0, 0, *self.sensor_size), False, False
+        augment = self.augment
+        crop = _random_crop(self.sensor_size, augment.crop_scale, augment.crop_aspect, rng)
+        flip = bool(rng.random() < augment.hflip_p)
+        time_flip = augment.time_flip_p > 0 and bool(rng.random() < augment.time_flip_p)
+        return crop, flip, time_flip
+
+    def batch_views(self) -> DownstreamBatchViews:
+        """The device-side transform of this dataset's packed batches (``transforms="device"``)."""
+        return DownstreamBatchViews(self)
+
+
+def view_targets(
+    sample: dict[str, Any], crop: tuple[int, int, int, int], flip: bool, time_flip: bool, size: tuple[int, int]
+) -> dict[str, Any]:
+    """The dense targets of ``sample`` (sensor-sized ``mask``, ``flow``, ``valid``, ``events``) cropped to ``crop``,
+    resized with nearest neighbours to ``size``, mirrored under ``flip`` and, for flow, reversed under ``time_flip``;
+    flow is scaled by the resize factors and dx negated under the flip, so it stays a displacement in pixels."""
+    top, left, crop_h, crop_w = crop
+    window = (slice(top, top + crop_h), slice(left, left + crop_w))
+    for key in ("mask", "valid", "events"):
+        if key in sample:
+            sample[key] = _resize_nearest(sample[key][window], size)
+    if "flow" in sample:
+        scale = torch.tensor([size[1] / crop_w, size[0] / crop_h], device=sample["flow"].device).view(2, 1, 1)
+        sample["flow"] = _resize_nearest(sample["flow"][(slice(None), *window)], size) * scale
+    if flip:
+        for key in ("mask", "flow", "valid", "events"):
             if key in sample:
-                sample[key] = _resize_nearest(sample[key][crop[1:]], size)
+                sample[key] = sample[key].flip(-1)
         if "flow" in sample:
-            scale = torch.tensor([size[1] / crop_w, size[0] / crop_h]).view(2, 1, 1)
-            sample["flow"] = _resize_nearest(sample["flow"][crop], size) * scale
-        if flip:
-            for key in ("voxel", "mask", "flow", "valid", "events"):
-                if key in sample:
-                    sample[key] = sample[key].flip(-1)
-            if "flow" in sample:
-                sample["flow"][0].neg_()
-        if time_flip:  # evg_time_flip (view_augment.py:49-58): the events played backwards; flow reverses too
-            sample["voxel"] = -sample["voxel"].flip(0)
-            if "flow" in sample:
-                sample["flow"] = -sample["flow"]
-        return sample
+            sample["flow"][0].neg_()
+    if time_flip and "flow" in sample:  # evg_time_flip: the events played backwards, so the flow reverses too
+        sample["flow"] = -sample["flow"]
+    return sample
+
+
+class DownstreamBatchViews:
+    """A batch of ``DownstreamDataset`` parts (``transforms="device"``, through ``collate``) made into the batch the
+    worker path gives, on the device it lives on: the voxel grids at the sensor size (``voxel_grid_batch``), cropped,
+    resized, flipped (``apply_views``); dense targets through ``view_targets`` sample by sample."""
+
+    def __init__(self, dataset: DownstreamDataset):
+        self.num_bins, self.sensor_size = dataset.num_bins, dataset.sensor_size
+        self.input_size, self.target_size = dataset.input_size, dataset.target_size
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        out = {key: value for key, value in batch.items() if key not in ("event_stream", "view")}
+        crops, hflips, time_flips = unpack_views(batch["view"])
+        voxel = voxel_grids(batch["event_stream"], self.num_bins, self.sensor_size)
+        if "flow" in batch:
+            out["events"] = voxel.abs().sum(dim=1) > 0
+        out["voxel"] = time_flip_where(apply_views(voxel, crops, hflips, self.input_size), time_flips)
+        keys = [key for key in (*TARGET_KEYS, "events") if key in out]
+        if keys:
+            flags = zip(hflips.tolist(), time_flips.tolist())
+            views = [
+                view_targets({key: out[key][i] for key in keys}, crop, flip, time_flip, self.target_size)
+                for i, (crop, (flip, time_flip)) in enumerate(zip(crops, flags))
+            ]
+            out |= {key: torch.stack([view[key] for view in views]) for key in keys}
+        return out
 
 
 def _random_crop(

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from evpretrain.config import ConfigError, to_mapping
 from evpretrain.data.store import store_digest
 from evpretrain.downstream.config import DownstreamTaskConfig, Task, WindowConfig, task_config, task_section
-from evpretrain.downstream.data import IGNORE_INDEX, DownstreamDataset
+from evpretrain.downstream.data import IGNORE_INDEX, DownstreamDataset, collate
 from evpretrain.downstream.heads import FlowModel, SegmentationModel
 from evpretrain.downstream.losses import flow_loss, segmentation_loss
 from evpretrain.downstream.metrics import (
@@ -339,6 +339,7 @@ def run_downstream(
         head=settings,
     )
     stochastic_backbone = config.probe_backbone_mode == "train" and config.drop_path_rate > 0
+    batch_transform = None
     if mode == "linear" and train_set.deterministic and not stochastic_backbone:
         # A frozen backbone and fixed inputs: the features are the same every epoch, so compute them once.
         run_device = resolve_device(device, process_layout())
@@ -347,6 +348,11 @@ def run_downstream(
             cache_probe_features(model, data, config.eval_batch_size, run_device, bf16=bf16)
             for data in (train_set, eval_set)
         )
+    elif config.transforms == "device":  # the training samples' dense work on the device; evaluation reads whole
+        train_set = DownstreamDataset(
+            train_store, task, train=True, augment=config.augment, transforms="device", **common
+        )
+        batch_transform = train_set.batch_views()
     eval_loader = DataLoader(
         eval_set, batch_size=config.eval_batch_size, shuffle=False, num_workers=config.train.num_workers
     )
@@ -363,11 +369,14 @@ def run_downstream(
         param_groups=optimizer_groups(model, config),
         hooks=[evaluator] if tracker is None else [evaluator, tracker],
         device=device,
+        collate_fn=collate,
+        batch_transform=batch_transform,
         # what the run trains on and from beyond its train settings: resuming a checkpoint of another is refused
         identity={
             "data": {"train": store_digest(train_store), "eval": store_digest(eval_store)},
             "task": [task, mode],
-            "settings": {k: v for k, v in to_mapping(config).items() if k != "train"},
+            # transforms: where the inputs are built, the same to float32 rounding (as pretrain's, not identity)
+            "settings": {k: v for k, v in to_mapping(config).items() if k not in ("train", "transforms")},
             "backbone": to_mapping(spec),
             "init": [file_sha256(checkpoint), checkpoint_source],
         },

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 Window = Literal["interval", "clip"]
 GridResize = Literal["nearest", "bilinear", "scale_events"]
 TargetResize = Literal["bicubic", "bilinear"]
+Transforms = Literal["worker", "device"]
 TeacherInput = Literal["rgb", "last_frame"]
 # The registered teachers (``teachers.list_teachers()``; a test keeps the two equal), known here without torch.
 TEACHERS = ("clip_vit_b16", "efficientnet_lite0")
@@ -56,7 +57,9 @@ class PretrainDataConfig:
     the input size; ``align_teacher_tokens`` (stages 2 and 3) moves the cached teacher tokens with the crop and the
     horizontal flip, where the paper leaves them in place (exact for tokens of the event view, ``last_frame``'s;
     ``rgb`` tokens cover CLIP's centre crop of the source, close to but not the simulated view); ``seed`` of every
-    draw.
+    draw. ``transforms``: where the dense work runs: ``worker`` (the loader's workers build each sample, as the
+    paper's loaders do) or ``device`` (the workers only read and pack; ``PretrainBatchViews`` builds the batch on
+    the training device; the same tensors to float32 rounding).
     """
 
     num_bins: int = DEFAULT_NUM_BINS
@@ -67,6 +70,7 @@ class PretrainDataConfig:
     target_resize: TargetResize = "bilinear"
     align_teacher_tokens: bool = False
     seed: int = 0
+    transforms: Transforms = "worker"
 
     def __post_init__(self) -> None:
         if self.num_bins < 1:
@@ -76,9 +80,10 @@ class PretrainDataConfig:
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
 
-    def dataset(self, store: Path, *, augment: bool = True) -> PretrainDataset:
+    def dataset(self, store: Path, *, augment: bool = True, transforms: Transforms | None = None) -> PretrainDataset:
         """The pre-training dataset of ``store`` with these settings; ``augment=False`` for the kNN monitor and the
-        figures (the window is still drawn, seeded, per index)."""
+        figures (the window is still drawn, seeded, per index); ``transforms`` overrides the setting (the figures
+        read whole samples: ``worker``)."""
         from evpretrain.pretrain.data import PretrainDataset  # torch: only where a job builds data
 
         return PretrainDataset(
@@ -90,6 +95,7 @@ class PretrainDataConfig:
             resize=self.resize,
             target_resize=self.target_resize,
             seed=self.seed,
+            transforms=transforms or self.transforms,
         )
 
 

@@ -40,6 +40,12 @@ dataset/augmentation/events_augment.py:22-26, dataset/pretrain/pr_n_imagenet_dat
 the targets: ``bicubic`` (the paper's, view_augment.py:84) or ``bilinear``. The density is counted directly on the
 input grid, so it stays an exact event count.
 
+Where the dense work runs (``transforms``): ``worker``, each read builds the sample above (the paper's loaders), or
+``device``: a read gives what the sample is made of, the window's ``events``, the ``view`` (``pack_view``), ``label``,
+``index``, the sensor-sized ``difference`` and target ``frame`` as stored (one frame read alone) and the image's
+``image_frame``; ``collate`` packs the events flat (``pack_events``) and ``PretrainBatchViews`` builds the batch above
+on the training device, the voxel grids to float32 rounding and every other field with the same operations.
+
 Teacher tokens (stages 2 and 3) are cached once per sample, one image per video. The paper's stage-2/3 loaders crop
 and flip the voxel grid and leave the CLIP tokens as they are (pr_ef_imagenet_dataset.py:194,213-221), so under a
 crop or a horizontal flip student token (i, j) no longer sees what teacher token (i, j) saw; ``view_tokens`` moves the
@@ -50,19 +56,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, default_collate
 
+from evpretrain.data.batch_views import (
+    apply_views,
+    event_density_batch,
+    pack_events,
+    pack_view,
+    time_flip_where,
+    unpack_views,
+    voxel_grids,
+)
 from evpretrain.data.resize import as_size, resize_maps
 from evpretrain.data.store import EventStore, StoreError, frame_times
 from evpretrain.data.view import CropBox, apply_view, view_crop_box
 from evpretrain.events.representations import voxel_grid
-from evpretrain.pretrain.config import GridResize, PretrainAugment, TargetResize, Window
+from evpretrain.pretrain.config import GridResize, PretrainAugment, TargetResize, Transforms, Window
 
 __all__ = [
+    "PretrainBatchViews",
     "PretrainDataset",
     "View",
     "collate",
@@ -72,8 +89,14 @@ __all__ = [
     "view_tokens",
 ]
 
-# Every field has one shape per dataset, so stacking is all a batch needs.
-collate = default_collate
+
+def collate(samples: list[dict]) -> dict:
+    """The batch of ``PretrainDataset`` samples: every field has one shape per dataset, so stacking is all a batch
+    needs, but the events of ``transforms="device"`` samples, which are packed (``pack_events``)."""
+    if not samples or "events" not in samples[0]:
+        return default_collate(samples)
+    rest = default_collate([{key: value for key, value in s.items() if key != "events"} for s in samples])
+    return rest | {"events": pack_events([s["events"] for s in samples])}
 
 
 @dataclass(frozen=True)
@@ -149,6 +172,8 @@ class PretrainDataset(Dataset):
         with_image: add the frame ``image`` (needs frames in the store).
         image_size: (H_t, W_t) of ``image``, or one int for a square.
         seed: seed of every draw (interval, crop, flips).
+        transforms: ``worker`` (a read gives the sample above) or ``device`` (a read gives what the sample is made
+            of, ``collate`` packs it and ``batch_views()`` makes the batch where it lives; see the module docstring).
     """
 
     def __init__(
@@ -164,6 +189,7 @@ class PretrainDataset(Dataset):
         with_image: bool = False,
         image_size: tuple[int, int] | int = 224,
         seed: int = 0,
+        transforms: Transforms = "worker",
     ):
         if num_bins < 1:
             raise ValueError(f"num_bins must be >= 1, got {num_bins}")
@@ -171,6 +197,7 @@ class PretrainDataset(Dataset):
             ("window", window, ("interval", "clip")),
             ("resize", resize, ("nearest", "bilinear", "scale_events")),
             ("target_resize", target_resize, ("bicubic", "bilinear")),
+            ("transforms", transforms, ("worker", "device")),
         ):
             if value not in allowed:
                 raise ValueError(f"pretrain.data.{name} must be one of {list(allowed)}, got {value!r}")
@@ -188,10 +215,14 @@ class PretrainDataset(Dataset):
         self.window, self.augment, self.resize, self.target_resize = window, augment, resize, target_resize
         self.with_image = with_image
         self.seed = int(seed)
+        self.transforms = transforms
         self.has_difference = "diff_maps" in fields
         self.has_frames = "frames" in fields
         if with_image and not self.has_frames:
             raise StoreError(self.store_path, "with_image=True needs frames, but this store holds none")
+        if transforms == "device" and max(self.sensor_size) > np.iinfo(np.int16).max:
+            raise StoreError(self.store_path, f"transforms: device packs int16 pixels; sensor {self.sensor_size}")
+        self._num_frames = len(store.dense("frames", 0)) if self.has_frames and len(store) else 0
         self._times = self._frame_times(store) if window == "interval" else None
         self._labels = labels if labels is not None else np.full(self._num_samples, -1, np.int64)
         # Shared memory: set_epoch in the main process reaches the workers, persistent ones included.
@@ -241,6 +272,8 @@ class PretrainDataset(Dataset):
             raise IndexError(f"{self.store_path}: sample {index} out of range for {len(self)} samples")
         store, view = self._store, self.view(index)
         events = self._window_events(store.events(index), view.interval)
+        if self.transforms == "device":
+            return self._parts(index, view, events)
         voxel = torch.from_numpy(
             voxel_grid(self._on_grid(events), self.num_bins, height=self.grid_size[0], width=self.grid_size[1])
         )
@@ -254,23 +287,58 @@ class PretrainDataset(Dataset):
             "index": torch.tensor(index, dtype=torch.int64),
         }
         if self.has_difference:
-            maps = store.dense("diff_maps", index)
-            if view.interval is None:
-                # Consecutive differences telescope: their sum is log I(T_end) - log I(T_0). Summed in float32: EF
-                # stores keep them in float16.
-                difference = maps.sum(axis=0, dtype=np.float32, keepdims=True)
-            else:
-                difference = maps[view.interval][None].astype(np.float32)
+            difference = self._difference(index, view.interval).astype(np.float32, copy=False)
             difference = torch.from_numpy(-difference if view.time_flip else difference)
             sample["target_difference"] = self._target(difference, view)
         if self.has_frames:
-            frames = store.dense("frames", index)
-            start, end = (0, len(frames) - 1) if view.interval is None else (view.interval, view.interval + 1)
-            sample["target_frame"] = self._target(_intensity(frames[start if view.time_flip else end])[None], view)
+            target, end = self._frame_indices(view)
+            frame = store.dense("frames", index, target)
+            sample["target_frame"] = self._target(_intensity(frame)[None], view)
             if self.with_image:
-                image = resize_maps(_intensity(frames[end])[None], self.image_size).clamp(0.0, 1.0)
+                frame = frame if end == target else store.dense("frames", index, end)
+                image = resize_maps(_intensity(frame)[None], self.image_size).clamp(0.0, 1.0)
                 sample["image"] = image.expand(3, -1, -1)  # a view: collating makes the copy
         return sample
+
+    def _parts(self, index: int, view: View, events: np.ndarray) -> dict[str, Any]:
+        """What sample ``index`` is made of, for ``transforms="device"``: the window's ``events``, the ``view``
+        (``pack_view``), ``label``, ``index``, the sensor-sized ``difference`` (1, H_s, W_s) (the stored dtype, or
+        float32 for a clip's sum) and ``frame`` (H_s, W_s) of the targets, the ``image_frame`` of the image."""
+        store = self._store
+        sample: dict[str, Any] = {
+            "events": events,
+            "view": pack_view(view.crop, view.hflip, view.time_flip),
+            "label": torch.tensor(self._labels[index], dtype=torch.int64),
+            "index": torch.tensor(index, dtype=torch.int64),
+        }
+        if self.has_difference:
+            sample["difference"] = torch.from_numpy(self._difference(index, view.interval))
+        if self.has_frames:
+            target, end = self._frame_indices(view)
+            sample["frame"] = torch.from_numpy(store.dense("frames", index, target))
+            if self.with_image:
+                sample["image_frame"] = (
+                    sample["frame"] if end == target else torch.from_numpy(store.dense("frames", index, end))
+                )
+        return sample
+
+    def _difference(self, index: int, interval: int | None) -> np.ndarray:
+        """The window's difference map (1, H_s, W_s) as stored, or the clip's sum in float32."""
+        if interval is None:
+            # Consecutive differences telescope: their sum is log I(T_end) - log I(T_0). Summed in float32: EF
+            # stores keep them in float16.
+            return self._store.dense("diff_maps", index).sum(axis=0, dtype=np.float32, keepdims=True)
+        return self._store.dense("diff_maps", index, interval)[None]
+
+    def _frame_indices(self, view: View) -> tuple[int, int]:
+        """The frames of the frame target (the window's end, its start when time-flipped) and of the image (the
+        end)."""
+        start, end = (0, self._num_frames - 1) if view.interval is None else (view.interval, view.interval + 1)
+        return (start if view.time_flip else end), end
+
+    def batch_views(self) -> PretrainBatchViews:
+        """The device-side transform of this dataset's packed batches (``transforms="device"``)."""
+        return PretrainBatchViews(self)
 
     def _window_events(self, events: np.ndarray, interval: int | None) -> np.ndarray:
         """The events of frame interval ``interval`` (t_i <= t < t_(i+1), the last interval closed), or all."""
@@ -311,6 +379,47 @@ class PretrainDataset(Dataset):
         self._store.close()
 
 
+class PretrainBatchViews:
+    """A batch of ``PretrainDataset`` parts (``transforms="device"``, through ``collate``) made into the batch the
+    worker path gives, on the device the batch lives on: voxel grids (``voxel_grid_batch``), time flips, crops and
+    resizes (``apply_view``'s ops), density, targets and image; other keys (the teacher tokens) pass through.
+    The voxel grids equal the worker path's to float32 rounding (its numba loop computes the bin position in float64
+    and adds in another order); every other step is the same operation on the same values."""
+
+    def __init__(self, dataset: PretrainDataset):
+        self.num_bins, self.resize, self.target_resize = dataset.num_bins, dataset.resize, dataset.target_resize
+        self.sensor_size, self.grid_size, self.input_size = dataset.sensor_size, dataset.grid_size, dataset.input_size
+        self.image_size = dataset.image_size
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        parts = ("events", "view", "difference", "frame", "image_frame")
+        out = {key: value for key, value in batch.items() if key not in parts}
+        events = batch["events"]
+        crops, hflips, time_flips = unpack_views(batch["view"])
+        voxel = time_flip_where(voxel_grids(events, self.num_bins, self.grid_size, self.sensor_size), time_flips)
+        # scale_events resizes its crop with nearest neighbours, as the paper's evg_augment after events_reshape.
+        out["voxel"] = apply_views(
+            voxel, crops, hflips, self.input_size, "bilinear" if self.resize == "bilinear" else "nearest"
+        )
+        density = event_density_batch(events, self.sensor_size, self.input_size, self.grid_size, crops)
+        out["density"] = torch.where(hflips.view(-1, 1, 1), density.flip(-1), density)
+        if "difference" in batch:
+            difference = batch["difference"].float()
+            difference = torch.where(time_flips.view(-1, 1, 1, 1), -difference, difference)
+            out["target_difference"] = self._target(difference, crops, hflips)
+        if "frame" in batch:
+            out["target_frame"] = self._target(_intensity_tensor(batch["frame"])[:, None], crops, hflips)
+        if "image_frame" in batch:
+            image = resize_maps(_intensity_tensor(batch["image_frame"]), self.image_size).clamp(0.0, 1.0)
+            out["image"] = image[:, None].expand(-1, 3, -1, -1).contiguous()
+        return out
+
+    def _target(self, maps: torch.Tensor, crops: list[CropBox], hflips: torch.Tensor) -> torch.Tensor:
+        """Sensor-sized targets (B, 1, H_s, W_s) moved by the views, as ``PretrainDataset._target``."""
+        on_grid = resize_maps(maps[:, 0], self.grid_size, self.target_resize)[:, None]
+        return apply_views(on_grid, crops, hflips, self.input_size, self.target_resize)
+
+
 def _chance(rng: np.random.Generator, p: float) -> bool:
     """True with probability ``p``; a certain outcome (p 0 or 1) draws nothing, so that the other draws stay put."""
     return p >= 1.0 or (p > 0.0 and bool(rng.random() < p))
@@ -321,3 +430,8 @@ def _intensity(frame: np.ndarray) -> torch.Tensor:
     if frame.dtype == np.uint8:
         return torch.from_numpy(frame.astype(np.float32) / 255.0)
     return torch.from_numpy(np.ascontiguousarray(frame, dtype=np.float32))
+
+
+def _intensity_tensor(frames: torch.Tensor) -> torch.Tensor:
+    """Stored frames (..., H, W), float or uint8, as float32 in [0, 1]: ``_intensity`` on tensors."""
+    return frames.float() / 255.0 if frames.dtype == torch.uint8 else frames.float()

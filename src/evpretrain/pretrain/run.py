@@ -21,7 +21,7 @@ from evpretrain.files import file_sha256
 from evpretrain.inference.spec import InferenceSpec, Representation, store_facts
 from evpretrain.models import build_backbone
 from evpretrain.pretrain.config import PretrainConfig
-from evpretrain.pretrain.data import PretrainDataset, view_tokens
+from evpretrain.pretrain.data import PretrainDataset, collate, view_tokens
 from evpretrain.pretrain.stages import FeatureTransition, MaskedModeling
 from evpretrain.training import KnnMonitor, load_checkpoint, train
 from evpretrain.training.checkpoint import backbone_entries
@@ -149,9 +149,16 @@ def knn_monitor(config: PretrainConfig, train_store: Path, val_store: Path) -> K
         Subset(memory, range(min(config.knn.memory, len(memory)))),
         Subset(queries, range(min(config.knn.queries, len(queries)))),
         every_steps=config.knn.every_steps,
+        collate_fn=collate,
+        batch_transform=_batch_transform(memory),
         k=config.knn.k,
         temperature=config.knn.temperature,
     )
+
+
+def _batch_transform(dataset: PretrainDataset):
+    """What the device does to the dataset's batches: its ``PretrainBatchViews`` with ``transforms: device``."""
+    return dataset.batch_views() if dataset.transforms == "device" else None
 
 
 def knn_of_checkpoint(
@@ -189,6 +196,7 @@ def run_stage(
         raise ConfigError(f"config has no section 'pretrain.stage{stage}'")
     data = config.data
     dataset: Dataset = data.dataset(train_store)
+    batch_transform = _batch_transform(dataset)
     config.check_input_size(dataset.input_size, train_store)
     key = f"pretrain.stage{stage}.train"
     check_batch_fits(stage_config.train, len(dataset), process_layout().world_size, key, train_store)
@@ -232,7 +240,9 @@ def run_stage(
         "data": store_digest(train_store),
         "stage": stage,
         "method": to_mapping(stage_config.method),
-        "inputs": to_mapping(config.data),
+        # transforms moves work between workers and device, the same tensors to float32 rounding: not the run's
+        # identity, so a run resumes under either (and checkpoints of before the setting still resume).
+        "inputs": {k: v for k, v in to_mapping(config.data).items() if k != "transforms"},
         "backbone": to_mapping(config.backbone_spec),
         "init": file_sha256(init),
         "teacher_features": file_sha256(teacher_features),
@@ -257,6 +267,8 @@ def run_stage(
         hooks=hooks,
         identity=identity,
         inference=inference.to_dict(),
+        collate_fn=collate,
+        batch_transform=batch_transform,
     )
     metrics = dict(metrics) | {"init": str(init) if init else None, "init_left_out": left_out}
     if stage == 1 and process_layout().is_main:  # under DDP one rank draws
@@ -264,7 +276,7 @@ def run_stage(
 
         reconstruction_figure(
             module,
-            data.dataset(val_store or train_store, augment=False),
+            data.dataset(val_store or train_store, augment=False, transforms="worker"),
             out / "reconstructions.png",
         )
     return metrics

@@ -58,7 +58,8 @@ class KnnMonitor(Hook):
     ``embed_fn(model, batch) -> (B, D)`` embeds a batch (on the device) with the bare model, in eval mode, without
     gradients and under the run's autocast; the labels are ``batch[label_key]`` (samples labelled -1 are left out).
     ``train_set`` is the labelled memory bank, ``val_set`` the queries: small subsets, embedded in full each time,
-    on rank 0 only.
+    on rank 0 only. ``batch_transform`` runs on each batch on the device before ``embed_fn``, as the training
+    loop's (``PretrainBatchViews``).
     Every evaluation runs on RNG streams seeded with ``seed`` (a dataset that augments sees the same draws each
     time, so values compare across steps) and restores the run's streams after: training draws the same random
     numbers with the monitor or without it. Let ``every_steps`` be a multiple of ``log_every_steps``: the value is
@@ -74,6 +75,7 @@ class KnnMonitor(Hook):
         every_steps: int,
         batch_size: int = 64,
         collate_fn: Callable[[list[Any]], Any] | None = None,
+        batch_transform: Callable[[Any], Any] | None = None,
         label_key: str = "label",
         k: int = 20,
         temperature: float = 0.07,
@@ -88,6 +90,7 @@ class KnnMonitor(Hook):
         self.every_steps = every_steps
         self.batch_size = batch_size
         self.collate_fn = collate_fn
+        self.batch_transform = batch_transform
         self.label_key = label_key
         self.k = k
         self.temperature = temperature
@@ -129,6 +132,10 @@ class KnnMonitor(Hook):
         loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=False, collate_fn=self.collate_fn)
         features, labels = [], []
         for batch in loader:
-            features.append(self.embed_fn(model, to_device(batch, device)).float())
+            batch = to_device(batch, device)
+            if self.batch_transform is not None:
+                with torch.autocast(device.type, enabled=False):
+                    batch = self.batch_transform(batch)
+            features.append(self.embed_fn(model, batch).float())
             labels.append(torch.as_tensor(batch[self.label_key]))
         return torch.cat(features), torch.cat(labels).to(device)

@@ -96,6 +96,7 @@ def train(
     device: str | torch.device | None = None,
     identity: Mapping[str, Any] | None = None,
     inference: Mapping[str, Any] | None = None,
+    batch_transform: Callable[[Any], Any] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place and return the final metrics (also written to ``out_dir/metrics.json``).
 
@@ -120,6 +121,8 @@ def train(
     another identity is not resumed. Rank 0 holds ``out_dir`` (``FolderLock``) while it runs: a second run on the
     same folder is refused, naming this one. ``inference`` (JSON-like) is saved as the checkpoint's ``inference`` entry:
     what ``evpretrain.inference`` needs to use the weights without the study config (not part of the identity).
+    ``batch_transform(batch) -> batch`` runs on each batch once it is on the device, outside autocast, before
+    ``step_fn``: the dense transforms a loader leaves to the device (``PretrainBatchViews``).
     Raises NonFiniteLossError on a NaN or infinite loss, ResumeError on a checkpoint of other settings or identity,
     FolderLockedError when another live run holds ``out_dir``.
     """
@@ -127,6 +130,8 @@ def train(
     device = resolve_device(device, layout)
     lock = FolderLock(out_dir).acquire() if layout.is_main else None
     joined = init_process_group(layout, device)
+    if batch_transform is not None:
+        step_fn = _transformed(step_fn, batch_transform, device)
     try:
         return _train(
             model,
@@ -203,6 +208,17 @@ def _train(
     for hook in hooks:
         hook.on_train_end(state, metrics)
     return metrics
+
+
+def _transformed(step_fn: StepFn, transform: Callable[[Any], Any], device: torch.device) -> StepFn:
+    """``step_fn`` of ``transform(batch)``, the transform run in float32: it builds the inputs, not the model's math."""
+
+    def step(net: nn.Module, batch: Any):
+        with torch.autocast(device.type, enabled=False):
+            batch = transform(batch)
+        return step_fn(net, batch)
+
+    return step
 
 
 def _publish(record: _Record) -> None:
