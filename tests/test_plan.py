@@ -87,6 +87,8 @@ def test_execution_settings_and_unused_sections_change_no_key():
     for path, value in [
         ("pretrain.stage1.train.num_workers", 4),
         ("pretrain.stage2.train.checkpoint_every_steps", 7),
+        ("pretrain.data.transforms", "device"),  # where the dense work runs: the same tensors
+        ("downstream.classify.linear.transforms", "device"),
         ("downstream.classify.finetune.train.base_lr", 1.0),
     ]:  # finetune: no evaluation uses it
         after = plan_study(changed(path, value))
@@ -161,39 +163,39 @@ def test_also_eval_stores_go_to_the_first_seeds_robustness_evaluation_only():
 def test_the_demo_study_keeps_its_stage_and_evaluation_keys():
     # Pinned before the config lookups moved to evpretrain.config (issue 11): a refactor must leave every folder
     # name and every config a job reads as they were. A deliberate change of config.yaml updates these figures
-    # (last: issue 12, the probe's head options and downstream.robustness.val_event_noise written out; the
-    # teacher's key narrowed to what its features depend on).
+    # (last: issue 16, the demo's train sections under amp: bf16; without it every key below was unchanged, and
+    # pretrain.data.transforms changes none).
     plan = plan_study(load_yaml(Path(__file__).resolve().parents[1] / "config.yaml"))
     assert {name: variant["nodes"] for name, variant in plan.manifest().items()} == {
-        "full": ["stage1-97b2cea261", "stage2-71c5668217", "stage3-488527d627"],
-        "no_stage1": ["stage2-1196c77dae", "stage3-3073af030e"],
-        "no_stage2": ["stage1-97b2cea261", "stage3-cfdaee122b"],
-        "no_stage3": ["stage1-97b2cea261", "stage2-71c5668217"],
-        "stage1_only": ["stage1-97b2cea261"],
+        "full": ["stage1-5bafa65a8a", "stage2-9db46f020a", "stage3-4aa81108aa"],
+        "no_stage1": ["stage2-5127d5c99c", "stage3-0fb4f22653"],
+        "no_stage2": ["stage1-5bafa65a8a", "stage3-6cda4cba3e"],
+        "no_stage3": ["stage1-5bafa65a8a", "stage2-9db46f020a"],
+        "stage1_only": ["stage1-5bafa65a8a"],
         "scratch": [],
-        "voxel_target": ["stage1-c9b68662e1", "stage2-c661b6b00a", "stage3-2bc0e2c22c"],
-        "no_focus": ["stage1-97b2cea261", "stage2-71c5668217", "stage3-5bae6aa214"],
-        "density_masking": ["stage1-4a3561617f", "stage2-372d3d870f", "stage3-7bdb6d45c9"],
+        "voxel_target": ["stage1-0416431ea3", "stage2-f07f5289b2", "stage3-c288e04b54"],
+        "density_masking": ["stage1-f35d7749ec", "stage2-2671eba721", "stage3-0533ed2841"],
+        "no_focus": ["stage1-5bafa65a8a", "stage2-9db46f020a", "stage3-a9bd926011"],
     }
     assert sorted({name.split("/")[0] for name in plan.evaluations}) == [
         f"classify-linear-demo-{key}"
         for key in (
-            "1e7bcea425",
-            "31e76eb9ca",
-            "3b7851ed7c",
-            "44807d3254",
-            "5025c96eba",
-            "8870ca76c9",
-            "8b9b5db28d",
-            "8c8de12fe8",
-            "bcc6169b2f",
+            "1ff58bbc0f",
+            "81ce886da0",
+            "9b8fb7d2e4",
+            "a2f0eeb810",
+            "b393ff5717",
+            "b5e6eb25e9",
+            "b87528ca90",
+            "c92f4ea577",
+            "d076a0b56d",
         )
     ]
     assert list(plan.teachers) == ["9763fd89d9"]
     # The configs the jobs read, byte for byte (content_key hashes their sorted JSON).
-    assert content_key({name: node.config for name, node in plan.nodes.items()}) == "fb0bc5ee51"
-    assert content_key({name: e.config for name, e in plan.evaluations.items()}) == "2a7be09b9a"
-    assert content_key(plan.teachers) == "436a5d3bca" and content_key(plan.manifest()) == "a747afa936"
+    assert content_key({name: node.config for name, node in plan.nodes.items()}) == "84fe88e42c"
+    assert content_key({name: e.config for name, e in plan.evaluations.items()}) == "68f3c1b017"
+    assert content_key(plan.teachers) == "436a5d3bca" and content_key(plan.manifest()) == "077f19fe3c"
 
 
 def test_a_converted_dataset_is_keyed_by_its_conversion_settings():

@@ -247,11 +247,12 @@ def _check_imported_evaluation(study: Mapping[str, Any], entry: Mapping[str, Any
         )
 
 
-def _weights_content(section: Mapping[str, Any] | None) -> Any:
-    """A stage's or task's section without the settings that only change how it runs (``EXECUTION_FIELDS``)."""
-    if section is None:
-        return None
-    section = dict(section)
+def _weights_content(section: Any) -> Any:
+    """A stage's or task's section without the settings that only change how it runs: ``train``'s
+    ``EXECUTION_FIELDS``, and ``transforms`` (where the dense work runs, workers or the device: the same tensors)."""
+    if not isinstance(section, Mapping):
+        return section  # None, or a wrong value that the section's own check names
+    section = {k: v for k, v in section.items() if k != "transforms"}
     if isinstance(section.get("train"), Mapping):
         section["train"] = {k: v for k, v in section["train"].items() if k not in EXECUTION_FIELDS}
     return section
@@ -300,7 +301,11 @@ def plan_study(study: Mapping[str, Any]) -> StudyPlan:
                 config["pretrain"]["teacher"] = teacher_section
             content = {
                 "stage": stage,
-                "config": {**config["pretrain"], f"stage{stage}": _weights_content(own)},
+                "config": {
+                    **config["pretrain"],
+                    "data": _weights_content(config["pretrain"].get("data")),
+                    f"stage{stage}": _weights_content(own),
+                },
                 "data": data_identity,
                 "init": upstream,
             }
@@ -423,7 +428,7 @@ def _evaluation(
     content = {
         "task": task,
         "mode": mode,
-        "backbone": shared,
+        "backbone": {**shared, "data": _weights_content(shared["data"])} if "data" in shared else shared,
         "task_config": _weights_content(section),
         "data": _data_identity(study, entry["dataset"]),
         "splits": [entry["train"], entry["eval"]],
