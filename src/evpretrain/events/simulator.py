@@ -103,25 +103,23 @@ def simulate(
         config = replace(config, pos_threshold=float(contrast), neg_threshold=float(contrast))
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
-    frames = _checked_frames(frames)
+    frames = _checked_frames(frames)  # the values are checked in the compiled pass over each frame
     timestamps = _checked_timestamps(timestamps_us, len(frames))
     shape = frames.shape[1:]
 
     threshold_rng, shot_rng, leak_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(int(seed)).spawn(3))
     pos_threshold, neg_threshold = _pixel_thresholds(config, shape, threshold_rng)
-    signal, diff_maps = _signal_columns(frames, timestamps, pos_threshold, neg_threshold, config)
-
     start, end = int(timestamps[0]), int(timestamps[-1])
-    noise = _merge_columns(
+    noise = _to_events(
         _shot_noise_columns(config.shot_noise_rate_hz, shape, start, end, shot_rng),
         _leak_columns(config.leak_rate_hz, config.leak_rate_jitter, shape, start, end, leak_rng),
     )
-    clean_events = _to_events(signal)
-    events = _to_events(signal, noise) if len(noise[0]) else clean_events
+    clean_events, events, diff_maps = _signal_events(frames, timestamps, pos_threshold, neg_threshold, config, noise)
     return SimulationResult(events=events, clean_events=clean_events, diff_maps=diff_maps)
 
 
 def _checked_frames(frames) -> np.ndarray:
+    """``frames`` as an array after the checks of shape and dtype; ``_bad_values_error`` describes bad values."""
     frames = np.asarray(frames)
     if frames.ndim != 3 or frames.shape[0] < 2 or 0 in frames.shape:
         raise ValueError(f"frames: expected shape (T, H, W) with T >= 2 and H, W >= 1, got {frames.shape}")
@@ -132,16 +130,19 @@ def _checked_frames(frames) -> np.ndarray:
         raise ValueError(
             f"frames: expected H and W of at most {_MAX_SIDE} (uint16 event coordinates), got {frames.shape[1:]}"
         )
+    return frames
+
+
+def _bad_values_error(frames: np.ndarray) -> ValueError:
+    """The error for frames with a value outside [0, 1]: the first non-finite value, else the range of values."""
     finite = np.isfinite(frames)
     if not finite.all():
         where = tuple(int(i) for i in np.argwhere(~finite)[0])
-        raise ValueError(f"frames: expected finite values in [0, 1], got {frames[where]} at (t, y, x) = {where}")
-    low, high = frames.min(), frames.max()
-    if low < 0 or high > 1:
-        raise ValueError(
-            f"frames: expected linear intensity in [0, 1], got values in [{low}, {high}] (scale 8-bit frames by 1/255)"
-        )
-    return frames
+        return ValueError(f"frames: expected finite values in [0, 1], got {frames[where]} at (t, y, x) = {where}")
+    return ValueError(
+        f"frames: expected linear intensity in [0, 1], got values in [{frames.min()}, {frames.max()}] "
+        "(scale 8-bit frames by 1/255)"
+    )
 
 
 def _checked_timestamps(timestamps_us, num_frames: int) -> np.ndarray:
@@ -175,44 +176,111 @@ def _pixel_thresholds(config: SimulatorConfig, shape: tuple[int, int], rng: np.r
     return thresholds
 
 
-def _signal_columns(frames, timestamps, pos_threshold, neg_threshold, config: SimulatorConfig):
-    """Threshold crossings of all frame pairs as (t, x, y, p) columns sorted by t; the (T-1, H, W) difference maps."""
+def _signal_events(frames, timestamps, pos_threshold, neg_threshold, config: SimulatorConfig, noise: np.ndarray):
+    """Signal events, and signal events merged with ``noise``, as ``EVENT_DTYPE`` sorted by t; the diff maps.
+
+    noise: ``EVENT_DTYPE`` sorted by t within [timestamps[0], timestamps[-1]]; when empty, the merged array is the
+    signal array. Returns (clean_events, events, diff_maps), diff_maps (T-1, H, W) float32 nepers.
+    Frame by frame: numpy takes the log (its float32 log, which a compiled log does not match bit for bit), one
+    compiled pass finishes ``lin_log`` and counts the crossings, a second writes the pair's events time-sorted
+    straight into a growing packed array; the merge with the noise reads them back while they are in cache.
+    """
     num_frames, height, width = frames.shape
+    linear_threshold = np.float32(config.linear_threshold)
     diff_maps = np.empty((num_frames - 1, height, width), dtype=np.float32)
-    log_prev = lin_log(frames[0], config.linear_threshold)
+    log_prev, log_next = np.empty((2, height, width), dtype=np.float32)
+    np.log(np.maximum(frames[0], linear_threshold, dtype=np.float32, out=log_prev), out=log_prev)
+    if not _finish_lin_log(frames[0], linear_threshold, log_prev):
+        raise _bad_values_error(frames)
     reference = log_prev.astype(np.float64)  # accumulates many threshold steps: double precision
     last_event_us = np.full((height, width), _NEVER_US, dtype=np.int64)
-    pairs = []
+    crossings = np.empty((height, width), dtype=np.int64)
+    # Noise events before each pair's end go with that pair; at equal t signal events come first, so a noise event
+    # at a frame's time follows the next pair's events at that time too.
+    noise_bounds = np.searchsorted(noise["t"], timestamps, side="left")  # pair n: noise_bounds[n - 1 : n + 1]
+    noise_bounds[-1] = len(noise)
+    clean = events = None
+    num_clean = num_events = 0
     for n in range(1, num_frames):
-        log_next = lin_log(frames[n], config.linear_threshold)
-        np.subtract(log_next, log_prev, out=diff_maps[n - 1])
-        pairs.append(
-            _frame_pair_events(
-                log_prev, log_next, reference, last_event_us, pos_threshold, neg_threshold,
-                int(timestamps[n - 1]), int(timestamps[n]), int(config.refractory_us),
-            )
+        np.log(np.maximum(frames[n], linear_threshold, dtype=np.float32, out=log_next), out=log_next)
+        total = _pair_crossings(
+            frames[n], linear_threshold, log_prev, log_next, diff_maps[n - 1], reference, pos_threshold, neg_threshold,
+            crossings,
         )  # fmt: skip
-        log_prev = log_next
-    # Each pair's events are sorted and pairs follow each other in time: the concatenation is sorted.
-    return tuple(np.concatenate([pair[k] for pair in pairs]) for k in range(4)), diff_maps
+        if total < 0:
+            raise _bad_values_error(frames)
+        if clean is None:  # room for twice as many events per pair as the first pair has; untouched memory is free
+            clean = np.empty(2 * (num_frames - 1) * total + 1024, dtype=EVENT_DTYPE)
+            events = np.empty(len(clean) + len(noise), dtype=EVENT_DTYPE) if len(noise) else None
+        elif num_clean + total > len(clean):
+            clean = _resized(clean, max(2 * len(clean), num_clean + total))
+            events = _resized(events, len(clean) + len(noise)) if len(noise) else None
+        new_clean = _pair_events(
+            log_prev, log_next, reference, last_event_us, pos_threshold, neg_threshold, crossings, total,
+            int(timestamps[n - 1]), int(timestamps[n]), int(config.refractory_us), clean, num_clean,
+        )  # fmt: skip
+        if events is not None:
+            pair_noise = noise[noise_bounds[n - 1] : noise_bounds[n]]
+            num_events = _merge_into(clean[num_clean:new_clean], pair_noise, events, num_events)
+        num_clean = new_clean
+        log_prev, log_next = log_next, log_prev
+    clean = _resized(clean, num_clean)
+    events = clean if events is None else _resized(events, num_events)
+    return clean, events, diff_maps
+
+
+def _resized(events: np.ndarray, size: int) -> np.ndarray:
+    """``events`` reallocated to ``size`` records in place (large arrays grow and shrink without a copy).
+
+    The caller must hold no view of ``events``: numpy's reference check is off because it counts the caller's own
+    name and the call's arguments too.
+    """
+    events.resize(size, refcheck=False)
+    return events
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _toe(value, linear_threshold):
+    """``lin_log``'s linear toe, ``min(I - I_lin, 0) / I_lin``, in float32 in its order of operations."""
+    return (min(np.float32(value), linear_threshold) - linear_threshold) / linear_threshold
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _frame_pair_events(
-    log_prev, log_next, reference, last_event_us, pos_threshold, neg_threshold, t_prev, t_next, refractory_us
-):
-    """Events of one frame pair as (t, x, y, p) columns sorted by t; updates ``reference`` and ``last_event_us``.
+def _finish_lin_log(frame, linear_threshold, response):
+    """Add the toe to ``response`` = ln(max(I, I_lin)), making it ``lin_log(frame)`` bit for bit, in place.
 
-    log_prev, log_next: (H, W) float32 nepers; reference, thresholds: (H, W) float64 nepers;
-    last_event_us: (H, W) int64; times in microseconds.
+    frame: (H, W) intensity; response: (H, W) float32; linear_threshold: float32. Returns False when the
+    frame has a value outside [0, 1] (NaN included).
     """
-    height, width = log_next.shape
-    # Pass 1: signed crossings per pixel, to size the output. The reference moves by every crossing, emitted or
-    # dropped by the refractory period (as in v2e), so the counts do not depend on the refractory period.
-    crossings = np.empty((height, width), dtype=np.int64)
-    total = 0
+    height, width = frame.shape
+    inside = True
     for y in range(height):
         for x in range(width):
+            inside &= (frame[y, x] >= 0.0) & (frame[y, x] <= 1.0)  # no early exit: it would stop vectorisation
+            response[y, x] += _toe(frame[y, x], linear_threshold)
+    return inside
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _pair_crossings(
+    frame, linear_threshold, log_prev, log_next, diff_map, reference, pos_threshold, neg_threshold, crossings
+):
+    """One pass over frame n: finish its ``lin_log``, its difference map and its signed crossings per pixel.
+
+    frame: (H, W) intensity. log_next: ln(max(I, I_lin)) on entry, ``lin_log(frame)`` on return; log_prev: the
+    previous frame's; diff_map: written, float32 nepers; reference, thresholds: (H, W) float64 nepers; crossings:
+    written, (H, W) int64. Returns the number of crossings, or -1 when the frame has a value outside [0, 1]
+    (NaN included). The reference moves by every crossing, emitted or dropped by the refractory period (as in v2e),
+    so the counts do not depend on the refractory period.
+    """
+    height, width = frame.shape
+    total = 0
+    inside = True
+    for y in range(height):
+        for x in range(width):
+            inside &= (frame[y, x] >= 0.0) & (frame[y, x] <= 1.0)  # an early exit here takes ten times longer
+            log_next[y, x] += _toe(frame[y, x], linear_threshold)
+            diff_map[y, x] = log_next[y, x] - log_prev[y, x]
             change = log_next[y, x] - reference[y, x]
             if change > 0.0:
                 k = int(np.floor(change / pos_threshold[y, x]))
@@ -220,9 +288,27 @@ def _frame_pair_events(
                 k = -int(np.floor(-change / neg_threshold[y, x]))
             crossings[y, x] = k
             total += abs(k)
+    return total if inside else -1
 
-    # Pass 2: each crossing at the instant the linear path log_prev -> log_next reaches its level, in pixel order.
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _pair_events(
+    log_prev, log_next, reference, last_event_us, pos_threshold, neg_threshold, crossings, total,
+    t_prev, t_next, refractory_us, out, start,
+):  # fmt: skip
+    """Write one frame pair's events, sorted by t, to ``out[start:]``; return the new end. Updates ``reference`` and
+    ``last_event_us``.
+
+    log_prev, log_next: (H, W) float32 nepers; reference, thresholds: (H, W) float64 nepers; last_event_us: (H, W)
+    int64; crossings: (H, W) signed counts from ``_pair_crossings``, ``total`` their absolute sum; times in
+    microseconds; out: ``EVENT_DTYPE`` with room for ``total`` events after ``start``.
+    """
+    height, width = crossings.shape
     span = t_next - t_prev
+    # Stable sort by time: a counting sort over the microseconds of the interval is linear; a long interval with
+    # few events falls back to a merge sort.
+    counting = span + 1 <= 4 * total + 65536
+    # Each crossing at the instant the linear path log_prev -> log_next reaches its level, in pixel order.
     offsets = np.empty(total, dtype=np.int64)  # t - t_prev
     xs = np.empty(total, dtype=np.uint16)
     ys = np.empty(total, dtype=np.uint16)
@@ -256,28 +342,43 @@ def _frame_pair_events(
             last_event_us[y, x] = last
             reference[y, x] = level + count * step
 
-    # Stable sort by time: a counting sort over the microseconds of the interval is linear; a long interval with
-    # few events falls back to a merge sort.
-    if span + 1 > 4 * n + 65536:
+    if counting:
+        first_slot = np.zeros(span + 2, dtype=np.int64)
+        for i in range(n):
+            first_slot[offsets[i] + 1] += 1
+        for b in range(1, span + 2):
+            first_slot[b] += first_slot[b - 1]
+        for i in range(n):
+            k = start + first_slot[offsets[i]]
+            first_slot[offsets[i]] += 1
+            out[k].t = t_prev + offsets[i]
+            out[k].x = xs[i]
+            out[k].y = ys[i]
+            out[k].p = ps[i]
+    else:
         order = np.argsort(offsets[:n], kind="mergesort")
-        return t_prev + offsets[order], xs[order], ys[order], ps[order]
-    first_slot = np.zeros(span + 2, dtype=np.int64)
-    for i in range(n):
-        first_slot[offsets[i] + 1] += 1
-    for b in range(1, span + 2):
-        first_slot[b] += first_slot[b - 1]
-    t_sorted = np.empty(n, dtype=np.int64)
-    x_sorted = np.empty(n, dtype=np.uint16)
-    y_sorted = np.empty(n, dtype=np.uint16)
-    p_sorted = np.empty(n, dtype=np.int8)
-    for i in range(n):
-        k = first_slot[offsets[i]]
-        first_slot[offsets[i]] += 1
-        t_sorted[k] = t_prev + offsets[i]
-        x_sorted[k] = xs[i]
-        y_sorted[k] = ys[i]
-        p_sorted[k] = ps[i]
-    return t_sorted, x_sorted, y_sorted, p_sorted
+        for k in range(n):
+            i = order[k]
+            out[start + k].t = t_prev + offsets[i]
+            out[start + k].x = xs[i]
+            out[start + k].y = ys[i]
+            out[start + k].p = ps[i]
+    return start + n
+
+
+@numba.njit(cache=True, nogil=True)
+def _merge_into(first, second, out, start):
+    """Merge two time-sorted ``EVENT_DTYPE`` arrays into ``out[start:]``; return the new end. At equal t, ``first``
+    comes first."""
+    i = j = 0
+    for k in range(start, start + len(first) + len(second)):
+        if j == len(second) or (i < len(first) and first[i].t <= second[j].t):
+            out[k] = first[i]
+            i += 1
+        else:
+            out[k] = second[j]
+            j += 1
+    return start + len(first) + len(second)
 
 
 def _shot_noise_columns(rate_hz: float, shape, start_us: int, end_us: int, rng: np.random.Generator):
@@ -311,16 +412,9 @@ def _leak_columns(rate_hz: float, jitter: float, shape, start_us: int, end_us: i
     return np.minimum(t[order], end_us), x.astype(np.uint16), y.astype(np.uint16), np.ones(len(t), dtype=np.int8)
 
 
-def _merge_columns(first, second):
-    """Merge two time-sorted (t, x, y, p) column tuples into new columns; at equal t, ``first`` comes first."""
-    n = len(first[0]) + len(second[0])
-    merged = np.empty(n, np.int64), np.empty(n, np.uint16), np.empty(n, np.uint16), np.empty(n, np.int8)
-    _merge_kernel(*first, *second, *merged)
-    return merged
-
-
 def _to_events(first, second=None) -> np.ndarray:
-    """A new ``EVENT_DTYPE`` array from time-sorted columns; with ``second``, both merged as ``_merge_columns`` does."""
+    """A new ``EVENT_DTYPE`` array from time-sorted (t, x, y, p) columns; with ``second``, both merged by t (at equal
+    t, ``first`` comes first)."""
     events = np.empty(len(first[0]) + (0 if second is None else len(second[0])), dtype=EVENT_DTYPE)
     fields = events["t"], events["x"], events["y"], events["p"]  # views: writing them writes the events
     if second is None:
