@@ -194,7 +194,7 @@ def _signal_events(frames, timestamps, pos_threshold, neg_threshold, config: Sim
         raise _bad_values_error(frames)
     reference = log_prev.astype(np.float64)  # accumulates many threshold steps: double precision
     last_event_us = np.full((height, width), _NEVER_US, dtype=np.int64)
-    crossings = np.empty((height, width), dtype=np.int64)
+    scratch = np.empty(0, dtype=EVENT_DTYPE)  # one pair's events in pixel order, reused
     # Noise events before each pair's end go with that pair; at equal t signal events come first, so a noise event
     # at a frame's time follows the next pair's events at that time too.
     noise_bounds = np.searchsorted(noise["t"], timestamps, side="left")  # pair n: noise_bounds[n - 1 : n + 1]
@@ -202,23 +202,21 @@ def _signal_events(frames, timestamps, pos_threshold, neg_threshold, config: Sim
     clean = events = None
     num_clean = num_events = 0
     for n in range(1, num_frames):
+        t_prev, t_next = int(timestamps[n - 1]), int(timestamps[n])
         np.log(np.maximum(frames[n], linear_threshold, dtype=np.float32, out=log_next), out=log_next)
-        total = _pair_crossings(
-            frames[n], linear_threshold, log_prev, log_next, diff_maps[n - 1], reference, pos_threshold, neg_threshold,
-            crossings,
+        count, scratch = _pair_events(
+            frames[n], linear_threshold, log_prev, log_next, diff_maps[n - 1], reference, last_event_us,
+            pos_threshold, neg_threshold, t_prev, t_next, int(config.refractory_us), scratch,
         )  # fmt: skip
-        if total < 0:
+        if count < 0:
             raise _bad_values_error(frames)
         if clean is None:  # room for twice as many events per pair as the first pair has; untouched memory is free
-            clean = np.empty(2 * (num_frames - 1) * total + 1024, dtype=EVENT_DTYPE)
+            clean = np.empty(2 * (num_frames - 1) * count + 1024, dtype=EVENT_DTYPE)
             events = np.empty(len(clean) + len(noise), dtype=EVENT_DTYPE) if len(noise) else None
-        elif num_clean + total > len(clean):
-            clean = _resized(clean, max(2 * len(clean), num_clean + total))
+        elif num_clean + count > len(clean):
+            clean = _resized(clean, max(2 * len(clean), num_clean + count))
             events = _resized(events, len(clean) + len(noise)) if len(noise) else None
-        new_clean = _pair_events(
-            log_prev, log_next, reference, last_event_us, pos_threshold, neg_threshold, crossings, total,
-            int(timestamps[n - 1]), int(timestamps[n]), int(config.refractory_us), clean, num_clean,
-        )  # fmt: skip
+        new_clean = _sorted_into(scratch[:count], t_prev, t_next, clean, num_clean)
         if events is not None:
             pair_noise = noise[noise_bounds[n - 1] : noise_bounds[n]]
             num_events = _merge_into(clean[num_clean:new_clean], pair_noise, events, num_events)
@@ -262,61 +260,46 @@ def _finish_lin_log(frame, linear_threshold, response):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _pair_crossings(
-    frame, linear_threshold, log_prev, log_next, diff_map, reference, pos_threshold, neg_threshold, crossings
-):
-    """One pass over frame n: finish its ``lin_log``, its difference map and its signed crossings per pixel.
+def _pair_events(
+    frame, linear_threshold, log_prev, log_next, diff_map, reference, last_event_us, pos_threshold, neg_threshold,
+    t_prev, t_next, refractory_us, scratch,
+):  # fmt: skip
+    """One pass over frame n, row by row: finish its ``lin_log``, its difference map, and the pair's events.
 
     frame: (H, W) intensity. log_next: ln(max(I, I_lin)) on entry, ``lin_log(frame)`` on return; log_prev: the
-    previous frame's; diff_map: written, float32 nepers; reference, thresholds: (H, W) float64 nepers; crossings:
-    written, (H, W) int64. Returns the number of crossings, or -1 when the frame has a value outside [0, 1]
-    (NaN included). The reference moves by every crossing, emitted or dropped by the refractory period (as in v2e),
-    so the counts do not depend on the refractory period.
+    previous frame's; diff_map: written, float32 nepers; reference, thresholds: (H, W) float64 nepers, reference
+    updated; last_event_us: (H, W) int64, updated; times in microseconds. Returns (count, scratch): the pair's
+    ``count`` events in pixel order in ``scratch[:count]`` (``EVENT_DTYPE``, grown when too small), or count -1
+    when the frame has a value outside [0, 1] (NaN included). A row's crossings are counted and emitted while the
+    row is in cache.
     """
     height, width = frame.shape
-    total = 0
+    span = t_next - t_prev
+    row_crossings = np.empty(width, dtype=np.int64)
     inside = True
+    n = 0
     for y in range(height):
+        row_total = 0
         for x in range(width):
             inside &= (frame[y, x] >= 0.0) & (frame[y, x] <= 1.0)  # an early exit here takes ten times longer
             log_next[y, x] += _toe(frame[y, x], linear_threshold)
             diff_map[y, x] = log_next[y, x] - log_prev[y, x]
+            # The reference moves by every crossing, emitted or dropped by the refractory period (as in v2e), so
+            # the counts do not depend on the refractory period.
             change = log_next[y, x] - reference[y, x]
             if change > 0.0:
                 k = int(np.floor(change / pos_threshold[y, x]))
             else:
                 k = -int(np.floor(-change / neg_threshold[y, x]))
-            crossings[y, x] = k
-            total += abs(k)
-    return total if inside else -1
-
-
-@numba.njit(cache=True, nogil=True, error_model="numpy")
-def _pair_events(
-    log_prev, log_next, reference, last_event_us, pos_threshold, neg_threshold, crossings, total,
-    t_prev, t_next, refractory_us, out, start,
-):  # fmt: skip
-    """Write one frame pair's events, sorted by t, to ``out[start:]``; return the new end. Updates ``reference`` and
-    ``last_event_us``.
-
-    log_prev, log_next: (H, W) float32 nepers; reference, thresholds: (H, W) float64 nepers; last_event_us: (H, W)
-    int64; crossings: (H, W) signed counts from ``_pair_crossings``, ``total`` their absolute sum; times in
-    microseconds; out: ``EVENT_DTYPE`` with room for ``total`` events after ``start``.
-    """
-    height, width = crossings.shape
-    span = t_next - t_prev
-    # Stable sort by time: a counting sort over the microseconds of the interval is linear; a long interval with
-    # few events falls back to a merge sort.
-    counting = span + 1 <= 4 * total + 65536
-    # Each crossing at the instant the linear path log_prev -> log_next reaches its level, in pixel order.
-    offsets = np.empty(total, dtype=np.int64)  # t - t_prev
-    xs = np.empty(total, dtype=np.uint16)
-    ys = np.empty(total, dtype=np.uint16)
-    ps = np.empty(total, dtype=np.int8)
-    n = 0
-    for y in range(height):
+            row_crossings[x] = k
+            row_total += abs(k)
+        if n + row_total > len(scratch):
+            grown = np.empty(max(2 * len(scratch), n + row_total), dtype=scratch.dtype)
+            grown[:n] = scratch[:n]
+            scratch = grown
+        # Each crossing at the instant the linear path log_prev -> log_next reaches its level.
         for x in range(width):
-            k = crossings[y, x]
+            k = row_crossings[x]
             if k == 0:
                 continue
             if k > 0:
@@ -331,38 +314,40 @@ def _pair_events(
             level = reference[y, x]
             last = last_event_us[y, x]
             for j in range(1, count + 1):
-                offset = int(np.rint(min(max((level + j * step - begin) * scale, 0.0), span)))
-                if t_prev + offset - last >= refractory_us:
-                    offsets[n] = offset
-                    xs[n] = x
-                    ys[n] = y
-                    ps[n] = polarity
+                t = t_prev + int(np.rint(min(max((level + j * step - begin) * scale, 0.0), span)))
+                if t - last >= refractory_us:
+                    scratch[n].t = t
+                    scratch[n].x = x
+                    scratch[n].y = y
+                    scratch[n].p = polarity
                     n += 1
-                    last = t_prev + offset
+                    last = t
             last_event_us[y, x] = last
             reference[y, x] = level + count * step
+    return (n if inside else -1), scratch
 
-    if counting:
-        first_slot = np.zeros(span + 2, dtype=np.int64)
-        for i in range(n):
-            first_slot[offsets[i] + 1] += 1
-        for b in range(1, span + 2):
-            first_slot[b] += first_slot[b - 1]
-        for i in range(n):
-            k = start + first_slot[offsets[i]]
-            first_slot[offsets[i]] += 1
-            out[k].t = t_prev + offsets[i]
-            out[k].x = xs[i]
-            out[k].y = ys[i]
-            out[k].p = ps[i]
-    else:
-        order = np.argsort(offsets[:n], kind="mergesort")
+
+@numba.njit(cache=True, nogil=True)
+def _sorted_into(events, t_prev, t_next, out, start):
+    """Write ``events`` (one pair's, times in [t_prev, t_next]) stably sorted by t to ``out[start:]``; return the
+    new end. A counting sort over the microseconds of the interval is linear; a long interval with few events falls
+    back to a merge sort."""
+    n = len(events)
+    span = t_next - t_prev
+    if span + 1 > 4 * n + 65536:
+        order = np.argsort(events.t, kind="mergesort")
         for k in range(n):
-            i = order[k]
-            out[start + k].t = t_prev + offsets[i]
-            out[start + k].x = xs[i]
-            out[start + k].y = ys[i]
-            out[start + k].p = ps[i]
+            out[start + k] = events[order[k]]
+        return start + n
+    first_slot = np.zeros(span + 2, dtype=np.int64)
+    for i in range(n):
+        first_slot[events[i].t - t_prev + 1] += 1
+    for b in range(1, span + 2):
+        first_slot[b] += first_slot[b - 1]
+    for i in range(n):
+        offset = events[i].t - t_prev
+        out[start + first_slot[offset]] = events[i]
+        first_slot[offset] += 1
     return start + n
 
 
