@@ -373,28 +373,67 @@ def _shot_noise_columns(rate_hz: float, shape, start_us: int, end_us: int, rng: 
     # Per-pixel Poisson processes make one process over the sensor at the summed rate, pixels uniform and
     # independent of time. Sorted uniform times without a sort: normalised cumulative sums of count + 1
     # exponential gaps are the order statistics of count uniforms on [0, 1).
-    arrivals = np.cumsum(rng.standard_exponential(count + 1))
-    t = start_us + (arrivals[:-1] * ((end_us - start_us + 1) / arrivals[-1])).astype(np.int64)
-    y, x = np.divmod(rng.integers(0, height * width, size=count), width)
-    p = np.where(rng.random(count) < 0.5, -1, 1).astype(np.int8)
-    return np.minimum(t, end_us), x.astype(np.uint16), y.astype(np.uint16), p
+    gaps = rng.standard_exponential(count + 1)
+    pixels = rng.integers(0, height * width, size=count)
+    coins = rng.random(count)
+    return _shot_noise_kernel(gaps, pixels, coins, start_us, end_us, width)
+
+
+@numba.njit(cache=True, nogil=True)
+def _shot_noise_kernel(gaps, pixels, coins, start_us, end_us, width):
+    """Shot-noise columns from the draws: time = start + the gaps' normalised cumulative sum truncated to whole
+    microseconds (at most end), pixel index -> (x, y), polarity -1 where the coin is below 1/2."""
+    arrival = 0.0
+    for gap in gaps:  # the cumulative sum in order, as np.cumsum adds: the same last value
+        arrival += gap
+    scale = (end_us - start_us + 1) / arrival
+    count = len(pixels)
+    t, x, y, p = (np.empty(count, np.int64), np.empty(count, np.uint16), np.empty(count, np.uint16),
+                  np.empty(count, np.int8))  # fmt: skip
+    arrival = 0.0
+    for i in range(count):
+        arrival += gaps[i]
+        t[i] = min(start_us + int(arrival * scale), end_us)
+        y[i] = pixels[i] // width
+        x[i] = pixels[i] - pixels[i] // width * width
+        p[i] = -1 if coins[i] < 0.5 else 1
+    return t, x, y, p
 
 
 def _leak_columns(rate_hz: float, jitter: float, shape, start_us: int, end_us: int, rng: np.random.Generator):
     """Periodic ON leak events, random phase and rate per pixel, over [start_us, end_us]; (t, x, y, p) sorted by t."""
     height, width = shape
-    rates = rate_hz * np.maximum(1.0 + jitter * rng.standard_normal(height * width), 0.0)
+    normals = rng.standard_normal(height * width)
     phases = rng.random(height * width)  # in periods
-    periods_in_window = rates * (end_us - start_us) * 1e-6
-    fires = (rates > 0) & (periods_in_window >= phases)
-    counts = np.zeros(height * width, dtype=np.int64)
-    counts[fires] = np.floor(periods_in_window[fires] - phases[fires]).astype(np.int64) + 1
-    pixel = np.repeat(np.arange(height * width), counts)
-    cycle = np.arange(len(pixel)) - np.repeat(np.cumsum(counts) - counts, counts)
-    t = start_us + np.rint((phases[pixel] + cycle) / rates[pixel] * 1e6).astype(np.int64)
-    order = np.argsort(t, kind="stable")
-    y, x = np.divmod(pixel[order], width)
-    return np.minimum(t[order], end_us), x.astype(np.uint16), y.astype(np.uint16), np.ones(len(t), dtype=np.int8)
+    return _leak_kernel(rate_hz, jitter, normals, phases, start_us, end_us, width)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _leak_kernel(rate_hz, jitter, normals, phases, start_us, end_us, width):
+    """Leak columns from the draws: pixel i fires at (phases[i] + k) / rate_i seconds after start_us, k = 0, 1, ...,
+    rate_i = rate_hz * max(0, 1 + jitter * normals[i]); stably sorted by time (pixel order at equal t)."""
+    rates = np.empty(len(normals))
+    counts = np.zeros(len(normals), dtype=np.int64)
+    for i in range(len(normals)):
+        rates[i] = rate_hz * max(1.0 + jitter * normals[i], 0.0)
+        periods_in_window = rates[i] * (end_us - start_us) * 1e-6
+        if rates[i] > 0 and periods_in_window >= phases[i]:
+            counts[i] = int(np.floor(periods_in_window - phases[i])) + 1
+    times = np.empty(counts.sum(), dtype=np.int64)
+    pixels = np.empty(len(times), dtype=np.int64)
+    n = 0
+    for i in range(len(normals)):
+        for cycle in range(counts[i]):
+            times[n] = start_us + int(np.rint((phases[i] + cycle) / rates[i] * 1e6))
+            pixels[n] = i
+            n += 1
+    order = np.argsort(times, kind="mergesort")
+    t, x, y, p = (np.empty(n, np.int64), np.empty(n, np.uint16), np.empty(n, np.uint16), np.ones(n, np.int8))
+    for k in range(n):
+        t[k] = min(times[order[k]], end_us)
+        y[k] = pixels[order[k]] // width
+        x[k] = pixels[order[k]] - pixels[order[k]] // width * width
+    return t, x, y, p
 
 
 def _to_events(first, second=None) -> np.ndarray:
