@@ -181,9 +181,10 @@ def _signal_events(frames, timestamps, pos_threshold, neg_threshold, config: Sim
 
     noise: ``EVENT_DTYPE`` sorted by t within [timestamps[0], timestamps[-1]]; when empty, the merged array is the
     signal array. Returns (clean_events, events, diff_maps), diff_maps (T-1, H, W) float32 nepers.
-    Frame by frame: numpy takes the log (its float32 log, which a compiled log does not match bit for bit), one
-    compiled pass finishes ``lin_log`` and counts the crossings, a second writes the pair's events time-sorted
-    straight into a growing packed array; the merge with the noise reads them back while they are in cache.
+    Frame by frame: numpy takes the log (its float32 log, which a compiled log does not match bit for bit); one
+    compiled pass over the frame finishes ``lin_log`` and emits the pair's events in pixel order; a counting sort
+    writes them straight into a growing packed array, and the merge with the noise reads them back while they are
+    in cache.
     """
     num_frames, height, width = frames.shape
     linear_threshold = np.float32(config.linear_threshold)
