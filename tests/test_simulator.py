@@ -8,7 +8,14 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from evpretrain.events.contract import EVENT_DTYPE, validate_events
-from evpretrain.events.simulator import SimulationResult, _pixel_thresholds, lin_log, simulate
+from evpretrain.events.simulator import (
+    SimulationResult,
+    _leak_columns,
+    _pixel_thresholds,
+    _shot_noise_columns,
+    lin_log,
+    simulate,
+)
 from evpretrain.events.simulator_config import SimulatorConfig
 
 # No mismatch, no refractory period, no noise: the events are a pure function of the frames.
@@ -136,6 +143,43 @@ def test_reference_carries_over_between_pairs():
     frames = (0.3 * np.exp([0.0, 0.15, 0.30])).reshape(3, 1, 1)
     events = simulate(frames, [0, 1000, 2000], contrast=0.2, config=IDEAL).events
     assert events.tolist() == [(1333, 0, 0, 1)]
+
+
+def test_events_of_several_pixels_and_pairs_come_out_in_time_order():
+    # ln I per pixel (y, x) over frames at 0, 1000, 2000 us, contrast 0.2, crossings by linear interpolation:
+    # (0, 0) rises 0.5 in pair 1: ON at 0.2 / 0.5 and 0.4 / 0.5 of it, 400 and 800 us; then flat, 0.1 short of 0.6.
+    # (0, 1) falls 0.3 in pair 1: OFF at 0.2 / 0.3 of it, 666.7 -> 667 us; then flat.
+    # (1, 0) is flat, then rises 0.25 in pair 2: ON at 0.2 / 0.25 of it, 1800 us.
+    # (1, 1) never changes. Pixel order would put (0, 0)'s two events first; time order interleaves them.
+    log_change = np.array([[[0.0, 0.0], [0.0, 0.0]], [[0.5, -0.3], [0.0, 0.0]], [[0.5, -0.3], [0.25, 0.0]]])
+    frames = 0.5 * np.exp(log_change)
+    events = simulate(frames, [0, 1000, 2000], contrast=0.2, config=IDEAL).events
+    assert events.tolist() == [(400, 0, 0, 1), (667, 1, 0, -1), (800, 0, 0, 1), (1800, 0, 1, 1)]
+
+
+def test_noisy_events_are_the_signal_and_the_noise_stably_merged_at_frame_boundaries_too():
+    # Intervals of a few microseconds and dense noise: many noise events share a frame's timestamp with signal
+    # events of the pairs on both sides of it. At equal t: signal first (pixel order), then shot noise, then leak.
+    frames = moving_texture(shape=(12, 16), num_frames=5)
+    timestamps = np.array([0, 3, 4, 9, 12])
+    config = replace(NOISE_OFF, shot_noise_rate_hz=100_000.0, leak_rate_hz=200_000.0, leak_rate_jitter=0.3)
+    result = simulate(frames, timestamps, seed=6, config=config)
+    # The noise from the simulator's own streams: threshold, shot and leak draws are children 0, 1, 2 of the seed.
+    _, shot_rng, leak_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(6).spawn(3))
+    shot = _shot_noise_columns(100_000.0, (12, 16), 0, 12, shot_rng)
+    leak = _leak_columns(200_000.0, 0.3, (12, 16), 0, 12, leak_rng)
+    parts = [result.clean_events]
+    for t, x, y, p in (shot, leak):
+        part = np.empty(len(t), dtype=EVENT_DTYPE)
+        part["t"], part["x"], part["y"], part["p"] = t, x, y, p
+        parts.append(part)
+    joined = np.concatenate(parts)
+    expected = joined[np.argsort(joined["t"], kind="stable")]
+    assert len(parts[1]) > 100 and len(parts[2]) > 100 and len(result.clean_events) > 100
+    shared = set(result.clean_events["t"].tolist()) & set(parts[1]["t"].tolist()) & set(parts[2]["t"].tolist())
+    assert {3, 4} <= shared  # ties of all three kinds at the boundaries between pairs
+    np.testing.assert_array_equal(result.events, expected)
+    assert np.all(np.diff(result.events["t"]) >= 0)
 
 
 def test_ties_keep_pixel_order_and_events_stay_in_their_interval():

@@ -103,25 +103,23 @@ def simulate(
         config = replace(config, pos_threshold=float(contrast), neg_threshold=float(contrast))
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
-    frames = _checked_frames(frames)
+    frames = _checked_frames(frames)  # the values are checked in the compiled pass over each frame
     timestamps = _checked_timestamps(timestamps_us, len(frames))
     shape = frames.shape[1:]
 
     threshold_rng, shot_rng, leak_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(int(seed)).spawn(3))
     pos_threshold, neg_threshold = _pixel_thresholds(config, shape, threshold_rng)
-    signal, diff_maps = _signal_columns(frames, timestamps, pos_threshold, neg_threshold, config)
-
     start, end = int(timestamps[0]), int(timestamps[-1])
-    noise = _merge_columns(
+    noise = _to_events(
         _shot_noise_columns(config.shot_noise_rate_hz, shape, start, end, shot_rng),
         _leak_columns(config.leak_rate_hz, config.leak_rate_jitter, shape, start, end, leak_rng),
     )
-    clean_events = _to_events(signal)
-    events = _to_events(signal, noise) if len(noise[0]) else clean_events
+    clean_events, events, diff_maps = _signal_events(frames, timestamps, pos_threshold, neg_threshold, config, noise)
     return SimulationResult(events=events, clean_events=clean_events, diff_maps=diff_maps)
 
 
 def _checked_frames(frames) -> np.ndarray:
+    """``frames`` as an array after the checks of shape and dtype; ``_bad_values_error`` describes bad values."""
     frames = np.asarray(frames)
     if frames.ndim != 3 or frames.shape[0] < 2 or 0 in frames.shape:
         raise ValueError(f"frames: expected shape (T, H, W) with T >= 2 and H, W >= 1, got {frames.shape}")
@@ -132,16 +130,19 @@ def _checked_frames(frames) -> np.ndarray:
         raise ValueError(
             f"frames: expected H and W of at most {_MAX_SIDE} (uint16 event coordinates), got {frames.shape[1:]}"
         )
+    return frames
+
+
+def _bad_values_error(frames: np.ndarray) -> ValueError:
+    """The error for frames with a value outside [0, 1]: the first non-finite value, else the range of values."""
     finite = np.isfinite(frames)
     if not finite.all():
         where = tuple(int(i) for i in np.argwhere(~finite)[0])
-        raise ValueError(f"frames: expected finite values in [0, 1], got {frames[where]} at (t, y, x) = {where}")
-    low, high = frames.min(), frames.max()
-    if low < 0 or high > 1:
-        raise ValueError(
-            f"frames: expected linear intensity in [0, 1], got values in [{low}, {high}] (scale 8-bit frames by 1/255)"
-        )
-    return frames
+        return ValueError(f"frames: expected finite values in [0, 1], got {frames[where]} at (t, y, x) = {where}")
+    return ValueError(
+        f"frames: expected linear intensity in [0, 1], got values in [{frames.min()}, {frames.max()}] "
+        "(scale 8-bit frames by 1/255)"
+    )
 
 
 def _checked_timestamps(timestamps_us, num_frames: int) -> np.ndarray:
@@ -175,62 +176,131 @@ def _pixel_thresholds(config: SimulatorConfig, shape: tuple[int, int], rng: np.r
     return thresholds
 
 
-def _signal_columns(frames, timestamps, pos_threshold, neg_threshold, config: SimulatorConfig):
-    """Threshold crossings of all frame pairs as (t, x, y, p) columns sorted by t; the (T-1, H, W) difference maps."""
+def _signal_events(frames, timestamps, pos_threshold, neg_threshold, config: SimulatorConfig, noise: np.ndarray):
+    """Signal events, and signal events merged with ``noise``, as ``EVENT_DTYPE`` sorted by t; the diff maps.
+
+    noise: ``EVENT_DTYPE`` sorted by t within [timestamps[0], timestamps[-1]]; when empty, the merged array is the
+    signal array. Returns (clean_events, events, diff_maps), diff_maps (T-1, H, W) float32 nepers.
+    Frame by frame: numpy takes the log (its float32 log, which a compiled log does not match bit for bit); one
+    compiled pass over the frame finishes ``lin_log`` and emits the pair's events in pixel order; a counting sort
+    writes them straight into a growing packed array, and the merge with the noise reads them back while they are
+    in cache.
+    """
     num_frames, height, width = frames.shape
+    linear_threshold = np.float32(config.linear_threshold)
     diff_maps = np.empty((num_frames - 1, height, width), dtype=np.float32)
-    log_prev = lin_log(frames[0], config.linear_threshold)
+    log_prev, log_next = np.empty((2, height, width), dtype=np.float32)
+    np.log(np.maximum(frames[0], linear_threshold, dtype=np.float32, out=log_prev), out=log_prev)
+    if not _finish_lin_log(frames[0], linear_threshold, log_prev):
+        raise _bad_values_error(frames)
     reference = log_prev.astype(np.float64)  # accumulates many threshold steps: double precision
     last_event_us = np.full((height, width), _NEVER_US, dtype=np.int64)
-    pairs = []
+    scratch = np.empty(0, dtype=EVENT_DTYPE)  # one pair's events in pixel order, reused
+    # Noise events before each pair's end go with that pair; at equal t signal events come first, so a noise event
+    # at a frame's time follows the next pair's events at that time too.
+    noise_bounds = np.searchsorted(noise["t"], timestamps, side="left")  # pair n: noise_bounds[n - 1 : n + 1]
+    noise_bounds[-1] = len(noise)
+    clean = events = None
+    num_clean = num_events = 0
     for n in range(1, num_frames):
-        log_next = lin_log(frames[n], config.linear_threshold)
-        np.subtract(log_next, log_prev, out=diff_maps[n - 1])
-        pairs.append(
-            _frame_pair_events(
-                log_prev, log_next, reference, last_event_us, pos_threshold, neg_threshold,
-                int(timestamps[n - 1]), int(timestamps[n]), int(config.refractory_us),
-            )
+        t_prev, t_next = int(timestamps[n - 1]), int(timestamps[n])
+        np.log(np.maximum(frames[n], linear_threshold, dtype=np.float32, out=log_next), out=log_next)
+        count, scratch = _pair_events(
+            frames[n], linear_threshold, log_prev, log_next, diff_maps[n - 1], reference, last_event_us,
+            pos_threshold, neg_threshold, t_prev, t_next, int(config.refractory_us), scratch,
         )  # fmt: skip
-        log_prev = log_next
-    # Each pair's events are sorted and pairs follow each other in time: the concatenation is sorted.
-    return tuple(np.concatenate([pair[k] for pair in pairs]) for k in range(4)), diff_maps
+        if count < 0:
+            raise _bad_values_error(frames)
+        if clean is None:  # room for twice as many events per pair as the first pair has; untouched memory is free
+            clean = np.empty(2 * (num_frames - 1) * count + 1024, dtype=EVENT_DTYPE)
+            events = np.empty(len(clean) + len(noise), dtype=EVENT_DTYPE) if len(noise) else None
+        elif num_clean + count > len(clean):
+            clean = _resized(clean, max(2 * len(clean), num_clean + count))
+            events = _resized(events, len(clean) + len(noise)) if len(noise) else None
+        new_clean = _sorted_into(scratch[:count], t_prev, t_next, clean, num_clean)
+        if events is not None:
+            pair_noise = noise[noise_bounds[n - 1] : noise_bounds[n]]
+            num_events = _merge_into(clean[num_clean:new_clean], pair_noise, events, num_events)
+        num_clean = new_clean
+        log_prev, log_next = log_next, log_prev
+    clean = _resized(clean, num_clean)
+    events = clean if events is None else _resized(events, num_events)
+    return clean, events, diff_maps
+
+
+def _resized(events: np.ndarray, size: int) -> np.ndarray:
+    """``events`` reallocated to ``size`` records in place (large arrays grow and shrink without a copy).
+
+    The caller must hold no view of ``events``: numpy's reference check is off because it counts the caller's own
+    name and the call's arguments too.
+    """
+    events.resize(size, refcheck=False)
+    return events
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _toe(value, linear_threshold):
+    """``lin_log``'s linear toe, ``min(I - I_lin, 0) / I_lin``, in float32 in its order of operations."""
+    return (min(np.float32(value), linear_threshold) - linear_threshold) / linear_threshold
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _frame_pair_events(
-    log_prev, log_next, reference, last_event_us, pos_threshold, neg_threshold, t_prev, t_next, refractory_us
-):
-    """Events of one frame pair as (t, x, y, p) columns sorted by t; updates ``reference`` and ``last_event_us``.
+def _finish_lin_log(frame, linear_threshold, response):
+    """Add the toe to ``response`` = ln(max(I, I_lin)), making it ``lin_log(frame)`` bit for bit, in place.
 
-    log_prev, log_next: (H, W) float32 nepers; reference, thresholds: (H, W) float64 nepers;
-    last_event_us: (H, W) int64; times in microseconds.
+    frame: (H, W) intensity; response: (H, W) float32; linear_threshold: float32. Returns False when the
+    frame has a value outside [0, 1] (NaN included).
     """
-    height, width = log_next.shape
-    # Pass 1: signed crossings per pixel, to size the output. The reference moves by every crossing, emitted or
-    # dropped by the refractory period (as in v2e), so the counts do not depend on the refractory period.
-    crossings = np.empty((height, width), dtype=np.int64)
-    total = 0
+    height, width = frame.shape
+    inside = True
     for y in range(height):
         for x in range(width):
+            inside &= (frame[y, x] >= 0.0) & (frame[y, x] <= 1.0)  # no early exit: it would stop vectorisation
+            response[y, x] += _toe(frame[y, x], linear_threshold)
+    return inside
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _pair_events(
+    frame, linear_threshold, log_prev, log_next, diff_map, reference, last_event_us, pos_threshold, neg_threshold,
+    t_prev, t_next, refractory_us, scratch,
+):  # fmt: skip
+    """One pass over frame n, row by row: finish its ``lin_log``, its difference map, and the pair's events.
+
+    frame: (H, W) intensity. log_next: ln(max(I, I_lin)) on entry, ``lin_log(frame)`` on return; log_prev: the
+    previous frame's; diff_map: written, float32 nepers; reference, thresholds: (H, W) float64 nepers, reference
+    updated; last_event_us: (H, W) int64, updated; times in microseconds. Returns (count, scratch): the pair's
+    ``count`` events in pixel order in ``scratch[:count]`` (``EVENT_DTYPE``, grown when too small), or count -1
+    when the frame has a value outside [0, 1] (NaN included). A row's crossings are counted and emitted while the
+    row is in cache.
+    """
+    height, width = frame.shape
+    span = t_next - t_prev
+    row_crossings = np.empty(width, dtype=np.int64)
+    inside = True
+    n = 0
+    for y in range(height):
+        row_total = 0
+        for x in range(width):
+            inside &= (frame[y, x] >= 0.0) & (frame[y, x] <= 1.0)  # an early exit here takes ten times longer
+            log_next[y, x] += _toe(frame[y, x], linear_threshold)
+            diff_map[y, x] = log_next[y, x] - log_prev[y, x]
+            # The reference moves by every crossing, emitted or dropped by the refractory period (as in v2e), so
+            # the counts do not depend on the refractory period.
             change = log_next[y, x] - reference[y, x]
             if change > 0.0:
                 k = int(np.floor(change / pos_threshold[y, x]))
             else:
                 k = -int(np.floor(-change / neg_threshold[y, x]))
-            crossings[y, x] = k
-            total += abs(k)
-
-    # Pass 2: each crossing at the instant the linear path log_prev -> log_next reaches its level, in pixel order.
-    span = t_next - t_prev
-    offsets = np.empty(total, dtype=np.int64)  # t - t_prev
-    xs = np.empty(total, dtype=np.uint16)
-    ys = np.empty(total, dtype=np.uint16)
-    ps = np.empty(total, dtype=np.int8)
-    n = 0
-    for y in range(height):
+            row_crossings[x] = k
+            row_total += abs(k)
+        if n + row_total > len(scratch):
+            grown = np.empty(max(2 * len(scratch), n + row_total), dtype=scratch.dtype)
+            grown[:n] = scratch[:n]
+            scratch = grown
+        # Each crossing at the instant the linear path log_prev -> log_next reaches its level.
         for x in range(width):
-            k = crossings[y, x]
+            k = row_crossings[x]
             if k == 0:
                 continue
             if k > 0:
@@ -245,39 +315,56 @@ def _frame_pair_events(
             level = reference[y, x]
             last = last_event_us[y, x]
             for j in range(1, count + 1):
-                offset = int(np.rint(min(max((level + j * step - begin) * scale, 0.0), span)))
-                if t_prev + offset - last >= refractory_us:
-                    offsets[n] = offset
-                    xs[n] = x
-                    ys[n] = y
-                    ps[n] = polarity
+                t = t_prev + int(np.rint(min(max((level + j * step - begin) * scale, 0.0), span)))
+                if t - last >= refractory_us:
+                    scratch[n].t = t
+                    scratch[n].x = x
+                    scratch[n].y = y
+                    scratch[n].p = polarity
                     n += 1
-                    last = t_prev + offset
+                    last = t
             last_event_us[y, x] = last
             reference[y, x] = level + count * step
+    return (n if inside else -1), scratch
 
-    # Stable sort by time: a counting sort over the microseconds of the interval is linear; a long interval with
-    # few events falls back to a merge sort.
+
+@numba.njit(cache=True, nogil=True)
+def _sorted_into(events, t_prev, t_next, out, start):
+    """Write ``events`` (one pair's, times in [t_prev, t_next]) stably sorted by t to ``out[start:]``; return the
+    new end. A counting sort over the microseconds of the interval is linear; a long interval with few events falls
+    back to a merge sort."""
+    n = len(events)
+    span = t_next - t_prev
     if span + 1 > 4 * n + 65536:
-        order = np.argsort(offsets[:n], kind="mergesort")
-        return t_prev + offsets[order], xs[order], ys[order], ps[order]
+        order = np.argsort(events.t, kind="mergesort")
+        for k in range(n):
+            out[start + k] = events[order[k]]
+        return start + n
     first_slot = np.zeros(span + 2, dtype=np.int64)
     for i in range(n):
-        first_slot[offsets[i] + 1] += 1
+        first_slot[events[i].t - t_prev + 1] += 1
     for b in range(1, span + 2):
         first_slot[b] += first_slot[b - 1]
-    t_sorted = np.empty(n, dtype=np.int64)
-    x_sorted = np.empty(n, dtype=np.uint16)
-    y_sorted = np.empty(n, dtype=np.uint16)
-    p_sorted = np.empty(n, dtype=np.int8)
     for i in range(n):
-        k = first_slot[offsets[i]]
-        first_slot[offsets[i]] += 1
-        t_sorted[k] = t_prev + offsets[i]
-        x_sorted[k] = xs[i]
-        y_sorted[k] = ys[i]
-        p_sorted[k] = ps[i]
-    return t_sorted, x_sorted, y_sorted, p_sorted
+        offset = events[i].t - t_prev
+        out[start + first_slot[offset]] = events[i]
+        first_slot[offset] += 1
+    return start + n
+
+
+@numba.njit(cache=True, nogil=True)
+def _merge_into(first, second, out, start):
+    """Merge two time-sorted ``EVENT_DTYPE`` arrays into ``out[start:]``; return the new end. At equal t, ``first``
+    comes first."""
+    i = j = 0
+    for k in range(start, start + len(first) + len(second)):
+        if j == len(second) or (i < len(first) and first[i].t <= second[j].t):
+            out[k] = first[i]
+            i += 1
+        else:
+            out[k] = second[j]
+            j += 1
+    return start + len(first) + len(second)
 
 
 def _shot_noise_columns(rate_hz: float, shape, start_us: int, end_us: int, rng: np.random.Generator):
@@ -287,40 +374,72 @@ def _shot_noise_columns(rate_hz: float, shape, start_us: int, end_us: int, rng: 
     # Per-pixel Poisson processes make one process over the sensor at the summed rate, pixels uniform and
     # independent of time. Sorted uniform times without a sort: normalised cumulative sums of count + 1
     # exponential gaps are the order statistics of count uniforms on [0, 1).
-    arrivals = np.cumsum(rng.standard_exponential(count + 1))
-    t = start_us + (arrivals[:-1] * ((end_us - start_us + 1) / arrivals[-1])).astype(np.int64)
-    y, x = np.divmod(rng.integers(0, height * width, size=count), width)
-    p = np.where(rng.random(count) < 0.5, -1, 1).astype(np.int8)
-    return np.minimum(t, end_us), x.astype(np.uint16), y.astype(np.uint16), p
+    gaps = rng.standard_exponential(count + 1)
+    pixels = rng.integers(0, height * width, size=count)
+    coins = rng.random(count)
+    return _shot_noise_kernel(gaps, pixels, coins, start_us, end_us, width)
+
+
+@numba.njit(cache=True, nogil=True)
+def _shot_noise_kernel(gaps, pixels, coins, start_us, end_us, width):
+    """Shot-noise columns from the draws: time = start + the gaps' normalised cumulative sum truncated to whole
+    microseconds (at most end), pixel index -> (x, y), polarity -1 where the coin is below 1/2."""
+    arrival = 0.0
+    for gap in gaps:  # the cumulative sum in order, as np.cumsum adds: the same last value
+        arrival += gap
+    scale = (end_us - start_us + 1) / arrival
+    count = len(pixels)
+    t, x, y, p = (np.empty(count, np.int64), np.empty(count, np.uint16), np.empty(count, np.uint16),
+                  np.empty(count, np.int8))  # fmt: skip
+    arrival = 0.0
+    for i in range(count):
+        arrival += gaps[i]
+        t[i] = min(start_us + int(arrival * scale), end_us)
+        y[i] = pixels[i] // width
+        x[i] = pixels[i] - pixels[i] // width * width
+        p[i] = -1 if coins[i] < 0.5 else 1
+    return t, x, y, p
 
 
 def _leak_columns(rate_hz: float, jitter: float, shape, start_us: int, end_us: int, rng: np.random.Generator):
     """Periodic ON leak events, random phase and rate per pixel, over [start_us, end_us]; (t, x, y, p) sorted by t."""
     height, width = shape
-    rates = rate_hz * np.maximum(1.0 + jitter * rng.standard_normal(height * width), 0.0)
+    normals = rng.standard_normal(height * width)
     phases = rng.random(height * width)  # in periods
-    periods_in_window = rates * (end_us - start_us) * 1e-6
-    fires = (rates > 0) & (periods_in_window >= phases)
-    counts = np.zeros(height * width, dtype=np.int64)
-    counts[fires] = np.floor(periods_in_window[fires] - phases[fires]).astype(np.int64) + 1
-    pixel = np.repeat(np.arange(height * width), counts)
-    cycle = np.arange(len(pixel)) - np.repeat(np.cumsum(counts) - counts, counts)
-    t = start_us + np.rint((phases[pixel] + cycle) / rates[pixel] * 1e6).astype(np.int64)
-    order = np.argsort(t, kind="stable")
-    y, x = np.divmod(pixel[order], width)
-    return np.minimum(t[order], end_us), x.astype(np.uint16), y.astype(np.uint16), np.ones(len(t), dtype=np.int8)
+    return _leak_kernel(rate_hz, jitter, normals, phases, start_us, end_us, width)
 
 
-def _merge_columns(first, second):
-    """Merge two time-sorted (t, x, y, p) column tuples into new columns; at equal t, ``first`` comes first."""
-    n = len(first[0]) + len(second[0])
-    merged = np.empty(n, np.int64), np.empty(n, np.uint16), np.empty(n, np.uint16), np.empty(n, np.int8)
-    _merge_kernel(*first, *second, *merged)
-    return merged
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _leak_kernel(rate_hz, jitter, normals, phases, start_us, end_us, width):
+    """Leak columns from the draws: pixel i fires at (phases[i] + k) / rate_i seconds after start_us, k = 0, 1, ...,
+    rate_i = rate_hz * max(0, 1 + jitter * normals[i]); stably sorted by time (pixel order at equal t)."""
+    rates = np.empty(len(normals))
+    counts = np.zeros(len(normals), dtype=np.int64)
+    for i in range(len(normals)):
+        rates[i] = rate_hz * max(1.0 + jitter * normals[i], 0.0)
+        periods_in_window = rates[i] * (end_us - start_us) * 1e-6
+        if rates[i] > 0 and periods_in_window >= phases[i]:
+            counts[i] = int(np.floor(periods_in_window - phases[i])) + 1
+    times = np.empty(counts.sum(), dtype=np.int64)
+    pixels = np.empty(len(times), dtype=np.int64)
+    n = 0
+    for i in range(len(normals)):
+        for cycle in range(counts[i]):
+            times[n] = start_us + int(np.rint((phases[i] + cycle) / rates[i] * 1e6))
+            pixels[n] = i
+            n += 1
+    order = np.argsort(times, kind="mergesort")
+    t, x, y, p = (np.empty(n, np.int64), np.empty(n, np.uint16), np.empty(n, np.uint16), np.ones(n, np.int8))
+    for k in range(n):
+        t[k] = min(times[order[k]], end_us)
+        y[k] = pixels[order[k]] // width
+        x[k] = pixels[order[k]] - pixels[order[k]] // width * width
+    return t, x, y, p
 
 
 def _to_events(first, second=None) -> np.ndarray:
-    """A new ``EVENT_DTYPE`` array from time-sorted columns; with ``second``, both merged as ``_merge_columns`` does."""
+    """A new ``EVENT_DTYPE`` array from time-sorted (t, x, y, p) columns; with ``second``, both merged by t (at equal
+    t, ``first`` comes first)."""
     events = np.empty(len(first[0]) + (0 if second is None else len(second[0])), dtype=EVENT_DTYPE)
     fields = events["t"], events["x"], events["y"], events["p"]  # views: writing them writes the events
     if second is None:
