@@ -502,7 +502,7 @@ def main() -> None:
     )
     table(
         ["part", *(f"GPU-h @{m:.0%}" for m in mfus), *(f"GPU-days @{m:.0%}" for m in mfus)],
-        [[part, *(fmt(h) for h in hours), *(fmt(h / 24, 1) for h in hours)] for part, hours in parts],
+        [[part, *(fmt(h, 1) for h in hours), *(fmt(h / 24, 1) for h in hours)] for part, hours in parts],
     )
     loader_core_h = [(pretrain_samples + downstream_samples) / r / 3600 for r in rates]
     print(
@@ -517,6 +517,8 @@ def main() -> None:
     gpus = resources["pretrain"]["gpus"]
     stage1 = next(node_flops[n] for n, node in plan.nodes.items() if node.stage == 1)
     read_bytes = ef["bytes"] - ef["dense"].get("rgb", 0)  # a read takes a sample's events, diff maps, frames whole
+    size = ef_config.image_size**2
+    interval_bytes = 13 * ef["intervals"].mean() + 2 * size + 2 * size  # float16 diff map, two uint8 frames
     batch = next(n for n in plan.nodes.values() if n.stage == 2).config["pretrain"]["stage2"]["train"]["batch_size"]
     stage2 = next(node_flops[n] for n, node in plan.nodes.items() if node.stage == 2)
     print("## Where it bends (pre-training, at the highest MFU)\n")
@@ -527,6 +529,11 @@ def main() -> None:
         *[[f"loader workers an 8-GPU node needs at {fmt(r)}/s", fmt(node_rate / r), "-"] for r in rates],
         ["store bytes read a sample (events, diff maps, frames whole)", fmt(read_bytes), "events: x events/sample"],
         ["store read rate an 8-GPU node needs, GB/s", fmt(node_rate * read_bytes / GIGA, 1), "-"],
+        [
+            "the same if a read took only its interval (events, 1 diff map, 2 frames), GB/s",
+            fmt(node_rate * interval_bytes / GIGA, 1),
+            "-",
+        ],
         ["EF-ImageNet store, TB", f"{ef['bytes'] * n_ef / TERA:.2f}", "x N"],
         ["teacher tokens cache, TB", f"{TOKENS_BYTES * n_train / TERA:.2f}", "x N"],
         ["teacher pass, GPU-h (once per teacher)", fmt(teacher_hours[-1], 2), "x N"],
