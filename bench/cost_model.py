@@ -175,8 +175,15 @@ def teacher_flops(batch: int) -> float:
         del visual
         teacher = create_teacher("clip_vit_b16", weights=path)
     images = torch.rand(batch, 3, *teacher.input_size)
-    with torch.no_grad():
-        return flops_of(lambda: teacher.encode(images)) / batch
+    # A frozen nn.MultiheadAttention takes the fused fast path, whose one kernel FlopCounterMode does not count
+    # (the projections and attention, a third of the FLOPs): count the same math through the plain path.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            return flops_of(lambda: teacher.encode(images)) / batch
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 def synthetic_downstream_batch(task: str, dataset: str, in_chans: int, size, batch: int, classes: int | None):
