@@ -16,7 +16,8 @@ Every number printed is measured here or read from a named source:
 - GPU throughput: samples/s = MFU x ``--peak-tflops`` / FLOPs per sample, at each ``--mfu`` (assumed: no GPU MFU
   of ours is measured yet); loader workers per GPU = samples/s over ``--worker-rate`` (samples/s of one worker).
 
-Run: PYTHONPATH=src OMP_NUM_THREADS=1 .venv/bin/python bench/cost_model.py   (about 1-2 minutes, < 3 GB)
+Run: PYTHONPATH=src OMP_NUM_THREADS=1 .venv/bin/python bench/cost_model.py   (about 80 s of CPU, 2.1 GB peak; the
+tables and what they say: docs/cost.md)
 """
 
 from __future__ import annotations
