@@ -11,6 +11,9 @@ autocast, as the training loop runs there), on synthetic batches held in memory:
   teacher tokens, 1280-dim) at batch 32, and ViT-S/16 at 224x224 with the paper's heads (``MaskedModelingConfig()``:
   decoder 256 wide, 8 deep; ``ContrastConfig()``: MLP heads 4096 wide; CLIP ViT-B/16 teacher tokens, 512-dim) at
   batch 8 (and ``--cuda-vit-batch`` on the GPU, where 8 samples leave it idle);
+- the training options (``train.optimizer_impl``, ``train.compile``): on the CPU, ViT-S/16 stage 1 also with fused
+  AdamW and compiled (``--cpu-compile``: vit, demo or none); on CUDA every stage with foreach AdamW, fused AdamW
+  and compiled with fused AdamW, side by side (the FLOPs of a compiled step are counted on its eager twin);
 - the ViT-S/16 encoder alone (no mask; forward and backward of the mean square of its tokens, no optimizer) and
   the reference: ``nn.TransformerEncoder`` of 12 ``nn.TransformerEncoderLayer`` of the same shape (d_model 384, the
   ViT's head count, MLP 1536, GELU, pre-norm, batch first, no dropout) plus a final LayerNorm, on (B, 196, 384)
@@ -96,6 +99,7 @@ class Workload:
     run: Callable[[], None]
     flops: float = 0.0  # per run; counted by ``measure`` unless given
     loader_size: int | None = None  # input pixels (H = W), for the loader-workers column
+    eager: Callable[[], None] | None = None  # the same step uncompiled, whose FLOPs are counted (compiled runs)
 
 
 @dataclass(frozen=True)
@@ -134,24 +138,53 @@ def synthetic_batch(backbone: nn.Module, batch_size: int, teacher_dim: int, devi
     return {key: value.to(device) for key, value in batch.items()}
 
 
-def stage_workload(stage: int, config: PretrainConfig, model: str, batch_size: int, device: str) -> Workload:
-    """One training step of ``stage``: zero_grad, forward, backward, AdamW step (the training loop's, no clipping)."""
+def stage_workload(
+    stage: int,
+    config: PretrainConfig,
+    model: str,
+    batch_size: int,
+    device: str,
+    *,
+    optimizer_impl: str | None = None,
+    compile: bool = False,
+) -> Workload:
+    """One training step of ``stage``: zero_grad, forward, backward, AdamW step (the training loop's, no clipping).
+
+    ``optimizer_impl`` (auto, foreach, fused; None: the stage's ``train.optimizer_impl``) and ``compile`` as the
+    ``train`` options of that name; a row that sets them says so in its name."""
     torch.manual_seed(0)
     module = build_stage_module(stage, config, TEACHER_DIMS[model]).to(device).train()
     train_config = {1: config.stage1, 2: config.stage2, 3: config.stage3}[stage].train
+    train_config = dataclasses.replace(train_config, batch_size=batch_size)
+    if optimizer_impl is not None:
+        train_config = dataclasses.replace(train_config, optimizer_impl=optimizer_impl)
     groups = stage_param_groups(module, stage, config, train_config.weight_decay)
-    optimizer = build_optimizer(groups, dataclasses.replace(train_config, batch_size=batch_size))
+    optimizer = build_optimizer(groups, train_config, device_type=device)
     batch = synthetic_batch(module.backbone, batch_size, TEACHER_DIMS[model], device)
     autocast = precision(device)
+    net = torch.compile(module) if compile else module
 
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with autocast():
-            loss, _, _ = module(batch)
-        loss.backward()
-        optimizer.step()
+    def stepper(net: nn.Module) -> Callable[[], None]:
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            with autocast():
+                loss, _, _ = net(batch)
+            loss.backward()
+            optimizer.step()
 
-    return Workload(device, f"{model} stage {stage}", batch_size, step, loader_size=LOADER_SIZES[model])
+        return step
+
+    options = [f"{optimizer_impl} AdamW"] if optimizer_impl is not None else []
+    options += ["compiled"] if compile else []
+    name = f"{model} stage {stage}" + (f", {', '.join(options)}" if options else "")
+    return Workload(
+        device,
+        name,
+        batch_size,
+        stepper(net),
+        loader_size=LOADER_SIZES[model],
+        eager=stepper(module) if compile else None,
+    )
 
 
 def encoder_workload(name: str, encoder: nn.Module, inputs: torch.Tensor, device: str) -> Workload:
@@ -201,7 +234,12 @@ def matmul_workload(device: str, size: int) -> Workload:
     )
 
 
-def device_workloads(device: str, demo: PretrainConfig, vit_batches: list[int], demo_batch: int) -> list[Workload]:
+def device_workloads(
+    device: str, demo: PretrainConfig, vit_batches: list[int], demo_batch: int, compile_cpu: str
+) -> list[Workload]:
+    """The rows of one device. On CUDA every stage also runs with each AdamW kernel (foreach, fused) and compiled
+    (fused); on the CPU stage 1 of ``compile_cpu`` (demo, vit, none) also runs compiled, and ViT-S/16 stage 1 with
+    fused AdamW."""
     paper = dataclasses.replace(
         demo,
         backbone="vit_small_patch16",
@@ -209,9 +247,31 @@ def device_workloads(device: str, demo: PretrainConfig, vit_batches: list[int], 
         stage2=dataclasses.replace(demo.stage2, method=ContrastConfig()),
         stage3=dataclasses.replace(demo.stage3, method=ContrastConfig(focus=demo.stage3.method.focus)),
     )
-    workloads = [stage_workload(stage, demo, "demo", demo_batch, device) for stage in (1, 2, 3)]
+    if device == "cuda":
+        variants = [
+            {"optimizer_impl": "foreach"},
+            {"optimizer_impl": "fused"},
+            {"optimizer_impl": "fused", "compile": True},
+        ]
+    else:
+        variants = [{}]
+    workloads = [
+        stage_workload(stage, demo, "demo", demo_batch, device, **variant)
+        for stage in (1, 2, 3)
+        for variant in variants
+    ]
+    if device == "cpu" and compile_cpu == "demo":
+        workloads.append(stage_workload(1, demo, "demo", demo_batch, device, compile=True))
     for batch_size in vit_batches:
-        workloads += [stage_workload(stage, paper, "ViT-S/16", batch_size, device) for stage in (1, 2, 3)]
+        workloads += [
+            stage_workload(stage, paper, "ViT-S/16", batch_size, device, **variant)
+            for stage in (1, 2, 3)
+            for variant in variants
+        ]
+        if device == "cpu":
+            workloads.append(stage_workload(1, paper, "ViT-S/16", batch_size, device, optimizer_impl="fused"))
+            if compile_cpu == "vit":
+                workloads.append(stage_workload(1, paper, "ViT-S/16", batch_size, device, compile=True))
         torch.manual_seed(0)
         vit = create_backbone("vit_small_patch16")
         attention = vit.blocks[0].attn
@@ -230,7 +290,7 @@ def device_workloads(device: str, demo: PretrainConfig, vit_batches: list[int], 
 
 def count_flops(workload: Workload) -> float:
     with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
-        workload.run()
+        (workload.eager or workload.run)()
     synchronize(workload.device)
     return float(counter.get_total_flops())
 
@@ -251,7 +311,10 @@ def measure(
     """Warm up and count FLOPs, then time the workloads in turns, ``repeats`` rounds (each timed sample lasting at
     least ``min_sample_s``); the median sample of each workload, and the best of the peak's 3 samples per round."""
     for workload in workloads:
-        workload.run()  # warm-up: allocations, optimizer state, kernel selection
+        start = time.perf_counter()
+        workload.run()  # warm-up: allocations, optimizer state, kernel selection, compilation
+        if workload.eager is not None:
+            print(f"{workload.device} {workload.name}: first step (compilation) {time.perf_counter() - start:.0f} s")
         workload.flops = count_flops(workload)  # also a second warm-up
     time_runs(peak, 2)
     everything = [peak, *workloads]
@@ -316,7 +379,7 @@ def print_steps(timings: list[Timing], peak: Timing, per_worker: dict[int, float
     for ours in (t for t in timings if t.name == ENCODER):
         batch_size = ours.batch_size
         plain = next(t for t in timings if t.name.startswith(PLAIN) and t.batch_size == batch_size)
-        stage1 = next(t for t in timings if t.name == "ViT-S/16 stage 1" and t.batch_size == batch_size)
+        stage1 = next(t for t in timings if t.name.startswith("ViT-S/16 stage 1") and t.batch_size == batch_size)
         print(
             f"batch {batch_size}: ViT-S/16 encoder / plain stack: step time x{ours.seconds / plain.seconds:.3f} "
             f"(goal <= 1.10), FLOPs x{ours.flops / plain.flops:.3f}; ViT-S/16 stage 1 at "
@@ -344,6 +407,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader workers")
     parser.add_argument("--loader-samples", type=int, default=200, help="training samples of the demo store")
     parser.add_argument("--no-cuda", action="store_true", help="CPU only, even where CUDA is present")
+    parser.add_argument(
+        "--cpu-compile",
+        choices=["none", "demo", "vit"],
+        default="vit",
+        help="also time stage 1 of this model compiled on the CPU (ViT-S/16's first step compiles for about 100 s)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     study = load_yaml(ROOT / "config.yaml")
@@ -361,7 +430,7 @@ def main() -> None:
         # The workloads (models, optimizers, batches) go out of scope with the call: freed before the next device.
         results.append(
             measure(
-                device_workloads(device, demo, vit_batches, args.demo_batch),
+                device_workloads(device, demo, vit_batches, args.demo_batch, args.cpu_compile),
                 matmul_workload(device, matmul_size),
                 args.repeats,
                 min_sample_s,

@@ -1,14 +1,18 @@
 """Stage losses and heads: what counts in the loss, the negatives, the queue, BatchNorm over tokens."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
 
 from evpretrain.pretrain import losses
 from evpretrain.pretrain.heads import FeatureFusion, ReconstructionDecoder, TeacherProjection, TokenMLP
 from evpretrain.pretrain.losses import TokenInfoNCE, masked_reconstruction_loss, weighted_token_mean
+from evpretrain.training import TrainConfig, train
 
 
 def test_reconstruction_loss_counts_only_masked_patches_against_normalised_targets():
@@ -111,6 +115,95 @@ def test_the_queue_takes_every_ranks_keys_or_this_ranks(monkeypatch, enqueue, ex
     assert int(criterion.queue_ptr) == len(stored)
     with pytest.raises(ValueError, match="enqueue must be 'gathered' or 'local'"):
         TokenInfoNCE(2, 1, enqueue="all")
+
+
+class QueuedPair(nn.Module):
+    """A student and a trained teacher projection (Linear 8 -> 8 on 3 tokens) under a 6-slot queue, exclusion on."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.student, self.teacher = nn.Linear(8, 8), nn.Linear(8, 8, bias=False)
+        self.criterion = TokenInfoNCE(8, 3, queue_length=6, temperature=0.2)
+
+    def forward(self, batch):
+        per_token = self.criterion(self.student(batch["x"]), self.teacher(batch["t"]), batch["index"])
+        return per_token.mean(), {}
+
+
+class Tokens(Dataset):
+    """6 samples of 3 tokens: the same teacher tokens every epoch, as cached ones are."""
+
+    def __init__(self):
+        generator = torch.Generator().manual_seed(5)
+        self.x, self.t = torch.randn(6, 3, 8, generator=generator), torch.randn(6, 3, 8, generator=generator)
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, index):
+        return {"x": self.x[index], "t": self.t[index], "index": index}
+
+
+def cloning_loss(model: QueuedPair, batch) -> torch.Tensor:
+    """The former TokenInfoNCE: negatives against a copy of the queue, the enqueue in the forward pass."""
+    criterion = model.criterion
+    q = F.normalize(model.student(batch["x"]), dim=-1)
+    k = F.normalize(model.teacher(batch["t"]), dim=-1)
+    positive = torch.einsum("bnc,bnc->bn", q, k).unsqueeze(-1)
+    negative = torch.einsum("bnc,cnk->bnk", q, criterion.queue.clone())
+    same_sample = batch["index"].view(-1, 1) == criterion.queue_ids.view(1, -1)
+    negative = negative.masked_fill(same_sample.unsqueeze(1), float("-inf"))
+    logits = torch.cat([positive, negative], dim=-1) / criterion.temperature
+    criterion._enqueue(k.detach(), batch["index"])
+    labels = torch.zeros(logits.shape[:2], dtype=torch.long)
+    return F.cross_entropy(logits.permute(0, 2, 1), labels, reduction="none").mean()
+
+
+def test_the_queue_is_written_after_backward_and_training_matches_the_copying_path():
+    data = Tokens()
+    models = {"hook": QueuedPair(), "copy": QueuedPair()}
+    optimizers = {name: torch.optim.AdamW(model.parameters(), lr=0.05) for name, model in models.items()}
+    losses_seen = {name: [] for name in models}
+    for step in range(5):  # 4 samples a step into 6 slots: the queue wraps, and holds the batch's own samples
+        index = torch.tensor([(4 * step + i) % 6 for i in range(4)])
+        batch = {"x": data.x[index], "t": data.t[index], "index": index}
+        for name, model in models.items():
+            optimizers[name].zero_grad()
+            if name == "hook":
+                before = model.criterion.queue.clone()
+                loss, _ = model(batch)
+                assert torch.equal(model.criterion.queue, before)  # not yet: the backward pass reads it
+            else:
+                loss = cloning_loss(model, batch)
+            loss.backward()
+            optimizers[name].step()
+            losses_seen[name].append(loss.item())
+    assert losses_seen["hook"] == losses_seen["copy"]
+    hook, copy = models["hook"].state_dict(), models["copy"].state_dict()
+    assert all(torch.equal(hook[name], copy[name]) for name in hook)  # weights, queue, pointer, queued ids
+    assert int(models["hook"].criterion.queue_ptr) == 20 % 6  # 20 keys went in
+
+
+def test_a_run_resumed_mid_way_has_the_uninterrupted_queue_and_weights(tmp_path):
+    # 6 samples in batches of 2: 3 steps an epoch, 6 in all; the first run stops at step 4, where its checkpoint is.
+    config = TrainConfig(epochs=2, batch_size=2, base_lr=2.0, checkpoint_every_steps=4, seed=1)
+    reference = QueuedPair()
+    train(reference, lambda model, batch: model(batch), Tokens(), config, tmp_path / "whole", device="cpu")
+    resumed = QueuedPair()
+    train(
+        resumed,
+        lambda model, batch: model(batch),
+        Tokens(),
+        replace(config, max_steps=4),
+        tmp_path / "parts",
+        device="cpu",
+    )
+    resumed = QueuedPair(seed=9)  # a fresh process: everything comes from the checkpoint
+    train(resumed, lambda model, batch: model(batch), Tokens(), config, tmp_path / "parts", device="cpu")
+    expected, got = reference.state_dict(), resumed.state_dict()
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+    assert int(got["criterion.queue_ptr"]) == 0 and sorted(got["criterion.queue_ids"].tolist()) == list(range(6))
 
 
 def test_weighted_token_mean():

@@ -187,6 +187,69 @@ def test_optimizer_is_adamw_with_scaled_lr_and_no_decay_on_biases_norms_and_posi
         assert group["lr"] == pytest.approx(0.5 * 4 * 2 / 256)
 
 
+def test_gpu_options_are_checked_by_key_and_fused_adamw_is_chosen_on_cuda_only():
+    base = {"epochs": 1, "batch_size": 8, "base_lr": 0.1}
+    built = from_mapping(TrainConfig, base, "t")
+    assert built.compile is False and built.optimizer_impl == "auto"
+    with pytest.raises(ConfigError, match=r"t\.compile: expected true or false, got 'yes'"):
+        from_mapping(TrainConfig, base | {"compile": "yes"}, "t")
+    with pytest.raises(ConfigError, match=r"t\.optimizer_impl: expected one of \['auto', 'foreach', 'fused'\]"):
+        from_mapping(TrainConfig, base | {"optimizer_impl": "apex"}, "t")
+    with pytest.raises(ValueError, match="optimizer_impl must be one of auto, foreach, fused, got 'apex'"):
+        replace(CONFIG, optimizer_impl="apex")
+    expected = {  # (optimizer_impl, device type) -> AdamW's (foreach, fused)
+        ("auto", "cuda"): (False, True),
+        ("auto", "cpu"): (True, False),
+        ("auto", "mps"): (True, False),
+        ("foreach", "cuda"): (True, False),
+        ("fused", "cpu"): (False, True),
+    }
+    for (impl, device_type), flags in expected.items():
+        # The parameters stay on the CPU: AdamW builds with either kernel there; only the device type is asked.
+        optimizer = build_optimizer(tiny_net(), replace(CONFIG, optimizer_impl=impl), device_type=device_type)
+        assert (optimizer.defaults["foreach"], optimizer.defaults["fused"]) == flags, (impl, device_type)
+
+
+def test_foreach_and_fused_adamw_step_like_the_per_tensor_loop():
+    def trained(optimizer_for) -> dict[str, torch.Tensor]:
+        model = tiny_net(dropout=0.0)
+        optimizer = optimizer_for(model)
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(5):
+            optimizer.zero_grad()
+            model(torch.randn(16, 8, generator=generator)).square().mean().backward()
+            optimizer.step()
+        return model.state_dict()
+
+    config = replace(CONFIG, weight_decay=0.05)
+    lr = config.base_lr * config.batch_size / 256
+    loop = trained(lambda m: torch.optim.AdamW(param_groups(m, 0.05), lr=lr, betas=config.betas, foreach=False))
+    foreach = trained(lambda m: build_optimizer(m, replace(config, optimizer_impl="foreach")))
+    fused = trained(lambda m: build_optimizer(m, replace(config, optimizer_impl="fused")))
+    for name, value in loop.items():
+        assert torch.equal(foreach[name], value), name  # the same bits: auto on the CPU keeps the loop's
+        torch.testing.assert_close(fused[name], value, rtol=1e-5, atol=1e-6)  # its own rounding
+    assert any(not torch.equal(fused[name], value) for name, value in loop.items())
+
+
+def test_a_compiled_run_trains_the_plain_module_to_the_eager_weights(tmp_path):
+    # No dropout: compiled code draws its random masks with its own generator, not eager's.
+    config = replace(CONFIG, max_steps=6)
+    eager, eager_metrics = run(tmp_path / "eager", config, model=tiny_net(dropout=0.0))
+    model, stepped = tiny_net(dropout=0.0), set()
+
+    def step(net, batch):
+        stepped.add(type(net).__name__)
+        return cross_entropy_step(net, batch)
+
+    metrics = train(model, step, NoisyPoints(), replace(config, compile=True), tmp_path / "compiled", device="cpu")
+    assert stepped == {"OptimizedModule"} and type(model) is TinyNet  # the steps compiled; saved, returned plain
+    assert load_checkpoint(tmp_path / "compiled" / RESUME_NAME)["model"].keys() == eager.state_dict().keys()
+    for name, value in eager.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=1e-4, atol=1e-5)
+    assert metrics["loss"] == pytest.approx(eager_metrics["loss"], rel=1e-4)
+
+
 def test_lr_scales_give_each_group_its_factor_and_frozen_parameters_are_left_out():
     model = tiny_net()
     model.head.requires_grad_(False)

@@ -22,7 +22,7 @@ def masked_reconstruction_loss(
         var = target.var(dim=-1, keepdim=True)
         target = (target - mean) / (var + 1e-6).sqrt()
     per_patch = ((pred.float() - target) ** 2).mean(dim=-1)
-    weights = mask.float() if mask.any() else torch.ones_like(per_patch)
+    weights = torch.where(mask.any(), mask.float(), 1.0)  # branchless: no graph break under torch.compile
     return (per_patch * weights).sum() / weights.sum()
 
 
@@ -43,6 +43,13 @@ class TokenInfoNCE(nn.Module):
     ``enqueue``: ``gathered`` puts every rank's keys into the queue (MoCo's); ``local`` this rank's only (the paper's,
     pr_hub_model.py:166, no gather). Under DDP the queue is a buffer that rank 0 broadcasts at each forward, so with
     ``local`` the queue holds rank 0's keys only and turns over world-size times slower.
+
+    When the enqueue happens: the keys are gathered in ``forward`` and written into the queue once the backward pass
+    has used the queue (a hook on the normalised student tokens' gradient, which needs it), so that the negatives need
+    no copy of the queue (theirs and MoCo's clone it, pr_hub_model.py:153: 308 MB per step for ViT-S/16) and the
+    losses and weights are those of an enqueue in ``forward``. A training step's queue is thus updated before the
+    optimizer step and any checkpoint after it. A forward without gradients (frozen student, ``torch.no_grad``)
+    enqueues at once; a training forward whose loss never runs backward enqueues nothing.
     """
 
     def __init__(
@@ -74,8 +81,7 @@ class TokenInfoNCE(nn.Module):
         k = F.normalize(teacher.float(), dim=-1)
         if self.queue_length > 0:
             positive = torch.einsum("bnc,bnc->bn", q, k).unsqueeze(-1)
-            # A copy: the enqueue below writes the queue in place, and autograd keeps it for the backward pass.
-            negative = torch.einsum("bnc,cnk->bnk", q, self.queue.clone())
+            negative = torch.einsum("bnc,cnk->bnk", q, self.queue)  # autograd keeps the queue itself: no copy
             if ids is not None and self.exclude_same_sample:
                 same_sample = ids.view(-1, 1) == self.queue_ids.view(1, -1)  # (B, K)
                 negative = negative.masked_fill(same_sample.unsqueeze(1), float("-inf"))
@@ -84,7 +90,12 @@ class TokenInfoNCE(nn.Module):
             if self.training:
                 ids = ids if ids is not None else torch.full((k.shape[0],), -1, device=k.device)
                 gather = _gather if self.enqueue == "gathered" else _local
-                self._enqueue(gather(k.detach()), gather(ids).view(-1))
+                keys, key_ids = gather(k.detach()), gather(ids).view(-1)  # the collective stays in the forward
+                if q.requires_grad:
+                    # The backward pass reads the queue once, to reach q's gradient: write it in place after that.
+                    q.register_hook(lambda grad: self._enqueue(keys, key_ids))
+                else:
+                    self._enqueue(keys, key_ids)
         else:
             keys = _gather_with_grad(k)
             logits = torch.einsum("bnc,mnc->bnm", q, keys) / self.temperature

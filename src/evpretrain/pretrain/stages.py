@@ -27,7 +27,7 @@ TARGET_KEYS = {"difference": "target_difference", "voxel": "voxel", "frame": "ta
 
 
 class MaskedModeling(nn.Module):
-    """Stage 1 around a backbone. ``forward(batch)`` -> (loss, metrics, outputs for figures)."""
+    """Stage 1 around a backbone. ``forward(batch)`` -> (loss, metrics (0-d tensors), outputs for figures)."""
 
     def __init__(self, backbone: nn.Module, config: MaskedModelingConfig):
         super().__init__()
@@ -59,7 +59,8 @@ class MaskedModeling(nn.Module):
         pred = self.decoder(self.fusion(out.levels), out.kept)
         target = patchify(batch[TARGET_KEYS[self.config.target]], self.backbone.patch_size)
         loss = masked_reconstruction_loss(pred, target, mask, normalize_target=self.config.normalize_target)
-        return loss, {"loss_rec": loss.item()}, {"pred": pred.detach(), "mask": mask, "target": target}
+        # The term as a tensor: .item() here would sync the device and break a compiled graph; the loop reads it.
+        return loss, {"loss_rec": loss.detach()}, {"pred": pred.detach(), "mask": mask, "target": target}
 
 
 class FeatureTransition(nn.Module):
@@ -112,7 +113,7 @@ class FeatureTransition(nn.Module):
         per_token = self.criterion(student, teacher, batch.get("index"))
         weights = focus_weights(self.config.focus, batch, self.backbone.patch_size)
         loss = weighted_token_mean(per_token, weights)
-        return loss, {"loss_con": loss.item()}, {}
+        return loss, {"loss_con": loss.detach()}, {}
 
 
 def focus_weights(focus: str, batch: dict[str, torch.Tensor], patch_size: int) -> torch.Tensor | None:

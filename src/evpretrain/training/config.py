@@ -20,6 +20,10 @@ class TrainConfig:
     ``batch_size`` the batch of ONE process; ``min_lr`` is absolute (not scaled), as in MAE.
     ``warmup_epochs`` may be fractional. ``clip_grad`` is the max global L2 norm of the gradients, None = no clipping.
     ``amp``: "auto" = bf16 autocast on CUDA and full float32 on CPU; "bf16" = bf16 autocast on any device; "off".
+    ``compile``: ``torch.compile`` the model for the steps (the saved weights are the plain module's); its fused
+    kernels round differently, so a run is not resumed under the other value. ``optimizer_impl``: AdamW's kernels,
+    "foreach" (one op over all tensors), "fused" (one kernel; on CUDA, also on CPU) or "auto" = fused on CUDA,
+    foreach elsewhere (foreach on the CPU gives the same bits as the per-tensor loop; fused differs in the last bit).
     ``max_steps`` stops the run early (tests, benchmarks) without changing the schedule, which always spans
     ``epochs``; a later run with a larger cap (or none) resumes and continues on the same trajectory.
     """
@@ -38,6 +42,8 @@ class TrainConfig:
     num_workers: int = 0
     log_every_steps: int = 50
     max_steps: int | None = None
+    compile: bool = False
+    optimizer_impl: Literal["auto", "foreach", "fused"] = "auto"
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "checkpoint_every_steps", "log_every_steps"):
@@ -63,6 +69,10 @@ class TrainConfig:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be true or false, got {self.compile!r}")
+        if self.optimizer_impl not in ("auto", "foreach", "fused"):
+            raise ValueError(f"optimizer_impl must be one of auto, foreach, fused, got {self.optimizer_impl!r}")
 
 
 def uses_bf16(config: TrainConfig, device_type: str) -> bool:

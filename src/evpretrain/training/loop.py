@@ -173,7 +173,7 @@ def _train(
     )
     schedule = _schedule(config, sampler.batches_per_epoch, layout.world_size)
     model.to(device)
-    optimizer = build_optimizer(model if param_groups is None else param_groups, config, layout.world_size)
+    optimizer = build_optimizer(model if param_groups is None else param_groups, config, layout.world_size, device.type)
     state = _initial_state(model, config, out_dir, device, layout, sampler.batches_per_epoch, schedule)
     record = _Record(
         checkpoint=out_dir / CHECKPOINT_NAME, resume=out_dir / RESUME_NAME, identity=identity, inference=inference
@@ -188,6 +188,8 @@ def _train(
     net = model
     if layout.distributed:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:
+        net = torch.compile(net)  # a wrapper: ``model`` (saved, returned) stays the plain module
     loader = _loader(dataset, sampler, config, collate_fn, device)
     metrics = _run_steps(
         net,

@@ -64,9 +64,13 @@ def param_groups(
 
 
 def build_optimizer(
-    model_or_groups: nn.Module | Iterable[Mapping[str, Any]], config: TrainConfig, world_size: int = 1
+    model_or_groups: nn.Module | Iterable[Mapping[str, Any]],
+    config: TrainConfig,
+    world_size: int = 1,
+    device_type: str = "cpu",
 ) -> torch.optim.AdamW:
-    """AdamW(``config.betas``) at the peak lr of ``world_size`` processes.
+    """AdamW(``config.betas``) at the peak lr of ``world_size`` processes, with the kernels of
+    ``optimizer_kernels(config.optimizer_impl, device_type)`` (``device_type``: where the parameters live).
 
     A module gets ``param_groups(model, config.weight_decay)``; explicit groups keep their own ``weight_decay``
     and ``lr_scale`` (defaults: ``config.weight_decay`` and 1.0). Each group's lr is the schedule's value times
@@ -81,7 +85,24 @@ def build_optimizer(
         group.setdefault("weight_decay", config.weight_decay)
         group["lr_scale"] = float(group.get("lr_scale", 1.0))
         group["lr"] = base * group["lr_scale"]
-    return torch.optim.AdamW(groups, lr=base, betas=config.betas, weight_decay=config.weight_decay)
+    impl = optimizer_kernels(config.optimizer_impl, device_type)
+    return torch.optim.AdamW(
+        groups,
+        lr=base,
+        betas=config.betas,
+        weight_decay=config.weight_decay,
+        foreach=impl == "foreach",
+        fused=impl == "fused",
+    )
+
+
+def optimizer_kernels(impl: Literal["auto", "foreach", "fused"], device_type: str) -> Literal["foreach", "fused"]:
+    """The AdamW kernels ``impl`` means on ``device_type`` ("cuda", "cpu"): "auto" is fused on CUDA, else foreach."""
+    if impl == "auto":
+        return "fused" if device_type == "cuda" else "foreach"
+    if impl not in ("foreach", "fused"):
+        raise ValueError(f"optimizer_impl must be one of auto, foreach, fused, got {impl!r}")
+    return impl
 
 
 def layer_scales(
