@@ -564,6 +564,17 @@ def test_resuming_with_other_settings_is_refused_and_names_them(tmp_path):
     run(tmp_path, replace(CONFIG, num_workers=2, log_every_steps=1, max_steps=3))  # execution-only: fine
 
 
+def test_a_checkpoint_written_before_a_setting_existed_resumes_under_its_default(tmp_path):
+    run(tmp_path, replace(CONFIG, max_steps=2))
+    checkpoint = torch.load(tmp_path / "resume.pt", weights_only=True)
+    del checkpoint["config"]["optimizer_impl"], checkpoint["config"]["compile"]  # as before issue 16 added them
+    torch.save(checkpoint, tmp_path / "resume.pt")
+    _, metrics = run(tmp_path, replace(CONFIG, max_steps=3))
+    assert metrics["step"] == 3
+    with pytest.raises(ResumeError, match=r"optimizer_impl: 'auto' -> 'fused'"):
+        run(tmp_path, replace(CONFIG, optimizer_impl="fused"))
+
+
 def test_resuming_a_run_of_other_data_method_or_init_is_refused_and_names_them(tmp_path):
     identity = {"data": {"train": "sha-a"}, "method": {"mask_ratio": 0.75}, "init": None}
     run(tmp_path, replace(CONFIG, max_steps=2), identity=identity)

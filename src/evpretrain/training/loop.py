@@ -16,7 +16,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -470,7 +470,9 @@ def _check_resumable(
     method, initial weights) as this one."""
     if checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise ResumeError(f"{path}: checkpoint format {checkpoint.get('format')!r}, expected {CHECKPOINT_FORMAT}")
-    saved, current = checkpoint["config"], to_mapping(config)
+    # A setting added since the checkpoint was written counts as its default, which the older code always used.
+    defaults = {f.name: to_mapping(f.default) for f in fields(TrainConfig) if f.default is not MISSING}
+    saved, current = {**defaults, **checkpoint["config"]}, to_mapping(config)
     differences = [
         f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"
         for key in sorted(saved.keys() | current.keys())
