@@ -4,6 +4,7 @@
 rule teacher_config:
     output:
         RESULTS / "teacher/{teacher}.yaml",
+    priority: 10  # as teacher_features: a priority does not pass to the jobs a job waits for
     params:
         text=lambda wildcards: yaml_text(PLAN.teachers[wildcards.teacher]),
     shell:
