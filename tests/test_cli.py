@@ -31,7 +31,7 @@ def test_every_commands_help_formats():
                     yield from parsers(sub)
 
     helps = [parser.format_help() for parser in parsers(build_parser())]  # a stray % in a help text raises here
-    assert len(helps) == 25 and "outlier %" in "".join(helps)
+    assert len(helps) == 26 and "outlier %" in "".join(helps)
 
 
 def test_data_commands_take_a_slurm_jobs_cpus_as_their_workers(monkeypatch):

@@ -114,7 +114,7 @@ def test_a_chunk_that_goes_back_in_time_is_refused_naming_the_source():
         _cut([_events([0, 10, 50]), _events([40, 60])], "events:2")
 
 
-@pytest.mark.parametrize("text", ["frames:3", "events:0", "events:2.5", "ms:-1", "ms:0.0001", "events"])
+@pytest.mark.parametrize("text", ["seconds:3", "frames:0", "events:0", "events:2.5", "ms:-1", "ms:0.0001", "events"])
 def test_a_bad_window_is_a_config_error(text):
     with pytest.raises(ConfigError, match="window"):
         WindowSpec.parse(text)
