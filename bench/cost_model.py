@@ -297,8 +297,8 @@ def main() -> None:
         "--worker-rate",
         type=float,
         nargs="+",
-        default=[290.0, 3000.0],
-        help="samples/s of one loader worker (bench/README.md, 224x224: about 290; the GPU-side loader's goal 3000)",
+        default=[458.0, 4893.0],
+        help="samples/s of one loader core at 224x224 (bench/README.md loader section: worker path 458, device 4893)",
     )
     parser.add_argument("--batch", type=int, default=2, help="samples per FLOP-counted step")
     parser.add_argument("--ef-samples", type=int, default=len(SKIMAGE_PHOTOS), help="EF samples to build")
