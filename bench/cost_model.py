@@ -288,6 +288,12 @@ def fmt(x: float, digits: int = 0) -> str:
     return f"{x:,.{digits}f}"
 
 
+def job_cores(job: dict) -> int:
+    """CPU cores of a job of ``execution.resources``: ``cpus`` is per task, and a job runs one task a GPU (or
+    ``tasks``), as ``evpretrain.pipeline.submit.JobResources`` asks SLURM."""
+    return int(job["cpus"]) * int(job.get("tasks") or max(int(job.get("gpus", 0)), 1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=ROOT / "workflow/presets/paper.yaml")
@@ -416,8 +422,8 @@ def main() -> None:
     job = resources["pretrain"]
     print(f"## Pre-training: GPU-hours a stage node (shared prefixes trained once), {n_train:,} samples an epoch\n")
     print(
-        f"Wall hours of its {job['gpus']}-GPU job: GPU-bound at each MFU, and loader-bound with {job['cpus']} "
-        "workers (execution.resources.pretrain.cpus) at each worker rate.\n"
+        f"Wall hours of its {job['gpus']}-GPU job: GPU-bound at each MFU, and loader-bound with {job_cores(job)} "
+        "workers (execution.resources.pretrain: cpus a task x one task a GPU) at each worker rate.\n"
     )
     header = ["node", "stage", "variants", "epochs", "PFLOP"] + [f"GPU-h @{m:.0%}" for m in mfus]
     header += [f"wall h GPU @{m:.0%}" for m in mfus] + [f"wall h loader {fmt(r)}/s" for r in rates]
@@ -437,7 +443,7 @@ def main() -> None:
                 fmt(flops / 1e15),
                 *(fmt(h, 1) for h in hours),
                 *(fmt(h / job["gpus"], 2) for h in hours),
-                *(fmt(epochs * n_train / (job["cpus"] * r) / 3600, 1) for r in rates),
+                *(fmt(epochs * n_train / (job_cores(job) * r) / 3600, 1) for r in rates),
             ]
         )
     teacher_hours = np.array([clip * n_train / (m * peak) / 3600 for m in mfus]) * len(plan.teachers)
@@ -464,7 +470,7 @@ def main() -> None:
     print(
         f"A run: its training steps, an evaluation pass after every epoch and at the end (eval_every_epochs), "
         f"and {levels} robustness passes on the first seed's classifiers. Wall hours of a run's {job['gpus']}-GPU "
-        f"job as above, with {job['cpus']} workers (execution.resources.finetune).\n"
+        f"job as above, with {job_cores(job)} workers (execution.resources.finetune: cpus a task x tasks).\n"
     )
     header = ["evaluation", "backbone", "runs", "epochs", "train", "eval"]
     header += [f"GPU-h a run @{m:.0%}" for m in mfus] + [f"GPU-h all @{m:.0%}" for m in mfus]
@@ -495,7 +501,7 @@ def main() -> None:
                 fmt(n_eval),
                 *(fmt(run_flops / (m * peak) / 3600, 2) for m in mfus),
                 *(fmt(h) for h in hours),
-                *(fmt(run_samples / (job["cpus"] * r) / 3600, 1) for r in rates),
+                *(fmt(run_samples / (job_cores(job) * r) / 3600, 1) for r in rates),
             ]
         )
     table(header, rows)
