@@ -825,11 +825,11 @@ def _log_lines_unless_terminal() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    warm = os.environ.get("EVPRETRAIN_WARM_START")  # warm_start.SOCKET_ENV, set by a local pipeline
-    if warm and argv[:1] not in (["warm-start"], ["submit"]):
-        from evpretrain.warm_start import run_remote
+    from evpretrain.warm_start import SOCKET_ENV, run_remote  # standard library only: cheap to import
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    warm = os.environ.get(SOCKET_ENV)  # set by a local pipeline that started a server
+    if warm and argv[:1] not in (["warm-start"], ["submit"]):
         code = run_remote(warm, argv)
         if code is not None:
             return code

@@ -1,4 +1,5 @@
-"""Warm starts: a server that imports torch, timm, numba and evpretrain once and forks a child for each command.
+"""Warm starts: a server that imports torch, timm, numba, matplotlib and evpretrain once and forks a child for each
+command.
 
 A local pipeline runs about a hundred short ``evpretrain`` jobs, and each cold start spends 5-6 s importing before it
 does anything (torch 2 s; timm pulls torchvision, which pulls ``torch._dynamo``, 2.5 s). With a server running, the
@@ -24,7 +25,6 @@ leaves when its parent dies (``PR_SET_PDEATHSIG``), on SIGTERM (ending its child
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib
 import json
 import os
@@ -56,7 +56,6 @@ DEFAULT_PRELOAD = (
     "evpretrain.pipeline.tables",
 )
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _HEADER = struct.Struct(">I")
 
 
@@ -64,11 +63,12 @@ def serve(socket_path: str | Path, *, idle_timeout: float = 300.0, preload: Sequ
     """Listen on ``socket_path`` and run each command a client sends in a forked child; return when idle for
     ``idle_timeout`` seconds, on SIGTERM, or when the parent process dies. The socket is bound before the imports,
     so that a command sent meanwhile waits in the backlog instead of starting cold."""
+    # Imported here, not at the top: every evpretrain command imports this module for SOCKET_ENV and run_remote.
+    from evpretrain.plotting import pyplot
+    from evpretrain.workers import signal_on_parent_death
+
     socket_path = Path(socket_path)
-    parent = os.getppid()
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:  # the parent died before the request took effect
+    if not signal_on_parent_death(os.getppid(), signal.SIGTERM):
         return
     listener = _listen(socket_path)
     stopping = []
@@ -76,10 +76,7 @@ def serve(socket_path: str | Path, *, idle_timeout: float = 300.0, preload: Sequ
     try:
         for name in preload:
             importlib.import_module(name)
-        if "evpretrain.plotting" in sys.modules or "evpretrain.pipeline.tables" in sys.modules:
-            from evpretrain.plotting import pyplot
-
-            pyplot()  # matplotlib on Agg, imported once
+        pyplot()  # matplotlib on Agg, for the commands that draw figures
         children: dict[int, socket.socket] = {}
         orphaned: set[socket.socket] = set()
         last_active = time.monotonic()

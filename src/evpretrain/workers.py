@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
-__all__ = ["worker_pool"]
+__all__ = ["signal_on_parent_death", "worker_pool"]
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -30,10 +30,16 @@ def worker_pool(
     )
 
 
-def _die_with_parent(parent: int, initializer: Callable[..., None] | None, initargs: tuple) -> None:
+def signal_on_parent_death(parent: int, sig: int) -> bool:
+    """Ask the kernel to send ``sig`` to this process when its parent dies (Linux ``PR_SET_PDEATHSIG``, tied to the
+    parent's thread that forked it); return False if ``parent``, the pid it was started by, has died already."""
     if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the parent died before the request took effect
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
+    return os.getppid() == parent  # checked after the request: a parent that died before it took effect
+
+
+def _die_with_parent(parent: int, initializer: Callable[..., None] | None, initargs: tuple) -> None:
+    if not signal_on_parent_death(parent, signal.SIGKILL):
         os._exit(1)
     if initializer is not None:
         initializer(*initargs)

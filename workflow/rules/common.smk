@@ -19,6 +19,7 @@ from evpretrain.pipeline.plan import content_key, plan_study
 from evpretrain.pipeline.submit import submit_prefix
 from evpretrain.pipeline.tracking import run_identities, study_record
 from evpretrain.pipeline.validate import validate_data, validate_plan
+from evpretrain.warm_start import SOCKET_ENV
 
 RESULTS = Path(lookup(dpath="results", within=config, default="results"))
 PLAN = plan_study(config) if "study" in config else None
@@ -71,7 +72,7 @@ def start_warm_server():
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    os.environ["EVPRETRAIN_WARM_START"] = str(folder / "socket")
+    os.environ[SOCKET_ENV] = str(folder / "socket")
     return server, folder
 
 
@@ -80,7 +81,7 @@ def stop_warm_server(started):
     if started is None:
         return
     server, folder = started
-    os.environ.pop("EVPRETRAIN_WARM_START", None)
+    os.environ.pop(SOCKET_ENV, None)
     server.terminate()
     try:
         server.wait(timeout=30)
