@@ -258,6 +258,14 @@ def _weights_content(section: Any) -> Any:
     return section
 
 
+def _pretrain_content(pretrain: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``pretrain`` keys a run reads, with its ``data`` section as ``_weights_content`` leaves it."""
+    pretrain = dict(pretrain)
+    if "data" in pretrain:
+        pretrain["data"] = _weights_content(pretrain["data"])
+    return pretrain
+
+
 def plan_study(study: Mapping[str, Any]) -> StudyPlan:
     """The plan of ``study`` (a validated study config with ``study`` and ``variants`` sections)."""
     if not study.get("study") or not study.get("variants"):
@@ -301,11 +309,7 @@ def plan_study(study: Mapping[str, Any]) -> StudyPlan:
                 config["pretrain"]["teacher"] = teacher_section
             content = {
                 "stage": stage,
-                "config": {
-                    **config["pretrain"],
-                    "data": _weights_content(config["pretrain"].get("data")),
-                    f"stage{stage}": _weights_content(own),
-                },
+                "config": {**_pretrain_content(config["pretrain"]), f"stage{stage}": _weights_content(own)},
                 "data": data_identity,
                 "init": upstream,
             }
@@ -428,7 +432,7 @@ def _evaluation(
     content = {
         "task": task,
         "mode": mode,
-        "backbone": {**shared, "data": _weights_content(shared["data"])} if "data" in shared else shared,
+        "backbone": _pretrain_content(shared),
         "task_config": _weights_content(section),
         "data": _data_identity(study, entry["dataset"]),
         "splits": [entry["train"], entry["eval"]],
